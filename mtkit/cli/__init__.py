@@ -1,0 +1,84 @@
+"""The ``mtkit`` command: one Typer module per command, joined here.
+
+Heavy imports (torch, datasets) happen inside the commands, so ``mtkit --help`` is instant.
+A user mistake raises MtkitError, which is printed as one line (no traceback) with the
+error's exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from mtkit.errors import MtkitError
+
+
+class _Group(TyperGroup):
+    """Turns MtkitError into ``mtkit: error: ...`` on stderr and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MtkitError as err:
+            for line in str(err).splitlines() or ["unknown error"]:
+                typer.echo(f"mtkit: error: {line}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("mtkit: interrupted", err=True)
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # `mtkit ... | head`: the reader went away; stop quietly.
+            _silence_stdout()
+            raise typer.Exit(0) from None
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="mtkit",
+    help="Machine translation with encoder-decoder Transformers: one YAML config, one CLI.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    from mtkit.cli import config_cmd, prepare_cmd, score_cmd, tokenizer_cmd, train_cmd, translate_cmd
+
+    app.add_typer(config_cmd.app, name="config", help="Show and check experiment configs.", cls=_Group)
+    app.add_typer(tokenizer_cmd.app, name="tokenizer", help="Train and apply SentencePiece.", cls=_Group)
+    app.command("prepare")(prepare_cmd.prepare)
+    app.command("train")(train_cmd.train)
+    app.command("translate")(translate_cmd.translate)
+    app.command("score")(score_cmd.score)
+
+
+_register()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the mtkit version and exit."),
+) -> None:
+    if version:
+        from mtkit import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name="mtkit")

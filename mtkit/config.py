@@ -1,0 +1,467 @@
+"""The experiment config: one YAML file, one typed section per stage.
+
+Every field has a type, a default and a docstring (shown by ``mtkit config show --doc``).
+Unknown keys, wrong types and impossible values are all reported at once, one line each,
+naming the key path and, for a typo, the nearest valid key. Nothing outside this module
+reads raw dictionaries or calls ``cfg.get(key, default)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mtkit.errors import ConfigError
+
+# A config is small; a file over this size, or one using more YAML aliases than any real
+# config would, is refused before it is expanded (a "billion laughs" document).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 64
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, frozen=False
+    )
+
+
+class ExperimentConfig(Section):
+    dir: Path = Path("runs/default")
+    """Output directory of the experiment: tokenizer, data, checkpoints, translations, reports."""
+    name: str | None = None
+    """A label for reports; defaults to the directory name."""
+    seed: int = Field(1, ge=0)
+    """Seed for every random choice (sampling, shuffling, initialisation, dropout)."""
+
+
+class CorpusConfig(Section):
+    format: Literal["text", "tsv", "jsonl", "hub"] = "text"
+    """text: two files, one sentence a line; tsv: one file, two columns; jsonl: one JSON object
+    a line; hub: a Hugging Face hub dataset by name (needs internet)."""
+    src: Path | None = None
+    """text: the source-language file (plain or .gz)."""
+    tgt: Path | None = None
+    """text: the target-language file (plain or .gz)."""
+    path: Path | None = None
+    """tsv/jsonl: the file (plain or .gz)."""
+    src_field: str = "src"
+    """tsv: column index (0-based) or header name; jsonl/hub: field name, dotted for nested
+    fields (for example ``translation.en``)."""
+    tgt_field: str = "tgt"
+    """Like ``src_field``, for the target side."""
+    header: bool = False
+    """tsv: the first line holds column names."""
+    name: str | None = None
+    """hub: dataset name, for example ``wmt14``."""
+    subset: str | None = None
+    """hub: dataset configuration, for example ``de-en``."""
+    split: str = "train"
+    """hub: split to read."""
+    limit: int | None = Field(None, ge=1)
+    """Read at most this many pairs (for quick runs and tests)."""
+
+    @model_validator(mode="after")
+    def _needs_inputs(self) -> CorpusConfig:
+        missing = {
+            "text": [k for k in ("src", "tgt") if getattr(self, k) is None],
+            "tsv": ["path"] if self.path is None else [],
+            "jsonl": ["path"] if self.path is None else [],
+            "hub": ["name"] if self.name is None else [],
+        }[self.format]
+        if missing:
+            raise ValueError(f"format '{self.format}' needs {', '.join(missing)}")
+        return self
+
+
+class DataConfig(Section):
+    src_lang: str = "src"
+    """Source language code (used in file names and to pick the BLEU tokenizer)."""
+    tgt_lang: str = "tgt"
+    """Target language code."""
+    train: list[CorpusConfig] = Field(default_factory=list)
+    """Training corpora, concatenated in order. A single mapping is accepted too."""
+    valid: CorpusConfig | None = None
+    """Validation corpus (loss, BLEU and checkpoint selection during training)."""
+    test: CorpusConfig | None = None
+    """Test corpus (translated and scored by the pipeline)."""
+    max_len: int = Field(250, ge=1)
+    """Drop training pairs with more subword tokens than this on either side."""
+    min_len: int = Field(1, ge=1)
+    """Drop training pairs with fewer subword tokens than this on either side."""
+    max_ratio: float = Field(3.0, gt=0)
+    """Drop training pairs whose token-length ratio (longer/shorter) exceeds this."""
+    dedup: bool = True
+    """Remove exact duplicate training pairs."""
+    remove_eval_overlap: bool = False
+    """Remove training pairs whose source sentence appears in the valid or test set."""
+    invalid_utf8: Literal["error", "skip"] = "error"
+    """What to do with a line that is not UTF-8: stop with an error naming file and line, or
+    skip the pair and count it in the report."""
+    num_proc: int = Field(1, ge=1)
+    """Processes for encoding with SentencePiece."""
+    chunk_size: int = Field(10_000, ge=1)
+    """Pairs read, cleaned and encoded at a time (bounds memory on large corpora)."""
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+
+class TokenizerConfig(Section):
+    type: Literal["unigram", "bpe"] = "unigram"
+    """SentencePiece model type."""
+    vocab_size: int = Field(8000, ge=16)
+    """Vocabulary size (per side when not joint)."""
+    joint: bool = True
+    """One vocabulary for both languages (allows shared embeddings) or one model per side."""
+    character_coverage: float = Field(1.0, gt=0, le=1)
+    """Share of characters covered by the vocabulary; 0.9995 suits languages with large
+    character sets (zh, ja)."""
+    input_sentence_size: int = Field(1_000_000, ge=1)
+    """Sentences sampled from the training data to train SentencePiece (bounds memory/time)."""
+    user_symbols: list[str] = Field(default_factory=list)
+    """Extra symbols never split, such as language tags (``<2de>``)."""
+    byte_fallback: bool = False
+    """Encode unknown characters as bytes instead of <unk>."""
+    num_threads: int = Field(2, ge=1)
+    """Threads for SentencePiece training."""
+
+
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(d_model=64, encoder_layers=2, decoder_layers=2, heads=4, ffn_dim=128),
+    "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, heads=4, ffn_dim=1024),
+    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, heads=8, ffn_dim=2048),
+    "big": dict(d_model=1024, encoder_layers=6, decoder_layers=6, heads=16, ffn_dim=4096),
+}
+
+
+class ModelConfig(Section):
+    size: Literal["tiny", "small", "base", "big"] = "small"
+    """Named size; any of d_model/encoder_layers/decoder_layers/heads/ffn_dim given here
+    overrides it. tiny is for tests, small for Multi30k on a CPU, base/big for GPUs."""
+    d_model: int | None = Field(None, ge=8)
+    """Width of embeddings and hidden states."""
+    encoder_layers: int | None = Field(None, ge=1)
+    """Encoder layers."""
+    decoder_layers: int | None = Field(None, ge=1)
+    """Decoder layers."""
+    heads: int | None = Field(None, ge=1)
+    """Attention heads; must divide d_model."""
+    ffn_dim: int | None = Field(None, ge=1)
+    """Inner width of the feed-forward blocks."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout on embeddings and sub-layer outputs."""
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on attention weights."""
+    activation_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout after the feed-forward activation."""
+    activation: Literal["relu", "gelu"] = "relu"
+    """Feed-forward activation."""
+    norm: Literal["pre", "post"] = "pre"
+    """Layer norm before each sub-layer (stable, default) or after it (Vaswani et al.)."""
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    """Position embeddings."""
+    max_positions: int = Field(1024, ge=8)
+    """Longest sequence (in tokens, with BOS/EOS) the model accepts."""
+    share_embeddings: bool = True
+    """Share source and target embeddings (only possible with a joint vocabulary)."""
+    tie_output: bool = True
+    """Share the target embedding with the output projection."""
+
+    @model_validator(mode="after")
+    def _fill_from_size(self) -> ModelConfig:
+        preset = MODEL_SIZES[self.size]
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                # Bypass validate_assignment recursion: set the raw attribute.
+                object.__setattr__(self, key, value)
+        if self.d_model % self.heads:  # type: ignore[operator]
+            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
+        return self
+
+
+class TrainConfig(Section):
+    max_tokens: int = Field(4096, ge=1)
+    """Tokens per batch: batch size times the longest padded sentence (the larger side)."""
+    update_freq: int = Field(1, ge=1)
+    """Batches whose gradients are accumulated before each update."""
+    max_steps: int = Field(100_000, ge=1)
+    """Stop after this many updates."""
+    max_epochs: int | None = Field(None, ge=1)
+    """Stop after this many passes over the data."""
+    max_minutes: float | None = Field(None, gt=0)
+    """Stop after this much wall-clock training time (a budget for fixed-time comparisons)."""
+    lr: float = Field(5e-4, gt=0)
+    """Peak learning rate."""
+    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    """Learning-rate schedule after linear warm-up."""
+    warmup_steps: int = Field(4000, ge=0)
+    """Linear warm-up updates."""
+    min_lr: float = Field(0.0, ge=0)
+    """Floor of the cosine schedule."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    """Label smoothing of the cross-entropy."""
+    clip_norm: float = Field(1.0, ge=0)
+    """Clip the gradient norm to this (0 turns clipping off)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs that support it, else fp16 on CUDA, fp32 on CPUs."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for torch (default: torch's choice)."""
+    log_every: int = Field(100, ge=1)
+    """Updates between log lines."""
+    valid_every: int = Field(1000, ge=1)
+    """Updates between validations (and checkpoints)."""
+    valid_bleu: bool = True
+    """Decode the validation set and compute BLEU/chrF at each validation."""
+    valid_max_sentences: int | None = Field(None, ge=1)
+    """Decode at most this many validation sentences for BLEU (loss uses all)."""
+    best_metric: Literal["bleu", "loss"] = "bleu"
+    """Metric that selects the best checkpoint and drives early stopping."""
+    keep_last: int = Field(3, ge=1)
+    """Step checkpoints kept besides best and last."""
+    patience: int | None = Field(None, ge=1)
+    """Stop after this many validations without improvement."""
+    max_nonfinite: int = Field(5, ge=1)
+    """Stop with an error after this many non-finite losses in a row."""
+
+
+class DecodeConfig(Section):
+    beam: int = Field(5, ge=1)
+    """Beam size; 1 is greedy search."""
+    lenpen: float = Field(1.0, ge=0)
+    """GNMT length-penalty alpha: scores are divided by ((5 + length) / 6) ** alpha."""
+    max_len_a: float = Field(1.5, ge=0)
+    """Maximum output length is max_len_a * source_length + max_len_b."""
+    max_len_b: int = Field(10, ge=0)
+    """See max_len_a."""
+    min_len: int = Field(1, ge=0)
+    """Minimum output length (EOS is blocked before it)."""
+    nbest: int = Field(1, ge=1)
+    """Hypotheses returned per sentence; at most the beam size."""
+    batch_tokens: int = Field(4096, ge=1)
+    """Source tokens per translation batch."""
+    sampling: bool = False
+    """Sample instead of searching (uses temperature, top_k, top_p)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+    top_k: int = Field(0, ge=0)
+    """Sample from the k most likely tokens (0: all)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Sample from the smallest set of tokens whose probability reaches p."""
+
+    @model_validator(mode="after")
+    def _nbest_fits(self) -> DecodeConfig:
+        if not self.sampling and self.nbest > self.beam:
+            raise ValueError(f"nbest ({self.nbest}) cannot exceed beam ({self.beam})")
+        return self
+
+
+class Config(Section):
+    """A whole experiment."""
+
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    """Where outputs go and how randomness is seeded."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Corpora and cleaning."""
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    """SentencePiece training."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The encoder-decoder Transformer."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Optimisation, validation and checkpoints."""
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    """Search settings for validation and translation."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-ready data (paths as strings)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of some sections, to tell whether a stage's outputs are up to date."""
+        data = {name: self.to_dict()[name] for name in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key.path=value``
+    overrides. Raises ConfigError listing every problem."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    problems: list[str] = []
+    for item in overrides or []:
+        try:
+            _apply_override(data, item)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError(problems)
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError([_describe(e) for e in err.errors()]) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read config: {err.strerror}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: config is larger than {MAX_CONFIG_BYTES} bytes"])
+    try:
+        text = raw.decode("utf-8")
+        aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_YAML_ALIASES:
+            raise ConfigError([f"{path}: too many YAML aliases ({aliases}); refusing to expand it"])
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{path}: config is not UTF-8 (byte {err.start})"]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError([f"{path}:{where} invalid YAML: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: a config must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {item!r}: expected key.path=value")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    node[parts[-1]] = parsed
+
+
+_TYPE_WORDS = {
+    "float": "a number",
+    "int": "an integer",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "model": "a mapping",
+    "path": "a path",
+    "tuple": "a list",
+}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line for one pydantic error: ``train.lr: expected a number, got "fast"``."""
+    loc = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    kind = error["type"]
+    key = ".".join(loc) or "config"
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        hint = _nearest(loc)
+        return f"{key}: unknown key" + (f" (did you mean '{hint}'?)" if hint else "")
+    if kind == "missing":
+        return f"{key}: required"
+    for prefix, word in _TYPE_WORDS.items():
+        if kind.startswith(prefix + "_") and ("parsing" in kind or "type" in kind):
+            return f"{key}: expected {word}, got {_show(value)}"
+    if kind == "literal_error":
+        return f"{key}: expected {error['ctx']['expected']}, got {_show(value)}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}" + ("" if kind == "value_error" else f", got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _nearest(loc: list[str]) -> str | None:
+    """The valid key closest to the unknown last element of ``loc``."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if part.isdigit() or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _section_type(field.annotation) if field else None
+    if model is None:
+        return None
+    matches = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, doc) for every field, for ``mtkit config show --doc``."""
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        doc = " ".join((field.description or "").split())
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            rows.append((path, "", doc))
+            rows.extend(describe_fields(sub, path + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((path, json.dumps(default, default=str), doc))
+    return rows
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config atomically."""
+    from mtkit.fileio import atomic_write_text
+
+    atomic_write_text(path, config.to_yaml())

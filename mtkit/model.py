@@ -1,0 +1,303 @@
+"""The encoder-decoder Transformer (Vaswani et al., 2017), read top to bottom.
+
+Shapes: B batch, S source length, T target length, D d_model, H heads, V vocabulary.
+Token id 0 is padding (see ``mtkit.tokenizer``).
+
+- ``forward(src, tgt_in)`` returns logits ``(B, T, V)`` for training: teacher forcing with a
+  causal decoder.
+- ``encode(src)`` and ``decode_step(tokens, state)`` are what search uses: the encoder runs
+  once; each decoder step feeds only the newest token, reading earlier keys/values from the
+  state's self-attention cache and the cross-attention keys/values computed once per sentence.
+
+Parameter names follow Hugging Face's Marian (``q_proj``, ``self_attn_layer_norm``, ...)
+with query/key/value fused for speed, so weights map one-to-one onto Marian and CTranslate2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtkit.config import ModelConfig
+
+PAD_ID = 0
+
+
+def sinusoidal_table(length: int, dim: int) -> Tensor:
+    """``(length, dim)`` positions as in Marian: sines in the first half, cosines in the second."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * freqs[None, :]
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, :half] = torch.sin(angles)
+    table[:, half : 2 * half] = torch.cos(angles)
+    return table.float()
+
+
+class Positions(nn.Module):
+    """Position embeddings added to the scaled token embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.learned = cfg.positions == "learned"
+        if self.learned:
+            self.weight = nn.Parameter(torch.empty(cfg.max_positions, cfg.d_model))
+            nn.init.normal_(self.weight, std=cfg.d_model**-0.5)
+        else:
+            self.register_buffer("weight", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+
+    def forward(self, length: int, offset: int = 0) -> Tensor:
+        """``(length, D)`` embeddings of positions ``offset .. offset + length - 1``."""
+        return self.weight[offset : offset + length]
+
+
+class Attention(nn.Module):
+    """Multi-head attention through ``scaled_dot_product_attention``.
+
+    Self-attention projects query, key and value with one fused matrix (``qkv_proj``);
+    cross-attention projects the query from the decoder and key/value (``kv_proj``) from the
+    encoder output, once per sentence.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float, cross: bool):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout, self.cross = heads, d_model // heads, dropout, cross
+        if cross:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """``(B, L, D)`` -> ``(B, H, L, D/H)``."""
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of the encoder output, each ``(B, H, S, D/H)``."""
+        key, value = self.kv_proj(memory).chunk(2, dim=-1)
+        return self.split_heads(key), self.split_heads(value)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        kv: tuple[Tensor, Tensor] | None = None,
+        cache: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Attend from ``x`` ``(B, L, D)``.
+
+        mask: boolean ``(B, 1, 1, S)``, True where a key may be attended (padding is False).
+        kv: precomputed cross-attention keys/values (required when ``cross``).
+        cache: self-attention keys/values of earlier steps ``[k, v]``, extended in place.
+        """
+        if self.cross:
+            assert kv is not None
+            query = self.split_heads(self.q_proj(x))
+            key, value = kv
+        else:
+            query, key, value = (self.split_heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
+            if cache is not None:
+                if cache:
+                    key = torch.cat([cache[0], key], dim=2)
+                    value = torch.cat([cache[1], value], dim=2)
+                cache[:] = [key, value]
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None,
+        )
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.activation = F.relu if cfg.activation == "relu" else F.gelu
+        self.dropout = cfg.activation_dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = F.dropout(self.activation(self.fc1(x)), self.dropout, self.training)
+        return self.fc2(hidden)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm, self.dropout = cfg.norm == "pre", cfg.dropout
+        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.attention_dropout, cross=False)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = _residual(x, self.self_attn_layer_norm, self.pre_norm, self.dropout, self.training,
+                      lambda h: self.self_attn(h, mask=mask))
+        return _residual(x, self.final_layer_norm, self.pre_norm, self.dropout, self.training, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm, self.dropout = cfg.norm == "pre", cfg.dropout
+        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.attention_dropout, cross=False)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.encoder_attn = Attention(cfg.d_model, cfg.heads, cfg.attention_dropout, cross=True)
+        self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(
+        self,
+        x: Tensor,
+        cross_kv: tuple[Tensor, Tensor],
+        src_mask: Tensor,
+        cache: list[Tensor] | None,
+        self_mask: Tensor | None,
+        causal: bool,
+    ) -> Tensor:
+        """cache: this layer's self-attention keys/values (None when training); self_mask and
+        causal: how new positions may attend to earlier ones (see ``Transformer._decode``)."""
+        x = _residual(x, self.self_attn_layer_norm, self.pre_norm, self.dropout, self.training,
+                      lambda h: self.self_attn(h, mask=self_mask, causal=causal, cache=cache))
+        x = _residual(x, self.encoder_attn_layer_norm, self.pre_norm, self.dropout, self.training,
+                      lambda h: self.encoder_attn(h, mask=src_mask, kv=cross_kv))
+        return _residual(x, self.final_layer_norm, self.pre_norm, self.dropout, self.training, self.ffn)
+
+
+def _residual(x: Tensor, norm: nn.LayerNorm, pre_norm: bool, dropout: float, training: bool, sublayer) -> Tensor:
+    """``x + sublayer(norm(x))`` (pre-norm) or ``norm(x + sublayer(x))`` (post-norm)."""
+    if pre_norm:
+        return x + F.dropout(sublayer(norm(x)), dropout, training)
+    return norm(x + F.dropout(sublayer(x), dropout, training))
+
+
+@dataclass
+class DecoderState:
+    """What incremental decoding carries between steps, for a batch of B rows.
+
+    memory_mask: ``(B, 1, 1, S)`` source padding mask.
+    cross_kv: per decoder layer, encoder keys/values ``(B, H, S, D/H)``, computed once.
+    self_kv: per decoder layer, ``[k, v]`` of the target prefix ``(B, H, t, D/H)``.
+    length: target positions decoded so far.
+    """
+
+    memory_mask: Tensor
+    cross_kv: list[tuple[Tensor, Tensor]]
+    self_kv: list[list[Tensor]]
+    length: int = 0
+
+    def select(self, rows: Tensor) -> DecoderState:
+        """Keep (and reorder or repeat) batch rows, e.g. beams that survived a search step."""
+        return DecoderState(
+            memory_mask=self.memory_mask.index_select(0, rows),
+            cross_kv=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_kv],
+            self_kv=[[t.index_select(0, rows) for t in kv] for kv in self.self_kv],
+            length=self.length,
+        )
+
+    def reorder_self(self, rows: Tensor) -> None:
+        """Reorder only the self-attention cache (cross-attention rows stay, as beams of one
+        sentence share their encoder output)."""
+        self.self_kv = [[t.index_select(0, rows) for t in kv] for kv in self.self_kv]
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer. Build with ``Transformer(cfg, src_vocab, tgt_vocab)``."""
+
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.scale = math.sqrt(cfg.d_model)
+        self.dropout = cfg.dropout
+        self.src_embed = nn.Embedding(src_vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        share = cfg.share_embeddings and src_vocab_size == tgt_vocab_size
+        self.tgt_embed = (
+            self.src_embed if share else nn.Embedding(tgt_vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        )
+        self.positions = Positions(cfg)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        # Pre-norm stacks end with a layer norm; post-norm layers are already normalised.
+        pre = cfg.norm == "pre"
+        self.encoder_layer_norm = nn.LayerNorm(cfg.d_model) if pre else nn.Identity()
+        self.decoder_layer_norm = nn.LayerNorm(cfg.d_model) if pre else nn.Identity()
+        self.output_proj = nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_output:
+            self.output_proj.weight = self.tgt_embed.weight
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for embed in {self.src_embed, self.tgt_embed}:
+            nn.init.normal_(embed.weight, std=self.cfg.d_model**-0.5)
+            with torch.no_grad():
+                embed.weight[PAD_ID].zero_()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Logits ``(B, T, V)`` for source ids ``(B, S)`` and decoder input ids ``(B, T)``."""
+        state = self.encode(src)
+        hidden = self._decode(tgt_in, state, cache=False)
+        return self.output_proj(hidden)
+
+    # ------------------------------------------------------------------ search
+
+    def encode(self, src: Tensor) -> DecoderState:
+        """Run the encoder on ``(B, S)`` ids; return a fresh decoder state for these rows."""
+        mask = (src != PAD_ID)[:, None, None, :]
+        x = self._embed(self.src_embed, src, offset=0)
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        memory = self.encoder_layer_norm(x)
+        cross_kv = [layer.encoder_attn.project_kv(memory) for layer in self.decoder_layers]
+        return DecoderState(memory_mask=mask, cross_kv=cross_kv, self_kv=[[] for _ in self.decoder_layers])
+
+    def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """Feed ``(B, t)`` new target tokens (usually t = 1); return logits ``(B, V)`` of the
+        last one. Extends ``state``'s cache: the prefix is never recomputed."""
+        hidden = self._decode(tokens, state, cache=True)
+        state.length += tokens.shape[1]
+        return self.output_proj(hidden[:, -1])
+
+    # ------------------------------------------------------------------ internals
+
+    def _embed(self, table: nn.Embedding, ids: Tensor, offset: int) -> Tensor:
+        length = ids.shape[1]
+        if offset + length > self.cfg.max_positions:
+            raise ValueError(f"sequence of {offset + length} tokens exceeds max_positions={self.cfg.max_positions}")
+        x = table(ids) * self.scale + self.positions(length, offset)
+        return F.dropout(x, self.dropout, self.training)
+
+    def _decode(self, tokens: Tensor, state: DecoderState, cache: bool) -> Tensor:
+        past, new = (state.length if cache else 0), tokens.shape[1]
+        x = self._embed(self.tgt_embed, tokens, offset=past)
+        # Without a prefix, a causal mask is implicit; one new token sees every cached one;
+        # several new tokens after a prefix need the causal mask shifted by the prefix.
+        self_mask, causal = None, past == 0 and new > 1
+        if past and new > 1:
+            self_mask = torch.ones(new, past + new, dtype=torch.bool, device=tokens.device).tril(past)
+        for layer, cross_kv, kv in zip(self.decoder_layers, state.cross_kv, state.self_kv, strict=True):
+            x = layer(x, cross_kv, state.memory_mask, kv if cache else None, self_mask, causal)
+        return self.decoder_layer_norm(x)

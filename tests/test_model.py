@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from mtkit.config import ModelConfig
+from mtkit.model import PAD_ID, Transformer
+
+
+def tiny(**overrides) -> ModelConfig:
+    return ModelConfig(size="tiny", dropout=0.0, **overrides)
+
+
+def batch(generator: torch.Generator, vocab: int = 50):
+    src = torch.randint(4, vocab, (3, 7), generator=generator)
+    src[0, 5:] = PAD_ID  # padded rows must not change the others
+    tgt = torch.randint(4, vocab, (3, 6), generator=generator)
+    return src, tgt
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+def test_incremental_decoding_equals_full_recomputation(norm, positions):
+    gen = torch.Generator().manual_seed(0)
+    model = Transformer(tiny(norm=norm, positions=positions), 50, 50).eval()
+    src, tgt = batch(gen)
+    with torch.no_grad():
+        full = model(src, tgt)
+        state = model.encode(src)
+        steps = [model.decode_step(tgt[:, t : t + 1], state) for t in range(tgt.shape[1])]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_then_steps_equals_full():
+    gen = torch.Generator().manual_seed(1)
+    model = Transformer(tiny(), 50, 50).eval()
+    src, tgt = batch(gen)
+    with torch.no_grad():
+        full = model(src, tgt)
+        state = model.encode(src)
+        first = model.decode_step(tgt[:, :3], state)
+        rest = model.decode_step(tgt[:, 3:5], state)  # several tokens after a prefix
+        last = model.decode_step(tgt[:, 5:6], state)
+    torch.testing.assert_close(first, full[:, 2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rest, full[:, 4], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(last, full[:, 5], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_does_not_change_other_positions():
+    gen = torch.Generator().manual_seed(2)
+    model = Transformer(tiny(), 50, 50).eval()
+    src, tgt = batch(gen)
+    with torch.no_grad():
+        alone = model(src[:1, :5], tgt[:1])
+        padded = model(src[:1], tgt[:1])
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-4)
+
+
+def test_state_select_reorders_rows():
+    gen = torch.Generator().manual_seed(3)
+    model = Transformer(tiny(), 50, 50).eval()
+    src, tgt = batch(gen)
+    rows = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        state = model.encode(src)
+        model.decode_step(tgt[:, :2], state)
+        picked = state.select(rows)
+        out = model.decode_step(tgt[rows, 2:3], picked)
+        reference = model(src[rows], tgt[rows, :3])[:, -1]
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_and_tied_embeddings():
+    model = Transformer(tiny(), 50, 50)
+    assert model.src_embed is model.tgt_embed
+    assert model.output_proj.weight is model.tgt_embed.weight
+    separate = Transformer(tiny(), 40, 50)
+    assert separate.src_embed is not separate.tgt_embed
+    assert separate.output_proj.weight.shape == (50, 64)
+
+
+def test_named_sizes():
+    small = ModelConfig(size="small")
+    assert (small.d_model, small.encoder_layers, small.heads, small.ffn_dim) == (256, 3, 4, 1024)
+    base = ModelConfig(size="base", encoder_layers=4)
+    assert (base.d_model, base.encoder_layers, base.decoder_layers) == (512, 4, 6)
+
+
+def test_too_long_input_is_a_clear_error():
+    model = Transformer(tiny(max_positions=8), 50, 50)
+    with pytest.raises(ValueError, match="max_positions=8"):
+        model(torch.ones(1, 9, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))

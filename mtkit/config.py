@@ -29,7 +29,7 @@ class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignments are re-validated."""
 
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, frozen=False
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
     )
 
 
@@ -106,7 +106,8 @@ class DataConfig(Section):
     """What to do with a line that is not UTF-8: stop with an error naming file and line, or
     skip the pair and count it in the report."""
     num_proc: int = Field(1, ge=1)
-    """Processes for encoding with SentencePiece."""
+    """Processes for encoding with SentencePiece: with more than 1, that many worker processes
+    encode while the main one reads and cleans."""
     chunk_size: int = Field(10_000, ge=1)
     """Pairs read, cleaned and encoded at a time (bounds memory on large corpora)."""
 
@@ -126,8 +127,9 @@ class TokenizerConfig(Section):
     character_coverage: float = Field(1.0, gt=0, le=1)
     """Share of characters covered by the vocabulary; 0.9995 suits languages with large
     character sets (zh, ja)."""
-    input_sentence_size: int = Field(1_000_000, ge=1)
-    """Sentences sampled from the training data to train SentencePiece (bounds memory/time)."""
+    input_sentence_size: int = Field(1_000_000, gt=100)
+    """Sentences sampled from the training data to train SentencePiece (bounds memory/time;
+    SentencePiece needs more than 100)."""
     user_symbols: list[str] = Field(default_factory=list)
     """Extra symbols never split, such as language tags (``<2de>``)."""
     byte_fallback: bool = False
@@ -348,6 +350,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except UnicodeDecodeError as err:
         raise ConfigError([f"{path}: config is not UTF-8 (byte {err.start})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: YAML nested too deeply"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -357,6 +361,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: a config must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides to raw config data in place (for commands that
+    start from a stored config); ConfigError lists every malformed one."""
+    problems: list[str] = []
+    for item in overrides:
+        try:
+            _apply_override(data, item)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError(problems)
     return data
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import os
 import shutil
 import tempfile
@@ -67,6 +68,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     _mkdir(path.parent)
+    _recover_previous(path)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as err:
@@ -87,6 +89,19 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _recover_previous(path: Path) -> None:
+    """A kill between the two renames of ``atomic_dir`` leaves the previous ``path`` under
+    ``.name.old-PID`` and no ``path``: put it back (the last good state); otherwise remove such
+    leftovers."""
+    prefix = f".{path.name}.old-"
+    olds = [entry for entry in path.parent.iterdir() if entry.name.startswith(prefix)]
+    if olds and not path.exists():
+        with contextlib.suppress(OSError):
+            os.replace(olds.pop(), path)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temporaries(directory: Path) -> None:
@@ -114,7 +129,8 @@ def open_binary(path: Path):
         raise MtkitError(f"{path}: cannot read: {err.strerror}") from None
     magic = handle.peek(2)[:2] if hasattr(handle, "peek") else b""
     if magic == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=handle, mode="rb")
+        # Iterating a GzipFile runs Python code for every line; a BufferedReader over it does not.
+        return io.BufferedReader(gzip.GzipFile(fileobj=handle, mode="rb"), 1 << 16)
     if path.suffix == ".gz":
         handle.close()
         raise MtkitError(f"{path}: not a gzip file (name ends in .gz)")

@@ -73,6 +73,7 @@ def test_override_errors_through_cli(tmp_path):
         ("!!python/object/apply:os.system ['echo pwned']\n", "invalid YAML"),
         ("a: [1, 2\n", "line"),
         ("- 1\n- 2\n", "a config must be a mapping"),
+        ("a: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
         (
             'a: &a ["x","x","x","x","x","x","x","x","x"]\n'
             + "".join(f"{c}: &{c} [{','.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)),

@@ -25,6 +25,9 @@ class _Group(TyperGroup):
             for line in str(err).splitlines() or ["unknown error"]:
                 typer.echo(f"mtkit: error: {line}", err=True)
             raise typer.Exit(err.exit_code) from None
+        except _Terminated:
+            typer.echo("mtkit: terminated (SIGTERM)", err=True)
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             typer.echo("mtkit: interrupted", err=True)
             raise typer.Exit(130) from None
@@ -56,7 +59,16 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from mtkit.cli import config_cmd, prepare_cmd, score_cmd, tokenizer_cmd, train_cmd, translate_cmd
+    from mtkit.cli import (
+        config_cmd,
+        export_cmd,
+        pipeline_cmd,
+        prepare_cmd,
+        score_cmd,
+        tokenizer_cmd,
+        train_cmd,
+        translate_cmd,
+    )
 
     app.add_typer(config_cmd.app, name="config", help="Show and check experiment configs.", cls=_Group)
     app.add_typer(tokenizer_cmd.app, name="tokenizer", help="Train and apply SentencePiece.", cls=_Group)
@@ -64,6 +76,8 @@ def _register() -> None:
     app.command("train")(train_cmd.train)
     app.command("translate")(translate_cmd.translate)
     app.command("score")(score_cmd.score)
+    app.command("pipeline")(pipeline_cmd.pipeline)
+    app.add_typer(export_cmd.app, name="export", help="Export a trained model to other runtimes.", cls=_Group)
 
 
 _register()
@@ -80,5 +94,17 @@ def _root(
         raise typer.Exit()
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the command unwinds and removes its temporary outputs
+    (by default SIGTERM ends the process on the spot). ``mtkit train`` installs its own handler."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app(args=argv, prog_name="mtkit")

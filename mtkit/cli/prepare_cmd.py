@@ -1,6 +1,20 @@
-"""Placeholder: being written."""
+"""``mtkit prepare``: clean, filter and encode the corpora into Arrow datasets."""
+
+from __future__ import annotations
+
+import typer
+
+from mtkit.cli.options import ConfigOption, SetOption
 
 
-def prepare() -> None:
-    """Not written yet."""
-    raise SystemExit("not written yet")
+def prepare(config: ConfigOption, overrides: SetOption = None) -> None:
+    """Read data.train/valid/test, normalise, filter, de-duplicate and encode them with the
+    trained tokenizer into {experiment.dir}/data (with report.json and report.txt)."""
+    from mtkit.config import load_config
+    from mtkit.data import data_dir
+    from mtkit.data import prepare as prepare_data
+
+    cfg = load_config(config, overrides)
+    report = prepare_data(cfg)
+    typer.echo(report.to_text(), err=True, nl=False)
+    typer.echo(f"prepared data written to {data_dir(cfg.experiment.dir)}", err=True)

@@ -1,4 +1,117 @@
-"""Placeholder: being written."""
+"""``mtkit tokenizer train|encode|decode``: SentencePiece for an experiment, and for the shell."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from mtkit.cli.options import ConfigOption, OptionalConfigOption, SetOption
+from mtkit.errors import MtkitError
+
 app = typer.Typer(no_args_is_help=True)
+
+
+class SideChoice(str, Enum):
+    src = "src"
+    tgt = "tgt"
+
+
+ModelOption = Annotated[
+    Path | None,
+    typer.Option("--model", "-m", help="A tokenizer directory (instead of -c).", show_default=False),
+]
+SideOption = Annotated[SideChoice, typer.Option("--side", help="Which language's model to use.")]
+IdsOption = Annotated[bool, typer.Option("--ids", help="Ids instead of pieces.")]
+
+
+@app.command("train")
+def train(config: ConfigOption, overrides: SetOption = None) -> None:
+    """Train SentencePiece on data.train into {experiment.dir}/tokenizer/."""
+    from mtkit.config import load_config
+    from mtkit.data import train_tokenizer
+    from mtkit.tokenizer import tokenizer_dir
+
+    cfg = load_config(config, overrides)
+    tokenizers = train_tokenizer(cfg)
+    sizes = (
+        f"{tokenizers.src.vocab_size}"
+        if tokenizers.joint
+        else f"{tokenizers.src.vocab_size}/{tokenizers.tgt.vocab_size}"
+    )
+    kind = "joint" if tokenizers.joint else "separate"
+    typer.echo(f"tokenizer: {kind} {cfg.tokenizer.type}, vocabulary {sizes}, written to {tokenizer_dir(cfg)}", err=True)
+
+
+@app.command("encode")
+def encode(
+    config: OptionalConfigOption = None,
+    overrides: SetOption = None,
+    model: ModelOption = None,
+    side: SideOption = SideChoice.src,
+    ids: IdsOption = False,
+) -> None:
+    """Encode stdin line by line: pieces (or ids) separated by spaces, one line per input line.
+
+    Input is normalised as `mtkit prepare` normalises corpora."""
+    from mtkit.data import normalize
+
+    tokenizer = _load(config, overrides, model, side)
+    for _, line in _stdin_lines():
+        text = normalize([line])
+        tokens = tokenizer.encode(text)[0] if ids else tokenizer.encode_pieces(text)[0]
+        _write(" ".join(map(str, tokens)))
+
+
+@app.command("decode")
+def decode(
+    config: OptionalConfigOption = None,
+    overrides: SetOption = None,
+    model: ModelOption = None,
+    side: SideOption = SideChoice.tgt,
+    ids: IdsOption = False,
+) -> None:
+    """Decode stdin line by line: space-separated pieces (or ids with --ids) to text."""
+    tokenizer = _load(config, overrides, model, side)
+    for number, line in _stdin_lines():
+        tokens = line.split()
+        if not ids:
+            _write(tokenizer.decode_pieces([tokens])[0])
+            continue
+        try:
+            values = [int(t) for t in tokens]
+        except ValueError:
+            raise MtkitError(f"<stdin>:{number}: expected space-separated integer ids") from None
+        bad = [v for v in values if not 0 <= v < tokenizer.vocab_size]
+        if bad:
+            raise MtkitError(f"<stdin>:{number}: id {bad[0]} outside the vocabulary (0..{tokenizer.vocab_size - 1})")
+        _write(tokenizer.decode([values])[0])
+
+
+def _load(config: Path | None, overrides: list[str] | None, model: Path | None, side: SideChoice):
+    from mtkit.config import load_config
+    from mtkit.tokenizer import Tokenizers, tokenizer_dir
+
+    if (config is None) == (model is None):
+        raise MtkitError("give either -c CONFIG or -m TOKENIZER_DIR")
+    directory = model if model is not None else tokenizer_dir(load_config(config, overrides))
+    tokenizers = Tokenizers.load(directory)
+    return tokenizers.src if side == SideChoice.src else tokenizers.tgt
+
+
+def _stdin_lines():
+    """(line number, text) of stdin, read as UTF-8 bytes so a bad byte names its line."""
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            yield number, raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as err:
+            raise MtkitError(f"<stdin>:{number}: not valid UTF-8 (byte {err.start})") from None
+
+
+def _write(line: str) -> None:
+    # Flushed per line so that `mtkit tokenizer encode` works as an interactive filter.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

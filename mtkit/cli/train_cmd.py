@@ -1,6 +1,48 @@
-"""Placeholder: being written."""
+"""``mtkit train``: train the experiment's model on its prepared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mtkit.cli.options import ConfigOption, SetOption
+
+# Conventional shell exit codes for a run stopped by a signal (after saving a checkpoint).
+_SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def train() -> None:
-    """Not written yet."""
-    raise SystemExit("not written yet")
+def train(
+    config: ConfigOption,
+    overrides: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from checkpoints/last exactly where it stopped.")
+    ] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option("--init-from", help="Start from these weights (a checkpoint or run directory): fine-tuning.",
+                     show_default=False),
+    ] = None,
+) -> None:
+    """Train on {experiment.dir}/data; checkpoints go to {experiment.dir}/checkpoints.
+
+    Stops at train.max_steps, max_epochs or max_minutes, or early (train.patience).
+    Ctrl-C or SIGTERM saves a checkpoint first; --resume continues from it. Under
+    `torchrun --nproc_per_node N -m mtkit train ...` the batches are shared between N processes.
+    """
+    from mtkit.config import load_config
+    from mtkit.errors import MtkitError
+    from mtkit.train import train as run_training
+
+    if resume and init_from is not None:
+        raise MtkitError("--resume and --init-from exclude each other: resume continues a run, init-from starts one")
+    cfg = load_config(config, overrides)
+    result = run_training(cfg, resume=resume, init_from=init_from)
+    if result.interrupted:
+        typer.echo(
+            f"mtkit: stopped by {result.reason} at step {result.state.step}; checkpoint saved in "
+            f"{result.checkpoint}; continue with `mtkit train -c {config} --resume`",
+            err=True,
+        )
+        raise typer.Exit(_SIGNAL_EXIT[result.reason])

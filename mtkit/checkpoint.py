@@ -1,0 +1,259 @@
+"""Checkpoints: self-contained run directories that a kill at any moment cannot corrupt.
+
+Layout under ``{experiment.dir}/checkpoints/``::
+
+    step_00001000/
+        model.safetensors   weights; tied/shared tensors stored once
+        config.yaml         the resolved experiment config
+        tokenizer/          the SentencePiece model(s) (``Tokenizers.copy_to``)
+        meta.json           mtkit_version, step, epoch, tokenizer_fingerprint, vocab sizes,
+                            metrics, and the byte size of every file (to detect truncation)
+        trainer_state.pt    optimizer, scaler, RNG states, data position, counters: plain
+                            dicts/lists/tensors, read back with ``torch.load(weights_only=True)``
+    last -> step_00001000   symlinks, each replaced atomically
+    best -> step_00000800
+
+A checkpoint is written into a hidden temporary directory, fsynced and renamed into place;
+only then are the ``last``/``best`` links swapped and old step directories pruned. So a
+reader always sees either the previous complete checkpoint or the new complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from mtkit import __version__
+from mtkit.config import Config, save_config, validate_config
+from mtkit.errors import ConfigError, MtkitError
+from mtkit.fileio import atomic_dir, atomic_write_text, remove_stale_temporaries
+from mtkit.model import Transformer
+
+FORMAT = "mtkit-checkpoint/1"
+WEIGHTS, CONFIG, META, STATE, TOKENIZER = (
+    "model.safetensors",
+    "config.yaml",
+    "meta.json",
+    "trainer_state.pt",
+    "tokenizer",
+)
+STEP_PREFIX = "step_"
+
+
+def checkpoints_dir(exp_dir: Path) -> Path:
+    return Path(exp_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    step: int,
+    epoch: int,
+    model: nn.Module,
+    config: Config,
+    tokenizers: Any,
+    metrics: dict[str, float],
+    trainer_state: dict[str, Any],
+    best: bool,
+    keep_last: int,
+) -> Path:
+    """Write ``root/step_{step}`` atomically, point ``last`` (and ``best`` if ``best``) at it,
+    and delete step directories beyond the newest ``keep_last`` (never best or last).
+
+    ``model`` is the bare Transformer (not a DDP or compiled wrapper). Returns the directory.
+    """
+    final = root / step_name(step)
+    if not _complete(final):
+        with atomic_dir(final) as tmp:
+            tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "mtkit": FORMAT})
+            torch.save(trainer_state, tmp / STATE)
+            save_config(config, tmp / CONFIG)
+            tokenizers.copy_to(tmp / TOKENIZER)
+            meta = {
+                "format": FORMAT,
+                "mtkit_version": __version__,
+                "step": step,
+                "epoch": epoch,
+                "tokenizer_fingerprint": tokenizers.fingerprint(),
+                "src_vocab_size": tokenizers.src.vocab_size,
+                "tgt_vocab_size": tokenizers.tgt.vocab_size,
+                "metrics": metrics,
+                "files": {name: (tmp / name).stat().st_size for name in (WEIGHTS, STATE, CONFIG)},
+            }
+            for name in (WEIGHTS, STATE):
+                _fsync(tmp / name)
+            # meta.json last: its presence (with matching sizes) marks a complete checkpoint.
+            atomic_write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
+    _point(root, "last", final.name)
+    if best:
+        _point(root, "best", final.name)
+    _prune(root, keep_last)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _complete(directory: Path) -> bool:
+    try:
+        _read_meta(directory)
+    except MtkitError:
+        return False
+    return True
+
+
+def _point(root: Path, link: str, target: str) -> None:
+    """Make ``root/link`` a relative symlink to ``target``, replacing any old one atomically."""
+    tmp = root / f".{link}.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, root / link)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    keep = {os.readlink(root / link) for link in ("last", "best") if (root / link).is_symlink()}
+    steps = sorted(p.name for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir())
+    keep.update(steps[-keep_last:])
+    for name in steps:
+        if name not in keep:
+            shutil.rmtree(root / name, ignore_errors=True)
+
+
+def clean_temporaries(root: Path) -> None:
+    """Remove what a killed save left behind (hidden temporary directories and links)."""
+    remove_stale_temporaries(root)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Loaded:
+    """A checkpoint ready to translate with: ``model`` is in eval mode on the requested device."""
+
+    model: Transformer
+    config: Config
+    tokenizers: Any  # mtkit.tokenizer.Tokenizers
+    meta: dict[str, Any]
+    path: Path
+
+
+def resolve(path: Path) -> Path:
+    """The checkpoint directory that ``path`` names: a checkpoint directory itself, a
+    ``checkpoints/`` directory, or a run directory (its ``best``, else its ``last``)."""
+    path = Path(path)
+    if not path.exists():
+        raise MtkitError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise MtkitError(f"{path}: not a checkpoint directory")
+    if (path / META).exists() or (path / WEIGHTS).exists():
+        return path
+    for root in (checkpoints_dir(path), path):
+        for link in ("best", "last"):
+            if (root / link).exists():
+                return (root / link).resolve()
+            if (root / link).is_symlink():
+                raise MtkitError(f"{root / link}: points to a missing checkpoint")
+    raise MtkitError(f"{path}: no checkpoint found (no checkpoints/best or checkpoints/last); run `mtkit train` first")
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    meta_path = directory / META
+    if not meta_path.is_file():
+        if (directory / WEIGHTS).exists():
+            raise MtkitError(f"{directory}: incomplete checkpoint (no {META})")
+        raise MtkitError(f"{directory}: not an mtkit checkpoint (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MtkitError(f"{meta_path}: unreadable or truncated ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MtkitError(f"{meta_path}: not an mtkit checkpoint (format is not {FORMAT})")
+    for name, size in meta["files"].items():
+        file = directory / name
+        if not file.is_file():
+            raise MtkitError(f"{file}: missing from the checkpoint")
+        found = file.stat().st_size
+        if found != size:
+            raise MtkitError(f"{file}: truncated or corrupt ({found} bytes, expected {size})")
+    return meta
+
+
+def read_checkpoint_config(directory: Path) -> Config:
+    """The resolved config stored in a checkpoint directory."""
+    import yaml
+
+    path = directory / CONFIG
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return validate_config(data)
+    except (OSError, yaml.YAMLError) as err:
+        raise MtkitError(f"{path}: unreadable: {err}") from None
+    except ConfigError as err:
+        raise MtkitError(f"{path}: not a valid mtkit config: {err.problems[0]}") from None
+
+
+def load_weights(model: nn.Module, directory: Path, device: str | torch.device = "cpu") -> None:
+    """Load ``directory/model.safetensors`` into ``model`` (names and shapes must match)."""
+    path = directory / WEIGHTS
+    try:
+        load_model(model, str(path), strict=True, device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise MtkitError(f"{path}: unreadable weights ({err})") from None
+    except RuntimeError as err:
+        first = str(err).splitlines()[-1].strip()
+        raise MtkitError(f"{path}: weights do not fit this model: {first}") from None
+
+
+def load_for_inference(path: Path, device: str = "cpu") -> Loaded:
+    """Rebuild the model, config and tokenizers of a checkpoint (see ``resolve`` for ``path``)."""
+    from mtkit.tokenizer import Tokenizers
+
+    directory = resolve(path)
+    meta = _read_meta(directory)
+    config = read_checkpoint_config(directory)
+    tokenizers = Tokenizers.load(directory / TOKENIZER)
+    if (tokenizers.src.vocab_size, tokenizers.tgt.vocab_size) != (meta["src_vocab_size"], meta["tgt_vocab_size"]):
+        raise MtkitError(f"{directory / TOKENIZER}: vocabulary sizes differ from {directory / META}")
+    model = Transformer(config.model, meta["src_vocab_size"], meta["tgt_vocab_size"])
+    load_weights(model, directory)
+    model.to(device).eval()
+    return Loaded(model=model, config=config, tokenizers=tokenizers, meta=meta, path=directory)
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    """The training state saved beside the weights (plain data, no arbitrary pickles)."""
+    _read_meta(directory)
+    path = directory / STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt file
+        raise MtkitError(f"{path}: unreadable training state ({type(err).__name__})") from None
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """Checked ``meta.json`` of a checkpoint directory (MtkitError if missing/truncated/foreign)."""
+    return _read_meta(Path(directory))

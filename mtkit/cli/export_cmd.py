@@ -1,0 +1,86 @@
+"""``mtkit export``: write a trained model in another runtime's format.
+
+    mtkit export huggingface RUN_DIR OUT_DIR [--force]
+    mtkit export ctranslate2 RUN_DIR OUT_DIR [--quantization int8] [--sample FILE] [--force]
+
+RUN_DIR is a run directory (its best, else last checkpoint) or a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+RunArg = Annotated[Path, typer.Argument(help="Run directory (uses its best, else last checkpoint) or checkpoint.")]
+OutArg = Annotated[Path, typer.Argument(help="Output directory (written whole, atomically).")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")]
+
+
+@app.command("huggingface")
+def huggingface(run_dir: RunArg, out_dir: OutArg, force: ForceOption = False) -> None:
+    """A transformers MarianMTModel directory (post-norm models only), with a MarianTokenizer."""
+    from mtkit.export import HuggingFaceExporter, export
+
+    export(HuggingFaceExporter(), run_dir, out_dir, force=force)
+    typer.echo(f"exported {run_dir} -> {out_dir} (load with transformers.MarianMTModel.from_pretrained)")
+
+
+@app.command("ctranslate2")
+def ctranslate2(
+    run_dir: RunArg,
+    out_dir: OutArg,
+    quantization: Annotated[
+        str | None,
+        typer.Option(help="Weight type: int8, int8_float32, int8_float16, int16, float16, bfloat16, float32."),
+    ] = None,
+    sample: Annotated[
+        Path | None,
+        typer.Option(help="Source sentences for the parity check (default: the run's prepared valid "
+                     "split, else a few built-in English sentences)."),
+    ] = None,
+    sample_lines: Annotated[int, typer.Option(min=0, help="Sentences to compare (0 skips the check).")] = 20,
+    force: ForceOption = False,
+) -> None:
+    """A CTranslate2 model directory, then a parity check: the share of sample sentences that
+    mtkit and CTranslate2 translate identically (greedy and beam)."""
+    from mtkit.checkpoint import load_for_inference
+    from mtkit.export import CTranslate2Exporter, ct2_parity, export
+
+    loaded = load_for_inference(run_dir)
+    export(CTranslate2Exporter(quantization), loaded, out_dir, force=force)
+    typer.echo(f"exported {run_dir} -> {out_dir} (weights: {quantization or 'float32'})")
+    if sample_lines == 0:
+        return
+    lines, origin = _sample(run_dir, loaded.config.experiment.dir, sample, sample_lines)
+    parity = ct2_parity(loaded, out_dir, lines)
+    typer.echo(
+        f"parity on {parity.sentences} sentences from {origin}: greedy {parity.greedy_identical:.0%} identical, "
+        f"beam {parity.beam} {parity.beam_identical:.0%} identical"
+    )
+    for source, ours, theirs in parity.differences:
+        typer.echo(f"  src:         {source}\n  mtkit:       {ours}\n  ctranslate2: {theirs}")
+
+
+def _sample(run_dir: Path, loaded_exp_dir: Path | None, sample: Path | None, count: int) -> tuple[list[str], str]:
+    """Up to ``count`` non-empty source lines and where they came from: ``sample``, else the
+    prepared valid split of the run (``run_dir`` or the experiment directory the checkpoint
+    was trained in), else built-in sentences."""
+    from itertools import islice
+
+    from mtkit.export import SAMPLE_SENTENCES
+    from mtkit.fileio import read_lines
+
+    if sample is not None:
+        lines = [line for line in islice(read_lines(sample), count * 4) if line and line.strip()]
+        return lines[:count], str(sample)
+    for exp_dir in (run_dir, loaded_exp_dir):
+        if exp_dir is not None and (exp_dir / "data" / "valid").is_dir():
+            from mtkit.data import load_split
+
+            split = load_split(exp_dir, "valid")
+            return list(split.select(range(min(count, len(split))))["src"]), "the valid split"
+    return SAMPLE_SENTENCES[:count], "built-in sentences"

@@ -1,0 +1,31 @@
+"""``mtkit pipeline``: every stage in order, skipping what is up to date."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mtkit.cli.options import ConfigOption, SetOption
+
+
+def pipeline(
+    config: ConfigOption,
+    overrides: SetOption = None,
+    start: Annotated[
+        str | None,
+        typer.Option("--from", help="Re-run from this stage on: tokenizer, prepare, train, translate, score."),
+    ] = None,
+) -> None:
+    """Run tokenizer, prepare, train, translate (test set) and score; write report.md/json.
+
+    A stage whose outputs are complete and up to date for the config is skipped.
+    """
+    from mtkit.config import load_config
+    from mtkit.pipeline import run_pipeline
+
+    cfg = load_config(config, overrides)
+    run_pipeline(cfg, start=start, log=lambda line: typer.echo(line, err=True))
+    report = cfg.experiment.dir / "report.md"
+    typer.echo(report.read_text(), nl=False)
+    typer.echo(f"\nreport: {report} (and report.json, training.png)", err=True)

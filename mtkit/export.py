@@ -1,0 +1,501 @@
+"""Export a trained model to other runtimes: Hugging Face Marian and CTranslate2.
+
+Each exporter follows one template (after CTranslate2's converters): refuse an existing
+output directory unless forced -> load the checkpoint -> check that the runtime can
+represent every architecture option (one line per problem, naming the config key) ->
+write into a hidden temporary directory -> rename it into place. A failed or killed
+export never leaves an output that looks complete.
+
+Weight names map one-to-one (``mtkit.model`` follows Marian's names); only the fused
+projections are split (Marian) or kept fused (CTranslate2 fuses them the same way):
+
+    self_attn.qkv_proj  (3D, D)  = q, k, v stacked   -> Marian q_proj, k_proj, v_proj
+    encoder_attn.kv_proj (2D, D) = k, v stacked      -> Marian k_proj, v_proj
+
+Token ids are fixed by ``mtkit.tokenizer``: PAD 0 ``<pad>``, UNK 1 ``<unk>``, BOS 2 ``<s>``
+(the decoder's start token), EOS 3 ``</s>``.
+
+``transformers`` and ``ctranslate2`` are optional (``pip install 'mtkit[bench]'``) and
+imported only when an export runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mtkit.checkpoint import Loaded, load_for_inference
+from mtkit.config import DecodeConfig
+from mtkit.errors import MtkitError
+from mtkit.fileio import atomic_dir, atomic_write_text
+from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
+POST_NORM_HINT = "train with `model.norm: post`"
+
+
+def require(module: str) -> ModuleType:
+    """Import an optional runtime, or a one-line error saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MtkitError(f"{module} is not installed; run: pip install 'mtkit[bench]'") from None
+
+
+# --------------------------------------------------------------------------- the template
+
+
+class Exporter(ABC):
+    """One target runtime. ``problems`` says what the runtime cannot represent; ``write``
+    fills an empty directory. Run both through ``export``."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def problems(self, loaded: Loaded) -> list[str]:
+        """One line per architecture option the runtime cannot represent (empty: exportable)."""
+
+    @abstractmethod
+    def write(self, loaded: Loaded, directory: Path) -> None:
+        """Write the exported model into the empty ``directory``."""
+
+
+def export(exporter: Exporter, source: Path | Loaded, out_dir: Path, force: bool = False) -> Path:
+    """Export ``source`` (a run or checkpoint directory, or an already loaded checkpoint)
+    to ``out_dir``. An existing ``out_dir`` is replaced only with ``force``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise MtkitError(f"{out_dir}: already exists; pass --force to replace it")
+    loaded = source if isinstance(source, Loaded) else load_for_inference(Path(source))
+    _refuse_overlap(out_dir, loaded.path)
+    problems = exporter.problems(loaded)
+    if problems:
+        raise MtkitError(f"cannot export to {exporter.name}: " + "; ".join(problems))
+    with atomic_dir(out_dir) as tmp:
+        exporter.write(loaded, tmp)
+    return out_dir
+
+
+def _refuse_overlap(out_dir: Path, checkpoint: Path) -> None:
+    """--force replaces ``out_dir`` whole: never let that be the checkpoint or a parent of it."""
+    out, ckpt = out_dir.resolve(), Path(checkpoint).resolve()
+    if out == ckpt or out in ckpt.parents:
+        raise MtkitError(f"{out_dir}: would replace the checkpoint {checkpoint}; choose another output directory")
+
+
+def _pieces(path: Path) -> list[str]:
+    """The SentencePiece vocabulary in id order."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(path))
+    return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+
+
+def _special_problems(loaded: Loaded) -> list[str]:
+    problems = []
+    for side in ("src", "tgt"):
+        pieces = _pieces(getattr(loaded.tokenizers, side).path)
+        for token_id, piece in SPECIAL_PIECES.items():
+            if token_id >= len(pieces) or pieces[token_id] != piece:
+                found = pieces[token_id] if token_id < len(pieces) else "nothing"
+                problems.append(f"tokenizer ({side}): id {token_id} is {found!r}, expected {piece!r}")
+    return problems
+
+
+# --------------------------------------------------------------------------- Hugging Face Marian
+
+
+class HuggingFaceExporter(Exporter):
+    """A ``MarianMTModel`` directory: config.json, model.safetensors, generation_config.json
+    and a ``MarianTokenizer`` (source.spm, target.spm, vocab.json)."""
+
+    name = "huggingface"
+
+    def problems(self, loaded: Loaded) -> list[str]:
+        cfg = loaded.config.model
+        problems = []
+        if cfg.norm != "post":
+            problems.append(
+                f"model.norm={cfg.norm}: Marian is post-norm (no final layer norms); {POST_NORM_HINT}"
+                " (or export to ctranslate2, which supports pre-norm)"
+            )
+        if cfg.positions != "sinusoidal":
+            problems.append(
+                f"model.positions={cfg.positions}: Marian only has fixed sinusoidal positions;"
+                " train with `model.positions: sinusoidal`"
+            )
+        elif cfg.d_model % 2:
+            problems.append(f"model.d_model={cfg.d_model}: Marian's sinusoidal table differs for odd widths")
+        return problems + _special_problems(loaded)
+
+    def write(self, loaded: Loaded, directory: Path) -> None:
+        transformers = require("transformers")
+        transformers.utils.logging.disable_progress_bar()
+        config = marian_config(loaded)
+        model = transformers.MarianMTModel(config).eval()
+        weights = marian_state_dict(loaded.model)
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as err:  # a mapping bug, not a user mistake: keep the detail
+            raise RuntimeError(f"mtkit -> Marian weight mapping does not fit: {err}") from err
+        _check_marian_positions(model, loaded.model)
+        model.generation_config = marian_generation_config(loaded)
+        model.save_pretrained(directory)
+        self._write_tokenizer(loaded, directory)
+
+    @staticmethod
+    def _write_tokenizer(loaded: Loaded, directory: Path) -> None:
+        tokenizers = loaded.tokenizers
+        shutil.copyfile(tokenizers.src.path, directory / "source.spm")
+        shutil.copyfile(tokenizers.tgt.path, directory / "target.spm")
+        src_vocab = {piece: i for i, piece in enumerate(_pieces(tokenizers.src.path))}
+        tgt_vocab = {piece: i for i, piece in enumerate(_pieces(tokenizers.tgt.path))}
+        separate = src_vocab != tgt_vocab
+        atomic_write_text(directory / "vocab.json", json.dumps(src_vocab, ensure_ascii=False, indent=1))
+        if separate:
+            atomic_write_text(directory / "target_vocab.json", json.dumps(tgt_vocab, ensure_ascii=False, indent=1))
+        data = loaded.config.data
+        tokenizer_config = {
+            "tokenizer_class": "MarianTokenizer",
+            "source_lang": data.src_lang,
+            "target_lang": data.tgt_lang,
+            "separate_vocabs": separate,
+            "unk_token": "<unk>",
+            "eos_token": "</s>",
+            "pad_token": "<pad>",
+            "model_max_length": loaded.config.model.max_positions,
+        }
+        if separate:
+            tokenizer_config["target_vocab_file"] = "target_vocab.json"
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def marian_config(loaded: Loaded) -> Any:
+    """The ``MarianConfig`` describing ``loaded.model`` (post-norm, sinusoidal positions)."""
+    transformers = require("transformers")
+    cfg, model = loaded.config.model, loaded.model
+    shared = model.src_embed is model.tgt_embed
+    return transformers.MarianConfig(
+        vocab_size=model.src_embed.num_embeddings,
+        decoder_vocab_size=model.tgt_embed.num_embeddings,
+        share_encoder_decoder_embeddings=shared,
+        tie_word_embeddings=cfg.tie_output,
+        max_position_embeddings=cfg.max_positions,
+        d_model=cfg.d_model,
+        encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers,
+        encoder_attention_heads=cfg.heads,
+        decoder_attention_heads=cfg.heads,
+        encoder_ffn_dim=cfg.ffn_dim,
+        decoder_ffn_dim=cfg.ffn_dim,
+        activation_function=cfg.activation,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        activation_dropout=cfg.activation_dropout,
+        scale_embedding=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=BOS_ID,
+        forced_eos_token_id=EOS_ID,
+    )
+
+
+def marian_generation_config(loaded: Loaded, decode: DecodeConfig | None = None) -> Any:
+    """Generation settings as close to mtkit's decoding as ``generate()`` allows: beam size,
+    length-penalty alpha, minimum length, start/end tokens, PAD and BOS never generated, EOS
+    forced at the maximum length. Two differences remain: Marian divides scores by
+    ``length ** alpha`` where mtkit divides by GNMT's ``((5 + length) / 6) ** alpha``, and
+    ``max_length`` is fixed (the model's ``max_positions``; pass ``max_new_tokens`` to
+    generate) rather than ``max_len_a * source_length + max_len_b``."""
+    transformers = require("transformers")
+    decode = decode or loaded.config.decode
+    return transformers.GenerationConfig(
+        decoder_start_token_id=BOS_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        forced_eos_token_id=EOS_ID,
+        bad_words_ids=[[PAD_ID], [BOS_ID]],
+        num_beams=decode.beam,
+        length_penalty=decode.lenpen,
+        max_length=loaded.config.model.max_positions,
+        min_new_tokens=decode.min_len,
+        early_stopping=True,
+    )
+
+
+def marian_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """mtkit ``Transformer`` weights under ``MarianMTModel`` names (fused projections split).
+    Every key of ``MarianMTModel.state_dict()`` is present, so loading can be strict."""
+    out: dict[str, Tensor] = {}
+    d_model = model.cfg.d_model
+    shared = model.src_embed is model.tgt_embed
+    if shared:
+        out["model.shared.weight"] = model.src_embed.weight
+    out["model.encoder.embed_tokens.weight"] = model.src_embed.weight
+    out["model.decoder.embed_tokens.weight"] = model.tgt_embed.weight
+    for side in ("encoder", "decoder"):
+        out[f"model.{side}.embed_positions.weight"] = model.positions.weight
+    out["lm_head.weight"] = model.output_proj.weight
+    out["final_logits_bias"] = torch.zeros(1, model.output_proj.out_features)
+
+    def linear(name: str, module: torch.nn.Linear) -> None:
+        out[f"{name}.weight"] = module.weight
+        out[f"{name}.bias"] = module.bias
+
+    def split(names: list[str], module: torch.nn.Linear) -> None:
+        weights = module.weight.split(d_model, dim=0)
+        biases = module.bias.split(d_model, dim=0)
+        for name, weight, bias in zip(names, weights, biases, strict=True):
+            out[f"{name}.weight"], out[f"{name}.bias"] = weight, bias
+
+    def ffn_and_norms(prefix: str, layer: torch.nn.Module, norms: list[str]) -> None:
+        linear(f"{prefix}.fc1", layer.ffn.fc1)
+        linear(f"{prefix}.fc2", layer.ffn.fc2)
+        for norm in norms:
+            linear(f"{prefix}.{norm}", getattr(layer, norm))
+
+    for i, layer in enumerate(model.encoder_layers):
+        prefix = f"model.encoder.layers.{i}"
+        split([f"{prefix}.self_attn.{p}_proj" for p in "qkv"], layer.self_attn.qkv_proj)
+        linear(f"{prefix}.self_attn.out_proj", layer.self_attn.out_proj)
+        ffn_and_norms(prefix, layer, ["self_attn_layer_norm", "final_layer_norm"])
+    for i, layer in enumerate(model.decoder_layers):
+        prefix = f"model.decoder.layers.{i}"
+        split([f"{prefix}.self_attn.{p}_proj" for p in "qkv"], layer.self_attn.qkv_proj)
+        linear(f"{prefix}.self_attn.out_proj", layer.self_attn.out_proj)
+        linear(f"{prefix}.encoder_attn.q_proj", layer.encoder_attn.q_proj)
+        split([f"{prefix}.encoder_attn.{p}_proj" for p in "kv"], layer.encoder_attn.kv_proj)
+        linear(f"{prefix}.encoder_attn.out_proj", layer.encoder_attn.out_proj)
+        ffn_and_norms(prefix, layer, ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"])
+    return {name: tensor.detach().cpu().float().contiguous() for name, tensor in out.items()}
+
+
+def _check_marian_positions(marian: Any, model: torch.nn.Module) -> None:
+    """Marian recomputes its sinusoidal table when loading (it is not saved): it must be ours."""
+    theirs = marian.model.encoder.embed_positions.create_weight()
+    if not torch.allclose(theirs, model.positions.weight.cpu(), atol=1e-5):
+        raise MtkitError("model.positions: Marian's sinusoidal layout differs from mtkit's; cannot export")
+
+
+# --------------------------------------------------------------------------- CTranslate2
+
+
+class CTranslate2Exporter(Exporter):
+    """A CTranslate2 model directory: model.bin, config.json, the vocabularies and the
+    SentencePiece model(s) (source.spm, target.spm). Pre- and post-norm, sinusoidal and
+    learned positions are all representable."""
+
+    name = "ctranslate2"
+
+    def __init__(self, quantization: str | None = None):
+        self.quantization = quantization
+
+    def problems(self, loaded: Loaded) -> list[str]:
+        accepted = require("ctranslate2.specs.model_spec").ACCEPTED_MODEL_TYPES
+        problems = []
+        if self.quantization is not None and self.quantization not in accepted:
+            problems.append(f"--quantization {self.quantization}: expected one of {', '.join(accepted)}")
+        return problems + _special_problems(loaded)
+
+    def write(self, loaded: Loaded, directory: Path) -> None:
+        spec = ctranslate2_spec(loaded)
+        spec.validate()
+        spec.optimize(quantization=self.quantization)
+        spec.save(str(directory))
+        shutil.copyfile(loaded.tokenizers.src.path, directory / "source.spm")
+        shutil.copyfile(loaded.tokenizers.tgt.path, directory / "target.spm")
+
+
+_CT2_ACTIVATIONS = {"relu": "RELU", "gelu": "GELU"}
+
+
+def ctranslate2_spec(loaded: Loaded) -> Any:
+    """A ``ctranslate2.specs.TransformerSpec`` holding ``loaded.model``'s weights and vocabularies."""
+    require("ctranslate2")
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    cfg, model = loaded.config.model, loaded.model
+    spec = transformer_spec.TransformerSpec.from_config(
+        (cfg.encoder_layers, cfg.decoder_layers),
+        cfg.heads,
+        pre_norm=cfg.norm == "pre",
+        activation=getattr(common_spec.Activation, _CT2_ACTIVATIONS[cfg.activation]),
+    )
+    positions = _numpy(model.positions.weight)
+    encoder, decoder = spec.encoder, spec.decoder
+    encoder.embeddings[0].weight = _numpy(model.src_embed.weight)
+    decoder.embeddings.weight = _numpy(model.tgt_embed.weight)
+    for stack in (encoder, decoder):
+        stack.scale_embeddings = True  # multiply by sqrt(d_model), as mtkit does
+        stack.position_encodings.encodings = positions
+    for layer_spec, layer in zip(encoder.layer, model.encoder_layers, strict=True):
+        _ct2_linear(layer_spec.self_attention.linear[0], layer.self_attn.qkv_proj)
+        _ct2_linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
+        _ct2_norm(layer_spec.self_attention.layer_norm, layer.self_attn_layer_norm)
+        _ct2_ffn(layer_spec.ffn, layer)
+    for layer_spec, layer in zip(decoder.layer, model.decoder_layers, strict=True):
+        _ct2_linear(layer_spec.self_attention.linear[0], layer.self_attn.qkv_proj)
+        _ct2_linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
+        _ct2_norm(layer_spec.self_attention.layer_norm, layer.self_attn_layer_norm)
+        _ct2_linear(layer_spec.attention.linear[0], layer.encoder_attn.q_proj)
+        _ct2_linear(layer_spec.attention.linear[1], layer.encoder_attn.kv_proj)
+        _ct2_linear(layer_spec.attention.linear[2], layer.encoder_attn.out_proj)
+        _ct2_norm(layer_spec.attention.layer_norm, layer.encoder_attn_layer_norm)
+        _ct2_ffn(layer_spec.ffn, layer)
+    if cfg.norm == "pre":
+        _ct2_norm(encoder.layer_norm, model.encoder_layer_norm)
+        _ct2_norm(decoder.layer_norm, model.decoder_layer_norm)
+    decoder.projection.weight = _numpy(model.output_proj.weight)
+
+    spec.config.layer_norm_epsilon = model.encoder_layers[0].final_layer_norm.eps
+    spec.config.unk_token = SPECIAL_PIECES[UNK_ID]
+    spec.config.bos_token = SPECIAL_PIECES[BOS_ID]
+    spec.config.eos_token = SPECIAL_PIECES[EOS_ID]
+    spec.config.decoder_start_token = SPECIAL_PIECES[BOS_ID]
+    spec.config.add_source_eos = True  # mtkit's sources end with EOS (see mtkit.batching)
+    spec.register_source_vocabulary(_pieces(loaded.tokenizers.src.path))
+    spec.register_target_vocabulary(_pieces(loaded.tokenizers.tgt.path))
+    return spec
+
+
+def _numpy(tensor: Tensor) -> Any:
+    return tensor.detach().float().cpu().contiguous().numpy()
+
+
+def _ct2_linear(spec: Any, module: torch.nn.Linear) -> None:
+    spec.weight = _numpy(module.weight)
+    if module.bias is not None:
+        spec.bias = _numpy(module.bias)
+
+
+def _ct2_norm(spec: Any, norm: torch.nn.LayerNorm) -> None:
+    spec.gamma, spec.beta = _numpy(norm.weight), _numpy(norm.bias)
+
+
+def _ct2_ffn(spec: Any, layer: torch.nn.Module) -> None:
+    _ct2_linear(spec.linear_0, layer.ffn.fc1)
+    _ct2_linear(spec.linear_1, layer.ffn.fc2)
+    _ct2_norm(spec.layer_norm, layer.final_layer_norm)
+
+
+# --------------------------------------------------------------------------- translating with CTranslate2
+
+
+class CT2Translator:
+    """Text in, text out through a CTranslate2 model exported by mtkit, decoding as mtkit
+    does: same beam size and minimum length, PAD and BOS never generated, at most
+    ``floor(max_len_a * (source_length + 1) + max_len_b)`` tokens (the source length counts
+    its EOS, as in ``mtkit.search``). CTranslate2 takes one length limit per call, so with
+    ``exact_lengths`` sentences with different limits go in separate calls (exact, for parity
+    checks); without it a batch uses its longest sentence's limit (fast, for benchmarks).
+    CTranslate2's length penalty divides by ``length ** lenpen``; mtkit's by GNMT's
+    ``((5 + length) / 6) ** lenpen``, so beam outputs may differ where candidates are close."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        tokenizers: Any,
+        decode: DecodeConfig,
+        *,
+        compute_type: str = "default",
+        intra_threads: int = 0,
+        exact_lengths: bool = True,
+    ):
+        ctranslate2 = require("ctranslate2")
+        self.translator = ctranslate2.Translator(
+            str(model_dir), device="cpu", compute_type=compute_type, intra_threads=intra_threads, inter_threads=1
+        )
+        self.tokenizers, self.decode, self.exact_lengths = tokenizers, decode, exact_lengths
+        self.src_pieces = _pieces(tokenizers.src.path)
+        self.tgt_ids = {piece: i for i, piece in enumerate(_pieces(tokenizers.tgt.path))}
+
+    def max_length(self, source_length: int) -> int:
+        """mtkit's output limit (tokens before EOS) for a source of ``source_length`` subwords."""
+        return int(math.floor(self.decode.max_len_a * (source_length + 1) + self.decode.max_len_b))
+
+    def translate_ids(self, batch: list[list[int]]) -> list[list[int]]:
+        """Best hypothesis ids (no BOS/EOS) for non-empty source id lists (no BOS/EOS), in order."""
+        limits = [self.max_length(len(ids)) for ids in batch]
+        groups = [list(range(len(batch)))]
+        if self.exact_lengths:
+            groups = [[i for i, limit in enumerate(limits) if limit == value] for value in sorted(set(limits))]
+        out: list[list[int]] = [[] for _ in batch]
+        for rows in groups:
+            results = self.translator.translate_batch(
+                [[self.src_pieces[i] for i in batch[r]] for r in rows],
+                beam_size=self.decode.beam,
+                length_penalty=self.decode.lenpen,
+                max_decoding_length=max(limits[r] for r in rows),
+                min_decoding_length=self.decode.min_len,
+                suppress_sequences=[[SPECIAL_PIECES[PAD_ID]], [SPECIAL_PIECES[BOS_ID]]],
+                return_scores=False,
+            )
+            for r, result in zip(rows, results, strict=True):
+                out[r] = [self.tgt_ids[p] for p in result.hypotheses[0]]
+        return out
+
+    def translate(self, lines: list[str], batch_size: int = 32) -> list[str]:
+        """The best translation of each line, in input order (empty lines stay empty)."""
+        ids = self.tokenizers.src.encode(lines)
+        out: list[list[int]] = [[] for _ in ids]
+        todo = [i for i, x in enumerate(ids) if x]
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start : start + batch_size]
+            for row, hyp in zip(rows, self.translate_ids([ids[r] for r in rows]), strict=True):
+                out[row] = hyp
+        return self.tokenizers.tgt.decode(out)
+
+
+@dataclass
+class Parity:
+    """How often mtkit and CTranslate2 produce the same translation of the same lines."""
+
+    sentences: int
+    greedy_identical: float
+    beam: int
+    beam_identical: float
+    differences: list[tuple[str, str, str]] = field(default_factory=list)
+    """Up to three ``(source, mtkit, ctranslate2)`` beam-search examples that differ."""
+
+
+def ct2_parity(loaded: Loaded, model_dir: Path, lines: list[str], compute_type: str = "default") -> Parity:
+    """Translate ``lines`` with mtkit and with the CTranslate2 model in ``model_dir``, both
+    greedily and with the run's beam settings, and count identical outputs."""
+    from mtkit.translate import Translator
+
+    decode = loaded.config.decode.model_copy(update={"sampling": False, "nbest": 1})
+    greedy = decode.model_copy(update={"beam": 1})
+    shares, outputs = {}, {}
+    for name, settings in (("greedy", greedy), ("beam", decode)):
+        ours = Translator(loaded.model, loaded.tokenizers, settings).translate(lines)
+        theirs = CT2Translator(model_dir, loaded.tokenizers, settings, compute_type=compute_type).translate(lines)
+        shares[name] = sum(a == b for a, b in zip(ours, theirs, strict=True)) / max(len(lines), 1)
+        outputs[name] = (ours, theirs)
+    ours, theirs = outputs["beam"]
+    differences = [(s, a, b) for s, a, b in zip(lines, ours, theirs, strict=True) if a != b][:3]
+    return Parity(len(lines), shares["greedy"], decode.beam, shares["beam"], differences)
+
+
+SAMPLE_SENTENCES = [
+    "A man in an orange hat starring at something.",
+    "Two young children are playing in the sand on a beach.",
+    "A group of people stand in front of an igloo.",
+    "A woman is riding a bicycle down a busy city street.",
+    "A black dog runs through the grass with a ball in its mouth.",
+    "Several men in hard hats are operating a giant pulley system.",
+    "A little girl climbs into a wooden playhouse.",
+    "People are walking along the beach at sunset.",
+]
+"""Default parity sample: short descriptive English (Multi30k-like) sentences."""

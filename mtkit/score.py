@@ -1,0 +1,162 @@
+"""BLEU, chrF and TER through sacrebleu's object API, each with its signature. No torch.
+
+Scores equal the ``sacrebleu`` command's on the same files: lines are read as it reads them
+(split on ``\\n`` only, trailing whitespace removed) and the metrics are built with the same
+arguments. ``tgt_lang`` picks sacrebleu's BLEU tokenizer for zh, ja and ko (``13a``
+otherwise); ``tokenize`` overrides it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtkit.errors import MtkitError
+from mtkit.fileio import read_lines
+
+METRICS = ("bleu", "chrf", "ter")
+BOOTSTRAP_SAMPLES = 1000
+SPM_MARK = "\u2581"  # SentencePiece's word-boundary piece: left in a hypothesis, it was not detokenized
+
+
+@dataclass
+class MetricScore:
+    """One corpus score. ``name`` is sacrebleu's (BLEU, chrF2, TER); ``text`` is the line
+    sacrebleu prints (``BLEU|nrefs:1|...|version:2.6.0 = 34.1 65.2/40.1/...``)."""
+
+    name: str
+    score: float
+    signature: str
+    text: str
+    verbose: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "score": round(self.score, 4), "signature": self.signature,
+                "verbose_score": self.verbose}
+
+
+def _bleu(tgt_lang: str | None, tokenize: str | None, nrefs: int):
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize=tokenize, trg_lang=tgt_lang or "")
+
+
+def _chrf(tgt_lang: str | None, tokenize: str | None, nrefs: int):
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
+
+
+def _ter(tgt_lang: str | None, tokenize: str | None, nrefs: int):
+    from sacrebleu.metrics import TER
+
+    return TER()
+
+
+# name -> factory(tgt_lang, tokenize, nrefs); sacrebleu's metric modules load lazily.
+_FACTORIES: dict[str, Callable] = {"bleu": _bleu, "chrf": _chrf, "ter": _ter}
+
+
+def make_metric(name: str, tgt_lang: str | None = None, tokenize: str | None = None, nrefs: int = 1):
+    """A sacrebleu metric object; MtkitError for an unknown name or an unusable tokenizer."""
+    if name not in _FACTORIES:
+        raise MtkitError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+    try:
+        return _FACTORIES[name](tgt_lang, tokenize, nrefs)
+    except (ImportError, ModuleNotFoundError) as err:
+        raise MtkitError(f"{name}: tokenizer needs a missing package ({err}); install it or pass --tokenize") from None
+    except (KeyError, AssertionError, RuntimeError) as err:
+        from sacrebleu.metrics.bleu import _TOKENIZERS
+
+        if tokenize is not None and tokenize not in _TOKENIZERS:
+            raise MtkitError(f"unknown BLEU tokenizer {tokenize!r}; choose from {', '.join(_TOKENIZERS)}") from None
+        raise MtkitError(f"{name}: {err}") from None
+
+
+def _check(hyps: Sequence[str], refs: Sequence[Sequence[str]], names: tuple[str, list[str]] | None) -> None:
+    if not refs:
+        raise MtkitError("no reference given")
+    hyp_name, ref_names = names or ("hypothesis", [f"reference {i + 1}" for i in range(len(refs))])
+    if not hyps:
+        raise MtkitError(f"{hyp_name} has no lines: nothing to score")
+    for ref, ref_name in zip(refs, ref_names, strict=True):
+        if len(ref) != len(hyps):
+            raise MtkitError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(ref)}")
+
+
+def score(
+    hyps: list[str],
+    refs: list[list[str]],
+    metrics: Sequence[str] = METRICS,
+    tgt_lang: str | None = None,
+    tokenize: str | None = None,
+) -> list[MetricScore]:
+    """Corpus scores of ``hyps`` against one or more reference streams (``refs[k][i]`` is
+    the k-th reference of line i)."""
+    _check(hyps, refs, None)
+    results = []
+    for name in metrics:
+        metric = make_metric(name, tgt_lang, tokenize, len(refs))
+        result = metric.corpus_score(list(hyps), [list(r) for r in refs])
+        signature = metric.get_signature().format()
+        text = f"{result.name}|{signature} = {_body(result)}"
+        results.append(MetricScore(result.name, float(result.score), signature, text, _verbose(result)))
+    return results
+
+
+def _body(result) -> str:
+    """``45.9 77.8/42.9/... (BP = ...)``: what sacrebleu prints after ``NAME|SIG = ``."""
+    return result.format(width=1).split(" = ", 1)[1]
+
+
+def _verbose(result) -> str:
+    body = _body(result)
+    return body.split(" ", 1)[1] if " " in body else ""
+
+
+@dataclass
+class Comparison:
+    """A paired bootstrap test of systems against the first (the baseline): per metric,
+    per system ``(name, score, mean, ci, p_value)`` (p_value None for the baseline)."""
+
+    signatures: dict[str, str]
+    rows: dict[str, list[tuple[str, float, float | None, float | None, float | None]]]
+
+
+def compare(
+    systems: list[tuple[str, list[str]]],
+    refs: list[list[str]],
+    metrics: Sequence[str] = METRICS,
+    tgt_lang: str | None = None,
+    tokenize: str | None = None,
+    samples: int = BOOTSTRAP_SAMPLES,
+) -> Comparison:
+    """sacrebleu's paired bootstrap resampling (its ``--paired-bs``): each system against the
+    first, with 95% confidence intervals and p-values; seed from ``SACREBLEU_SEED`` (12345)."""
+    from sacrebleu.significance import PairedTest
+
+    for name, hyps in systems:
+        _check(hyps, refs, (name, [f"reference {i + 1}" for i in range(len(refs))]))
+    objects = {name: make_metric(name, tgt_lang, tokenize, len(refs)) for name in metrics}
+    test = PairedTest(systems, objects, refs, test_type="bs", n_samples=samples)
+    signatures, table = test()
+    rows: dict[str, list] = {}
+    for metric_name, results in table.items():
+        if metric_name == "System":
+            continue
+        rows[metric_name] = [
+            (system, r.score, r.mean, r.ci, r.p_value)
+            for system, r in zip(table["System"], results, strict=True)
+        ]
+    return Comparison({k: v.format() for k, v in signatures.items()}, rows)
+
+
+def read_text(path: Path | str) -> list[str]:
+    """Lines of a plain or gzip UTF-8 file as sacrebleu reads them (trailing whitespace removed)."""
+    return [line.rstrip() for line in read_lines(Path(path))]
+
+
+def looks_tokenized(hyps: Sequence[str]) -> bool:
+    """True when a hypothesis still holds SentencePiece's '▁' (forgotten detokenization)."""
+    return any(SPM_MARK in h for h in hyps)

@@ -1,0 +1,258 @@
+"""SentencePiece: train, load, encode, decode. No torch, no corpus reading.
+
+A trained tokenizer is one directory (``{experiment.dir}/tokenizer/``) holding the model(s),
+their vocabularies and ``meta.json``::
+
+    joint:     spm.model  spm.vocab                       meta.json
+    separate:  src.model  src.vocab  tgt.model  tgt.vocab  meta.json
+
+Ids 0-3 are reserved in every model: ``<pad>``=0, ``<unk>``=1, ``<s>``=2, ``</s>``=3, then the
+user symbols (language tags and the like, never split), then the learned pieces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import sentencepiece as spm
+
+from mtkit.config import Config, TokenizerConfig
+from mtkit.errors import MtkitError
+from mtkit.fileio import atomic_dir, atomic_write_bytes, atomic_write_text
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
+
+Side = Literal["src", "tgt"]
+META_FILE = "meta.json"
+META_FORMAT = 1
+
+
+def tokenizer_dir(config: Config) -> Path:
+    """Where ``mtkit tokenizer train`` writes and every later stage reads the tokenizer."""
+    return config.experiment.dir / "tokenizer"
+
+
+class Tokenizer:
+    """One SentencePiece model. Ids never include BOS/EOS; adding them is the model's business."""
+
+    def __init__(self, path: Path, num_threads: int = 1):
+        self.path = Path(path)
+        self.num_threads = num_threads
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (OSError, RuntimeError) as err:
+            raise MtkitError(f"{self.path}: not a SentencePiece model ({_first_line(err)})") from None
+        self.vocab_size: int = self._sp.get_piece_size()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Subword ids of each text (no BOS/EOS)."""
+        return self._sp.encode(texts, out_type=int, num_threads=self.num_threads)
+
+    def encode_pieces(self, texts: list[str]) -> list[list[str]]:
+        """Subword pieces of each text, for people and shell pipelines."""
+        return self._sp.encode(texts, out_type=str, num_threads=self.num_threads)
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Text of each id sequence; padding, BOS and EOS are dropped."""
+        return self._sp.decode([[i for i in seq if i not in SPECIAL_IDS] for seq in ids])
+
+    def decode_pieces(self, pieces: list[list[str]]) -> list[str]:
+        return self._sp.decode_pieces(pieces)
+
+    def piece_to_id(self, piece: str) -> int:
+        """The id of a piece (UNK_ID when the vocabulary lacks it)."""
+        return self._sp.piece_to_id(piece)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+@dataclass
+class Tokenizers:
+    """The source and target tokenizers of an experiment (the same object when joint)."""
+
+    src: Tokenizer
+    tgt: Tokenizer
+    joint: bool
+
+    @classmethod
+    def load(cls, directory: Path, num_threads: int = 1) -> Tokenizers:
+        directory = Path(directory)
+        meta = read_meta(directory)
+        try:
+            files = meta["files"]
+            src = Tokenizer(directory / files["src"], num_threads)
+            tgt = src if meta["joint"] else Tokenizer(directory / files["tgt"], num_threads)
+            expected = meta["fingerprint"]
+        except (KeyError, TypeError):
+            raise MtkitError(f"{directory / META_FILE}: malformed tokenizer meta; retrain the tokenizer") from None
+        tokenizers = cls(src=src, tgt=tgt, joint=bool(meta["joint"]))
+        if tokenizers.fingerprint() != expected:
+            raise MtkitError(f"{directory}: tokenizer model files changed since training (fingerprint mismatch)")
+        return tokenizers
+
+    def model_files(self) -> list[Path]:
+        return [self.src.path] if self.joint else [self.src.path, self.tgt.path]
+
+    def fingerprint(self) -> str:
+        """sha256 of the model file bytes (src then tgt when separate): prepared data and
+        checkpoints record it, so a retrained tokenizer cannot silently mismatch them."""
+        digest = hashlib.sha256()
+        for path in self.model_files():
+            digest.update(path.read_bytes())
+        return digest.hexdigest()
+
+    def copy_to(self, directory: Path) -> None:
+        """Copy the model files, vocabularies and meta so that ``Tokenizers.load(directory)`` works."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        source = self.src.path.parent
+        for path in self.model_files():
+            shutil.copyfile(path, directory / path.name)
+            vocab = path.with_suffix(".vocab")
+            if vocab.exists():
+                shutil.copyfile(vocab, directory / vocab.name)
+        shutil.copyfile(source / META_FILE, directory / META_FILE)
+
+
+def read_meta(directory: Path) -> dict:
+    """The tokenizer's meta.json; MtkitError telling how to train one if there is none."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise MtkitError(f"{directory}: tokenizer not trained; run `mtkit tokenizer train -c CONFIG` first")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MtkitError(f"{path}: unreadable tokenizer meta ({_first_line(err)}); retrain the tokenizer") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise MtkitError(f"{path}: not an mtkit tokenizer meta (format {META_FORMAT}); retrain the tokenizer")
+    return meta
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_tokenizers(
+    cfg: TokenizerConfig,
+    directory: Path,
+    texts: Callable[[tuple[Side, ...]], Iterable[str]],
+    seed: int = 1,
+) -> Tokenizers:
+    """Train SentencePiece into ``directory`` (replaced atomically) and return the result.
+
+    ``texts(sides)`` yields the training sentences of the given sides, already normalised; it
+    is called once for a joint model (``("src", "tgt")``) or once per side. The sentences are
+    streamed into SentencePiece, which keeps a uniform sample of ``cfg.input_sentence_size``
+    of them (reservoir sampling), so memory stays bounded however large the corpus is.
+    """
+    directory = Path(directory)
+    groups: dict[str, tuple[Side, ...]] = {"spm": ("src", "tgt")} if cfg.joint else {"src": ("src",), "tgt": ("tgt",)}
+    counts: dict[str, int] = {}
+    with atomic_dir(directory) as tmp:
+        for name, sides in groups.items():
+            counts[name] = _train_one(cfg, tmp / name, texts(sides), seed)
+        files = {"src": "spm.model", "tgt": "spm.model"} if cfg.joint else {"src": "src.model", "tgt": "tgt.model"}
+        fingerprint = hashlib.sha256()
+        for name in dict.fromkeys(files.values()):
+            fingerprint.update((tmp / name).read_bytes())
+        sizes = {
+            side: spm.SentencePieceProcessor(model_file=str(tmp / f)).get_piece_size() for side, f in files.items()
+        }
+        meta = {
+            "format": META_FORMAT,
+            "joint": cfg.joint,
+            "type": cfg.type,
+            "vocab_size": sizes,
+            "files": files,
+            "user_symbols": cfg.user_symbols,
+            "character_coverage": cfg.character_coverage,
+            "byte_fallback": cfg.byte_fallback,
+            "sentences": counts,
+            "fingerprint": fingerprint.hexdigest(),
+        }
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return Tokenizers.load(directory)
+
+
+class _CountingIterator:
+    """Feeds SentencePiece from a Python iterator, counting sentences and keeping the first
+    exception: SentencePiece would otherwise report a reader error as a bare end of input."""
+
+    def __init__(self, texts: Iterable[str]):
+        self._texts = iter(texts)
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            text = next(self._texts)
+        except StopIteration:
+            raise
+        except BaseException as err:  # re-raised by _train_one once SentencePiece returns
+            self.error = err
+            raise StopIteration from None
+        self.count += 1
+        return text
+
+
+_SPM_ERROR = re.compile(r"^(?:\w+: )?(?:\S+\(\d+\) )?(?:\[[^\]]*\] )?")
+
+
+def _train_one(cfg: TokenizerConfig, prefix: Path, texts: Iterable[str], seed: int) -> int:
+    """Train one model to ``prefix``.model/.vocab; returns the number of sentences seen."""
+    feed = _CountingIterator(texts)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        # Written through model_writer rather than model_prefix: SentencePiece stores the
+        # prefix in the model, and a temporary path there would change the fingerprint.
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=feed,
+            model_writer=model,
+            model_type=cfg.type,
+            vocab_size=cfg.vocab_size,
+            character_coverage=cfg.character_coverage,
+            input_sentence_size=cfg.input_sentence_size,
+            shuffle_input_sentence=True,
+            user_defined_symbols=cfg.user_symbols,
+            byte_fallback=cfg.byte_fallback,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            num_threads=cfg.num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        if feed.error is not None:
+            raise feed.error from None
+        if feed.count == 0:
+            raise MtkitError("data.train: no text to train the tokenizer on") from None
+        reason = _SPM_ERROR.sub("", _first_line(err))
+        raise MtkitError(f"tokenizer: SentencePiece training failed: {reason}") from None
+    if feed.error is not None:
+        raise feed.error
+    atomic_write_bytes(prefix.with_suffix(".model"), model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(
+        f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.get_piece_size())
+    )
+    atomic_write_text(prefix.with_suffix(".vocab"), vocab)
+    return feed.count
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,839 @@
+"""Training: the loop, its loss, optimiser, schedule, validation and progress reports.
+
+``train(config, resume=..., init_from=...)`` reads the prepared data and tokenizer of an
+experiment and trains until ``train.max_steps`` / ``max_epochs`` / ``max_minutes``, early
+stopping, or a signal (SIGINT/SIGTERM save a checkpoint and return). The loop itself is
+``_loop``: batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint.
+
+Under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK in the environment) every rank builds the same
+seeded batch order and takes its share of each update's batches; gradients are summed over
+ranks and the loss is normalised by the target tokens of the whole update, so N ranks with
+``update_freq`` u give the same update as one process with ``update_freq`` N*u. Only rank 0
+validates, logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mtkit.batching import Batch, TokenizedCorpus, epoch_batches, padding_ratio, sorted_batches
+from mtkit.checkpoint import (
+    checkpoints_dir,
+    clean_temporaries,
+    load_trainer_state,
+    load_weights,
+    read_checkpoint_config,
+    read_meta,
+    resolve,
+    save_checkpoint,
+)
+from mtkit.config import Config, TrainConfig
+from mtkit.errors import MtkitError
+from mtkit.fileio import atomic_write_text
+from mtkit.model import PAD_ID, Transformer
+
+# --------------------------------------------------------------------------- pieces with their own tests
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of update ``step`` (1-based): linear warm-up to ``cfg.lr`` over
+    ``warmup_steps``, then inverse square root decay, cosine decay to ``min_lr`` at
+    ``max_steps``, or constant."""
+    warmup = cfg.warmup_steps
+    if step <= warmup:
+        return cfg.lr * step / warmup
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * math.sqrt(max(warmup, 1) / step)
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def label_smoothed_nll(logits: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+    """Summed label-smoothed cross-entropy and summed NLL of ``logits`` ``(N, V)`` against
+    ``target`` ``(N,)`` (padding already removed). Smoothing spreads ``smoothing`` of the
+    probability mass uniformly over the vocabulary, as ``F.cross_entropy`` does. Only the
+    first value carries a gradient."""
+    return _SmoothedCrossEntropy.apply(logits.float(), target, smoothing)
+
+
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    """The loss in three passes over the ``(N, V)`` logits instead of about ten.
+
+    Forward keeps only the softmax ``p``. The log-sum-exp of a row is recovered from its
+    largest probability (at least 1/V, so it never underflows): ``lse = logit_max - log p_max``.
+    The gradient is ``p - (1 - s) * onehot(target) - s / V``, written into ``p`` in place
+    (training calls backward once).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+        probs = torch.softmax(logits, dim=-1)
+        p_max, argmax = probs.max(dim=-1)
+        lse = logits.gather(1, argmax[:, None]).squeeze(1) - p_max.log()
+        nll = (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+        uniform = (lse - logits.mean(dim=-1)).sum()
+        ctx.save_for_backward(probs, target)
+        ctx.smoothing = smoothing
+        ctx.mark_non_differentiable(nll)
+        return (1.0 - smoothing) * nll + smoothing * uniform, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_nll: Tensor) -> tuple[Tensor, None, None]:
+        probs, target = ctx.saved_tensors
+        grad = probs.sub_(ctx.smoothing / probs.shape[1])
+        grad[torch.arange(len(target), device=grad.device), target] -= 1.0 - ctx.smoothing
+        return grad.mul_(grad_loss), None, None
+
+
+class TranslationLoss(nn.Module):
+    """The model plus its loss, so one module (what DDP and torch.compile wrap) maps a batch
+    to ``(loss_sum, nll_sum)``. Logits are computed only at non-padding target positions."""
+
+    def __init__(self, model: Transformer, smoothing: float):
+        super().__init__()
+        self.model, self.smoothing = model, smoothing
+
+    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> tuple[Tensor, Tensor]:
+        keep = tgt_out != PAD_ID
+        hidden = self.model.features(src, tgt_in)[keep]
+        return label_smoothed_nll(self.model.output_proj(hidden), tgt_out[keep], self.smoothing)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay applies to matrices only (not biases, norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel (CPU and CUDA) updates all parameters in one pass each: several times
+    # faster than the default multi-tensor loop.
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+
+
+# --------------------------------------------------------------------------- run-time setup
+
+
+@dataclass
+class Runtime:
+    """Where and how this process trains."""
+
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16 (resolved from "auto")
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sum numbers over ranks (identity without distribution)."""
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Join the process group under torchrun, pick the device and the precision."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise MtkitError(f"train.device={cfg.device}: no CUDA device available")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    precision = cfg.precision
+    if precision == "auto" and device.type == "cuda":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif precision == "auto":
+        precision = "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise MtkitError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on a CPU")
+    return Runtime(device=device, precision=precision, rank=rank, world=world)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint; ``epoch``/``batch_index`` locate the next batch."""
+
+    step: int = 0
+    epoch: int = 1
+    batch_index: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0
+    nonfinite_in_row: int = 0
+    elapsed_s: float = 0.0
+    last_saved_step: int = -1
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    reason: str
+    """Why training stopped: max_steps, max_epochs, max_minutes, patience, SIGINT or SIGTERM."""
+    checkpoint: Path | None
+    """The last checkpoint directory."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The last validation's metrics (loss, ppl, bleu, chrf, signatures), if any."""
+
+    @property
+    def interrupted(self) -> bool:
+        return self.reason in ("SIGINT", "SIGTERM")
+
+
+@dataclass
+class Experiment:
+    """What the loop works on, loaded and checked before the first step."""
+
+    config: Config
+    tokenizers: Any
+    train: TokenizedCorpus
+    valid: TokenizedCorpus | None
+    valid_text: tuple[list[str], list[str]] | None  # source lines, references
+
+
+def load_experiment(config: Config) -> Experiment:
+    """Tokenizer and prepared data; refuses data prepared with another tokenizer and a
+    ``max_tokens`` too small for the longest training pair."""
+    from mtkit.data import load_split, prepared_fingerprint
+    from mtkit.tokenizer import Tokenizers, tokenizer_dir
+
+    exp_dir = config.experiment.dir
+    tokenizers = Tokenizers.load(tokenizer_dir(config))
+    if prepared_fingerprint(exp_dir) != tokenizers.fingerprint():
+        raise MtkitError(
+            f"{exp_dir / 'data'}: prepared with a different tokenizer than {tokenizer_dir(config)}; "
+            "run `mtkit prepare -c CONFIG` again"
+        )
+    train = TokenizedCorpus.from_dataset(load_split(exp_dir, "train"))
+    if len(train) == 0:
+        raise MtkitError(f"{exp_dir / 'data' / 'train'}: no training pairs")
+    longest = int(train.sizes.max())
+    if longest > config.train.max_tokens:
+        raise MtkitError(
+            f"train.max_tokens={config.train.max_tokens} is smaller than the longest training pair "
+            f"({longest} tokens with BOS/EOS); raise train.max_tokens or lower data.max_len and prepare again"
+        )
+    if longest > config.model.max_positions:
+        raise MtkitError(
+            f"model.max_positions={config.model.max_positions} is smaller than the longest training pair "
+            f"({longest} tokens); raise it or lower data.max_len and prepare again"
+        )
+    valid = valid_text = None
+    if config.data.valid is not None:
+        split = load_split(exp_dir, "valid")
+        if len(split) == 0:
+            raise MtkitError(f"{exp_dir / 'data' / 'valid'}: no validation pairs; fix data.valid or remove it")
+        valid = TokenizedCorpus.from_dataset(split)
+        valid_text = (list(split["src"]), list(split["tgt"]))
+    return Experiment(config, tokenizers, train, valid, valid_text)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config: Config, *, resume: bool = False, init_from: Path | None = None) -> TrainResult:
+    """Train the experiment of ``config``; see the module docstring."""
+    cfg = config.train
+    if cfg.best_metric == "bleu" and not cfg.valid_bleu:
+        raise MtkitError("train.best_metric=bleu needs train.valid_bleu=true (or set train.best_metric=loss)")
+    threads = torch.get_num_threads()
+    try:
+        return _train(config, resume, init_from)
+    finally:
+        torch.set_num_threads(threads)  # train.threads is for this run, not for the caller
+
+
+def _train(config: Config, resume: bool, init_from: Path | None) -> TrainResult:
+    cfg = config.train
+    runtime = setup_runtime(cfg)
+    exp = load_experiment(config)
+    root = checkpoints_dir(config.experiment.dir)
+    _seed_everything(config.experiment.seed)
+    model = Transformer(config.model, exp.tokenizers.src.vocab_size, exp.tokenizers.tgt.vocab_size)
+    model.to(runtime.device)
+    optimizer = make_optimizer(model, cfg, runtime.device)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    state = TrainState()
+    if resume:
+        state = _resume(root, config, exp, model, optimizer, scaler, runtime)
+    else:
+        _refuse_existing_run(root)
+        # Dropout differs between ranks; initial weights do not (DDP broadcasts rank 0's).
+        torch.manual_seed(config.experiment.seed + runtime.rank)
+        if init_from is not None:
+            _init_from(init_from, model, exp, runtime)
+    loss_fn: nn.Module = TranslationLoss(model, cfg.label_smoothing)
+    if runtime.distributed:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        loss_fn = nn.parallel.DistributedDataParallel(loss_fn, device_ids=ids)
+    if cfg.compile:
+        loss_fn = torch.compile(loss_fn, dynamic=True)
+    reporter = Reporter(config, runtime, exp, model, start_step=state.step)
+    with _StopSignals() as signals:
+        try:
+            result = _loop(config, exp, model, loss_fn, optimizer, scaler, state, runtime, reporter, signals, root)
+        finally:
+            reporter.close()
+    return result
+
+
+def _loop(config, exp, model, loss_fn, optimizer, scaler, state, runtime, reporter, signals, root) -> TrainResult:
+    """batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint."""
+    cfg = config.train
+    plan = EpochPlan(exp.train, cfg, config.experiment.seed, runtime)
+    reporter.say(f"{len(plan.batches_of(state.epoch)):,} batches per epoch, {plan.padding(state.epoch):.1%} padding")
+    started = time.monotonic() - state.elapsed_s
+    reason = None
+    while True:
+        batches, position = plan.next_batches(state)
+        # One collective per update: its target tokens on all ranks, and whether any rank
+        # was signalled or ran out of time (so that all ranks stop at the same update).
+        time_up = cfg.max_minutes is not None and (
+            time.monotonic() - started + reporter.reserve_s >= cfg.max_minutes * 60)
+        tokens, signalled, time_up = runtime.all_sum(
+            [sum(b.target_tokens for b in batches), float(signals.received is not None), float(time_up)])
+        reason = _stop_reason(cfg, state, position, signalled, time_up, signals)
+        if reason is not None:
+            break
+        lr = learning_rate(cfg, state.step + 1)
+        loss, nll, grad_norm = train_step(loss_fn, model, optimizer, scaler, batches, tokens, lr, cfg, runtime)
+        state.step += 1
+        state.epoch, state.batch_index = position
+        state.elapsed_s = time.monotonic() - started
+        _count_nonfinite(state, grad_norm, scaler, cfg, reporter)
+        reporter.update(state, batches, loss, nll, tokens, lr, grad_norm)
+        if state.step % cfg.valid_every == 0:
+            _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root)
+            if runtime.all_sum([float(reporter.stop_early)])[0]:
+                reason = "patience"
+                break
+    state.elapsed_s = time.monotonic() - started
+    if reason in ("SIGINT", "SIGTERM"):
+        saved = _save(config, exp, model, optimizer, scaler, state, runtime, {}, best=False, root=root)
+    else:
+        if state.last_saved_step != state.step:
+            _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root)
+        saved = (root / "last").resolve()
+    reporter.finish(state, reason)
+    return TrainResult(state=state, reason=reason, checkpoint=saved, metrics=reporter.last_valid)
+
+
+def train_step(loss_fn, model, optimizer, scaler, batches: list[Batch], tokens: float, lr: float, cfg, runtime):
+    """One update over this rank's ``batches``; returns (loss sum, nll sum, grad norm).
+
+    Each batch's summed loss is divided by ``tokens`` (target tokens of the whole update on
+    all ranks) and multiplied by the world size, as DDP averages gradients over ranks.
+    """
+    loss_sum = nll_sum = 0.0
+    for i, batch in enumerate(batches):
+        batch = batch.to(runtime.device)
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not runtime.distributed else loss_fn.no_sync()
+        with sync:
+            try:
+                with runtime.autocast():
+                    loss, nll = loss_fn(batch.src, batch.tgt_in, batch.tgt_out)
+                scaler.scale(loss * (runtime.world / tokens)).backward()
+            except torch.OutOfMemoryError:
+                raise MtkitError(
+                    f"out of memory on a batch of {batch.src.shape[0]} sentences "
+                    f"x {max(batch.src.shape[1], batch.tgt_out.shape[1])} tokens (train.max_tokens={cfg.max_tokens}); "
+                    f"lower train.max_tokens (e.g. --set train.max_tokens={cfg.max_tokens // 2}) "
+                    "and raise train.update_freq to keep the batch size"
+                ) from None
+        loss_sum += loss.detach()
+        nll_sum += nll.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm or float("inf"))
+    grad_norm = float(grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if math.isfinite(grad_norm) or scaler.is_enabled():
+        scaler.step(optimizer)  # the scaler itself skips a non-finite step
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum), float(nll_sum), grad_norm
+
+
+def _count_nonfinite(state: TrainState, grad_norm: float, scaler, cfg: TrainConfig, reporter: Reporter) -> None:
+    """Warn about a skipped update; stop with an error after ``max_nonfinite`` in a row.
+    fp16's scaler skips overflowing steps by design: those count only once the scale has
+    been driven below 1, which means the loss itself is not finite."""
+    if math.isfinite(grad_norm):
+        state.nonfinite_in_row = 0
+        return
+    if scaler.is_enabled() and scaler.get_scale() >= 1.0:
+        return
+    state.nonfinite_in_row += 1
+    reporter.warn(f"step {state.step}: non-finite loss or gradient; update skipped")
+    if state.nonfinite_in_row >= cfg.max_nonfinite:
+        raise MtkitError(
+            f"{state.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite={cfg.max_nonfinite}); "
+            "lower train.lr, raise train.warmup_steps or use train.precision=fp32"
+        )
+
+
+def _stop_reason(cfg: TrainConfig, state: TrainState, position: tuple[int, int], signalled, time_up, signals):
+    """Why not to take the next update (whose batches start at ``position``), if at all.
+    ``time_up`` already leaves room for the final validation and checkpoint."""
+    if signalled:
+        return signals.received or "SIGTERM"  # (another rank was signalled)
+    if state.step >= cfg.max_steps:
+        return "max_steps"
+    if cfg.max_epochs is not None and position[0] > cfg.max_epochs:
+        return "max_epochs"
+    if time_up:
+        return "max_minutes"
+    return None
+
+
+class EpochPlan:
+    """The seeded batch order of each epoch and each rank's share of an update's batches:
+    update k of an epoch uses batches ``[k*g, (k+1)*g)`` with ``g = world * update_freq``;
+    rank r takes every world-th of them from r. A last incomplete group is dropped."""
+
+    def __init__(self, corpus: TokenizedCorpus, cfg: TrainConfig, seed: int, runtime: Runtime):
+        self.corpus, self.cfg, self.seed, self.runtime = corpus, cfg, seed, runtime
+        self.group = runtime.world * cfg.update_freq
+        self.epoch, self.batches = -1, []
+
+    def batches_of(self, epoch: int) -> list[np.ndarray]:
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, epoch_batches(self.corpus, self.cfg.max_tokens, self.seed, epoch)
+            if len(self.batches) < self.group:
+                raise MtkitError(
+                    f"an epoch has {len(self.batches)} batches, fewer than one update needs "
+                    f"({self.group} = world size x train.update_freq); lower train.max_tokens or update_freq"
+                )
+        return self.batches
+
+    def next_batches(self, state: TrainState) -> tuple[list[Batch], tuple[int, int]]:
+        """This rank's batches of the update after ``state``, and the (epoch, batch index)
+        the data position moves to once that update is taken."""
+        epoch, start = state.epoch, state.batch_index
+        if start + self.group > len(self.batches_of(epoch)):
+            epoch, start = epoch + 1, 0
+        group = self.batches_of(epoch)[start : start + self.group]
+        batches = [self.corpus.batch(ids) for ids in group[self.runtime.rank :: self.runtime.world]]
+        return batches, (epoch, start + self.group)
+
+    def padding(self, epoch: int) -> float:
+        return padding_ratio(self.corpus, self.batches_of(epoch))
+
+
+# --------------------------------------------------------------------------- validation and checkpoints
+
+
+@torch.no_grad()
+def validation_loss(model: Transformer, corpus: TokenizedCorpus, max_tokens: int, runtime: Runtime) -> dict[str, float]:
+    """Per-token NLL (``loss``) and perplexity of ``corpus``, without label smoothing."""
+    model.eval()
+    loss_fn = TranslationLoss(model, smoothing=0.0)
+    nll = tokens = 0.0
+    for ids in sorted_batches(corpus, max(max_tokens, int(corpus.sizes.max()))):
+        batch = corpus.batch(ids).to(runtime.device)
+        with runtime.autocast():
+            _, batch_nll = loss_fn(batch.src, batch.tgt_in, batch.tgt_out)
+        nll += float(batch_nll)
+        tokens += batch.target_tokens
+    model.train()
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 100.0))}
+
+
+def validation_bleu(config: Config, exp: Experiment, model: Transformer, runtime: Runtime) -> dict[str, Any]:
+    """BLEU and chrF of the validation set decoded exactly as ``mtkit translate`` would."""
+    from mtkit.score import score
+    from mtkit.translate import Translator
+
+    sources, references = exp.valid_text
+    limit = config.train.valid_max_sentences or len(sources)
+    model.eval()
+    with torch.no_grad():
+        translator = Translator(model, exp.tokenizers, config.decode, runtime.device, seed=config.experiment.seed)
+        hyps = translator.translate(sources[:limit])
+    model.train()
+    results = score(hyps, [references[:limit]], metrics=("bleu", "chrf"), tgt_lang=config.data.tgt_lang)
+    metrics: dict[str, Any] = {"sentences": limit}
+    for key, metric in zip(("bleu", "chrf"), results, strict=True):
+        metrics[key] = metric.score
+        metrics[f"{key}_signature"] = metric.signature
+    return metrics
+
+
+def _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root) -> None:
+    """Validate (rank 0), update the best metric and patience counter, save a checkpoint."""
+    cfg = config.train
+    metrics: dict[str, Any] = {}
+    improved = False
+    if runtime.main and exp.valid is not None:
+        started = time.monotonic()
+        metrics = validation_loss(model, exp.valid, cfg.max_tokens, runtime)
+        if cfg.valid_bleu:
+            metrics.update(validation_bleu(config, exp, model, runtime))
+        metrics["valid_time_s"] = time.monotonic() - started
+        value = metrics[cfg.best_metric]
+        better = (lambda new, old: new > old) if cfg.best_metric == "bleu" else (lambda new, old: new < old)
+        improved = state.best_metric is None or better(value, state.best_metric)
+        if improved:
+            state.best_metric, state.best_step, state.bad_validations = value, state.step, 0
+        else:
+            state.bad_validations += 1
+        reporter.validated(state, metrics, improved)
+    elif runtime.main and exp.valid is None:
+        improved = True  # without validation data the newest checkpoint is the best we know
+    save_started = time.monotonic()
+    _save(config, exp, model, optimizer, scaler, state, runtime, metrics, best=improved, root=root)
+    # What the final validation and checkpoint will take, kept free within train.max_minutes.
+    reporter.reserve_s = 1.1 * (metrics.get("valid_time_s", 0.0) + time.monotonic() - save_started)
+
+
+def _save(config, exp, model, optimizer, scaler, state, runtime, metrics, best, root) -> Path:
+    """Every rank contributes its RNG state; rank 0 writes. All ranks must call this."""
+    rng = _rng_state()
+    if runtime.distributed:
+        gathered: list[Any] = [None] * runtime.world
+        dist.all_gather_object(gathered, rng)
+    else:
+        gathered = [rng]
+    state.last_saved_step = state.step
+    path = root / "last"
+    if runtime.main:
+        trainer_state = {
+            "state": asdict(state),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": gathered,
+            "world_size": runtime.world,
+        }
+        path = save_checkpoint(
+            root, step=state.step, epoch=state.epoch, model=model, config=config, tokenizers=exp.tokenizers,
+            metrics=metrics, trainer_state=trainer_state, best=best, keep_last=config.train.keep_last,
+        )
+    if runtime.distributed:
+        dist.barrier()
+    return path
+
+
+def _refuse_existing_run(root: Path) -> None:
+    if (root / "last").is_symlink() or any(root.glob("step_*")):
+        raise MtkitError(
+            f"{root}: already holds checkpoints of a run; continue it with --resume, "
+            "or remove the directory (or change experiment.dir) to start afresh"
+        )
+
+
+def _resume(root, config, exp, model, optimizer, scaler, runtime) -> TrainState:
+    if not (root / "last").exists():
+        raise MtkitError(f"{root}: no checkpoint to resume from (no checkpoints/last); start without --resume")
+    clean_temporaries(root)
+    directory = (root / "last").resolve()
+    meta = read_meta(directory)
+    _check_compatible(directory, meta, read_checkpoint_config(directory), config, exp)
+    saved = load_trainer_state(directory)
+    load_weights(model, directory, runtime.device)
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    state = TrainState(**saved["state"])
+    rngs = saved["rng"]
+    if len(rngs) == runtime.world:
+        _set_rng_state(rngs[runtime.rank])
+    else:  # a different number of ranks cannot replay the same dropout masks
+        warnings.warn(f"resuming {len(rngs)}-process training with {runtime.world}; random streams restart",
+                      stacklevel=1)
+        torch.manual_seed(config.experiment.seed + state.step + runtime.rank)
+    return state
+
+
+def _init_from(path: Path, model: Transformer, exp: Experiment, runtime: Runtime) -> None:
+    """Fine-tuning: weights only, from a checkpoint with the same model shape and tokenizer."""
+    directory = resolve(path)
+    meta = read_meta(directory)
+    _check_compatible(directory, meta, read_checkpoint_config(directory), exp.config, exp)
+    load_weights(model, directory, runtime.device)
+
+
+def _check_compatible(directory: Path, meta: dict, saved: Config, config: Config, exp: Experiment) -> None:
+    if meta["tokenizer_fingerprint"] != exp.tokenizers.fingerprint():
+        raise MtkitError(f"{directory}: checkpoint was trained with a different tokenizer than this experiment's")
+    changed = [k for k, v in config.model.model_dump().items() if saved.model.model_dump()[k] != v]
+    # Dropout may change between runs; the shape of the network may not.
+    changed = [k for k in changed if "dropout" not in k]
+    if changed:
+        raise MtkitError(f"{directory}: checkpoint model differs from the config in model.{', model.'.join(changed)}")
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain lists (no pickled objects)."""
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def _set_rng_state(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current update and save; a second
+    SIGINT aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = name
+        print(f"\nmtkit: {name} received; saving a checkpoint after this update (Ctrl-C again aborts)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Reporter:
+    """Progress for people (stderr), TensorBoard scalars and ``train_log.jsonl`` (rank 0).
+
+    On a terminal a single line is redrawn with loss, lr, tokens/s and ETA; otherwise one
+    plain line per ``log_every`` updates.
+    """
+
+    def __init__(self, config: Config, runtime: Runtime, exp: Experiment, model: Transformer, start_step: int):
+        self.cfg, self.runtime = config.train, runtime
+        self.active = runtime.main
+        self.stop_early = False
+        # Until a validation has been timed, keep a tenth of the time budget for the last one.
+        self.reserve_s = 6.0 * (self.cfg.max_minutes or 0.0)
+        self.last_valid: dict[str, Any] = {}
+        self.tty = sys.stderr.isatty()
+        self._reset()
+        self._last_draw = 0.0
+        self._writer = None
+        self._jsonl = None
+        if not self.active:
+            return
+        exp_dir = config.experiment.dir
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        log = exp_dir / "train_log.jsonl"
+        if start_step and log.exists():
+            # A resumed run repeats the steps after its checkpoint: drop their old rows.
+            rows = [line for line in log.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if _step_of(line) <= start_step]
+            atomic_write_text(log, "".join(rows))
+        self._jsonl = open(log, "a", encoding="utf-8")  # noqa: SIM115
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=str(exp_dir / "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
+        self.say(
+            f"training {model.num_parameters / 1e6:.2f}M parameters on {runtime.device} ({runtime.precision}"
+            f"{f', {runtime.world} processes' if runtime.distributed else ''}); "
+            f"{len(exp.train):,} pairs, max_tokens {self.cfg.max_tokens}, update_freq {self.cfg.update_freq}"
+        )
+
+    def _reset(self) -> None:
+        self._since = time.monotonic()
+        self._acc = {"loss": 0.0, "nll": 0.0, "tokens": 0.0, "real": 0.0, "padded": 0.0, "steps": 0.0, "gnorm": 0.0}
+
+    def say(self, text: str) -> None:
+        if self.active:
+            print(("\r\x1b[K" if self.tty else "") + text, file=sys.stderr, flush=True)
+
+    def warn(self, text: str) -> None:
+        self.say(f"warning: {text}")
+
+    def update(self, state: TrainState, batches: list[Batch], loss, nll, tokens, lr, grad_norm) -> None:
+        acc = self._acc
+        acc["loss"] += loss
+        acc["nll"] += nll
+        acc["tokens"] += tokens  # already summed over ranks
+        acc["real"] += sum(b.real_tokens for b in batches)
+        acc["padded"] += sum(b.padded_tokens for b in batches)
+        acc["steps"] += 1
+        acc["gnorm"] += grad_norm if math.isfinite(grad_norm) else 0.0
+        if state.step % self.cfg.log_every == 0:
+            self._log(state, lr)
+        elif self.tty and self.active and time.monotonic() - self._last_draw > 0.5:
+            self._draw(state, lr, final=False)
+
+    def _rates(self, state: TrainState, lr: float, all_ranks: bool) -> dict[str, Any]:
+        """The interval's averages; ``all_ranks`` sums over ranks (every rank must call then)."""
+        acc = self._acc
+        sums = [acc["loss"], acc["nll"], acc["real"], acc["padded"]]
+        loss_sum, nll_sum, real, padded = self.runtime.all_sum(sums) if all_ranks else sums
+        seconds = max(time.monotonic() - self._since, 1e-9)
+        tokens = max(acc["tokens"], 1.0)
+        return {
+            "type": "train",
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": loss_sum / tokens,
+            "nll": nll_sum / tokens,
+            "ppl": math.exp(min(nll_sum / tokens, 100.0)),
+            "lr": lr,
+            "grad_norm": acc["gnorm"] / max(acc["steps"], 1),
+            "tgt_tok_per_s": acc["tokens"] / seconds,
+            "tok_per_s": real / seconds,
+            "padding": 1.0 - real / max(padded, 1.0),
+            "elapsed_s": state.elapsed_s,
+            "time": time.time(),
+        }
+
+    def _eta(self, state: TrainState, seconds_per_step: float) -> float:
+        remaining = (self.cfg.max_steps - state.step) * seconds_per_step
+        if self.cfg.max_minutes is not None:
+            remaining = min(remaining, self.cfg.max_minutes * 60 - state.elapsed_s)
+        return max(remaining, 0.0)
+
+    def _line(self, row: dict[str, Any], state: TrainState) -> str:
+        per_step = (time.monotonic() - self._since) / max(self._acc["steps"], 1)
+        eta = self._eta(state, per_step)
+        return (
+            f"step {row['step']:>7,} | epoch {row['epoch']:>3} | loss {row['loss']:.3f} | ppl {row['ppl']:8.2f} | "
+            f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | {row['tgt_tok_per_s']:,.0f} tgt tok/s | "
+            f"pad {row['padding']:.1%} | eta {_clock(eta)}"
+        )
+
+    def _draw(self, state: TrainState, lr: float, final: bool) -> None:
+        row = self._rates(state, lr, all_ranks=False)
+        self._last_draw = time.monotonic()
+        print("\r\x1b[K" + self._line(row, state), end="\n" if final else "", file=sys.stderr, flush=True)
+
+    def _log(self, state: TrainState, lr: float) -> None:
+        row = self._rates(state, lr, all_ranks=True)
+        if self.active:
+            self.say(self._line(row, state))
+            self._write(row)
+            for key in ("loss", "ppl", "lr", "grad_norm", "tgt_tok_per_s", "padding"):
+                self._writer.add_scalar(f"train/{key}", row[key], state.step)
+        self._reset()
+
+    def validated(self, state: TrainState, metrics: dict[str, Any], improved: bool) -> None:
+        self.last_valid = metrics
+        patience = self.cfg.patience
+        self.stop_early = patience is not None and state.bad_validations >= patience
+        parts = [f"valid step {state.step:,} | loss {metrics['loss']:.3f} | ppl {metrics['ppl']:.2f}"]
+        if "bleu" in metrics:
+            parts.append(f"BLEU {metrics['bleu']:.2f} | chrF {metrics['chrf']:.2f} ({metrics['sentences']} sentences)")
+        gain = "new best" if improved else f"no gain for {state.bad_validations}"
+        parts.append(f"{metrics['valid_time_s']:.1f}s | {gain}")
+        self.say(" | ".join(parts))
+        if "bleu_signature" in metrics:
+            self.say(f"  BLEU signature: {metrics['bleu_signature']}")
+        self._write({"type": "valid", "step": state.step, "epoch": state.epoch, **metrics,
+                     "best": improved, "elapsed_s": state.elapsed_s, "time": time.time()})
+        for key in ("loss", "ppl", "bleu", "chrf"):
+            if key in metrics:
+                self._writer.add_scalar(f"valid/{key}", metrics[key], state.step)
+        self._writer.flush()
+        self._reset()  # validation time is not training throughput
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+
+    def finish(self, state: TrainState, reason: str) -> None:
+        if self.active:
+            best = f"; best {self.cfg.best_metric} {state.best_metric:.3f} at step {state.best_step:,}" if (
+                state.best_metric is not None) else ""
+            self.say(f"stopped at step {state.step:,} (epoch {state.epoch}): {reason}{best}")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a train_log.jsonl line (infinity for a damaged line, so it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

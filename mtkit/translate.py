@@ -1,0 +1,206 @@
+"""Text in, text out: SentencePiece + a model + ``mtkit.search``.
+
+``Translator.translate(lines)`` is what training's validation and ``mtkit translate`` both
+use, so a validation BLEU is the BLEU that ``mtkit translate | mtkit score`` would give.
+
+Guarantees, for any input: exactly one ``Translation`` per input line, in input order; an
+empty (or all-whitespace) line gives an empty translation without running the model; a
+line longer than the model accepts is truncated to ``max_positions - 1`` subwords (one
+position is the EOS) with a warning, never dropped; a translation never contains a line
+break, so output lines stay aligned with input lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+
+from mtkit.config import DecodeConfig
+from mtkit.errors import MtkitError
+from mtkit.model import Transformer
+from mtkit.search import Hypothesis, beam_search, sample
+from mtkit.tokenizer import EOS_ID, PAD_ID
+
+log = logging.getLogger(__name__)
+
+# Everything str.splitlines() would split on: none of it may reach an output line.
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every line-breaking character replaced by a space."""
+    return _LINE_BREAKS.sub(" ", text)
+
+
+@dataclass
+class Translation:
+    """The result for one input line: ``text`` is the best hypothesis (empty for an empty
+    line), ``score`` its length-penalised log-probability (None when the model did not run),
+    ``nbest`` all returned hypotheses as ``(text, score)``, best first."""
+
+    text: str
+    score: float | None = None
+    nbest: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Shard:
+    """This process's part of a multi-process translation: ``rank`` of ``world``;
+    ``gather(part)`` returns every rank's part (in rank order) on rank 0, None elsewhere."""
+
+    rank: int
+    world: int
+    gather: Callable[[list[Translation]], list[list[Translation]] | None]
+
+
+def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches after sorting by length, each batch at most
+    ``batch_tokens`` padded tokens (a longer single sentence gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted ascending, so this sentence is the longest of the batch so far.
+        if current and (len(current) + 1) * lengths[index] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Translator:
+    """Translate text with ``model`` (in eval mode: dropout would make search random) and
+    ``tokenizers`` (an ``mtkit.tokenizer.Tokenizers``) under the ``decode`` settings.
+
+    warn: called with a one-line message for each truncated line (default: logging).
+    seed: seeds sampling (only used with ``decode.sampling``).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizers,
+        decode: DecodeConfig,
+        device: str | torch.device = "cpu",
+        *,
+        seed: int = 1,
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.model = model
+        self.tokenizers = tokenizers
+        self.decode = decode
+        self.device = torch.device(device)
+        self.warn = warn or log.warning
+        self.max_source = model.cfg.max_positions - 1  # the source also holds its EOS
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    # ------------------------------------------------------------------ public
+
+    def translate(self, lines: list[str]) -> list[str]:
+        """The best translation of each line, in input order."""
+        return [t.text for t in self.translate_lines(lines)]
+
+    def translate_lines(
+        self, lines: list[str], prefixes: list[str] | None = None, first_line: int = 1, line_step: int = 1
+    ) -> list[Translation]:
+        """One ``Translation`` per line, in input order. ``prefixes``: per line, text the
+        translation must start with ('' for none). Warnings number line ``i`` of ``lines`` as
+        ``first_line + i * line_step``."""
+        if prefixes is not None and len(prefixes) != len(lines):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(lines)} lines")
+        numbers = range(first_line, first_line + len(lines) * line_step, line_step)
+        src_ids = self.tokenizers.src.encode(list(lines))
+        for number, ids in zip(numbers, src_ids, strict=True):
+            if len(ids) > self.max_source:
+                self.warn(f"line {number}: {len(ids)} subwords, more than the model accepts; "
+                          f"truncated to {self.max_source}")
+                del ids[self.max_source :]
+        prefix_ids = self._encode_prefixes(prefixes, numbers) if prefixes is not None else None
+        results = [Translation("") for _ in lines]
+        todo = [i for i, ids in enumerate(src_ids) if ids]
+        lengths = [len(src_ids[i]) + 1 for i in todo]
+        for batch in token_batches(lengths, self.decode.batch_tokens):
+            rows = [todo[i] for i in batch]
+            hyps = self.search([src_ids[r] for r in rows], [prefix_ids[r] for r in rows] if prefix_ids else None)
+            for row, nbest in zip(rows, hyps, strict=True):
+                results[row] = self._to_text(nbest)
+        return results
+
+    def translate_stream(
+        self,
+        lines: Iterable[str],
+        prefixes: Iterable[str] | None = None,
+        chunk_lines: int = 10_000,
+        shard: Shard | None = None,
+    ) -> Iterator[list[Translation]]:
+        """Translate an unbounded stream ``chunk_lines`` lines at a time (each chunk sorted and
+        batched by length), yielding each chunk's translations in input order.
+
+        shard: under torchrun, every rank reads the same stream and translates every
+        ``world``-th line of each chunk; the chunk is gathered on rank 0, which alone yields it
+        (other ranks yield nothing).
+        """
+        lines_iter = iter(lines)
+        prefix_iter = iter(prefixes) if prefixes is not None else None
+        first = 1
+        while chunk := list(islice(lines_iter, chunk_lines)):
+            chunk_prefixes = None
+            if prefix_iter is not None:
+                chunk_prefixes = list(islice(prefix_iter, len(chunk)))
+                if len(chunk_prefixes) < len(chunk):
+                    missing = first + len(chunk_prefixes)
+                    raise MtkitError(f"prefixes: fewer lines than the input (which has line {missing})")
+            if shard is None:
+                yield self.translate_lines(chunk, chunk_prefixes, first_line=first)
+            else:
+                mine = slice(shard.rank, None, shard.world)
+                part = self.translate_lines(chunk[mine], chunk_prefixes[mine] if chunk_prefixes else None,
+                                            first_line=first + shard.rank, line_step=shard.world)
+                parts = shard.gather(part)
+                if parts is not None:
+                    merged: list[Translation] = [Translation("")] * len(chunk)
+                    for rank, translations in enumerate(parts):
+                        merged[rank :: shard.world] = translations
+                    yield merged
+            first += len(chunk)
+
+    def search(self, src_ids: list[list[int]], prefix_ids: list[list[int]] | None = None) -> list[list[Hypothesis]]:
+        """Run the configured search on sentences of subword ids (no EOS, none empty)."""
+        width = max(len(ids) for ids in src_ids) + 1
+        src = torch.full((len(src_ids), width), PAD_ID, dtype=torch.long)
+        for row, ids in enumerate(src_ids):
+            src[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            src[row, len(ids)] = EOS_ID
+        src = src.to(self.device)
+        d = self.decode
+        common = dict(lenpen=d.lenpen, max_len_a=d.max_len_a, max_len_b=d.max_len_b, min_len=d.min_len,
+                      prefix=prefix_ids)
+        if d.sampling:
+            return sample(self.model, src, nbest=d.nbest, temperature=d.temperature, top_k=d.top_k,
+                          top_p=d.top_p, generator=self.generator, **common)
+        return beam_search(self.model, src, beam=d.beam, nbest=d.nbest, **common)
+
+    # ------------------------------------------------------------------ internals
+
+    def _encode_prefixes(self, prefixes: list[str], numbers: Iterable[int]) -> list[list[int]]:
+        limit = self.model.cfg.max_positions - 1
+        encoded = self.tokenizers.tgt.encode([p if p.strip() else "" for p in prefixes])
+        for number, ids in zip(numbers, encoded, strict=True):
+            if len(ids) > limit:
+                self.warn(f"prefix line {number}: longer than the model accepts; truncated to {limit}")
+                del ids[limit:]
+        return encoded
+
+    def _to_text(self, nbest: list[Hypothesis]) -> Translation:
+        texts = [one_line(t) for t in self.tokenizers.tgt.decode([h.tokens for h in nbest])]
+        pairs = [(text, h.score) for text, h in zip(texts, nbest, strict=True)]
+        if not pairs:
+            return Translation("")
+        return Translation(pairs[0][0], pairs[0][1], pairs)

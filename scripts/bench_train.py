@@ -1,0 +1,231 @@
+"""Training throughput of mtkit against Hugging Face's MarianMTModel, in one run, on CPU.
+
+Both models get the same architecture (Marian is post-norm, so mtkit runs with
+``model.norm=post``), the same vocabulary, the same token-based length-bucketed batches, AdamW,
+label-smoothed cross-entropy normalised by target tokens, dropout 0.1, fp32 and the same
+number of threads. Timing alternates blocks of steps between the two, so load from other
+processes on the machine hits both alike. MFU is the model's useful FLOP/s (non-padding tokens,
+forward + backward = 3x forward) over the fp32 matmul peak measured with a large ``torch.mm``
+in the same run.
+
+    python scripts/bench_train.py                       # synthetic Multi30k-like lengths
+    python scripts/bench_train.py --run runs/multi30k   # the batches of a prepared experiment
+    python scripts/bench_train.py --json                # one JSON object on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mtkit.batching import Batch, TokenizedCorpus, epoch_batches  # noqa: E402
+from mtkit.config import ModelConfig, TrainConfig  # noqa: E402
+from mtkit.model import PAD_ID, Transformer  # noqa: E402
+from mtkit.train import TranslationLoss, make_optimizer  # noqa: E402
+
+
+def synthetic_corpus(pairs: int, vocab: int, seed: int) -> TokenizedCorpus:
+    """Lengths like Multi30k En-De with an 8k SentencePiece vocabulary (about 15 source and
+    17 target pieces on average, correlated)."""
+    rng = np.random.default_rng(seed)
+    src_len = np.clip(rng.gamma(6.0, 2.5, pairs).astype(int), 2, 60)
+    tgt_len = np.clip((src_len * rng.normal(1.12, 0.15, pairs)).astype(int), 2, 70)
+    src = [rng.integers(4, vocab, n).tolist() for n in src_len]
+    tgt = [rng.integers(4, vocab, n).tolist() for n in tgt_len]
+    return TokenizedCorpus.from_lists(src, tgt)
+
+
+def prepared_corpus(run: Path) -> tuple[TokenizedCorpus, int]:
+    from mtkit.data import load_split
+    from mtkit.tokenizer import Tokenizers
+
+    tokenizers = Tokenizers.load(run / "tokenizer")
+    return TokenizedCorpus.from_dataset(load_split(run, "train")), tokenizers.tgt.vocab_size
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of an n x n matmul."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def model_flops(cfg: ModelConfig, vocab: int, batches: list[Batch]) -> float:
+    """Training FLOPs (3x forward) of the non-padding tokens of ``batches``: matmuls of every
+    projection, attention scores and weighted sums, and the output projection."""
+    d, f = cfg.d_model, cfg.ffn_dim
+    total = 0.0
+    for batch in batches:
+        s = (batch.src != PAD_ID).sum(1).double()
+        t = (batch.tgt_out != PAD_ID).sum(1).double()
+        enc = cfg.encoder_layers * (s.sum() * 2 * (4 * d * d + 2 * d * f) + 4 * d * (s * s).sum())
+        dec = cfg.decoder_layers * (
+            t.sum() * 2 * (4 * d * d + 2 * d * d + 2 * d * f)  # self qkv+out, cross q+out, ffn
+            + s.sum() * 2 * 2 * d * d  # cross-attention keys/values of the source
+            + 4 * d * (t * t).sum() + 4 * d * (t * s).sum()
+        )
+        total += float(enc + dec + t.sum() * 2 * d * vocab)
+    return 3 * total
+
+
+def mtkit_step(cfg: ModelConfig, vocab: int, train_cfg: TrainConfig, bf16: bool = False):
+    """mtkit's training step (as in ``mtkit.train.train_step``); ``bf16``: CPU autocast."""
+    model = Transformer(cfg, vocab, vocab).train()
+    loss_fn = TranslationLoss(model, train_cfg.label_smoothing)
+    optimizer = make_optimizer(model, train_cfg, torch.device("cpu"))
+
+    def step(batch: Batch) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = loss_fn(batch.src, batch.tgt_in, batch.tgt_out)
+        (loss / batch.target_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()) / batch.target_tokens
+
+    return model, step
+
+
+def marian_step(cfg: ModelConfig, vocab: int, train_cfg: TrainConfig):
+    """The same network as Hugging Face's MarianMTModel, trained the way its users do: the
+    model's logits over every position, then label-smoothed cross-entropy ignoring padding."""
+    from transformers import MarianConfig, MarianMTModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    config = MarianConfig(
+        vocab_size=vocab, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
+        encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads, encoder_ffn_dim=cfg.ffn_dim,
+        decoder_ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0,
+        activation_function=cfg.activation, max_position_embeddings=cfg.max_positions, scale_embedding=True,
+        pad_token_id=PAD_ID, eos_token_id=3, decoder_start_token_id=2, share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+    )
+    model = MarianMTModel(config).train()
+    # Fused AdamW, as transformers' Trainer uses by default ("adamw_torch_fused").
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas, eps=train_cfg.eps,
+                                  fused=True)
+
+    def step(batch: Batch) -> float:
+        logits = model(input_ids=batch.src, attention_mask=batch.src != PAD_ID, decoder_input_ids=batch.tgt_in).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
+                               label_smoothing=train_cfg.label_smoothing, reduction="sum")
+        (loss / batch.target_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()) / batch.target_tokens
+
+    return model, step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "base"])
+    parser.add_argument("--run", type=Path, help="a prepared experiment directory (default: synthetic data)")
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the synthetic data")
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps per model")
+    parser.add_argument("--steps", type=int, default=24, help="timed steps per model")
+    parser.add_argument("--block", type=int, default=6, help="steps per timing block (models alternate)")
+    parser.add_argument("--no-peer", action="store_true", help="time mtkit only")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time mtkit with bf16 autocast (train.precision=bf16), outside the comparison")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(1)
+    if args.run is not None:
+        corpus, vocab = prepared_corpus(args.run)
+    else:
+        corpus, vocab = synthetic_corpus(20_000, args.vocab, seed=1), args.vocab
+    batches = [corpus.batch(ids) for ids in epoch_batches(corpus, args.max_tokens, seed=1, epoch=1)]
+    batches = batches[: args.warmup + args.steps]
+    model_cfg = ModelConfig(size=args.size, norm="post", dropout=0.1)
+    train_cfg = TrainConfig(lr=1e-4)
+
+    runners = {"mtkit": mtkit_step(model_cfg, vocab, train_cfg)}
+    if not args.no_peer:
+        runners["marian"] = marian_step(model_cfg, vocab, train_cfg)
+    if args.bf16:
+        runners["mtkit_bf16"] = mtkit_step(model_cfg, vocab, train_cfg, bf16=True)
+    params = {name: sum(p.numel() for p in model.parameters()) for name, (model, _) in runners.items()}
+    seconds = dict.fromkeys(runners, 0.0)
+    losses: dict[str, list[float]] = {name: [] for name in runners}
+    for _, step in runners.values():
+        for batch in batches[: args.warmup]:
+            step(batch)
+    timed = batches[args.warmup :]
+    for start in range(0, len(timed), args.block):
+        for name, (_, step) in runners.items():
+            begin = time.perf_counter()
+            for batch in timed[start : start + args.block]:
+                losses[name].append(step(batch))
+            seconds[name] += time.perf_counter() - begin
+    peak = matmul_peak(args.threads)
+
+    tgt_tokens = sum(b.target_tokens for b in timed)
+    all_tokens = sum(b.real_tokens for b in timed)
+    flops = model_flops(model_cfg, vocab, timed)
+    result = {
+        "size": args.size,
+        "data": str(args.run) if args.run else "synthetic",
+        "vocab": vocab,
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "timed_steps": len(timed),
+        "sentences_per_batch": float(np.mean([b.src.shape[0] for b in timed])),
+        "params": params,
+        "tgt_tok_per_s": tgt_tokens / seconds["mtkit"],
+        "tok_per_s": all_tokens / seconds["mtkit"],
+        "mfu": flops / seconds["mtkit"] / peak,
+        "model_gflop_per_s": flops / seconds["mtkit"] / 1e9,
+        "peak_gflop_per_s": peak / 1e9,
+        "first_loss": losses["mtkit"][0],
+    }
+    if "marian" in runners:
+        result.update({
+            "peer": "transformers MarianMTModel (sdpa)",
+            "peer_tgt_tok_per_s": tgt_tokens / seconds["marian"],
+            "peer_tok_per_s": all_tokens / seconds["marian"],
+            "peer_mfu": flops / seconds["marian"] / peak,
+            "speedup_vs_hf": seconds["marian"] / seconds["mtkit"],
+        })
+    if args.bf16:
+        result["bf16_tgt_tok_per_s"] = tgt_tokens / seconds["mtkit_bf16"]
+        result["bf16_speedup_vs_fp32"] = seconds["mtkit"] / seconds["mtkit_bf16"]
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{args.size} model, {len(timed)} timed steps of ~{result['sentences_per_batch']:.0f} sentences, "
+          f"{args.threads} threads, peak fp32 matmul {result['peak_gflop_per_s']:.0f} GFLOP/s")
+    print(f"mtkit : {result['tgt_tok_per_s']:8,.0f} tgt tok/s  {result['tok_per_s']:8,.0f} src+tgt tok/s  "
+          f"MFU {result['mfu']:.1%}  ({params['mtkit'] / 1e6:.2f}M parameters)")
+    if "marian" in runners:
+        print(f"Marian: {result['peer_tgt_tok_per_s']:8,.0f} tgt tok/s  "
+              f"{result['peer_tok_per_s']:8,.0f} src+tgt tok/s  "
+              f"MFU {result['peer_mfu']:.1%}  ({params['marian'] / 1e6:.2f}M parameters)")
+        print(f"speed-up of mtkit over Marian: {result['speedup_vs_hf']:.2f}x")
+    if args.bf16:
+        print(f"mtkit bf16 autocast: {result['bf16_tgt_tok_per_s']:,.0f} tgt tok/s "
+              f"({result['bf16_speedup_vs_fp32']:.2f}x its fp32)")
+
+
+if __name__ == "__main__":
+    main()

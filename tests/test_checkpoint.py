@@ -1,0 +1,127 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtkit.checkpoint import (
+    load_for_inference,
+    load_trainer_state,
+    resolve,
+    save_checkpoint,
+)
+from mtkit.config import validate_config
+from mtkit.errors import MtkitError
+from mtkit.model import Transformer
+from mtkit.tokenizer import Tokenizers, tokenizer_dir
+
+
+@pytest.fixture
+def setup(trainkit_prepared, tmp_path):
+    config = validate_config({**trainkit_prepared, "experiment": {"dir": str(tmp_path / "run")}})
+    tokenizers = Tokenizers.load(tokenizer_dir(validate_config(trainkit_prepared)))
+    torch.manual_seed(0)
+    model = Transformer(config.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size)
+    return config, tokenizers, model, tmp_path / "run" / "checkpoints"
+
+
+def save(setup, step: int, best: bool = False, keep_last: int = 2, tokenizers=None) -> Path:
+    config, toks, model, root = setup
+    state = {"step": torch.tensor(step), "rng": [torch.get_rng_state()], "note": [1, 2.5, "x", None]}
+    return save_checkpoint(
+        root, step=step, epoch=1, model=model, config=config, tokenizers=tokenizers or toks,
+        metrics={"loss": 1.0 / step}, trainer_state=state, best=best, keep_last=keep_last,
+    )
+
+
+def test_round_trip_keeps_tied_weights_and_outputs(setup):
+    config, tokenizers, model, root = setup
+    path = save(setup, 10, best=True)
+    loaded = load_for_inference(path.parents[1])  # the run directory
+    assert loaded.path == path and not loaded.model.training
+    assert loaded.meta["step"] == 10 and loaded.meta["tokenizer_fingerprint"] == tokenizers.fingerprint()
+    assert loaded.model.output_proj.weight is loaded.model.tgt_embed.weight
+    assert loaded.tokenizers.fingerprint() == tokenizers.fingerprint()
+    assert loaded.config.model == config.model
+    src, tgt = torch.randint(4, 100, (2, 5)), torch.randint(4, 100, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(src, tgt), model.eval()(src, tgt), rtol=0, atol=0)
+    state = load_trainer_state(path)
+    assert state["step"].item() == 10 and state["note"] == [1, 2.5, "x", None]
+
+
+def test_links_best_last_and_keep_last(setup):
+    root = setup[3]
+    save(setup, 1, best=True)
+    for step in (2, 3, 4):
+        save(setup, step)
+    assert os.readlink(root / "last") == "step_00000004"
+    assert os.readlink(root / "best") == "step_00000001"
+    assert sorted(p.name for p in root.iterdir()) == ["best", "last", "step_00000001", "step_00000003", "step_00000004"]
+    assert resolve(root.parent) == root / "step_00000001"  # a run directory means its best
+    (root / "best").unlink()
+    assert resolve(root.parent) == root / "step_00000004"
+    assert resolve(root / "step_00000003") == root / "step_00000003"
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(setup):
+    root = setup[3]
+    save(setup, 1)
+
+    class Broken:
+        src = tgt = setup[1].src
+
+        def copy_to(self, directory):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(MtkitError, match="No space left"):
+        save(setup, 2, tokenizers=Broken())
+    assert sorted(p.name for p in root.iterdir()) == ["last", "step_00000001"]
+    assert load_for_inference(root.parent).meta["step"] == 1
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "truncated"),
+        (lambda d: (d / "meta.json").write_text('{"format": "mtkit-che'), "unreadable or truncated"),
+        (lambda d: (d / "meta.json").write_text('{"format": "something-else"}'), "not an mtkit checkpoint"),
+        (lambda d: (d / "meta.json").unlink(), "incomplete checkpoint"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\0" * (d / "model.safetensors").stat().st_size),
+         "unreadable weights"),
+    ],
+)
+def test_damaged_checkpoints_are_refused_in_one_line(setup, damage, message):
+    path = save(setup, 5)
+    damage(path)
+    with pytest.raises(MtkitError, match=message) as err:
+        load_for_inference(path)
+    assert "\n" not in str(err.value)
+
+
+def test_foreign_and_missing_paths_are_refused(tmp_path):
+    with pytest.raises(MtkitError, match="no such checkpoint"):
+        load_for_inference(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MtkitError, match="no checkpoint found"):
+        load_for_inference(tmp_path / "empty")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text(json.dumps({"step": 3}))
+    with pytest.raises(MtkitError, match="not an mtkit checkpoint"):
+        load_for_inference(foreign)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MtkitError, match="not a checkpoint directory"):
+        load_for_inference(tmp_path / "file")
+
+
+def test_weights_of_another_shape_are_refused(setup):
+    path = save(setup, 5)
+    text = (path / "config.yaml").read_text().replace("d_model: 64", "d_model: 32")
+    (path / "config.yaml").write_text(text)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["config.yaml"] = (path / "config.yaml").stat().st_size
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(MtkitError, match="weights do not fit this model"):
+        load_for_inference(path)

@@ -1,0 +1,236 @@
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import mtkit.train
+from mtkit.cli import app
+from mtkit.config import TrainConfig, load_config
+from mtkit.model import PAD_ID, Transformer
+from mtkit.train import TranslationLoss, label_smoothed_nll, learning_rate
+
+
+def run(config: Path, *args: str):
+    return CliRunner().invoke(app, ["train", "-c", str(config), *args])
+
+
+def run_dir(config: Path) -> Path:
+    return load_config(config).experiment.dir
+
+
+def weights(config: Path, step: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir(config) / "checkpoints" / step / "model.safetensors"))
+
+
+def log_rows(config: Path, kind: str) -> list[dict]:
+    lines = (run_dir(config) / "train_log.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["type"] == kind]
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_schedules():
+    inv = TrainConfig(lr=1.0, warmup_steps=4, schedule="inverse_sqrt")
+    assert [learning_rate(inv, s) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    assert learning_rate(inv, 16) == pytest.approx(0.5)
+    cos = TrainConfig(lr=1.0, warmup_steps=2, schedule="cosine", max_steps=12, min_lr=0.1)
+    assert learning_rate(cos, 2) == 1.0
+    assert learning_rate(cos, 7) == pytest.approx(0.55)
+    assert learning_rate(cos, 12) == pytest.approx(0.1) and learning_rate(cos, 50) == pytest.approx(0.1)
+    const = TrainConfig(lr=0.3, warmup_steps=0, schedule="constant")
+    assert learning_rate(const, 1) == learning_rate(const, 1000) == 0.3
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_label_smoothed_loss_and_gradient_match_torch(smoothing):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 11, generator=gen) * 3
+    logits[0, 4] = -200.0  # a target whose probability underflows to 0 in fp32
+    target = torch.randint(0, 11, (7,), generator=gen)
+    target[0] = 4
+    ours = logits.clone().requires_grad_()
+    theirs = logits.clone().requires_grad_()
+    loss, nll = label_smoothed_nll(ours, target, smoothing)
+    expected = F.cross_entropy(theirs, target, label_smoothing=smoothing, reduction="sum")
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(nll, F.cross_entropy(logits, target, reduction="sum"))
+    (loss * 0.5).backward()
+    (expected * 0.5).backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+def test_training_loss_ignores_padding_and_equals_full_logits():
+    from mtkit.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(size="tiny", dropout=0.0), 30, 30)
+    src = torch.tensor([[5, 6, 7, 3], [8, 3, 0, 0]])
+    tgt_in = torch.tensor([[2, 9, 10], [2, 11, 0]])
+    tgt_out = torch.tensor([[9, 10, 3], [11, 3, 0]])
+    loss, nll = TranslationLoss(model, 0.1)(src, tgt_in, tgt_out)
+    logits = model(src, tgt_in)
+    expected = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD_ID,
+                               label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(loss, expected)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_train_logs_validates_and_checkpoints(trainkit_experiment):
+    config = trainkit_experiment(train={"valid_bleu": True, "best_metric": "bleu", "valid_max_sentences": 4})
+    result = run(config)
+    assert result.exit_code == 0, result.stderr
+    root = run_dir(config)
+    assert {p.name for p in (root / "checkpoints").iterdir()} >= {"last", "best", "step_00000004", "step_00000008"}
+    assert os.readlink(root / "checkpoints" / "last") == "step_00000008"
+    train_rows, valid_rows = log_rows(config, "train"), log_rows(config, "valid")
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert {"lr", "grad_norm", "tgt_tok_per_s", "padding", "ppl"} <= set(train_rows[0])
+    assert [r["step"] for r in valid_rows] == [4, 8]
+    assert valid_rows[0]["bleu_signature"].startswith("nrefs:1|") and "chrf" in valid_rows[0]
+    assert list((root / "tensorboard").glob("events.out.tfevents.*"))
+    assert "step       8" in result.stderr and "BLEU" in result.stderr and "padding" in result.stderr
+    meta = json.loads((root / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["step"] == 8 and "bleu" in meta["metrics"]
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(trainkit_experiment, monkeypatch):
+    # Dropout is on (0.1): equality needs the RNG state and the data position restored.
+    straight = trainkit_experiment("straight")
+    assert run(straight).exit_code == 0
+
+    interrupted = trainkit_experiment("interrupted")
+    real_step, calls = mtkit.train.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(mtkit.train, "train_step", step_then_signal)
+    result = run(interrupted)
+    monkeypatch.undo()
+    assert result.exit_code == 130
+    assert "stopped by SIGINT at step 3" in result.stderr and "--resume" in result.stderr
+    assert os.readlink(run_dir(interrupted) / "checkpoints" / "last") == "step_00000003"
+
+    # A hard kill would have left log rows after the checkpoint: resuming drops them.
+    with open(run_dir(interrupted) / "train_log.jsonl", "a") as log:
+        log.write(json.dumps({"type": "train", "step": 4, "loss": 0.0}) + "\n")
+    # Resume in two legs: to step 5 (an override of max_steps), then to the end.
+    assert run(interrupted, "--resume", "--set", "train.max_steps=5").exit_code == 0
+    result = run(interrupted, "--resume")
+    assert result.exit_code == 0, result.stderr
+    a, b = weights(straight), weights(interrupted)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [r["step"] for r in log_rows(interrupted, "train")] == [2, 4, 6, 8]
+
+
+def test_sigterm_saves_and_exits_143(trainkit_experiment, monkeypatch):
+    config = trainkit_experiment()
+    real_step = mtkit.train.train_step
+
+    def step_then_term(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(mtkit.train, "train_step", step_then_term)
+    result = run(config)
+    assert result.exit_code == 143 and "stopped by SIGTERM at step 1" in result.stderr
+    assert (run_dir(config) / "checkpoints" / "step_00000001" / "meta.json").exists()
+
+
+def test_init_from_loads_weights_only(trainkit_experiment):
+    first = trainkit_experiment("first")
+    assert run(first).exit_code == 0
+    tuned = trainkit_experiment("tuned", train={"max_steps": 2, "valid_every": 2, "lr": 1e-12, "warmup_steps": 0})
+    result = run(tuned, "--init-from", str(run_dir(first)))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((run_dir(tuned) / "checkpoints" / "last" / "meta.json").read_text())["step"] == 2
+    best = weights(first, "best")
+    for name, value in weights(tuned).items():
+        torch.testing.assert_close(value, best[name], rtol=0, atol=1e-8)
+
+
+def test_stops_at_max_epochs_and_max_minutes(trainkit_experiment):
+    config = trainkit_experiment(train={"max_steps": 1000, "max_epochs": 1, "valid_every": 1000})
+    result = run(config)
+    assert result.exit_code == 0, result.stderr
+    batches = int(result.stderr.split(" batches per epoch")[0].split()[-1])
+    assert f"stopped at step {batches} (epoch 1): max_epochs" in result.stderr
+    config = trainkit_experiment("timed", train={"max_steps": 1000, "max_minutes": 1e-6})
+    result = run(config)
+    assert result.exit_code == 0 and "max_minutes" in result.stderr
+
+
+def test_patience_stops_early(trainkit_experiment, monkeypatch):
+    monkeypatch.setattr(mtkit.train, "validation_loss", lambda *a: {"loss": 2.0, "ppl": math.exp(2.0)})
+    config = trainkit_experiment(train={"max_steps": 100, "valid_every": 2, "patience": 2})
+    result = run(config)
+    assert result.exit_code == 0, result.stderr
+    assert "stopped at step 6 (epoch 1): patience" in result.stderr
+    assert os.readlink(run_dir(config) / "checkpoints" / "best") == "step_00000002"
+
+
+def test_nonfinite_losses_skip_updates_then_stop(trainkit_experiment, monkeypatch):
+    real = mtkit.train.label_smoothed_nll
+    monkeypatch.setattr(mtkit.train, "label_smoothed_nll", lambda *a: tuple(x * math.nan for x in real(*a)))
+    config = trainkit_experiment(train={"max_nonfinite": 3})
+    result = run(config)
+    assert result.exit_code == 1
+    assert result.stderr.count("update skipped") == 3
+    assert result.stderr.strip().splitlines()[-1].startswith("mtkit: error: 3 non-finite losses in a row")
+
+
+def _unprepare(config: Path) -> None:
+    import shutil
+
+    shutil.rmtree(run_dir(config) / "data")
+
+
+def _other_tokenizer(config: Path) -> None:
+    report = run_dir(config) / "data" / "report.json"
+    report.write_text(report.read_text().replace('"tokenizer_fingerprint": "', '"tokenizer_fingerprint": "0'))
+
+
+@pytest.mark.parametrize(
+    "overrides, damage, message",
+    [
+        (["--set", "train.max_tokens=10"], None, "train.max_tokens=10 is smaller than the longest training pair"),
+        (["--set", "train.precision=fp16"], None, "train.precision=fp16 needs a CUDA device"),
+        ([], _unprepare, "data not prepared; run `mtkit prepare -c CONFIG` first"),
+        ([], _other_tokenizer, "prepared with a different tokenizer"),
+        (["--resume"], None, "no checkpoint to resume from"),
+        (["--set", "train.valid_bleu=false", "--set", "train.best_metric=bleu"], None, "best_metric=bleu needs"),
+    ],
+)
+def test_bad_setups_fail_in_one_line(trainkit_experiment, overrides, damage, message):
+    config = trainkit_experiment()
+    if damage is not None:
+        damage(config)
+    result = run(config, *overrides)
+    assert result.exit_code == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("mtkit: error: ")
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_existing_run_is_not_overwritten(trainkit_experiment):
+    config = trainkit_experiment(train={"max_steps": 2, "valid_every": 2})
+    assert run(config).exit_code == 0
+    result = run(config)
+    assert result.exit_code == 1 and "already holds checkpoints" in result.stderr

@@ -379,23 +379,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in raw config data; a number indexes a list (``data.train.0.limit``)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set {item!r}: expected key.path=value")
     parts = key.strip().split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ValueError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[:i])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"--set {item!r}: {where} has no item {part}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ValueError(f"--set {item!r}: {where} is not a section")
+        if last:
+            break
+        if isinstance(node, dict) and node.get(part) is None:
+            node[part] = {}
+        node = node[part]
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    node[parts[-1]] = parsed
+    node[part] = parsed
 
 
 _TYPE_WORDS = {
@@ -413,7 +421,9 @@ _TYPE_WORDS = {
 
 def _describe(error: dict[str, Any]) -> str:
     """One line for one pydantic error: ``train.lr: expected a number, got "fast"``."""
-    loc = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    # Keys come from user files: show odd ones quoted, so a message stays on one line.
+    loc = [str(p) if str(p).isprintable() else json.dumps(str(p)) for p in error["loc"]]
+    loc = [p for p in loc if not p.startswith("function-")]
     kind = error["type"]
     key = ".".join(loc) or "config"
     value = error.get("input")

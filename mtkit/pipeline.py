@@ -90,7 +90,8 @@ PIPELINE = [
         _run_prepare,
         lambda c: _corpus_files([*c.data.train, c.data.valid, c.data.test]),
     ),
-    Stage("train", ("model", "train", "experiment.seed", "decode"), _run_train),
+    # Validation decodes with the decode section, but a new beam size should not mean retraining.
+    Stage("train", ("model", "train", "experiment.seed"), _run_train),
     Stage("translate", ("decode",), _run_translate),
     Stage("score", ("data.tgt_lang",), _run_score),
 ]

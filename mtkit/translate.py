@@ -116,7 +116,9 @@ class Translator:
         if prefixes is not None and len(prefixes) != len(lines):
             raise ValueError(f"{len(prefixes)} prefixes for {len(lines)} lines")
         numbers = range(first_line, first_line + len(lines) * line_step, line_step)
-        src_ids = self.tokenizers.src.encode(list(lines))
+        # All-whitespace lines (str.isspace: also NEL, U+2028, U+3000...) are empty, whatever
+        # SentencePiece would make of them.
+        src_ids = self.tokenizers.src.encode([line if line.strip() else "" for line in lines])
         for number, ids in zip(numbers, src_ids, strict=True):
             if len(ids) > self.max_source:
                 self.warn(f"line {number}: {len(ids)} subwords, more than the model accepts; "

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Memory under load: ``mtkit translate`` on a 1,000,000-line file, and ``mtkit train`` for many
+steps, must run in bounded memory.
+
+    .venv/bin/python scripts/bench_memory.py [--lines 1000000] [--train-steps 0] [--json]
+
+Builds a tiny experiment in ``--workdir`` (default: a temporary directory): synthetic sentence
+pairs, a 120-piece SentencePiece model, prepared data and a random-weight ``tiny`` checkpoint.
+Translation: ``mtkit translate -m RUN -i IN -o OUT`` (greedy, at most 2 output subwords per
+line, one thread) runs as a subprocess on ``--lines`` short lines, while this script samples the
+process's resident memory (psutil) and the lines written so far (the growing temporary output
+file) every ``--every`` seconds. ``rss_first_100k_mib`` is the peak RSS while the first 100,000
+lines were being written, ``rss_last_100k_mib`` the peak while the last 100,000 were, and
+``rss_growth_pct`` their difference relative to the first: flat memory means about 0.
+Training (``--train-steps N``): ``mtkit train`` for N steps, RSS sampled against the step in
+``train_log.jsonl``; ``train_rss_growth_pct`` compares the peak over the first and the last
+tenth of the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+import yaml  # noqa: E402
+
+SYLLABLES = ["ka", "to", "ri", "mu", "se", "na", "lo", "pe", "shi", "dra", "fen", "gul", "bor", "wix", "quo", "zat"]
+WINDOW = 100_000
+
+
+def words(rng: random.Random, n: int) -> list[str]:
+    return ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n)]
+
+
+def build_experiment(workdir: Path, pairs: int = 3000) -> tuple[Path, Path]:
+    """A tiny experiment (tokenizer, prepared data) and a random-weight checkpoint of it.
+    Returns (config path, run directory of the checkpoint)."""
+    import torch
+
+    from mtkit.checkpoint import save_checkpoint
+    from mtkit.config import validate_config
+    from mtkit.data import prepare, training_text
+    from mtkit.model import Transformer
+    from mtkit.tokenizer import tokenizer_dir, train_tokenizers
+
+    rng = random.Random(0)
+    vocab = words(rng, 200)
+    data = {}
+    for split, count in (("train", pairs), ("valid", 50)):
+        lines = [" ".join(rng.choice(vocab) for _ in range(rng.randint(3, 12))) for _ in range(count)]
+        src, tgt = workdir / f"{split}.src", workdir / f"{split}.tgt"
+        src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        tgt.write_text("".join(line[::-1] + "\n" for line in lines), encoding="utf-8")
+        data[split] = {"src": str(src), "tgt": str(tgt)}
+    config = {
+        "experiment": {"dir": str(workdir / "run")},
+        "data": data,
+        "tokenizer": {"vocab_size": 120, "num_threads": 1},
+        "model": {"size": "tiny"},
+        "train": {"max_tokens": 600, "threads": 1, "valid_bleu": False, "best_metric": "loss", "keep_last": 1,
+                  "warmup_steps": 10, "lr": 0.001},
+        "decode": {"beam": 1, "max_len_a": 0.0, "max_len_b": 2},
+    }
+    cfg = validate_config(config)
+    train_tokenizers(cfg.tokenizer, tokenizer_dir(cfg), lambda sides: training_text(cfg.data, sides))
+    prepare(cfg)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    from mtkit.tokenizer import Tokenizers
+
+    tokenizers = Tokenizers.load(tokenizer_dir(cfg))
+    torch.manual_seed(0)
+    model = Transformer(cfg.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size)
+    model_run = workdir / "model"
+    save_checkpoint(model_run / "checkpoints", step=1, epoch=0, model=model, config=cfg, tokenizers=tokenizers,
+                    metrics={}, trainer_state={}, best=True, keep_last=1)
+    return path, model_run
+
+
+def rss_mib(process: psutil.Process) -> float:
+    """Resident memory of the process and its children, MiB (0 once it has exited)."""
+    try:
+        procs = [process, *process.children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs) / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def bench_translate(model_run: Path, workdir: Path, lines: int, every: float) -> dict:
+    rng = random.Random(1)
+    vocab = words(rng, 300)
+    source = workdir / "input.txt"
+    with open(source, "w", encoding="utf-8") as handle:
+        for start in range(0, lines, 100_000):
+            block = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 4)))
+                     for _ in range(min(100_000, lines - start))]
+            handle.write("".join(line + "\n" for line in block))
+    out = workdir / "output.txt"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "mtkit", "translate", "-m", str(model_run), "-i", str(source), "-o", str(out),
+               "--beam", "1", "--max-len-a", "0", "--max-len-b", "2", "--threads", "1", "--chunk-lines", "10000"]
+    started = time.monotonic()
+    proc = subprocess.Popen(command, env=env(), stderr=subprocess.PIPE, text=True)
+    process = psutil.Process(proc.pid)
+    samples: list[tuple[float, float, int]] = []  # (seconds, rss MiB, lines written)
+    written, offset, partial = 0, 0, None
+    while proc.poll() is None:
+        rss = rss_mib(process)
+        if partial is None or not partial.exists():
+            found = list(workdir.glob(".output.txt.*.tmp"))
+            partial, offset = (found[0], 0) if found else (None, 0)
+        if partial is not None:
+            try:
+                with open(partial, "rb") as handle:
+                    handle.seek(offset)
+                    chunk = handle.read()
+                written += chunk.count(b"\n")
+                offset += len(chunk)
+            except FileNotFoundError:  # renamed into place: finished
+                pass
+        if rss:
+            samples.append((time.monotonic() - started, rss, written))
+        time.sleep(every)
+    seconds = time.monotonic() - started
+    stderr = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"mtkit translate failed ({proc.returncode}):\n{stderr}")
+    with open(out, "rb") as handle:
+        total = sum(1 for _ in handle)
+    window = min(WINDOW, total // 2)
+    first = [rss for _, rss, n in samples if 0 < n <= window]
+    last = [rss for _, rss, n in samples if n >= total - window]
+    first_peak, last_peak = max(first), max(last)
+    return {
+        "lines": total,
+        "seconds": round(seconds, 1),
+        "lines_per_s": round(total / seconds),
+        "rss_first_100k_mib": round(first_peak, 1),
+        "rss_last_100k_mib": round(last_peak, 1),
+        "rss_growth_pct": round(100 * (last_peak - first_peak) / first_peak, 2),
+        "rss_peak_mib": round(max(rss for _, rss, _ in samples), 1),
+        "samples": len(samples),
+    }
+
+
+def bench_train(config: Path, workdir: Path, steps: int, every: float) -> dict:
+    data = yaml.safe_load(config.read_text())
+    run = workdir / "train_run"
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(data["experiment"]["dir"], run, ignore=shutil.ignore_patterns("checkpoints", "tensorboard",
+                                                                                  "*.jsonl"))
+    data["experiment"]["dir"] = str(run)
+    data["train"].update({"max_steps": steps, "valid_every": max(steps // 4, 1), "log_every": max(steps // 50, 1)})
+    train_config = workdir / "train.yaml"
+    train_config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    log = run / "train_log.jsonl"
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "mtkit", "train", "-c", str(train_config)], env=env(),
+                            stderr=subprocess.PIPE, text=True)
+    process = psutil.Process(proc.pid)
+    samples: list[tuple[float, int]] = []  # (rss MiB, step)
+    step = 0
+    while proc.poll() is None:
+        rss = rss_mib(process)
+        if log.exists():
+            rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            step = max((row["step"] for row in rows if row.get("type") == "train"), default=step)
+        if rss and step:
+            samples.append((rss, step))
+        time.sleep(every)
+    seconds = time.monotonic() - started
+    stderr = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"mtkit train failed ({proc.returncode}):\n{stderr}")
+    tenth = max(steps // 10, 1)
+    first = [rss for rss, s in samples if s <= tenth + max(steps // 50, 1)]
+    last = [rss for rss, s in samples if s >= steps - tenth]
+    first_peak, last_peak = max(first), max(last)
+    return {
+        "train_steps": steps,
+        "train_seconds": round(seconds, 1),
+        "train_rss_first_tenth_mib": round(first_peak, 1),
+        "train_rss_last_tenth_mib": round(last_peak, 1),
+        "train_rss_growth_pct": round(100 * (last_peak - first_peak) / first_peak, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=1_000_000, help="Lines to translate (0: skip).")
+    parser.add_argument("--train-steps", type=int, default=0, help="Also train this many steps (0: skip).")
+    parser.add_argument("--every", type=float, default=0.2, help="Sampling interval, seconds.")
+    parser.add_argument("--workdir", type=Path, default=None, help="Keep the experiment here (default: temporary).")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_memory-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        config, model_run = build_experiment(workdir)
+        result: dict = {}
+        if args.lines:
+            result.update(bench_translate(model_run, workdir, args.lines, args.every))
+        if args.train_steps:
+            result.update(bench_train(config, workdir, args.train_steps, args.every))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for key, value in result.items():
+            print(f"{key:>28}  {value}")
+
+
+if __name__ == "__main__":
+    main()

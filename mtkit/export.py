@@ -371,7 +371,9 @@ def ctranslate2_spec(loaded: Loaded) -> Any:
 
 
 def _numpy(tensor: Tensor) -> Any:
-    return tensor.detach().float().cpu().contiguous().numpy()
+    """A copy: CTranslate2's quantization rewrites the arrays in place, and a view would
+    quantize the live model's own weights."""
+    return tensor.detach().float().cpu().numpy().copy()
 
 
 def _ct2_linear(spec: Any, module: torch.nn.Linear) -> None:

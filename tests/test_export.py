@@ -193,6 +193,14 @@ def test_ctranslate2_cli_reports_parity(post_run, tmp_path):
     assert "int8" in forced.stdout and (out / "model.bin").exists()
 
 
+def test_ctranslate2_quantization_leaves_the_model_alone(post_run, tmp_path):
+    pytest.importorskip("ctranslate2")
+    before = {name: tensor.clone() for name, tensor in post_run.model.state_dict().items()}
+    export(CTranslate2Exporter("int8"), post_run, tmp_path / "ct2")
+    for name, tensor in post_run.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 def test_ctranslate2_refuses_unknown_quantization(post_run, tmp_path):
     pytest.importorskip("ctranslate2")
     with pytest.raises(MtkitError, match="--quantization int3: expected one of"):

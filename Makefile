@@ -5,6 +5,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CONFIG ?= configs/multi30k_en_de.yaml
 ENV = venv=$$(scripts/setup.sh)
+# The tests also exercise `mtkit export`, which needs the peers of the bench extra.
+TEST_ENV = venv=$$(MTKIT_EXTRAS=dev,bench scripts/setup.sh)
 
 .PHONY: setup run test check clean
 
@@ -17,11 +19,11 @@ run:
 
 ## The tests.
 test:
-	@$(ENV); "$$venv/bin/python" -m pytest
+	@$(TEST_ENV); "$$venv/bin/python" -m pytest
 
 ## Lint.
 check:
-	@$(ENV); "$$venv/bin/ruff" check mtkit tests scripts
+	@$(TEST_ENV); "$$venv/bin/ruff" check mtkit tests scripts
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -20,9 +20,12 @@ reader always sees either the previous complete checkpoint or the new complete o
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +85,15 @@ def save_checkpoint(
     if not _complete(final):
         with atomic_dir(final) as tmp:
             tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "mtkit": FORMAT})
-            torch.save(trainer_state, tmp / STATE)
+            try:
+                save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "mtkit": FORMAT})
+            except SafetensorError as err:  # safetensors' writer reports I/O failures its own way
+                raise OSError(errno.EIO, " ".join(str(err).split())) from None
+            # Serialised in memory, written by Python: a full disk is then a plain OSError
+            # (torch's own writer raises RuntimeError with a C++ message).
+            buffer = io.BytesIO()
+            torch.save(trainer_state, buffer)
+            (tmp / STATE).write_bytes(buffer.getvalue())
             save_config(config, tmp / CONFIG)
             tokenizers.copy_to(tmp / TOKENIZER)
             meta = {
@@ -210,8 +220,11 @@ def read_checkpoint_config(directory: Path) -> Config:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         return validate_config(data)
-    except (OSError, yaml.YAMLError) as err:
-        raise MtkitError(f"{path}: unreadable: {err}") from None
+    except OSError as err:
+        raise MtkitError(f"{path}: unreadable: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise MtkitError(f"{path}: unreadable YAML: {problem}") from None
     except ConfigError as err:
         raise MtkitError(f"{path}: not a valid mtkit config: {err.problems[0]}") from None
 
@@ -238,7 +251,7 @@ def load_for_inference(path: Path, device: str = "cpu") -> Loaded:
     tokenizers = Tokenizers.load(directory / TOKENIZER)
     if (tokenizers.src.vocab_size, tokenizers.tgt.vocab_size) != (meta["src_vocab_size"], meta["tgt_vocab_size"]):
         raise MtkitError(f"{directory / TOKENIZER}: vocabulary sizes differ from {directory / META}")
-    model = Transformer(config.model, meta["src_vocab_size"], meta["tgt_vocab_size"])
+    model = Transformer(config.model, meta["src_vocab_size"], meta["tgt_vocab_size"], tokenizers.joint)
     load_weights(model, directory)
     model.to(device).eval()
     return Loaded(model=model, config=config, tokenizers=tokenizers, meta=meta, path=directory)
@@ -249,7 +262,9 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     _read_meta(directory)
     path = directory / STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
         raise MtkitError(f"{path}: unreadable training state ({type(err).__name__})") from None
 

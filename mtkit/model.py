@@ -225,13 +225,15 @@ class DecoderState:
 class Transformer(nn.Module):
     """Encoder-decoder Transformer. Build with ``Transformer(cfg, src_vocab, tgt_vocab)``."""
 
-    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int):
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, joint_vocab: bool = True):
+        """``joint_vocab``: both sides use one SentencePiece model, so embeddings may be shared
+        (equal sizes alone do not make two vocabularies the same)."""
         super().__init__()
         self.cfg = cfg
         self.scale = math.sqrt(cfg.d_model)
         self.dropout = cfg.dropout
         self.src_embed = nn.Embedding(src_vocab_size, cfg.d_model, padding_idx=PAD_ID)
-        share = cfg.share_embeddings and src_vocab_size == tgt_vocab_size
+        share = cfg.share_embeddings and joint_vocab and src_vocab_size == tgt_vocab_size
         self.tgt_embed = (
             self.src_embed if share else nn.Embedding(tgt_vocab_size, cfg.d_model, padding_idx=PAD_ID)
         )

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -79,7 +80,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     """The loss in three passes over the ``(N, V)`` logits instead of about ten.
 
     Forward keeps only the softmax ``p``. The log-sum-exp of a row is recovered from its
-    largest probability (at least 1/V, so it never underflows): ``lse = logit_max - log p_max``.
+    largest probability (at least 1/V, so it never underflows): ``lse = max logit - log max p``.
     The gradient is ``p - (1 - s) * onehot(target) - s / V``, written into ``p`` in place
     (training calls backward once).
     """
@@ -87,8 +88,8 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
         probs = torch.softmax(logits, dim=-1)
-        p_max, argmax = probs.max(dim=-1)
-        lse = logits.gather(1, argmax[:, None]).squeeze(1) - p_max.log()
+        # Softmax is monotonic: the largest probability sits at the largest logit.
+        lse = logits.amax(dim=-1) - probs.amax(dim=-1).log()
         nll = (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
         uniform = (lse - logits.mean(dim=-1)).sum()
         ctx.save_for_backward(probs, target)
@@ -273,8 +274,16 @@ def load_experiment(config: Config) -> Experiment:
         split = load_split(exp_dir, "valid")
         if len(split) == 0:
             raise MtkitError(f"{exp_dir / 'data' / 'valid'}: no validation pairs; fix data.valid or remove it")
-        valid = TokenizedCorpus.from_dataset(split)
         valid_text = (list(split["src"]), list(split["tgt"]))
+        # Validation pairs are kept line-exact by prepare; the loss leaves out those the model
+        # cannot take (BLEU still translates them, truncated, as `mtkit translate` would).
+        fits = [i for i, (s, t) in enumerate(zip(split["src_len"], split["tgt_len"], strict=True))
+                if max(s, t) + 1 <= config.model.max_positions]
+        if len(fits) < len(split):
+            warnings.warn(f"{len(split) - len(fits)} validation pairs exceed model.max_positions="
+                          f"{config.model.max_positions}; the validation loss leaves them out", stacklevel=1)
+            split = split.select(fits)
+        valid = TokenizedCorpus.from_dataset(split) if len(split) else None
     return Experiment(config, tokenizers, train, valid, valid_text)
 
 
@@ -299,7 +308,8 @@ def _train(config: Config, resume: bool, init_from: Path | None) -> TrainResult:
     exp = load_experiment(config)
     root = checkpoints_dir(config.experiment.dir)
     _seed_everything(config.experiment.seed)
-    model = Transformer(config.model, exp.tokenizers.src.vocab_size, exp.tokenizers.tgt.vocab_size)
+    model = Transformer(config.model, exp.tokenizers.src.vocab_size, exp.tokenizers.tgt.vocab_size,
+                        exp.tokenizers.joint)
     model.to(runtime.device)
     optimizer = make_optimizer(model, cfg, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
@@ -578,6 +588,11 @@ def _resume(root, config, exp, model, optimizer, scaler, runtime) -> TrainState:
         raise MtkitError(f"{root}: no checkpoint to resume from (no checkpoints/last); start without --resume")
     clean_temporaries(root)
     directory = (root / "last").resolve()
+    # A run killed after writing a step directory but before moving `last` left a newer step
+    # behind; this run will write that step itself, so the stale one must go.
+    for stale in root.glob("step_*"):
+        if stale.is_dir() and stale.name > directory.name:
+            shutil.rmtree(stale, ignore_errors=True)
     meta = read_meta(directory)
     _check_compatible(directory, meta, read_checkpoint_config(directory), config, exp)
     saved = load_trainer_state(directory)
@@ -694,18 +709,21 @@ class Reporter:
         if not self.active:
             return
         exp_dir = config.experiment.dir
-        exp_dir.mkdir(parents=True, exist_ok=True)
         log = exp_dir / "train_log.jsonl"
-        if start_step and log.exists():
-            # A resumed run repeats the steps after its checkpoint: drop their old rows.
-            rows = [line for line in log.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if _step_of(line) <= start_step]
-            atomic_write_text(log, "".join(rows))
-        self._jsonl = open(log, "a", encoding="utf-8")  # noqa: SIM115
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            if start_step and log.exists():
+                # A resumed run repeats the steps after its checkpoint: drop their old rows.
+                rows = [line for line in log.read_text(encoding="utf-8").splitlines(keepends=True)
+                        if _step_of(line) <= start_step]
+                atomic_write_text(log, "".join(rows))
+            self._jsonl = open(log, "a", encoding="utf-8")  # noqa: SIM115
+            from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(exp_dir / "tensorboard"),
-                                     purge_step=start_step + 1 if start_step else None)
+            self._writer = SummaryWriter(log_dir=str(exp_dir / "tensorboard"),
+                                         purge_step=start_step + 1 if start_step else None)
+        except OSError as err:
+            raise MtkitError(f"{err.filename or log}: cannot write: {err.strerror}") from None
         self.say(
             f"training {model.num_parameters / 1e6:.2f}M parameters on {runtime.device} ({runtime.precision}"
             f"{f', {runtime.world} processes' if runtime.distributed else ''}); "

@@ -82,7 +82,7 @@ def build_experiment(workdir: Path, pairs: int = 3000) -> tuple[Path, Path]:
 
     tokenizers = Tokenizers.load(tokenizer_dir(cfg))
     torch.manual_seed(0)
-    model = Transformer(cfg.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size)
+    model = Transformer(cfg.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size, tokenizers.joint)
     model_run = workdir / "model"
     save_checkpoint(model_run / "checkpoints", step=1, epoch=0, model=model, config=cfg, tokenizers=tokenizers,
                     metrics={}, trainer_state={}, best=True, keep_last=1)

@@ -70,7 +70,8 @@ def random_model(run_dir: Path, size: str) -> Loaded:
     base = load_for_inference(run_dir)
     config = validate_config({**base.config.to_dict(), "model": {"size": size, "norm": "post", "dropout": 0.0}})
     torch.manual_seed(0)
-    model = Transformer(config.model, base.tokenizers.src.vocab_size, base.tokenizers.tgt.vocab_size).eval()
+    tok = base.tokenizers
+    model = Transformer(config.model, tok.src.vocab_size, tok.tgt.vocab_size, tok.joint).eval()
     return Loaded(model=model, config=config, tokenizers=base.tokenizers, meta={}, path=base.path)
 
 

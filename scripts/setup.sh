@@ -28,7 +28,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 
 extras=${MTKIT_EXTRAS:-dev}
-stamp="$venv/.mtkit-installed"
+stamp="$venv/.mtkit-installed-${extras//,/-}"
 want="$(sha256sum pyproject.toml | cut -c1-16) $extras $(pwd)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$py" -c "import mtkit" 2>/dev/null; then
     echo "setup: installing mtkit[$extras] into $venv" >&2

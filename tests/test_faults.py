@@ -114,21 +114,14 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(faulted, name):
     [
         ("train_nospace_config", "No space left on device"),
         ("train_readonly_checkpoints", "Permission denied"),
-        pytest.param("train_full_weights", "File too large", marks=pytest.mark.xfail(
-            strict=True, reason="checkpoint.save_checkpoint: safetensors raises SafetensorError (not OSError) "
-                                "on a failed write, which escapes as a traceback")),
-        pytest.param("train_full_state", "File too large", marks=pytest.mark.xfail(
-            strict=True, reason="checkpoint.save_checkpoint: torch.save raises RuntimeError ('basic_ios::clear: "
-                                "iostream error' or 'enforce fail at inline_container.cc') on a failed write, which "
-                                "escapes as a traceback")),
+        ("train_full_weights", "File too large"),
+        ("train_full_state", "File too large"),
     ],
 )
 def test_failed_checkpoint_write_is_one_line_naming_the_path(faulted, name, reason):
     _one_line_error(faulted[name], str(faulted[name].run / "checkpoints" / "step_00000008"), reason)
 
 
-@pytest.mark.xfail(strict=True, reason="train.Reporter opens train_log.jsonl (and TensorBoard's directory) "
-                                       "without turning OSError into MtkitError: a traceback")
 def test_readonly_experiment_directory_is_one_line(faulted):
     scenario = faulted["train_readonly_experiment"]
     _one_line_error(scenario, str(scenario.run), "Permission denied")

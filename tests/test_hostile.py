@@ -218,8 +218,6 @@ def test_corrupt_weights_of_the_right_size_are_refused(checkpoint_copy, damage, 
     one_line_error(result, str(checkpoint_copy / "model.safetensors"), reason)
 
 
-MULTILINE_YAML = ("checkpoint.read_checkpoint_config puts PyYAML's multi-line message (with its caret excerpt) "
-                  "into the MtkitError: about 8 'mtkit: error:' lines instead of one")
 
 
 def _edit_config(directory: Path, edit) -> None:
@@ -234,10 +232,8 @@ def _edit_config(directory: Path, edit) -> None:
         (lambda text: text.replace("d_model: 64", "d_model: 128"), "weights do not fit this model"),
         (lambda text: text.replace("encoder_layers: 2", "encoder_layers: 3"), "weights do not fit this model"),
         (lambda text: text + "surprise: 1\n", "not a valid mtkit config: surprise: unknown key"),
-        pytest.param(lambda text: text.replace("model:", "model: !!python/object/apply:os.system ['touch pwned']"),
-                     "unreadable", marks=pytest.mark.xfail(strict=True, reason=MULTILINE_YAML)),
-        pytest.param(lambda text: "model: [unclosed\n", "unreadable",
-                     marks=pytest.mark.xfail(strict=True, reason=MULTILINE_YAML)),
+        (lambda text: text.replace("model:", "model: !!python/object/apply:os.system ['touch pwned']"), "unreadable"),
+        (lambda text: "model: [unclosed\n", "unreadable"),
     ],
     ids=["d_model", "encoder_layers", "unknown_key", "python_tag", "broken_yaml"],
 )
@@ -440,9 +436,6 @@ def test_valid_line_count_mismatch_is_one_line(corpus_experiment):
     assert not (config.parent / "run" / "data").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train.load_experiment checks model.max_positions against training pairs "
-                                       "only; a longer validation pair crashes validation_loss with a ValueError "
-                                       "traceback from model._embed")
 def test_validation_pair_longer_than_the_model_is_handled(corpus_experiment):
     pairs = [(f"kato rimu {i}", f"otak umir {i}") for i in range(40)]
     long = " ".join(["kato rimu sena"] * 400)

@@ -143,10 +143,6 @@ def test_train_killed_keeps_last_checkpoint_and_resumes_identically(killed, stra
     _resume_equals_straight(scenario, straight)  # (c), (d)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint.save_checkpoint skips a step directory that is already complete: after a kill between renaming "
-    "step_N into place and moving `last`, --resume trains to step N again and then keeps the killed run's stale "
-    "step_N (and its trainer state), silently dropping the resumed run's own weights"))
 def test_resume_after_a_kill_before_the_link_keeps_its_own_weights(killed, straight):
     scenario = killed["train_before_link_copy"]
     assert scenario.returncode == -9

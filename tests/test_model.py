@@ -75,6 +75,9 @@ def test_shared_and_tied_embeddings():
     separate = Transformer(tiny(), 40, 50)
     assert separate.src_embed is not separate.tgt_embed
     assert separate.output_proj.weight.shape == (50, 64)
+    # Two separate vocabularies of equal size are still two vocabularies.
+    not_joint = Transformer(tiny(), 50, 50, joint_vocab=False)
+    assert not_joint.src_embed is not not_joint.tgt_embed
 
 
 def test_named_sizes():

@@ -272,3 +272,50 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
 def read_meta(directory: Path) -> dict[str, Any]:
     """Checked ``meta.json`` of a checkpoint directory (MtkitError if missing/truncated/foreign)."""
     return _read_meta(Path(directory))
+
+
+def step_checkpoints(path: Path) -> list[Path]:
+    """The step checkpoints of a run (or ``checkpoints/``) directory, oldest first."""
+    root = checkpoints_dir(Path(path)) if (Path(path) / "checkpoints").is_dir() else Path(path)
+    return sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / META).is_file())
+
+
+def average_checkpoints(directories: list[Path], out: Path) -> Path:
+    """Write a checkpoint whose weights are the element-wise mean of ``directories``' weights
+    (same model and tokenizer required); config, tokenizer and meta come from the newest one.
+    Averaging the last few checkpoints usually gains a little BLEU at no training cost."""
+    from safetensors.torch import load_file, save_file
+
+    if not directories:
+        raise MtkitError("no checkpoints to average")
+    metas = [_read_meta(d) for d in directories]
+    newest = max(range(len(directories)), key=lambda i: metas[i]["step"])
+    fingerprints = {m["tokenizer_fingerprint"] for m in metas}
+    if len(fingerprints) > 1:
+        raise MtkitError(f"{', '.join(map(str, directories))}: checkpoints of different tokenizers cannot be averaged")
+    total: dict[str, torch.Tensor] = {}
+    for directory in directories:
+        path = directory / WEIGHTS
+        try:
+            weights = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise MtkitError(f"{path}: unreadable weights ({err})") from None
+        if total and (weights.keys() != total.keys()
+                      or any(weights[k].shape != total[k].shape for k in total)):
+            raise MtkitError(f"{path}: weights differ in names or shapes from {directories[0] / WEIGHTS}")
+        for name, tensor in weights.items():
+            total[name] = total[name] + tensor.double() if name in total else tensor.double()
+    source = directories[newest]
+    averaged = {name: (tensor / len(directories)).to(torch.float32).contiguous() for name, tensor in total.items()}
+    with atomic_dir(out) as tmp:
+        tmp.chmod(0o755)
+        try:
+            save_file(averaged, str(tmp / WEIGHTS), metadata={"format": "pt", "mtkit": FORMAT})
+        except SafetensorError as err:
+            raise OSError(errno.EIO, " ".join(str(err).split())) from None
+        shutil.copy2(source / CONFIG, tmp / CONFIG)
+        shutil.copytree(source / TOKENIZER, tmp / TOKENIZER)
+        meta = {**metas[newest], "averaged_from": [str(d) for d in directories],
+                "files": {name: (tmp / name).stat().st_size for name in (WEIGHTS, CONFIG)}}
+        atomic_write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
+    return out

@@ -125,3 +125,32 @@ def test_weights_of_another_shape_are_refused(setup):
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(MtkitError, match="weights do not fit this model"):
         load_for_inference(path)
+
+
+def test_average_of_checkpoints_is_the_mean_and_loads(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from mtkit.cli import app
+
+    config, tokenizers, model, root = setup
+    params = []
+    for step in (2, 4, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * step)
+        params.append({k: v.clone() for k, v in model.state_dict().items()})
+        save(setup, step, keep_last=5)
+    out = tmp_path / "avg"
+    result = CliRunner().invoke(app, ["average", str(tmp_path / "run"), "--last", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    loaded = load_for_inference(out)
+    assert loaded.meta["step"] == 6 and len(loaded.meta["averaged_from"]) == 2
+    for name, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, (params[1][name] + params[2][name]) / 2)
+    # Shared weights stay shared after averaging.
+    assert loaded.model.output_proj.weight is loaded.model.tgt_embed.weight
+
+    again = CliRunner().invoke(app, ["average", str(tmp_path / "run"), "--last", "2", "-o", str(out)])
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    too_many = CliRunner().invoke(app, ["average", str(tmp_path / "run"), "--last", "9", "-o", str(tmp_path / "x")])
+    assert too_many.exit_code == 1 and "fewer than --last 9" in too_many.stderr

@@ -60,6 +60,7 @@ app = typer.Typer(
 
 def _register() -> None:
     from mtkit.cli import (
+        average_cmd,
         config_cmd,
         export_cmd,
         pipeline_cmd,
@@ -77,6 +78,7 @@ def _register() -> None:
     app.command("translate")(translate_cmd.translate)
     app.command("score")(score_cmd.score)
     app.command("pipeline")(pipeline_cmd.pipeline)
+    app.command("average")(average_cmd.average)
     app.add_typer(export_cmd.app, name="export", help="Export a trained model to other runtimes.", cls=_Group)
 
 

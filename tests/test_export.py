@@ -50,7 +50,7 @@ def make_run(directory: Path, seed: int = 0, joint: bool = True, **model: object
     texts = _lines(seed, 300)
     tokenizers = train_tokenizers(cfg.tokenizer, directory / "tokenizer", lambda sides: iter(texts))
     torch.manual_seed(seed)
-    transformer = Transformer(cfg.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size)
+    transformer = Transformer(cfg.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size, tokenizers.joint)
     save_checkpoint(directory / "checkpoints", step=1, epoch=1, model=transformer, config=cfg,
                     tokenizers=tokenizers, metrics={}, trainer_state={}, best=True, keep_last=1)
     return load_for_inference(directory)

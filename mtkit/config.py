@@ -312,18 +312,8 @@ class Config(Section):
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply ``key.path=value``
     overrides. Raises ConfigError listing every problem."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = _read_yaml(Path(path))
-    problems: list[str] = []
-    for item in overrides or []:
-        try:
-            _apply_override(data, item)
-        except ValueError as err:
-            problems.append(str(err))
-    if problems:
-        raise ConfigError(problems)
-    return validate_config(data)
+    data: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
+    return validate_config(apply_overrides(data, overrides or []))
 
 
 def validate_config(data: dict[str, Any]) -> Config:

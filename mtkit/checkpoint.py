@@ -38,7 +38,7 @@ from torch import nn
 from mtkit import __version__
 from mtkit.config import Config, save_config, validate_config
 from mtkit.errors import ConfigError, MtkitError
-from mtkit.fileio import atomic_dir, atomic_write_text, remove_stale_temporaries
+from mtkit.fileio import atomic_dir, atomic_write_text, fsync_path, remove_stale_temporaries
 from mtkit.model import Transformer
 
 FORMAT = "mtkit-checkpoint/1"
@@ -108,7 +108,7 @@ def save_checkpoint(
                 "files": {name: (tmp / name).stat().st_size for name in (WEIGHTS, STATE, CONFIG)},
             }
             for name in (WEIGHTS, STATE):
-                _fsync(tmp / name)
+                fsync_path(tmp / name)
             # meta.json last: its presence (with matching sizes) marks a complete checkpoint.
             atomic_write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
     _point(root, "last", final.name)
@@ -116,14 +116,6 @@ def save_checkpoint(
         _point(root, "best", final.name)
     _prune(root, keep_last)
     return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _complete(directory: Path) -> bool:

@@ -18,13 +18,18 @@ from pathlib import Path
 from mtkit.errors import MtkitError
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a written file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+        fsync_path(path)
 
 
 def _mkdir(path: Path) -> None:

@@ -6,7 +6,9 @@ label-smoothed cross-entropy normalised by target tokens, dropout 0.1, fp32 and 
 number of threads. Timing alternates blocks of steps between the two, so load from other
 processes on the machine hits both alike. MFU is the model's useful FLOP/s (non-padding tokens,
 forward + backward = 3x forward) over the fp32 matmul peak measured with a large ``torch.mm``
-in the same run.
+in the same run. mtkit runs with the allocator policy its commands set (``mtkit.malloc``: freed
+memory stays in the process), the peer with glibc's defaults, as each ships;
+``--peer-same-allocator`` also times the peer under mtkit's policy.
 
     python scripts/bench_train.py                       # synthetic Multi30k-like lengths
     python scripts/bench_train.py --run runs/multi30k   # the batches of a prepared experiment
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtkit.batching import Batch, TokenizedCorpus, epoch_batches  # noqa: E402
 from mtkit.config import ModelConfig, TrainConfig  # noqa: E402
+from mtkit.malloc import keep_freed_memory  # noqa: E402
 from mtkit.model import PAD_ID, Transformer  # noqa: E402
 from mtkit.train import TranslationLoss, make_optimizer  # noqa: E402
 
@@ -151,6 +154,8 @@ def main() -> None:
                         help="also time mtkit with train.compile=true (compilation happens in the warm-up)")
     parser.add_argument("--bf16", action="store_true",
                         help="also time mtkit with bf16 autocast (train.precision=bf16), outside the comparison")
+    parser.add_argument("--peer-same-allocator", action="store_true",
+                        help="also time the peer with mtkit's allocator policy (mtkit.malloc)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
@@ -168,21 +173,29 @@ def main() -> None:
     runners = {"mtkit": mtkit_step(model_cfg, vocab, train_cfg)}
     if not args.no_peer:
         runners["marian"] = marian_step(model_cfg, vocab, train_cfg)
+    if args.peer_same_allocator and not args.no_peer:
+        runners["marian_heap"] = marian_step(model_cfg, vocab, train_cfg)
     if args.compile:
         runners["mtkit_compiled"] = mtkit_step(model_cfg, vocab, train_cfg, compile=True)
     if args.bf16:
         runners["mtkit_bf16"] = mtkit_step(model_cfg, vocab, train_cfg, bf16=True)
+    # Each runs with its allocator policy: mtkit's commands keep freed memory (mtkit.malloc),
+    # the peer runs with glibc's defaults as its users get it (and, on request, like mtkit).
+    heap = {name: name != "marian" for name in runners}
+    keep_freed_memory(False)
     peak_before = matmul_peak(args.threads)
     params = {name: sum(p.numel() for p in model.parameters()) for name, (model, _) in runners.items()}
     seconds = dict.fromkeys(runners, 0.0)
     cpu_seconds = dict.fromkeys(runners, 0.0)  # this process's CPU time: less sensitive to other load
     losses: dict[str, list[float]] = {name: [] for name in runners}
-    for _, step in runners.values():
+    for name, (_, step) in runners.items():
+        keep_freed_memory(heap[name])
         for batch in batches[: args.warmup]:
             step(batch)
     timed = batches[args.warmup :]
     for start in range(0, len(timed), args.block):
         for name, (_, step) in runners.items():
+            keep_freed_memory(heap[name])
             begin, begin_cpu = time.perf_counter(), time.process_time()
             for batch in timed[start : start + args.block]:
                 losses[name].append(step(batch))
@@ -219,6 +232,9 @@ def main() -> None:
             "speedup_vs_hf": seconds["marian"] / seconds["mtkit"],
             "speedup_vs_hf_cpu_time": cpu_seconds["marian"] / cpu_seconds["mtkit"],
         })
+    if "marian_heap" in runners:
+        result["peer_same_allocator_tgt_tok_per_s"] = tgt_tokens / seconds["marian_heap"]
+        result["speedup_vs_hf_same_allocator"] = seconds["marian_heap"] / seconds["mtkit"]
     if args.compile:
         result["compiled_tgt_tok_per_s"] = tgt_tokens / seconds["mtkit_compiled"]
         result["compiled_mfu"] = flops / seconds["mtkit_compiled"] / peak
@@ -240,6 +256,9 @@ def main() -> None:
               f"MFU {result['peer_mfu']:.1%}  ({params['marian'] / 1e6:.2f}M parameters)")
         print(f"speed-up of mtkit over Marian: {result['speedup_vs_hf']:.2f}x wall clock, "
               f"{result['speedup_vs_hf_cpu_time']:.2f}x in CPU time")
+    if "marian_heap" in runners:
+        print(f"Marian with mtkit's allocator policy: {result['peer_same_allocator_tgt_tok_per_s']:8,.0f} tgt tok/s; "
+              f"mtkit {result['speedup_vs_hf_same_allocator']:.2f}x")
     if args.compile:
         print(f"mtkit compiled: {result['compiled_tgt_tok_per_s']:,.0f} tgt tok/s, MFU {result['compiled_mfu']:.1%}"
               + (f", {result['compiled_speedup_vs_hf']:.2f}x Marian" if "marian" in runners else ""))

@@ -11,7 +11,9 @@ batches (sources sorted by length, cut into batches of ``--batch``; batch 1 on t
 ``--batch1-sentences``) with the same beam size, length-penalty alpha, minimum and maximum
 lengths, on ``--threads`` CPU threads. Reported per system: sentences/s, output tokens/s,
 peak resident memory while translating (and its growth), BLEU against the references, and
-the share of outputs identical to mtkit's.
+the share of outputs identical to mtkit's. mtkit runs with the allocator policy that its
+commands set (``mtkit.malloc``: freed memory stays in the process), the peers with glibc's
+defaults.
 
 Known differences (outputs may differ where beam candidates are close): mtkit divides a
 hypothesis's log-probability by GNMT's ((5 + length) / 6) ** alpha; Marian and CTranslate2
@@ -51,6 +53,7 @@ from mtkit.export import (  # noqa: E402
     marian_generation_config,
 )
 from mtkit.fileio import read_lines  # noqa: E402
+from mtkit.malloc import keep_freed_memory  # noqa: E402
 from mtkit.score import score  # noqa: E402
 from mtkit.tokenizer import EOS_ID, PAD_ID  # noqa: E402
 from mtkit.translate import Translator  # noqa: E402
@@ -198,6 +201,7 @@ def measure(systems: dict[str, IdsFn], ids: list[list[int]], batch_size: int) ->
         for index, rows in enumerate(batches):
             batch = [ids[r] for r in rows]
             for name in names[index % len(names) :] + names[: index % len(names)]:
+                keep_freed_memory(name == "mtkit")  # each with its allocator policy, as it ships
                 memory.enter(name)
                 start = time.perf_counter()
                 hyps = systems[name](batch)

@@ -108,5 +108,8 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     import signal
 
+    from mtkit.malloc import keep_freed_memory
+
     signal.signal(signal.SIGTERM, _terminate)
+    keep_freed_memory()  # large tensors are reused between steps instead of re-faulted
     app(args=argv, prog_name="mtkit")

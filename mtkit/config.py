@@ -201,7 +201,8 @@ class TrainConfig(Section):
     max_epochs: int | None = Field(None, ge=1)
     """Stop after this many passes over the data."""
     max_minutes: float | None = Field(None, gt=0)
-    """Stop after this much wall-clock training time (a budget for fixed-time comparisons)."""
+    """Stop taking updates after this much wall-clock time, validations during the run included
+    (a budget for fixed-time comparisons); the final validation and checkpoint come after."""
     lr: float = Field(5e-4, gt=0)
     """Peak learning rate."""
     schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
@@ -209,7 +210,11 @@ class TrainConfig(Section):
     warmup_steps: int = Field(4000, ge=0)
     """Linear warm-up updates."""
     min_lr: float = Field(0.0, ge=0)
-    """Floor of the cosine schedule."""
+    """Floor of the cosine schedule and of the cool-down."""
+    cooldown: float = Field(0.0, ge=0, le=1)
+    """Fraction of the run at its end over which the learning rate falls linearly to min_lr
+    (0: none). The end is max_steps, or the max_minutes budget when that comes first: a
+    time-bounded run cools down by wall-clock time and finishes annealed."""
     betas: tuple[float, float] = (0.9, 0.98)
     """AdamW betas."""
     eps: float = Field(1e-8, gt=0)

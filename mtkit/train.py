@@ -4,6 +4,7 @@
 experiment and trains until ``train.max_steps`` / ``max_epochs`` / ``max_minutes``, early
 stopping, or a signal (SIGINT/SIGTERM save a checkpoint and return). The loop itself is
 ``_loop``: batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint.
+Progress reports (stderr, TensorBoard, train_log.jsonl) are ``mtkit.progress.Reporter``.
 
 Under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK in the environment) every rank builds the same
 seeded batch order and takes its share of each update's batches; gradients are summed over
@@ -15,7 +16,6 @@ validates, logs and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -47,25 +47,42 @@ from mtkit.checkpoint import (
 )
 from mtkit.config import Config, TrainConfig
 from mtkit.errors import MtkitError
-from mtkit.fileio import atomic_write_text
 from mtkit.model import PAD_ID, Transformer
+from mtkit.progress import Reporter
 
 # --------------------------------------------------------------------------- pieces with their own tests
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
+def learning_rate(cfg: TrainConfig, step: int, progress: float | None = None) -> float:
     """The learning rate of update ``step`` (1-based): linear warm-up to ``cfg.lr`` over
     ``warmup_steps``, then inverse square root decay, cosine decay to ``min_lr`` at
-    ``max_steps``, or constant."""
+    ``max_steps``, or constant. With ``cooldown`` > 0 the rate then falls linearly to ``min_lr``
+    over the last ``cooldown`` of the run; ``progress`` is the fraction of the run done
+    (default ``step / max_steps``; a time-bounded run passes its share of the time budget)."""
     warmup = cfg.warmup_steps
     if step <= warmup:
-        return cfg.lr * step / warmup
-    if cfg.schedule == "inverse_sqrt":
-        return cfg.lr * math.sqrt(max(warmup, 1) / step)
-    if cfg.schedule == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
-        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr
+        lr = cfg.lr * step / warmup
+    elif cfg.schedule == "inverse_sqrt":
+        lr = cfg.lr * math.sqrt(max(warmup, 1) / step)
+    elif cfg.schedule == "cosine":
+        done = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        lr = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * done))
+    else:
+        lr = cfg.lr
+    if cfg.cooldown > 0:
+        progress = step / cfg.max_steps if progress is None else progress
+        left = min(1.0, max(0.0, (1.0 - progress) / cfg.cooldown))
+        lr = cfg.min_lr + (max(lr, cfg.min_lr) - cfg.min_lr) * left
+    return lr
+
+
+def run_progress(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+    """The fraction of the run done at update ``step``: by steps, or by the wall-clock budget
+    ``max_minutes`` when that is nearer."""
+    progress = step / cfg.max_steps
+    if cfg.max_minutes is not None:
+        progress = max(progress, elapsed_s / (cfg.max_minutes * 60))
+    return min(1.0, progress)
 
 
 def label_smoothed_nll(logits: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
@@ -348,14 +365,14 @@ def _loop(config, exp, model, loss_fn, optimizer, scaler, state, runtime, report
         batches, position = plan.next_batches(state)
         # One collective per update: its target tokens on all ranks, and whether any rank
         # was signalled or ran out of time (so that all ranks stop at the same update).
-        time_up = cfg.max_minutes is not None and (
-            time.monotonic() - started + reporter.reserve_s >= cfg.max_minutes * 60)
+        time_up = cfg.max_minutes is not None and time.monotonic() - started >= cfg.max_minutes * 60
         tokens, signalled, time_up = runtime.all_sum(
             [sum(b.target_tokens for b in batches), float(signals.received is not None), float(time_up)])
         reason = _stop_reason(cfg, state, position, signalled, time_up, signals)
         if reason is not None:
             break
-        lr = learning_rate(cfg, state.step + 1)
+        progress = run_progress(cfg, state.step + 1, time.monotonic() - started)
+        lr = learning_rate(cfg, state.step + 1, progress)
         loss, nll, grad_norm = train_step(loss_fn, model, optimizer, scaler, batches, tokens, lr, cfg, runtime)
         state.step += 1
         state.epoch, state.batch_index = position
@@ -435,7 +452,8 @@ def _count_nonfinite(state: TrainState, grad_norm: float, scaler, cfg: TrainConf
 
 def _stop_reason(cfg: TrainConfig, state: TrainState, position: tuple[int, int], signalled, time_up, signals):
     """Why not to take the next update (whose batches start at ``position``), if at all.
-    ``time_up`` already leaves room for the final validation and checkpoint."""
+    ``time_up``: ``max_minutes`` of updates (and the validations among them) have been spent;
+    the final validation and checkpoint come after the budget."""
     if signalled:
         return signals.received or "SIGTERM"  # (another rank was signalled)
     if state.step >= cfg.max_steps:
@@ -542,10 +560,7 @@ def _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, re
         reporter.validated(state, metrics, improved)
     elif runtime.main and exp.valid is None:
         improved = True  # without validation data the newest checkpoint is the best we know
-    save_started = time.monotonic()
     _save(config, exp, model, optimizer, scaler, state, runtime, metrics, best=improved, root=root)
-    # What the final validation and checkpoint will take, kept free within train.max_minutes.
-    reporter.reserve_s = 1.1 * (metrics.get("valid_time_s", 0.0) + time.monotonic() - save_started)
 
 
 def _save(config, exp, model, optimizer, scaler, state, runtime, metrics, best, root) -> Path:
@@ -682,176 +697,3 @@ class _StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Reporter:
-    """Progress for people (stderr), TensorBoard scalars and ``train_log.jsonl`` (rank 0).
-
-    On a terminal a single line is redrawn with loss, lr, tokens/s and ETA; otherwise one
-    plain line per ``log_every`` updates.
-    """
-
-    def __init__(self, config: Config, runtime: Runtime, exp: Experiment, model: Transformer, start_step: int):
-        self.cfg, self.runtime = config.train, runtime
-        self.active = runtime.main
-        self.stop_early = False
-        # Until a validation has been timed, keep a tenth of the time budget for the last one.
-        self.reserve_s = 6.0 * (self.cfg.max_minutes or 0.0)
-        self.last_valid: dict[str, Any] = {}
-        self.tty = sys.stderr.isatty()
-        self._reset()
-        self._last_draw = 0.0
-        self._writer = None
-        self._jsonl = None
-        if not self.active:
-            return
-        exp_dir = config.experiment.dir
-        log = exp_dir / "train_log.jsonl"
-        try:
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            if start_step and log.exists():
-                # A resumed run repeats the steps after its checkpoint: drop their old rows.
-                rows = [line for line in log.read_text(encoding="utf-8").splitlines(keepends=True)
-                        if _step_of(line) <= start_step]
-                atomic_write_text(log, "".join(rows))
-            self._jsonl = open(log, "a", encoding="utf-8")  # noqa: SIM115
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(exp_dir / "tensorboard"),
-                                         purge_step=start_step + 1 if start_step else None)
-        except OSError as err:
-            raise MtkitError(f"{err.filename or log}: cannot write: {err.strerror}") from None
-        self.say(
-            f"training {model.num_parameters / 1e6:.2f}M parameters on {runtime.device} ({runtime.precision}"
-            f"{f', {runtime.world} processes' if runtime.distributed else ''}); "
-            f"{len(exp.train):,} pairs, max_tokens {self.cfg.max_tokens}, update_freq {self.cfg.update_freq}"
-        )
-
-    def _reset(self) -> None:
-        self._since = time.monotonic()
-        self._acc = {"loss": 0.0, "nll": 0.0, "tokens": 0.0, "real": 0.0, "padded": 0.0, "steps": 0.0, "gnorm": 0.0}
-
-    def say(self, text: str) -> None:
-        if self.active:
-            print(("\r\x1b[K" if self.tty else "") + text, file=sys.stderr, flush=True)
-
-    def warn(self, text: str) -> None:
-        self.say(f"warning: {text}")
-
-    def update(self, state: TrainState, batches: list[Batch], loss, nll, tokens, lr, grad_norm) -> None:
-        acc = self._acc
-        acc["loss"] += loss
-        acc["nll"] += nll
-        acc["tokens"] += tokens  # already summed over ranks
-        acc["real"] += sum(b.real_tokens for b in batches)
-        acc["padded"] += sum(b.padded_tokens for b in batches)
-        acc["steps"] += 1
-        acc["gnorm"] += grad_norm if math.isfinite(grad_norm) else 0.0
-        if state.step % self.cfg.log_every == 0:
-            self._log(state, lr)
-        elif self.tty and self.active and time.monotonic() - self._last_draw > 0.5:
-            self._draw(state, lr, final=False)
-
-    def _rates(self, state: TrainState, lr: float, all_ranks: bool) -> dict[str, Any]:
-        """The interval's averages; ``all_ranks`` sums over ranks (every rank must call then)."""
-        acc = self._acc
-        sums = [acc["loss"], acc["nll"], acc["real"], acc["padded"]]
-        loss_sum, nll_sum, real, padded = self.runtime.all_sum(sums) if all_ranks else sums
-        seconds = max(time.monotonic() - self._since, 1e-9)
-        tokens = max(acc["tokens"], 1.0)
-        return {
-            "type": "train",
-            "step": state.step,
-            "epoch": state.epoch,
-            "loss": loss_sum / tokens,
-            "nll": nll_sum / tokens,
-            "ppl": math.exp(min(nll_sum / tokens, 100.0)),
-            "lr": lr,
-            "grad_norm": acc["gnorm"] / max(acc["steps"], 1),
-            "tgt_tok_per_s": acc["tokens"] / seconds,
-            "tok_per_s": real / seconds,
-            "padding": 1.0 - real / max(padded, 1.0),
-            "elapsed_s": state.elapsed_s,
-            "time": time.time(),
-        }
-
-    def _eta(self, state: TrainState, seconds_per_step: float) -> float:
-        remaining = (self.cfg.max_steps - state.step) * seconds_per_step
-        if self.cfg.max_minutes is not None:
-            remaining = min(remaining, self.cfg.max_minutes * 60 - state.elapsed_s)
-        return max(remaining, 0.0)
-
-    def _line(self, row: dict[str, Any], state: TrainState) -> str:
-        per_step = (time.monotonic() - self._since) / max(self._acc["steps"], 1)
-        eta = self._eta(state, per_step)
-        return (
-            f"step {row['step']:>7,} | epoch {row['epoch']:>3} | loss {row['loss']:.3f} | ppl {row['ppl']:8.2f} | "
-            f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | {row['tgt_tok_per_s']:,.0f} tgt tok/s | "
-            f"pad {row['padding']:.1%} | eta {_clock(eta)}"
-        )
-
-    def _draw(self, state: TrainState, lr: float, final: bool) -> None:
-        row = self._rates(state, lr, all_ranks=False)
-        self._last_draw = time.monotonic()
-        print("\r\x1b[K" + self._line(row, state), end="\n" if final else "", file=sys.stderr, flush=True)
-
-    def _log(self, state: TrainState, lr: float) -> None:
-        row = self._rates(state, lr, all_ranks=True)
-        if self.active:
-            self.say(self._line(row, state))
-            self._write(row)
-            for key in ("loss", "ppl", "lr", "grad_norm", "tgt_tok_per_s", "padding"):
-                self._writer.add_scalar(f"train/{key}", row[key], state.step)
-        self._reset()
-
-    def validated(self, state: TrainState, metrics: dict[str, Any], improved: bool) -> None:
-        self.last_valid = metrics
-        patience = self.cfg.patience
-        self.stop_early = patience is not None and state.bad_validations >= patience
-        parts = [f"valid step {state.step:,} | loss {metrics['loss']:.3f} | ppl {metrics['ppl']:.2f}"]
-        if "bleu" in metrics:
-            parts.append(f"BLEU {metrics['bleu']:.2f} | chrF {metrics['chrf']:.2f} ({metrics['sentences']} sentences)")
-        gain = "new best" if improved else f"no gain for {state.bad_validations}"
-        parts.append(f"{metrics['valid_time_s']:.1f}s | {gain}")
-        self.say(" | ".join(parts))
-        if "bleu_signature" in metrics:
-            self.say(f"  BLEU signature: {metrics['bleu_signature']}")
-        self._write({"type": "valid", "step": state.step, "epoch": state.epoch, **metrics,
-                     "best": improved, "elapsed_s": state.elapsed_s, "time": time.time()})
-        for key in ("loss", "ppl", "bleu", "chrf"):
-            if key in metrics:
-                self._writer.add_scalar(f"valid/{key}", metrics[key], state.step)
-        self._writer.flush()
-        self._reset()  # validation time is not training throughput
-
-    def _write(self, row: dict[str, Any]) -> None:
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
-
-    def finish(self, state: TrainState, reason: str) -> None:
-        if self.active:
-            best = f"; best {self.cfg.best_metric} {state.best_metric:.3f} at step {state.best_step:,}" if (
-                state.best_metric is not None) else ""
-            self.say(f"stopped at step {state.step:,} (epoch {state.epoch}): {reason}{best}")
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-
-
-def _step_of(line: str) -> float:
-    """The step of a train_log.jsonl line (infinity for a damaged line, so it is dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

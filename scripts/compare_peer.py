@@ -7,9 +7,12 @@ scored with sacreBLEU against the same references.
 
     python scripts/compare_peer.py --minutes 20 --json
 
-mtkit runs through its own CLI (`mtkit pipeline` with `train.max_minutes` set). The peer is
-trained here with a plain loop: AdamW (0.9, 0.98), inverse-square-root warm-up, label-smoothed
-cross-entropy, the same `max_tokens` batches, fp32, 2 threads.
+mtkit runs through its own CLI (`mtkit pipeline` with `train.max_minutes` set), with
+everything its recipe turns on (for example the time-based learning-rate cool-down). The peer is
+trained here with a plain loop: AdamW (0.9, 0.98), inverse-square-root warm-up (Marian's own
+schedule), label-smoothed cross-entropy, the same `max_tokens` batches, fp32, 2 threads; its peak
+learning rate and warm-up are the recipe's unless `--peer-lr` / `--peer-warmup` say otherwise.
+`--reuse-mtkit` keeps an existing mtkit run in `--out` and trains only the peer.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def token_batches(lengths: list[int], max_tokens: int, rng: random.Random) -> li
     return batches
 
 
-def train_peer(run_dir: Path, config, minutes: float, threads: int):
+def train_peer(run_dir: Path, config, minutes: float, threads: int, lr: float, warmup: int):
     import torch
     import torch.nn.functional as F
     from datasets import load_from_disk
@@ -79,8 +82,8 @@ def train_peer(run_dir: Path, config, minutes: float, threads: int):
     )
     model = MarianMTModel(peer_config)
     t = config.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-    warmup = max(1, t.warmup_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+    warmup = max(1, warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, math.sqrt(warmup / (s + 1)))
     )
@@ -157,6 +160,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget for each system")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/compare_peer", help="working directory")
+    parser.add_argument("--peer-lr", type=float, help="the peer's peak learning rate (default: the recipe's)")
+    parser.add_argument("--peer-warmup", type=int, help="the peer's warm-up updates (default: the recipe's)")
+    parser.add_argument("--reuse-mtkit", action="store_true", help="keep the mtkit run already in --out")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
@@ -167,8 +173,13 @@ def main() -> None:
     out = (ROOT / args.out).resolve()
     run_dir = out / "mtkit"
     config = load_config(ROOT / args.config, [f"experiment.dir={run_dir}"])
-    report = run_mtkit(args.config, args.minutes, run_dir)
-    model, tokenizers, stats = train_peer(run_dir, config, args.minutes, args.threads)
+    if args.reuse_mtkit and (run_dir / "report.json").exists():
+        report = json.loads((run_dir / "report.json").read_text())
+    else:
+        report = run_mtkit(args.config, args.minutes, run_dir)
+    peer_lr = args.peer_lr if args.peer_lr is not None else config.train.lr
+    peer_warmup = args.peer_warmup if args.peer_warmup is not None else config.train.warmup_steps
+    model, tokenizers, stats = train_peer(run_dir, config, args.minutes, args.threads, peer_lr, peer_warmup)
     hyps = translate_peer(model, tokenizers, run_dir, config)
     refs = (run_dir / "translations" / f"test.ref.{config.data.tgt_lang}").read_text().splitlines()
     peer = sacrebleu.BLEU().corpus_score(hyps, [refs])
@@ -181,6 +192,9 @@ def main() -> None:
         "signature": report["test"]["signature"],
         "mtkit_steps": report["model"]["step"],
         "peer_steps": stats["steps"],
+        "peer_tgt_tokens": stats["tgt_tokens"],
+        "peer_lr": peer_lr,
+        "peer_warmup": peer_warmup,
     }
     if args.json:
         print(json.dumps(result))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -14,7 +15,7 @@ import mtkit.train
 from mtkit.cli import app
 from mtkit.config import TrainConfig, load_config
 from mtkit.model import PAD_ID, Transformer
-from mtkit.train import TranslationLoss, label_smoothed_nll, learning_rate
+from mtkit.train import TranslationLoss, label_smoothed_nll, learning_rate, run_progress
 
 
 def run(config: Path, *args: str):
@@ -47,6 +48,21 @@ def test_schedules():
     assert learning_rate(cos, 12) == pytest.approx(0.1) and learning_rate(cos, 50) == pytest.approx(0.1)
     const = TrainConfig(lr=0.3, warmup_steps=0, schedule="constant")
     assert learning_rate(const, 1) == learning_rate(const, 1000) == 0.3
+
+
+def test_cooldown_by_steps_and_by_time():
+    cfg = TrainConfig(lr=1.0, warmup_steps=0, schedule="constant", max_steps=100, cooldown=0.2, min_lr=0.1)
+    assert learning_rate(cfg, 70) == 1.0 and learning_rate(cfg, 80) == pytest.approx(1.0)
+    assert learning_rate(cfg, 90) == pytest.approx(0.55)
+    assert learning_rate(cfg, 100) == pytest.approx(0.1)
+    # A time-bounded run: progress comes from the clock when the budget ends before max_steps.
+    timed = cfg.model_copy(update={"max_steps": 10**6, "max_minutes": 10.0})
+    assert run_progress(timed, 50, elapsed_s=300.0) == pytest.approx(0.5)
+    assert run_progress(timed, 50, elapsed_s=9999.0) == 1.0
+    assert learning_rate(timed, 50, run_progress(timed, 50, 540.0)) == pytest.approx(0.55)
+    # The cool-down multiplies whatever the schedule gives (here inverse square root).
+    inv = TrainConfig(lr=1.0, warmup_steps=4, max_steps=16, cooldown=0.5)
+    assert learning_rate(inv, 12) == pytest.approx(math.sqrt(4 / 12) * 0.5)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -176,6 +192,18 @@ def test_stops_at_max_epochs_and_max_minutes(trainkit_experiment):
     config = trainkit_experiment("timed", train={"max_steps": 1000, "max_minutes": 1e-6})
     result = run(config)
     assert result.exit_code == 0 and "max_minutes" in result.stderr
+
+
+def test_cooldown_ends_the_run_annealed(trainkit_experiment):
+    config = trainkit_experiment(train={"max_steps": 8, "warmup_steps": 2, "cooldown": 0.5, "log_every": 2,
+                                        "valid_every": 100, "valid_bleu": False, "best_metric": "loss"})
+    result = run(config)
+    assert result.exit_code == 0, result.stderr
+    log = Path(yaml.safe_load(config.read_text())["experiment"]["dir"]) / "train_log.jsonl"
+    lrs = [row["lr"] for row in map(json.loads, log.read_text().splitlines()) if row["type"] == "train"]
+    lr = yaml.safe_load(config.read_text())["train"]["lr"]
+    # steps 2, 4, 6, 8 of 8: warm-up reaches the peak, then the rate falls to 0 over the last half
+    assert lrs == pytest.approx([lr, lr * math.sqrt(2 / 4), lr * math.sqrt(2 / 6) * 0.5, 0.0])
 
 
 def test_patience_stops_early(trainkit_experiment, monkeypatch):

@@ -226,7 +226,8 @@ class TrainConfig(Section):
     clip_norm: float = Field(1.0, ge=0)
     """Clip the gradient norm to this (0 turns clipping off)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that support it, else fp16 on CUDA, fp32 on CPUs."""
+    """auto: bf16 on GPUs that support it, else fp16 on CUDA; on CPUs bf16 where the CPU has
+    native bf16 (AVX512-BF16, AMX, Arm BF16), else fp32."""
     compile: bool = False
     """Compile the model with torch.compile."""
     device: str = "auto"

@@ -184,6 +184,20 @@ class Runtime:
         return tensor.tolist()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16): there
+    bf16 autocast trains ~1.3x faster than fp32; elsewhere it is emulated and many times slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Join the process group under torchrun, pick the device and the precision."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -209,7 +223,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if precision == "auto" and device.type == "cuda":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     elif precision == "auto":
-        precision = "fp32"
+        precision = "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise MtkitError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on a CPU")
     return Runtime(device=device, precision=precision, rank=rank, world=world)

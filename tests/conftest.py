@@ -74,6 +74,7 @@ TRAINKIT_SECTIONS = {
         "max_tokens": 300, "max_steps": 8, "warmup_steps": 2, "lr": 0.003, "log_every": 2,
         "valid_every": 4, "valid_bleu": False, "best_metric": "loss", "keep_last": 2,
         "threads": 1,  # tiny matrices: more threads only contend (badly so on a busy machine)
+        "precision": "fp32",  # exact comparisons (resume, DDP); auto is bf16 on CPUs with native bf16
     },
     "decode": {"beam": 1, "max_len_a": 1.2, "max_len_b": 3},
 }

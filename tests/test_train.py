@@ -206,6 +206,24 @@ def test_cooldown_ends_the_run_annealed(trainkit_experiment):
     assert lrs == pytest.approx([lr, lr * math.sqrt(2 / 4), lr * math.sqrt(2 / 6) * 0.5, 0.0])
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_on_cpu_follows_the_hardware(monkeypatch, native_bf16):
+    monkeypatch.setattr(mtkit.train, "cpu_has_native_bf16", lambda: native_bf16)
+    runtime = mtkit.train.setup_runtime(TrainConfig(device="cpu"))
+    assert runtime.precision == ("bf16" if native_bf16 else "fp32")
+    assert mtkit.train.setup_runtime(TrainConfig(device="cpu", precision="fp32")).precision == "fp32"
+
+
+def test_bf16_autocast_trains_on_cpu(trainkit_experiment):
+    config = trainkit_experiment(train={"precision": "bf16", "max_steps": 12, "log_every": 4, "valid_every": 12})
+    result = run(config)
+    assert result.exit_code == 0, result.stderr
+    assert "(bf16)" in result.stderr
+    log = Path(yaml.safe_load(config.read_text())["experiment"]["dir"]) / "train_log.jsonl"
+    losses = [row["loss"] for row in map(json.loads, log.read_text().splitlines()) if row["type"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
 def test_patience_stops_early(trainkit_experiment, monkeypatch):
     monkeypatch.setattr(mtkit.train, "validation_loss", lambda *a: {"loss": 2.0, "ppl": math.exp(2.0)})
     config = trainkit_experiment(train={"max_steps": 100, "valid_every": 2, "patience": 2})

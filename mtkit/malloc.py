@@ -22,7 +22,12 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _DEFAULT_MMAP_MAX = 65536
-_DEFAULT_THRESHOLD = 128 * 1024
+# glibc's mmap threshold starts at 128 KiB and, each time a larger mmapped block is freed, rises
+# to that block's size, up to 32 MiB (trimming at twice the threshold). Any mallopt call stops
+# that adjustment, so "back to the defaults" sets the values it settles at in a process that
+# frees large tensors, which is what a PyTorch process without this module runs with.
+_SETTLED_MMAP_THRESHOLD = 32 << 20
+_SETTLED_TRIM_THRESHOLD = 64 << 20
 
 
 def _mallopt():
@@ -35,14 +40,15 @@ def _mallopt():
 
 
 def keep_freed_memory(enable: bool = True) -> bool:
-    """Turn the policy on (or back to glibc's defaults with ``enable=False``); returns whether
-    this process's allocator could be told (False on non-glibc systems or when disabled)."""
+    """Turn the policy on (or, with ``enable=False``, back to glibc's defaults as they settle:
+    blocks over 32 MiB mmapped); returns whether this process's allocator could be told (False
+    on non-glibc systems or when disabled)."""
     mallopt = _mallopt()
     if mallopt is None or (enable and os.environ.get("MTKIT_KEEP_FREED_MEMORY", "1") == "0"):
         return False
     if enable:
         ok = mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     else:
-        ok = (mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) and mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
-              and mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD))
+        ok = (mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) and mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+              and mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD))
     return bool(ok)

@@ -159,7 +159,7 @@ def bench_translate(model_run: Path, workdir: Path, lines: int, every: float) ->
     }
 
 
-def bench_train(config: Path, workdir: Path, steps: int, every: float) -> dict:
+def bench_train(config: Path, workdir: Path, steps: int, every: float, precision: str | None = None) -> dict:
     data = yaml.safe_load(config.read_text())
     run = workdir / "train_run"
     import shutil
@@ -169,6 +169,8 @@ def bench_train(config: Path, workdir: Path, steps: int, every: float) -> dict:
                                                                                   "*.jsonl"))
     data["experiment"]["dir"] = str(run)
     data["train"].update({"max_steps": steps, "valid_every": max(steps // 4, 1), "log_every": max(steps // 50, 1)})
+    if precision is not None:
+        data["train"]["precision"] = precision
     train_config = workdir / "train.yaml"
     train_config.write_text(yaml.safe_dump(data), encoding="utf-8")
     log = run / "train_log.jsonl"
@@ -207,6 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000, help="Lines to translate (0: skip).")
     parser.add_argument("--train-steps", type=int, default=0, help="Also train this many steps (0: skip).")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="train.precision (default: the config's)")
     parser.add_argument("--every", type=float, default=0.2, help="Sampling interval, seconds.")
     parser.add_argument("--workdir", type=Path, default=None, help="Keep the experiment here (default: temporary).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
@@ -219,7 +222,7 @@ def main() -> None:
         if args.lines:
             result.update(bench_translate(model_run, workdir, args.lines, args.every))
         if args.train_steps:
-            result.update(bench_train(config, workdir, args.train_steps, args.every))
+            result.update(bench_train(config, workdir, args.train_steps, args.every, args.precision))
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -379,14 +379,14 @@ def _loop(config, exp, model, loss_fn, optimizer, scaler, state, runtime, report
         batches, position = plan.next_batches(state)
         # One collective per update: its target tokens on all ranks, and whether any rank
         # was signalled or ran out of time (so that all ranks stop at the same update).
-        time_up = cfg.max_minutes is not None and time.monotonic() - started >= cfg.max_minutes * 60
+        elapsed = time.monotonic() - started
+        time_up = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
         tokens, signalled, time_up = runtime.all_sum(
             [sum(b.target_tokens for b in batches), float(signals.received is not None), float(time_up)])
         reason = _stop_reason(cfg, state, position, signalled, time_up, signals)
         if reason is not None:
             break
-        progress = run_progress(cfg, state.step + 1, time.monotonic() - started)
-        lr = learning_rate(cfg, state.step + 1, progress)
+        lr = learning_rate(cfg, state.step + 1, run_progress(cfg, state.step + 1, elapsed))
         loss, nll, grad_norm = train_step(loss_fn, model, optimizer, scaler, batches, tokens, lr, cfg, runtime)
         state.step += 1
         state.epoch, state.batch_index = position

@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="Keep the experiment here (default: temporary).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
+    if 0 < args.lines < 50_000:  # fewer finish between two samples: the windows would stay empty
+        parser.error("--lines: at least 50000 (RSS of the first and last windows is compared), or 0 to skip")
     with tempfile.TemporaryDirectory(prefix="bench_memory-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,25 @@ from mtkit.config import ModelConfig
 PAD_ID = 0
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout``, with a faster mask on CPU.
+
+    On CPU ``F.dropout`` draws one Bernoulli sample per element, about 9 ms for a
+    1,300 x 1,024 activation on 2 cores (8% of a training step of the ``small`` model). Here
+    the mask comes from 16 random bits per element, drawn 64 at a time (1 ms): an element is
+    kept when its bits reach ``round(p * 2**16)``, so the drop rate is ``p`` to within
+    2**-17 and the scale uses that exact rate. Other devices use ``F.dropout``.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training)
+    drop = round(p * 65536)
+    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= drop - 32768
+    return x * keep.to(x.dtype).mul_(65536 / (65536 - drop))
+
+
 def sinusoidal_table(length: int, dim: int) -> Tensor:
     """``(length, dim)`` positions as in Marian: sines in the first half, cosines in the second."""
     half = dim // 2
@@ -115,17 +134,26 @@ class Attention(nn.Module):
             if mask is not None:
                 weights = weights.masked_fill(~mask, float("-inf"))
             out = weights.softmax(dim=-1) @ value
+        elif self.training and query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # PyTorch's CPU attention backward is ~6x slower in bf16 than in fp32 (28% of a
+            # bf16 training step of the small model): attend in fp32, project in bf16.
+            with torch.autocast("cpu", enabled=False):
+                out = self._attend(query.float(), key.float(), value.float(), mask, causal)
         else:
-            out = F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                attn_mask=mask,
-                dropout_p=self.dropout if self.training else 0.0,
-                is_causal=causal and mask is None,
-            )
+            out = self._attend(query, key, value, mask, causal)
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None,
+        )
 
 
 class FeedForward(nn.Module):
@@ -137,7 +165,7 @@ class FeedForward(nn.Module):
         self.dropout = cfg.activation_dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = F.dropout(self.activation(self.fc1(x)), self.dropout, self.training)
+        hidden = dropout(self.activation(self.fc1(x)), self.dropout, self.training)
         return self.fc2(hidden)
 
 
@@ -185,11 +213,11 @@ class DecoderLayer(nn.Module):
         return _residual(x, self.final_layer_norm, self.pre_norm, self.dropout, self.training, self.ffn)
 
 
-def _residual(x: Tensor, norm: nn.LayerNorm, pre_norm: bool, dropout: float, training: bool, sublayer) -> Tensor:
+def _residual(x: Tensor, norm: nn.LayerNorm, pre_norm: bool, rate: float, training: bool, sublayer) -> Tensor:
     """``x + sublayer(norm(x))`` (pre-norm) or ``norm(x + sublayer(x))`` (post-norm)."""
     if pre_norm:
-        return x + F.dropout(sublayer(norm(x)), dropout, training)
-    return norm(x + F.dropout(sublayer(x), dropout, training))
+        return x + dropout(sublayer(norm(x)), rate, training)
+    return norm(x + dropout(sublayer(x), rate, training))
 
 
 @dataclass
@@ -301,7 +329,7 @@ class Transformer(nn.Module):
         if offset + length > self.cfg.max_positions:
             raise ValueError(f"sequence of {offset + length} tokens exceeds max_positions={self.cfg.max_positions}")
         x = table(ids) * self.scale + self.positions(length, offset)
-        return F.dropout(x, self.dropout, self.training)
+        return dropout(x, self.dropout, self.training)
 
     def _decode(self, tokens: Tensor, state: DecoderState, cache: bool) -> Tensor:
         past, new = (state.length if cache else 0), tokens.shape[1]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mtkit.config import ModelConfig
-from mtkit.model import PAD_ID, Transformer
+from mtkit.model import PAD_ID, Transformer, dropout
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -91,3 +91,57 @@ def test_too_long_input_is_a_clear_error():
     model = Transformer(tiny(max_positions=8), 50, 50)
     with pytest.raises(ValueError, match="max_positions=8"):
         model(torch.ones(1, 9, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
+
+
+def test_dropout_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    out = dropout(x, 0.1, training=True)
+    kept = out.detach() != 0
+    # every one of the four 16-bit lanes of each random word drops at the rate asked for
+    lane_rates = 1.0 - kept.reshape(-1, 4).float().mean(dim=0)
+    assert torch.allclose(lane_rates, torch.full((4,), 0.1), atol=0.003)
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert torch.equal(out.detach()[kept], torch.full((int(kept.sum()),), scale))
+    assert abs(out.detach().mean().item() - 1.0) < 0.003  # the expectation is kept
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # gradient = mask * scale
+
+
+def test_dropout_is_seeded_and_off_in_eval():
+    x = torch.randn(7, 33)
+    torch.manual_seed(3)
+    first = dropout(x, 0.3, training=True)
+    torch.manual_seed(3)
+    assert torch.equal(first, dropout(x, 0.3, training=True))
+    assert 0.15 < (first == 0).float().mean().item() < 0.45
+    assert dropout(x, 0.3, training=False) is x
+    assert dropout(x, 0.0, training=True) is x
+    assert torch.equal(dropout(x, 1.0, training=True), torch.zeros_like(x))
+    half = x.bfloat16()
+    assert dropout(half, 0.3, training=True).dtype == torch.bfloat16
+
+
+def test_cpu_autocast_training_attends_in_fp32(monkeypatch):
+    """Under CPU bf16 autocast, training attention runs in fp32 (PyTorch's bf16 CPU attention
+    backward is several times slower); the projections still run in bf16."""
+    import mtkit.model as model_module
+
+    seen = []
+    real = model_module.F.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        seen.append(query.dtype)
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(size="tiny", dropout=0.1), 50, 50).train()
+    src = torch.randint(4, 50, (3, 7))
+    tgt = torch.randint(4, 50, (3, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, tgt)
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert seen and set(seen) == {torch.float32}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

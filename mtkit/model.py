@@ -144,8 +144,8 @@ class Attention(nn.Module):
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
-
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """``scaled_dot_product_attention`` with this layer's dropout while training."""
         return F.scaled_dot_product_attention(
             query,
             key,

@@ -40,10 +40,11 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training)
-    drop = round(p * 65536)
+    levels = 1 << 16  # one int16 per element: values -2**15 .. 2**15 - 1, uniform
+    drop = round(p * levels)  # this many of the levels drop an element
     words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
-    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= drop - 32768
-    return x * keep.to(x.dtype).mul_(65536 / (65536 - drop))
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= drop - levels // 2
+    return x * keep.to(x.dtype).mul_(levels / (levels - drop))
 
 
 def sinusoidal_table(length: int, dim: int) -> Tensor:

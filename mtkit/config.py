@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -250,6 +251,13 @@ class TrainConfig(Section):
     """Stop after this many validations without improvement."""
     max_nonfinite: int = Field(5, ge=1)
     """Stop with an error after this many non-finite losses in a row."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {json.dumps(value)}")
+        return value
 
 
 class DecodeConfig(Section):

@@ -1,5 +1,7 @@
 """The one exception type a user sees: a message, no traceback."""
 
+import os
+
 
 class MtkitError(Exception):
     """A problem caused by the user's input (file, config, command line), not by mtkit.
@@ -18,3 +20,16 @@ class ConfigError(MtkitError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+def check_cuda_index(index: int, what: str) -> None:
+    """MtkitError unless CUDA device ``index`` exists; ``what`` names the setting that asked
+    for it. One GPU per process: torchrun's LOCAL_RANK picks it, so on a machine with fewer
+    GPUs than processes the ranks past the last GPU would otherwise die in a CUDA traceback."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if index >= count:
+        hint = f" (LOCAL_RANK={os.environ['LOCAL_RANK']}: run at most {count} processes per node)" if (
+            "LOCAL_RANK" in os.environ) else ""
+        raise MtkitError(f"{what}: cuda:{index} does not exist, this machine has {count} CUDA device(s){hint}")

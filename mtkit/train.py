@@ -46,7 +46,7 @@ from mtkit.checkpoint import (
     save_checkpoint,
 )
 from mtkit.config import Config, TrainConfig
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, check_cuda_index
 from mtkit.model import PAD_ID, Transformer
 from mtkit.progress import Reporter
 
@@ -212,6 +212,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise MtkitError(f"train.device={cfg.device}: no CUDA device available")
     if device.type == "cuda":
+        check_cuda_index(device.index, f"train.device={cfg.device}")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -43,6 +43,7 @@ def test_defaults_and_file_and_overrides(tmp_path):
         ("data:\n  train:\n    format: text\n    src: a.txt\n", "data.train.0: format 'text' needs tgt"),
         ("decode:\n  beam: 2\n  nbest: 3\n", "decode: nbest (3) cannot exceed beam (2)"),
         ("train:\n  compile: maybe\n", 'train.compile: expected true or false, got "maybe"'),
+        ("train:\n  device: gpu0\n", "train.device: expected auto, cpu, cuda or cuda:N, got \"gpu0\""),
     ],
 )
 def test_each_problem_is_one_line_naming_the_key(tmp_path, text, expected):

@@ -32,7 +32,7 @@ from typing import IO, Annotated
 import typer
 
 from mtkit.cli.options import OptionalConfigOption, SetOption
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, check_cuda_index
 
 
 class OutputFormat(str, Enum):
@@ -136,7 +136,9 @@ def _join_torchrun(device: str, torch):
     import torch.distributed as dist
 
     if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        check_cuda_index(local_rank, f"--device {device}")
+        device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -174,6 +176,11 @@ def _pick_device(name: str, torch) -> str:
         raise MtkitError(f"--device {name}: CUDA is not available on this machine")
     if name != "cpu" and not name.startswith("cuda"):
         raise MtkitError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
+    if name.startswith("cuda:"):
+        index = name.removeprefix("cuda:")
+        if not index.isdigit():
+            raise MtkitError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
+        check_cuda_index(int(index), f"--device {name}")
     return name
 
 

@@ -525,7 +525,7 @@ def validation_loss(model: Transformer, corpus: TokenizedCorpus, max_tokens: int
     nll = tokens = 0.0
     for ids in sorted_batches(corpus, max(max_tokens, int(corpus.sizes.max()))):
         batch = corpus.batch(ids).to(runtime.device)
-        with runtime.autocast():
+        with torch.no_grad(), runtime.autocast():  # no graph: nothing is kept for a backward
             _, batch_nll = loss_fn(batch.src, batch.tgt_in, batch.tgt_out)
         nll += float(batch_nll)
         tokens += batch.target_tokens

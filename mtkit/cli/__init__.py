@@ -108,8 +108,9 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     import signal
 
-    from mtkit.malloc import keep_freed_memory
+    from mtkit.malloc import huge_pages_for_large_tensors, keep_freed_memory
 
     signal.signal(signal.SIGTERM, _terminate)
     keep_freed_memory()  # large tensors are reused between steps instead of re-faulted
+    huge_pages_for_large_tensors()  # and faulted in 2 MiB at a time when they are new
     app(args=argv, prog_name="mtkit")

@@ -192,6 +192,10 @@ class ModelConfig(Section):
         return self
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""The devices ``train.device`` and ``mtkit translate --device`` accept."""
+
+
 class TrainConfig(Section):
     max_tokens: int = Field(4096, ge=1)
     """Tokens per batch: batch size times the longest padded sentence (the larger side)."""
@@ -255,7 +259,7 @@ class TrainConfig(Section):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        if not DEVICE_NAME.fullmatch(value):
             raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {json.dumps(value)}")
         return value
 

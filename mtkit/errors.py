@@ -30,6 +30,7 @@ def check_cuda_index(index: int, what: str) -> None:
 
     count = torch.cuda.device_count()
     if index >= count:
-        hint = f" (LOCAL_RANK={os.environ['LOCAL_RANK']}: run at most {count} processes per node)" if (
-            "LOCAL_RANK" in os.environ) else ""
+        hint = ""
+        if "LOCAL_RANK" in os.environ:
+            hint = f" (LOCAL_RANK={os.environ['LOCAL_RANK']}: run at most {count} processes per node)"
         raise MtkitError(f"{what}: cuda:{index} does not exist, this machine has {count} CUDA device(s){hint}")

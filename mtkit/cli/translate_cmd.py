@@ -170,17 +170,16 @@ def resolve_decode(stored, config: Path | None, overrides: list[str] | None, fla
 
 
 def _pick_device(name: str, torch) -> str:
+    from mtkit.config import DEVICE_NAME
+
+    if not DEVICE_NAME.fullmatch(name):
+        raise MtkitError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MtkitError(f"--device {name}: CUDA is not available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise MtkitError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
     if name.startswith("cuda:"):
-        index = name.removeprefix("cuda:")
-        if not index.isdigit():
-            raise MtkitError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
-        check_cuda_index(int(index), f"--device {name}")
+        check_cuda_index(int(name.removeprefix("cuda:")), f"--device {name}")
     return name
 
 

@@ -230,6 +230,9 @@ class TrainConfig(Section):
     """Label smoothing of the cross-entropy."""
     clip_norm: float = Field(1.0, ge=0)
     """Clip the gradient norm to this (0 turns clipping off)."""
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    """Keep an exponential moving average of the weights with this decay per update (e.g.
+    0.999; 0: off). Validation, checkpoints and so translation use the average."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that support it, else fp16 on CUDA; on CPUs bf16 where the CPU has
     native bf16 (AVX512-BF16, AMX, Arm BF16), else fp32."""

@@ -149,6 +149,46 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
+class WeightAverage:
+    """Exponential moving average of the parameters (Polyak averaging; Marian's
+    ``exponential-smoothing``). Training updates the raw weights; validation, checkpoints and
+    so translation use the average, which is smoother than the last update's weights.
+
+    ``decay`` is the weight of the old average per update; early on it is lowered to
+    ``(1 + step) / (10 + step)`` so that the average is not dominated by the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [name for name, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold in the weights after update ``step`` (1-based)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Put the average into the model for the ``with`` body, then the raw weights back.
+        Yields the raw weights by parameter name (what a resumed run continues from)."""
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield dict(zip(self.names, raw, strict=True))
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, raw)
+
+
+def _averaged(average: WeightAverage | None) -> contextlib.AbstractContextManager:
+    """``average.applied()``, or nothing (yielding None) when training keeps no average."""
+    return average.applied() if average is not None else contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- run-time setup
 
 
@@ -345,15 +385,22 @@ def _train(config: Config, resume: bool, init_from: Path | None) -> TrainResult:
     model.to(runtime.device)
     optimizer = make_optimizer(model, cfg, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    state = TrainState()
+    state, raw_weights = TrainState(), None
     if resume:
-        state = _resume(root, config, exp, model, optimizer, scaler, runtime)
+        state, raw_weights = _resume(root, config, exp, model, optimizer, scaler, runtime)
     else:
         _refuse_existing_run(root)
         # Dropout differs between ranks; initial weights do not (DDP broadcasts rank 0's).
         torch.manual_seed(config.experiment.seed + runtime.rank)
         if init_from is not None:
             _init_from(init_from, model, exp, runtime)
+    # A checkpoint's weights are the average when the run kept one; its raw weights, saved
+    # beside them, are what training continues from.
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if raw_weights is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(raw_weights[name])
     loss_fn: nn.Module = TranslationLoss(model, cfg.label_smoothing)
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -363,14 +410,17 @@ def _train(config: Config, resume: bool, init_from: Path | None) -> TrainResult:
     reporter = Reporter(config, runtime, exp, model, start_step=state.step)
     with _StopSignals() as signals:
         try:
-            result = _loop(config, exp, model, loss_fn, optimizer, scaler, state, runtime, reporter, signals, root)
+            result = _loop(config, exp, model, average, loss_fn, optimizer, scaler, state, runtime, reporter,
+                           signals, root)
         finally:
             reporter.close()
     return result
 
 
-def _loop(config, exp, model, loss_fn, optimizer, scaler, state, runtime, reporter, signals, root) -> TrainResult:
-    """batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint."""
+def _loop(config, exp, model, average, loss_fn, optimizer, scaler, state, runtime, reporter, signals,
+          root) -> TrainResult:
+    """batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint.
+    Validation and checkpoints see the weight ``average`` when there is one."""
     cfg = config.train
     plan = EpochPlan(exp.train, cfg, config.experiment.seed, runtime)
     reporter.say(f"{len(plan.batches_of(state.epoch)):,} batches per epoch, {plan.padding(state.epoch):.1%} padding")
@@ -390,21 +440,26 @@ def _loop(config, exp, model, loss_fn, optimizer, scaler, state, runtime, report
         lr = learning_rate(cfg, state.step + 1, run_progress(cfg, state.step + 1, elapsed))
         loss, nll, grad_norm = train_step(loss_fn, model, optimizer, scaler, batches, tokens, lr, cfg, runtime)
         state.step += 1
+        if average is not None:
+            average.update(state.step)
         state.epoch, state.batch_index = position
         state.elapsed_s = time.monotonic() - started
         _count_nonfinite(state, grad_norm, scaler, cfg, reporter)
         reporter.update(state, batches, loss, nll, tokens, lr, grad_norm)
         if state.step % cfg.valid_every == 0:
-            _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root)
+            with _averaged(average) as raw_weights:
+                _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root, raw_weights)
             if runtime.all_sum([float(reporter.stop_early)])[0]:
                 reason = "patience"
                 break
     state.elapsed_s = time.monotonic() - started
     if reason in ("SIGINT", "SIGTERM"):
-        saved = _save(config, exp, model, optimizer, scaler, state, runtime, {}, best=False, root=root)
+        with _averaged(average) as raw_weights:
+            saved = _save(config, exp, model, optimizer, scaler, state, runtime, {}, False, root, raw_weights)
     else:
         if state.last_saved_step != state.step:
-            _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root)
+            with _averaged(average) as raw_weights:
+                _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root, raw_weights)
         saved = (root / "last").resolve()
     reporter.finish(state, reason)
     return TrainResult(state=state, reason=reason, checkpoint=saved, metrics=reporter.last_valid)
@@ -554,7 +609,7 @@ def validation_bleu(config: Config, exp: Experiment, model: Transformer, runtime
     return metrics
 
 
-def _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root) -> None:
+def _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root, raw_weights) -> None:
     """Validate (rank 0), update the best metric and patience counter, save a checkpoint."""
     cfg = config.train
     metrics: dict[str, Any] = {}
@@ -575,11 +630,12 @@ def _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, re
         reporter.validated(state, metrics, improved)
     elif runtime.main and exp.valid is None:
         improved = True  # without validation data the newest checkpoint is the best we know
-    _save(config, exp, model, optimizer, scaler, state, runtime, metrics, best=improved, root=root)
+    _save(config, exp, model, optimizer, scaler, state, runtime, metrics, improved, root, raw_weights)
 
 
-def _save(config, exp, model, optimizer, scaler, state, runtime, metrics, best, root) -> Path:
-    """Every rank contributes its RNG state; rank 0 writes. All ranks must call this."""
+def _save(config, exp, model, optimizer, scaler, state, runtime, metrics, best, root, raw_weights) -> Path:
+    """Every rank contributes its RNG state; rank 0 writes. All ranks must call this.
+    ``raw_weights``: the weights training continues from, when ``model`` holds their average."""
     rng = _rng_state()
     if runtime.distributed:
         gathered: list[Any] = [None] * runtime.world
@@ -596,6 +652,8 @@ def _save(config, exp, model, optimizer, scaler, state, runtime, metrics, best, 
             "rng": gathered,
             "world_size": runtime.world,
         }
+        if raw_weights is not None:
+            trainer_state["model_weights"] = raw_weights
         path = save_checkpoint(
             root, step=state.step, epoch=state.epoch, model=model, config=config, tokenizers=exp.tokenizers,
             metrics=metrics, trainer_state=trainer_state, best=best, keep_last=config.train.keep_last,
@@ -613,7 +671,9 @@ def _refuse_existing_run(root: Path) -> None:
         )
 
 
-def _resume(root, config, exp, model, optimizer, scaler, runtime) -> TrainState:
+def _resume(root, config, exp, model, optimizer, scaler, runtime) -> tuple[TrainState, dict[str, Tensor] | None]:
+    """Load the last checkpoint; returns the training state and, for a run that kept a weight
+    average, the raw weights to continue from (the model then holds the average)."""
     if not (root / "last").exists():
         raise MtkitError(f"{root}: no checkpoint to resume from (no checkpoints/last); start without --resume")
     clean_temporaries(root)
@@ -637,7 +697,7 @@ def _resume(root, config, exp, model, optimizer, scaler, runtime) -> TrainState:
         warnings.warn(f"resuming {len(rngs)}-process training with {runtime.world}; random streams restart",
                       stacklevel=1)
         torch.manual_seed(config.experiment.seed + state.step + runtime.rank)
-    return state
+    return state, saved.get("model_weights")
 
 
 def _init_from(path: Path, model: Transformer, exp: Experiment, runtime: Runtime) -> None:

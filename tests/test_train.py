@@ -15,7 +15,7 @@ import mtkit.train
 from mtkit.cli import app
 from mtkit.config import TrainConfig, load_config
 from mtkit.model import PAD_ID, Transformer
-from mtkit.train import TranslationLoss, label_smoothed_nll, learning_rate, run_progress
+from mtkit.train import TranslationLoss, WeightAverage, label_smoothed_nll, learning_rate, run_progress
 
 
 def run(config: Path, *args: str):
@@ -63,6 +63,24 @@ def test_cooldown_by_steps_and_by_time():
     # The cool-down multiplies whatever the schedule gives (here inverse square root).
     inv = TrainConfig(lr=1.0, warmup_steps=4, max_steps=16, cooldown=0.5)
     assert learning_rate(inv, 12) == pytest.approx(math.sqrt(4 / 12) * 0.5)
+
+
+def test_weight_average_follows_the_weights_and_swaps_back():
+    model = torch.nn.Linear(3, 2)
+    history = [model.weight.detach().clone()]
+    average = WeightAverage(model, decay=0.9)
+    expected = history[0].clone()
+    for step in range(1, 40):
+        with torch.no_grad():
+            model.weight.add_(float(step))
+        decay = min(0.9, (1 + step) / (10 + step))  # low at first: not stuck at the initial weights
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+        average.update(step)
+    raw = model.weight.detach().clone()
+    with average.applied() as saved:
+        torch.testing.assert_close(model.weight.detach(), expected)
+        assert torch.equal(saved["weight"], raw) and set(saved) == {"weight", "bias"}
+    assert torch.equal(model.weight.detach(), raw)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -120,12 +138,14 @@ def test_train_logs_validates_and_checkpoints(trainkit_experiment):
     assert meta["step"] == 8 and "bleu" in meta["metrics"]
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_run(trainkit_experiment, monkeypatch):
-    # Dropout is on (0.1): equality needs the RNG state and the data position restored.
-    straight = trainkit_experiment("straight")
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(trainkit_experiment, monkeypatch, ema_decay):
+    # Dropout is on (0.1): equality needs the RNG state and the data position restored; with a
+    # weight average, also the raw weights saved beside the averaged ones.
+    straight = trainkit_experiment("straight", train={"ema_decay": ema_decay})
     assert run(straight).exit_code == 0
 
-    interrupted = trainkit_experiment("interrupted")
+    interrupted = trainkit_experiment("interrupted", train={"ema_decay": ema_decay})
     real_step, calls = mtkit.train.train_step, []
 
     def step_then_signal(*args, **kwargs):
@@ -154,6 +174,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(trainkit_experimen
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [r["step"] for r in log_rows(interrupted, "train")] == [2, 4, 6, 8]
+    state = torch.load(run_dir(straight) / "checkpoints" / "last" / "trainer_state.pt", weights_only=True)
+    if ema_decay:  # the checkpoint holds the average; training would go on from the raw weights
+        raw = state["model_weights"]
+        assert any(not torch.equal(raw[name], a[name]) for name in raw.keys() & a.keys())
+    else:
+        assert "model_weights" not in state
 
 
 def test_sigterm_saves_and_exits_143(trainkit_experiment, monkeypatch):

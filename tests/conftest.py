@@ -140,6 +140,10 @@ writing under DIR fails with EACCES: chmod when not root, else the os functions 
 """
 import builtins, errno, functools, importlib, io, json, os, resource, signal, sys
 
+# A shell starts background jobs with SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler; the SIGINT faults need the handler an interactive user has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def _readonly(directory):
     directory = os.path.realpath(directory)

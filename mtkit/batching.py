@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclass

@@ -38,7 +38,7 @@ from mtkit.checkpoint import Loaded, load_for_inference
 from mtkit.config import DecodeConfig
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 POST_NORM_HINT = "train with `model.norm: post`"

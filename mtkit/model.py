@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtkit.config import ModelConfig
-
-PAD_ID = 0
+from mtkit.vocab import PAD_ID
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:

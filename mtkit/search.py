@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtkit.model import Transformer
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
 

@@ -27,9 +27,7 @@ import sentencepiece as spm
 from mtkit.config import Config, TokenizerConfig
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_bytes, atomic_write_text
-
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID
 
 Side = Literal["src", "tgt"]
 META_FILE = "meta.json"

@@ -47,8 +47,9 @@ from mtkit.checkpoint import (
 )
 from mtkit.config import Config, TrainConfig
 from mtkit.errors import MtkitError, check_cuda_index
-from mtkit.model import PAD_ID, Transformer
+from mtkit.model import Transformer
 from mtkit.progress import Reporter
+from mtkit.vocab import PAD_ID
 
 # --------------------------------------------------------------------------- pieces with their own tests
 

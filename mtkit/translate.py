@@ -24,7 +24,7 @@ from mtkit.config import DecodeConfig
 from mtkit.errors import MtkitError
 from mtkit.model import Transformer
 from mtkit.search import Hypothesis, beam_search, sample
-from mtkit.tokenizer import EOS_ID, PAD_ID
+from mtkit.vocab import EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtkit.batching import Batch, TokenizedCorpus, epoch_batches  # noqa: E402
 from mtkit.config import ModelConfig, TrainConfig  # noqa: E402
 from mtkit.malloc import keep_freed_memory  # noqa: E402
-from mtkit.model import PAD_ID, Transformer  # noqa: E402
+from mtkit.model import Transformer  # noqa: E402
 from mtkit.train import TranslationLoss, make_optimizer  # noqa: E402
+from mtkit.vocab import PAD_ID  # noqa: E402
 
 
 def synthetic_corpus(pairs: int, vocab: int, seed: int) -> TokenizedCorpus:

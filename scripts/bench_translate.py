@@ -55,8 +55,8 @@ from mtkit.export import (  # noqa: E402
 from mtkit.fileio import read_lines  # noqa: E402
 from mtkit.malloc import keep_freed_memory  # noqa: E402
 from mtkit.score import score  # noqa: E402
-from mtkit.tokenizer import EOS_ID, PAD_ID  # noqa: E402
 from mtkit.translate import Translator  # noqa: E402
+from mtkit.vocab import EOS_ID, PAD_ID  # noqa: E402
 
 IdsFn = Callable[[list[list[int]]], list[list[int]]]
 

@@ -62,7 +62,8 @@ def train_peer(run_dir: Path, config, minutes: float, threads: int, lr: float, w
     from datasets import load_from_disk
     from transformers import MarianConfig, MarianMTModel
 
-    from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizers
+    from mtkit.tokenizer import Tokenizers
+    from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
 
     torch.set_num_threads(threads)
     torch.manual_seed(config.experiment.seed)
@@ -132,7 +133,7 @@ def translate_peer(model, tokenizers, run_dir: Path, config, batch_size: int = 3
     import torch
     from datasets import load_from_disk
 
-    from mtkit.tokenizer import EOS_ID, PAD_ID
+    from mtkit.vocab import EOS_ID, PAD_ID
 
     test = load_from_disk(str(run_dir / "data" / "test"))
     d = config.decode

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtkit.batching import TokenizedCorpus, epoch_batches, pack, padding_ratio, sorted_batches
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
 def random_corpus(n: int, seed: int = 0, longest: int = 40) -> TokenizedCorpus:

@@ -25,7 +25,8 @@ from mtkit.export import (
 )
 from mtkit.model import Transformer
 from mtkit.search import greedy_search
-from mtkit.tokenizer import EOS_ID, PAD_ID, train_tokenizers
+from mtkit.tokenizer import train_tokenizers
+from mtkit.vocab import EOS_ID, PAD_ID
 
 WORDS = [
     "the", "a", "cat", "dog", "sat", "on", "mat", "red", "blue",

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mtkit.config import ModelConfig
-from mtkit.model import PAD_ID, Transformer, dropout
+from mtkit.model import Transformer, dropout
+from mtkit.vocab import PAD_ID
 
 
 def tiny(**overrides) -> ModelConfig:

@@ -19,7 +19,7 @@ from mtkit.search import (
     next_beams,
     sample,
 )
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
 
 NEG = float("-inf")
 

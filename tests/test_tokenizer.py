@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from mtkit.cli import app
 from mtkit.errors import MtkitError
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizers
+from mtkit.tokenizer import Tokenizers
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 runner = CliRunner()
 

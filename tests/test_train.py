@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 import mtkit.train
 from mtkit.cli import app
 from mtkit.config import TrainConfig, load_config
-from mtkit.model import PAD_ID, Transformer
+from mtkit.model import Transformer
 from mtkit.train import TranslationLoss, WeightAverage, label_smoothed_nll, learning_rate, run_progress
+from mtkit.vocab import PAD_ID
 
 
 def run(config: Path, *args: str):

@@ -3,7 +3,7 @@
 glibc's ``malloc`` serves every block above 32 MiB with its own ``mmap`` and unmaps it on
 ``free``. Training and beam search allocate tensors that large at every step (the logits of a
 batch alone are tokens x vocabulary floats), so each step faults in fresh zeroed pages by the
-hundred thousand: about 15% of a CPU training step here, and 10% of translation. With
+hundred thousand, a sizeable share of a CPU step (docs/benchmarks.md). With
 ``mmap`` off and trimming off, freed blocks stay in the heap and the next step reuses them.
 The cost is that the process keeps its peak memory until it exits, which a training or
 translation process does anyway.
@@ -58,12 +58,12 @@ def huge_pages_for_large_tensors() -> bool:
     """Ask PyTorch to back its large CPU tensors with transparent huge pages.
 
     Kept memory still has to be faulted in once, and token-based batches keep growing the heap
-    for a while (each new batch shape leaves blocks of new sizes). With 4 KiB pages that cost
-    about 1,900 page faults a training step over the first few hundred steps (a 40 MiB softmax
-    that met fresh heap took 105 ms instead of 6). PyTorch's ``THP_MEM_ALLOC_ENABLE`` makes it
+    for a while (each new batch shape leaves blocks of new sizes). With 4 KiB pages that costs
+    thousands of page faults a training step over the first few hundred steps (a large softmax
+    that meets fresh heap is many times slower). PyTorch's ``THP_MEM_ALLOC_ENABLE`` makes it
     ``madvise(MADV_HUGEPAGE)`` every allocation of 2 MiB or more, so the kernel maps 2 MiB at a
-    time (where THP is ``always`` or ``madvise``): ten times fewer faults here, a few percent of
-    a step, and a smaller heap. PyTorch reads the variable once, at its first large
+    time (where THP is ``always`` or ``madvise``): far fewer faults and a smaller heap
+    (docs/benchmarks.md). PyTorch reads the variable once, at its first large
     allocation, so this must run before any: ``mtkit.cli.main`` calls it before importing torch.
     Returns whether it is on (an explicit ``THP_MEM_ALLOC_ENABLE`` is left as the user set it).
     """

@@ -29,9 +29,9 @@ from mtkit.vocab import PAD_ID
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """``F.dropout``, with a faster mask on CPU.
 
-    On CPU ``F.dropout`` draws one Bernoulli sample per element, about 9 ms for a
-    1,300 x 1,024 activation on 2 cores (8% of a training step of the ``small`` model). Here
-    the mask comes from 16 random bits per element, drawn 64 at a time (1 ms): an element is
+    On CPU ``F.dropout`` draws one Bernoulli sample per element, a visible share of a training
+    step (docs/benchmarks.md). Here the mask comes from 16 random bits per element, drawn 64 at
+    a time, several times cheaper: an element is
     kept when its bits reach ``round(p * 2**16)``, so the drop rate is ``p`` to within
     2**-17 and the scale uses that exact rate. Other devices use ``F.dropout``.
     """
@@ -128,15 +128,15 @@ class Attention(nn.Module):
                     value = torch.cat([cache[1], value], dim=2)
                 cache[:] = [key, value]
         if query.shape[2] == 1 and not self.training and query.device.type == "cpu":
-            # One query per row (incremental decoding): two small matmuls run 2-3x faster
-            # than the CPU kernel of scaled_dot_product_attention (measured at beam 5).
+            # One query per row (incremental decoding): two small matmuls beat the CPU kernel
+            # of scaled_dot_product_attention, whose set-up dominates at this size.
             weights = (query @ key.transpose(-1, -2)) * self.head_dim**-0.5
             if mask is not None:
                 weights = weights.masked_fill(~mask, float("-inf"))
             out = weights.softmax(dim=-1) @ value
         elif self.training and query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # PyTorch's CPU attention backward is ~6x slower in bf16 than in fp32 (28% of a
-            # bf16 training step of the small model): attend in fp32, project in bf16.
+            # PyTorch's CPU attention backward is several times slower in bf16 than in fp32
+            # (docs/benchmarks.md): attend in fp32, project in bf16.
             with torch.autocast("cpu", enabled=False):
                 out = self._attend(query.float(), key.float(), value.float(), mask, causal)
         else:

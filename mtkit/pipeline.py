@@ -183,11 +183,9 @@ def translate_test_set(config: Config) -> Path:
 
 
 def _device(config: Config) -> str:
-    import torch
+    from mtkit.runtime import training_device
 
-    if config.train.device != "auto":
-        return config.train.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return training_device(config.train.device)
 
 
 def write_report(config: Config) -> dict:

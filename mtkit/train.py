@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import shutil
 import signal
@@ -46,9 +45,10 @@ from mtkit.checkpoint import (
     save_checkpoint,
 )
 from mtkit.config import Config, TrainConfig
-from mtkit.errors import MtkitError, check_cuda_index
+from mtkit.errors import MtkitError
 from mtkit.model import Transformer
 from mtkit.progress import Reporter
+from mtkit.runtime import Runtime, cpu_has_native_bf16, setup_runtime  # noqa: F401 (re-exported)
 from mtkit.vocab import PAD_ID
 
 # --------------------------------------------------------------------------- pieces with their own tests
@@ -188,87 +188,6 @@ class WeightAverage:
 def _averaged(average: WeightAverage | None) -> contextlib.AbstractContextManager:
     """``average.applied()``, or nothing (yielding None) when training keeps no average."""
     return average.applied() if average is not None else contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------- run-time setup
-
-
-@dataclass
-class Runtime:
-    """Where and how this process trains."""
-
-    device: torch.device
-    precision: str  # fp32, bf16 or fp16 (resolved from "auto")
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Sum numbers over ranks (identity without distribution)."""
-        if not self.distributed:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16): there
-    bf16 autocast trains ~1.3x faster than fp32; elsewhere it is emulated and many times slower."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Join the process group under torchrun, pick the device and the precision."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise MtkitError(f"train.device={cfg.device}: no CUDA device available")
-    if device.type == "cuda":
-        check_cuda_index(device.index, f"train.device={cfg.device}")
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    precision = cfg.precision
-    if precision == "auto" and device.type == "cuda":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    elif precision == "auto":
-        precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise MtkitError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on a CPU")
-    return Runtime(device=device, precision=precision, rank=rank, world=world)
 
 
 # --------------------------------------------------------------------------- state

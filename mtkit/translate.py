@@ -23,6 +23,7 @@ import torch
 from mtkit.config import DecodeConfig
 from mtkit.errors import MtkitError
 from mtkit.model import Transformer
+from mtkit.runtime import Shard
 from mtkit.search import Hypothesis, beam_search, sample
 from mtkit.vocab import EOS_ID, PAD_ID
 
@@ -46,16 +47,6 @@ class Translation:
     text: str
     score: float | None = None
     nbest: list[tuple[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class Shard:
-    """This process's part of a multi-process translation: ``rank`` of ``world``;
-    ``gather(part)`` returns every rank's part (in rank order) on rank 0, None elsewhere."""
-
-    rank: int
-    world: int
-    gather: Callable[[list[Translation]], list[list[Translation]] | None]
 
 
 def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

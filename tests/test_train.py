@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import mtkit.runtime
 import mtkit.train
 from mtkit.cli import app
 from mtkit.config import TrainConfig, load_config
@@ -235,10 +236,10 @@ def test_cooldown_ends_the_run_annealed(trainkit_experiment):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_precision_on_cpu_follows_the_hardware(monkeypatch, native_bf16):
-    monkeypatch.setattr(mtkit.train, "cpu_has_native_bf16", lambda: native_bf16)
-    runtime = mtkit.train.setup_runtime(TrainConfig(device="cpu"))
+    monkeypatch.setattr(mtkit.runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    runtime = mtkit.runtime.setup_runtime(TrainConfig(device="cpu"))
     assert runtime.precision == ("bf16" if native_bf16 else "fp32")
-    assert mtkit.train.setup_runtime(TrainConfig(device="cpu", precision="fp32")).precision == "fp32"
+    assert mtkit.runtime.setup_runtime(TrainConfig(device="cpu", precision="fp32")).precision == "fp32"
 
 
 def test_bf16_autocast_trains_on_cpu(trainkit_experiment):

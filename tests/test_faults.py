@@ -5,16 +5,16 @@ Faults are real where that needs no privileges: a full disk is RLIMIT_FSIZE (fro
 moment on, the kernel fails every write past 4 KiB with EFBIG, also inside safetensors' Rust
 and torch's C++ writers); a read-only directory is chmod 555 when not root, and (as root, whom
 chmod does not stop) os functions that refuse with EACCES. One case raises ENOSPC itself. Each
-process runs with the fault armed at an exact call (conftest.FAULTKIT_WRAPPER); all start at
+process runs with the fault armed at an exact call (tests/fault_wrapper.py); all start at
 once.
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import FaultScenario as Scenario
-from conftest import faultkit_experiment, faultkit_launch, faultkit_random_checkpoint
-from conftest import faultkit_fault as fault
+from helpers.faults import FaultScenario as Scenario
+from helpers.faults import faultkit_experiment, faultkit_launch, faultkit_random_checkpoint
+from helpers.faults import faultkit_fault as fault
 from typer.testing import CliRunner
 
 from mtkit.checkpoint import load_for_inference, read_meta

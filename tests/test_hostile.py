@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import faultkit_experiment, faultkit_random_checkpoint
+from helpers.faults import faultkit_experiment, faultkit_random_checkpoint
 from typer.testing import CliRunner
 
 from mtkit.checkpoint import load_trainer_state

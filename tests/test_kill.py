@@ -1,7 +1,7 @@
 """Kill tests: ``prepare``, ``train`` and ``translate -o`` killed (SIGKILL) at exact points, and
 stopped by SIGINT/SIGTERM, as real processes.
 
-Each scenario runs ``mtkit`` in a fresh interpreter whose wrapper (conftest.FAULTKIT_WRAPPER)
+Each scenario runs ``mtkit`` in a fresh interpreter whose wrapper (tests/fault_wrapper.py)
 sends the signal at the N-th call of a chosen function, so the kill lands at the same point
 every time without sleeps or hooks in library code. All scenarios start at once (they are
 independent) and the tests then check what each left behind: (a) no output that looks
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FaultScenario as Scenario
-from conftest import faultkit_experiment, faultkit_launch, faultkit_random_checkpoint
-from conftest import faultkit_fault as fault
+from helpers.faults import FaultScenario as Scenario
+from helpers.faults import faultkit_experiment, faultkit_launch, faultkit_random_checkpoint
+from helpers.faults import faultkit_fault as fault
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -47,7 +47,7 @@ def killed(trainkit_prepared, tmp_path_factory) -> dict[str, Scenario]:
     lines = "mtkit.translate:Translator.translate_lines"
 
     scenarios = {
-        # Training: 8 steps, a validated checkpoint every 4 (tests/conftest.py TRAINKIT_SECTIONS).
+        # Training: 8 steps, a validated checkpoint every 4 (tests/helpers/data.py TRAINKIT_SECTIONS).
         "train_between_steps": Scenario(place("t1"), TRAIN, fault("mtkit.train:train_step", 6, "after")),
         # The second checkpoint's weights are on disk, its training state and meta.json are not.
         "train_in_checkpoint": Scenario(place("t2"), TRAIN, fault("mtkit.checkpoint:save_model", 2, "after")),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tokdata_pairs
+from helpers.data import tokdata_pairs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner

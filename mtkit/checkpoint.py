@@ -40,6 +40,7 @@ from mtkit.config import Config, save_config, validate_config
 from mtkit.errors import ConfigError, MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text, fsync_path, remove_stale_temporaries
 from mtkit.model import Transformer
+from mtkit.rundir import ExperimentDir
 
 FORMAT = "mtkit-checkpoint/1"
 WEIGHTS, CONFIG, META, STATE, TOKENIZER = (
@@ -53,7 +54,7 @@ STEP_PREFIX = "step_"
 
 
 def checkpoints_dir(exp_dir: Path) -> Path:
-    return Path(exp_dir) / "checkpoints"
+    return ExperimentDir(exp_dir).checkpoints
 
 
 def step_name(step: int) -> str:

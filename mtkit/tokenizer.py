@@ -36,7 +36,9 @@ META_FORMAT = 1
 
 def tokenizer_dir(config: Config) -> Path:
     """Where ``mtkit tokenizer train`` writes and every later stage reads the tokenizer."""
-    return config.experiment.dir / "tokenizer"
+    from mtkit.rundir import ExperimentDir
+
+    return ExperimentDir(config.experiment.dir).tokenizer
 
 
 class Tokenizer:

@@ -23,9 +23,11 @@ def pipeline(
     """
     from mtkit.config import load_config
     from mtkit.pipeline import run_pipeline
+    from mtkit.rundir import ExperimentDir, exclusive
 
     cfg = load_config(config, overrides)
-    run_pipeline(cfg, start=start, log=lambda line: typer.echo(line, err=True))
-    report = cfg.experiment.dir / "report.md"
+    with exclusive(cfg.experiment.dir):
+        run_pipeline(cfg, start=start, log=lambda line: typer.echo(line, err=True))
+    report = ExperimentDir(cfg.experiment.dir).report_md
     typer.echo(report.read_text(), nl=False)
     typer.echo(f"\nreport: {report} (and report.json, training.png)", err=True)

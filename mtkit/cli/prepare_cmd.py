@@ -13,8 +13,10 @@ def prepare(config: ConfigOption, overrides: SetOption = None) -> None:
     from mtkit.config import load_config
     from mtkit.data import data_dir
     from mtkit.data import prepare as prepare_data
+    from mtkit.rundir import exclusive
 
     cfg = load_config(config, overrides)
-    report = prepare_data(cfg)
+    with exclusive(cfg.experiment.dir):
+        report = prepare_data(cfg)
     typer.echo(report.to_text(), err=True, nl=False)
     typer.echo(f"prepared data written to {data_dir(cfg.experiment.dir)}", err=True)

@@ -33,10 +33,12 @@ def train(config: ConfigOption, overrides: SetOption = None) -> None:
     """Train SentencePiece on data.train into {experiment.dir}/tokenizer/."""
     from mtkit.config import load_config
     from mtkit.data import train_tokenizer
+    from mtkit.rundir import exclusive
     from mtkit.tokenizer import tokenizer_dir
 
     cfg = load_config(config, overrides)
-    tokenizers = train_tokenizer(cfg)
+    with exclusive(cfg.experiment.dir):
+        tokenizers = train_tokenizer(cfg)
     sizes = (
         f"{tokenizers.src.vocab_size}"
         if tokenizers.joint

@@ -33,12 +33,14 @@ def train(
     """
     from mtkit.config import load_config
     from mtkit.errors import MtkitError
+    from mtkit.rundir import exclusive
     from mtkit.train import train as run_training
 
     if resume and init_from is not None:
         raise MtkitError("--resume and --init-from exclude each other: resume continues a run, init-from starts one")
     cfg = load_config(config, overrides)
-    result = run_training(cfg, resume=resume, init_from=init_from)
+    with exclusive(cfg.experiment.dir):
+        result = run_training(cfg, resume=resume, init_from=init_from)
     if result.interrupted:
         typer.echo(
             f"mtkit: stopped by {result.reason} at step {result.state.step}; checkpoint saved in "

@@ -14,6 +14,7 @@ Tensors per batch: ``src`` ``(B, S)`` = ids + EOS; ``tgt_in`` ``(B, T)`` = BOS +
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,9 +60,13 @@ class TokenizedCorpus:
         self.tgt_lens = np.diff(tgt_offsets).astype(np.int64)
 
     @classmethod
-    def from_dataset(cls, dataset) -> TokenizedCorpus:
-        """From a ``datasets.Dataset`` with list-of-int columns ``src_ids`` and ``tgt_ids``."""
-        table = dataset.with_format("arrow")[:]
+    def from_dataset(cls, dataset: Any) -> TokenizedCorpus:
+        """From a prepared split (``mtkit.data.PreparedSplit``), a ``pyarrow.Table`` or a
+        ``datasets.Dataset``, with list-of-int columns ``src_ids`` and ``tgt_ids``."""
+        if hasattr(dataset, "with_format"):  # datasets.Dataset: its rows may be a selection
+            table = dataset.with_format("arrow")[:]
+        else:
+            table = getattr(dataset, "table", dataset)
         arrays = []
         for column in ("src_ids", "tgt_ids"):
             ids = table.column(column).combine_chunks()

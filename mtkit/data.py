@@ -1,20 +1,21 @@
-"""Parallel corpora: read, normalise, filter, encode, and store them as Arrow for training.
+"""Prepared data: clean, filter, de-duplicate and encode the corpora (read by
+``mtkit.corpus``), and store them as Arrow IPC files that training memory-maps.
 
-``prepare(config)`` turns the corpora of ``config.data`` into
-``{experiment.dir}/data/{train,valid,test}`` (``datasets.Dataset.save_to_disk`` layout) with
-columns ``src``, ``tgt`` (cleaned text), ``src_ids``, ``tgt_ids`` (int32 subword ids, no
-BOS/EOS) and ``src_len``, ``tgt_len`` (int32), plus ``report.json`` / ``report.txt``.
+``prepare(config)`` writes ``{experiment.dir}/data/``::
+
+    train.arrow  valid.arrow  test.arrow   one Arrow IPC file per configured split
+    report.json  report.txt                counts, the tokenizer fingerprint, the format version
+
+Each ``.arrow`` file is an uncompressed Arrow IPC file (random-access format) of record
+batches with columns ``src``, ``tgt`` (cleaned text, string), ``src_ids``, ``tgt_ids``
+(subword ids without BOS/EOS, list<int32>) and ``src_len``, ``tgt_len`` (int32). ``load_split``
+reads one by memory map, without copying; so can plain pyarrow. docs/data-format.md has the
+details.
 
 Everything streams in chunks of ``data.chunk_size`` pairs: memory is bounded by the chunk
 and the de-duplication set (a 64-bit hash per kept pair, about 60 bytes in a Python set),
 never by the corpus text. The whole ``data/`` directory is written under a temporary name
 and renamed at the end, so a failed or killed run leaves no complete-looking output.
-
-Whitespace normalisation (applied to every side of every split, and to tokenizer training
-text): control characters other than whitespace are removed (C0, DEL, C1, and the byte-order
-mark U+FEFF); every run of whitespace (spaces, tabs, Unicode spaces such as U+00A0 and U+3000,
-line and paragraph separators) becomes one ASCII space; the ends are stripped. A tab inside a
-sentence is therefore a space: tabs only ever separate columns (TSV).
 
 Training pairs are filtered; each dropped pair is counted under the first check it fails, in
 the order of ``DROP_REASONS``. Valid and test pairs are kept line for line (normalised only;
@@ -26,33 +27,32 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import re
 import resource
-import secrets
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import chain, islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import pyarrow as pa
 
 from mtkit.config import Config, CorpusConfig, DataConfig, save_config
+from mtkit.corpus import normalize, read_corpus, training_text, utf8_pairs
 from mtkit.errors import MtkitError
-from mtkit.fileio import atomic_dir, read_lines
-from mtkit.tokenizer import Side, Tokenizers, tokenizer_dir, train_tokenizers
-
-if TYPE_CHECKING:  # datasets takes a second to import; the readers and normalise do not need it
-    import datasets
+from mtkit.fileio import atomic_dir
+from mtkit.tokenizer import Tokenizers, tokenizer_dir, train_tokenizers
 
 SPLITS = ("train", "valid", "test")
 DROP_REASONS = ("invalid_utf8", "empty", "duplicate", "eval_overlap", "too_short", "too_long", "ratio")
 """Why a pair was dropped, in the order the checks run."""
+
+FORMAT = 1
+"""Version of the layout of ``data/`` (``format`` in report.json); docs/data-format.md."""
 
 SCHEMA = pa.schema(
     [
@@ -64,214 +64,16 @@ SCHEMA = pa.schema(
         ("tgt_len", pa.int32()),
     ]
 )
-
-Chunk = tuple[list[Any], list[Any]]
-"""Source and target sentences of up to ``chunk_size`` pairs; None marks a line that is not
-UTF-8 (under ``invalid_utf8=skip``)."""
+"""The columns of every split file, in order."""
 
 
 def data_dir(exp_dir: Path) -> Path:
     return Path(exp_dir) / "data"
 
 
-# --------------------------------------------------------------------------- normalisation
-
-_CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ufeff]")
-"""Control characters that str.split() does not already treat as whitespace."""
-
-
-def normalize(texts: list[str]) -> list[str]:
-    """Remove control characters, collapse whitespace runs to one space, strip (see module doc)."""
-    # One regex scan of the joined chunk is far cheaper than one per line, and control
-    # characters are rare, so the per-line substitution almost never runs. (Finding the few
-    # lines that need whitespace work the same way was measured slower than split/join.)
-    if _CONTROL.search("".join(texts)):
-        texts = [_CONTROL.sub("", text) for text in texts]
-    return [" ".join(text.split()) for text in texts]
-
-
-# --------------------------------------------------------------------------- readers
-
-
-def read_corpus(corpus: CorpusConfig, invalid_utf8: str = "error", chunk_size: int = 10_000) -> Iterator[Chunk]:
-    """Raw (not yet normalised) pairs of one corpus, ``chunk_size`` at a time, at most
-    ``corpus.limit`` in all. Bad input raises MtkitError naming the file and line."""
-    chunks = _READERS[corpus.format](corpus, invalid_utf8, chunk_size)
-    if corpus.limit is None:
-        yield from chunks
-        return
-    left = corpus.limit
-    for src, tgt in chunks:
-        if len(src) >= left:
-            yield src[:left], tgt[:left]
-            return
-        left -= len(src)
-        yield src, tgt
-
-
-def _read_text(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
-    assert corpus.src is not None and corpus.tgt is not None
-    src_lines = read_lines(corpus.src, invalid_utf8)
-    tgt_lines = read_lines(corpus.tgt, invalid_utf8)
-    done = 0
-    while True:
-        src = list(islice(src_lines, chunk_size))
-        tgt = list(islice(tgt_lines, chunk_size))
-        if len(src) != len(tgt):
-            src_total = done + len(src) + sum(1 for _ in src_lines)
-            tgt_total = done + len(tgt) + sum(1 for _ in tgt_lines)
-            raise MtkitError(
-                f"{corpus.src} has {src_total} lines but {corpus.tgt} has {tgt_total}; "
-                "a parallel corpus needs the same number of lines on both sides"
-            )
-        if not src:
-            return
-        done += len(src)
-        yield src, tgt
-
-
-def _read_tsv(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
-    assert corpus.path is not None
-    path = corpus.path
-    lines = read_lines(path, invalid_utf8)
-    number = 0
-    names: list[str] = []
-    if corpus.header:
-        first = next(lines, None)
-        number = 1
-        if first is None:
-            raise MtkitError(f"{path}:1: header line missing or not UTF-8")
-        names = first.split("\t")
-    columns = [_tsv_column(path, spec, names, corpus.header) for spec in (corpus.src_field, corpus.tgt_field)]
-    (src_col, src_name), (tgt_col, tgt_name) = columns
-    width = max(src_col, tgt_col) + 1
-    while True:
-        block = list(islice(lines, chunk_size))
-        if not block:
-            return
-        src: list[str | None] = []
-        tgt: list[str | None] = []
-        for line in block:
-            number += 1
-            if line is None:
-                src.append(None)
-                tgt.append(None)
-                continue
-            cells = line.split("\t")
-            if len(cells) < width:
-                name = src_name if len(cells) <= src_col else tgt_name
-                raise MtkitError(f"{path}:{number}: {len(cells)} column(s), column {name} is missing")
-            src.append(cells[src_col])
-            tgt.append(cells[tgt_col])
-        yield src, tgt
-
-
-def _tsv_column(path: Path, spec: str, names: list[str], header: bool) -> tuple[int, str]:
-    """(0-based index, description) of a TSV column given by index or header name."""
-    if spec.isascii() and spec.isdigit():
-        return int(spec), spec
-    if not header:
-        raise MtkitError(
-            f"{path}: column '{spec}' is not a 0-based index and the corpus has no header "
-            "(set header: true or give a column number)"
-        )
-    if spec not in names:
-        raise MtkitError(f"{path}:1: no column named '{spec}' in the header ({', '.join(names)})")
-    return names.index(spec), f"'{spec}'"
-
-
-def _read_jsonl(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
-    assert corpus.path is not None
-    path = corpus.path
-    src_path, tgt_path = corpus.src_field.split("."), corpus.tgt_field.split(".")
-    lines = read_lines(path, invalid_utf8)
-    number = 0
-    while True:
-        block = list(islice(lines, chunk_size))
-        if not block:
-            return
-        src: list[str | None] = []
-        tgt: list[str | None] = []
-        for line in block:
-            number += 1
-            if line is None:
-                src.append(None)
-                tgt.append(None)
-                continue
-            if not line.strip():  # a blank line holds no record
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MtkitError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            src.append(_field(record, src_path, f"{path}:{number}"))
-            tgt.append(_field(record, tgt_path, f"{path}:{number}"))
-        yield src, tgt
-
-
-def _field(record: Any, keys: list[str], where: str) -> str:
-    """``record["a"]["b"]`` for the dotted field ``a.b``; MtkitError naming ``where`` if absent."""
-    value = record
-    for key in keys:
-        if not isinstance(value, dict) or key not in value:
-            raise MtkitError(f"{where}: no field '{'.'.join(keys)}'")
-        value = value[key]
-    if not isinstance(value, str):
-        raise MtkitError(f"{where}: field '{'.'.join(keys)}' is {type(value).__name__}, expected a string")
-    return value
-
-
-def _read_hub(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
-    import datasets
-
-    name = f"hub dataset {corpus.name}" + (f"/{corpus.subset}" if corpus.subset else "") + f" [{corpus.split}]"
-    src_path, tgt_path = corpus.src_field.split("."), corpus.tgt_field.split(".")
-    # The hub client raises many exception types (network, missing dataset or split, script
-    # errors); for the user each is one line about this corpus.
-    try:
-        records = iter(datasets.load_dataset(corpus.name, corpus.subset, split=corpus.split, streaming=True))
-    except Exception as err:
-        raise MtkitError(f"{name}: cannot load: {_one_line(err)}") from None
-    number = 0
-    while True:
-        try:
-            block = list(islice(records, chunk_size))
-        except Exception as err:
-            raise MtkitError(f"{name}: read failed after record {number}: {_one_line(err)}") from None
-        if not block:
-            return
-        src, tgt = [], []
-        for record in block:
-            number += 1
-            src.append(_field(record, src_path, f"{name} record {number}"))
-            tgt.append(_field(record, tgt_path, f"{name} record {number}"))
-        yield src, tgt
-
-
-_READERS: dict[str, Callable[[CorpusConfig, str, int], Iterator[Chunk]]] = {
-    "text": _read_text,
-    "tsv": _read_tsv,
-    "jsonl": _read_jsonl,
-    "hub": _read_hub,
-}
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return (text[:300] + "...") if len(text) > 300 else (text or type(err).__name__)
-
-
-def training_text(data: DataConfig, sides: tuple[Side, ...]) -> Iterator[str]:
-    """Normalised, non-empty sentences of ``sides`` of the training corpora, for tokenizer
-    training: the same readers and normalisation as ``prepare``."""
-    if not data.train:
-        raise MtkitError("data.train: no training corpora configured")
-    for corpus in data.train:
-        for raw_src, raw_tgt in read_corpus(corpus, data.invalid_utf8, data.chunk_size):
-            src, tgt = _without_invalid(raw_src, raw_tgt)
-            for side, texts in (("src", src), ("tgt", tgt)):
-                if side in sides:
-                    yield from filter(None, normalize(texts))
+def split_file(directory: Path, split: str) -> Path:
+    """The Arrow file of ``split`` in a data directory."""
+    return Path(directory) / f"{split}.arrow"
 
 
 def train_tokenizer(config: Config) -> Tokenizers:
@@ -285,14 +87,6 @@ def train_tokenizer(config: Config) -> Tokenizers:
     )
     save_config(config, config.experiment.dir / "config.yaml")
     return tokenizers
-
-
-def _without_invalid(src: list[str | None], tgt: list[str | None]) -> tuple[list[str], list[str]]:
-    """The pairs of a chunk whose both sides are UTF-8 (see ``invalid_utf8=skip``)."""
-    if None not in src and None not in tgt:
-        return src, tgt  # type: ignore[return-value]
-    pairs = [(s, t) for s, t in zip(src, tgt, strict=True) if s is not None and t is not None]
-    return [s for s, _ in pairs], [t for _, t in pairs]
 
 
 # --------------------------------------------------------------------------- the report
@@ -312,7 +106,9 @@ class SplitReport:
 @dataclass
 class PrepareReport:
     tokenizer_fingerprint: str
-    config_hash: str
+    """sha256 of the tokenizer model(s) the ids come from (see ``Tokenizers.fingerprint``)."""
+    format: int = FORMAT
+    """Version of the layout of ``data/`` (see ``FORMAT``)."""
     splits: dict[str, SplitReport] = field(default_factory=dict)
     seconds: float = 0.0
     """Wall-clock time of the whole prepare (after imports)."""
@@ -325,7 +121,7 @@ class PrepareReport:
     def to_text(self) -> str:
         """A table a person can read: one row per split, one column per count."""
         header = ["split", "read", "kept", *DROP_REASONS, "src_tokens", "tgt_tokens"]
-        rows = [header]
+        rows: list[list[object]] = [list(header)]
         for name, s in self.splits.items():
             rows.append([name, s.read, s.kept, *(s.dropped[r] for r in DROP_REASONS), s.src_tokens, s.tgt_tokens])
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
@@ -355,7 +151,7 @@ def prepare(config: Config) -> PrepareReport:
     out = data_dir(exp_dir)
     for stale in exp_dir.glob(f".{out.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    report = PrepareReport(tokenizers.fingerprint(), config.section_hash("data", "tokenizer"))
+    report = PrepareReport(tokenizers.fingerprint())
     with atomic_dir(out) as tmp:
         # Valid and test first: training pairs whose source they contain may be removed.
         eval_sources: set[int] = set()
@@ -398,10 +194,10 @@ def _prepare_split(
 ) -> SplitReport:
     stats = SplitReport()
     limits = _Limits(data.min_len, data.max_len, data.max_ratio) if split == "train" else None
-    directory = out / split
-    directory.mkdir()
     chunks = _clean_chunks(split, corpora, data, stats, eval_sources)
-    with pa.OSFile(str(directory / _SHARD), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
+    # One record batch per chunk, so memory stays bounded by the chunk; the IPC file format
+    # (not the stream format) ends in a footer that lets readers map the batches in place.
+    with pa.OSFile(str(split_file(out, split)), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
         for encoded in _encode_all(chunks, tokenizers, limits, data.num_proc):
             writer.write_batch(encoded.batch)
             stats.kept += encoded.batch.num_rows
@@ -409,7 +205,6 @@ def _prepare_split(
             stats.tgt_tokens += encoded.tgt_tokens
             for reason in ("too_short", "too_long", "ratio"):
                 stats.dropped[reason] += getattr(encoded, reason)
-    _write_dataset_state(directory)
     return stats
 
 
@@ -426,7 +221,7 @@ def _clean_chunks(
     for corpus in corpora:
         for raw_src, raw_tgt in read_corpus(corpus, data.invalid_utf8, data.chunk_size):
             stats.read += len(raw_src)
-            valid_src, valid_tgt = _without_invalid(raw_src, raw_tgt)
+            valid_src, valid_tgt = utf8_pairs(raw_src, raw_tgt)
             stats.dropped["invalid_utf8"] += len(raw_src) - len(valid_src)
             src, tgt = normalize(valid_src), normalize(valid_tgt)
             if train:
@@ -588,48 +383,76 @@ def _string_array(texts: list[str]) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data.replace(b"\n", b""))])
 
 
-# A split is written in the layout of ``datasets.Dataset.save_to_disk`` (one Arrow stream
-# shard, state.json, dataset_info.json), straight from pyarrow: going through datasets would
-# copy every byte once more and its import alone costs a second. The features are left out of
-# dataset_info.json, so datasets infers them from the Arrow schema. ``load_split`` (that is,
-# ``datasets.load_from_disk``) reads it; the tests check that it does.
-_SHARD = "data-00000-of-00001.arrow"
-
-
-def _write_dataset_state(directory: Path) -> None:
-    state = {
-        "_data_files": [{"filename": _SHARD}],
-        "_fingerprint": secrets.token_hex(8),  # datasets keys its cache on it: new data, new key
-        "_format_columns": None,
-        "_format_kwargs": {},
-        "_format_type": None,
-        "_output_all_columns": False,
-        "_split": None,
-    }
-    info = {"citation": "", "description": "", "homepage": "", "license": ""}
-    (directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-    (directory / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-
-
 # --------------------------------------------------------------------------- reading prepared data
 
 
-def load_split(exp_dir: Path, split: str) -> datasets.Dataset:
-    """A prepared split (memory-mapped). MtkitError if it was not prepared."""
-    import datasets
+class PreparedSplit:
+    """One prepared split: ``table`` is its Arrow table, memory-mapped from the split file.
 
+    Besides the table, it offers what its readers need as Python objects: ``split["src"]`` (a
+    column as a list), ``split[i]`` (a row as a dict), ``split[a:b]`` (a dict of lists),
+    ``len``, ``select`` and ``to_dict``.
+    """
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.table.column_names)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.table.schema
+
+    @overload
+    def __getitem__(self, key: str) -> list[Any]: ...
+    @overload
+    def __getitem__(self, key: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, key: slice) -> dict[str, list[Any]]: ...
+
+    def __getitem__(self, key: str | int | slice) -> list[Any] | dict[str, Any]:
+        if isinstance(key, str):
+            return self.table.column(key).to_pylist()
+        if isinstance(key, slice):
+            rows = range(len(self))[key]
+            if rows.step == 1:
+                return self.table.slice(rows.start, len(rows)).to_pydict()
+            return self.select(rows).to_dict()
+        row = range(len(self))[key]  # IndexError past the end, as for a list
+        return self.table.slice(row, 1).to_pylist()[0]
+
+    def select(self, indices: Iterable[int]) -> PreparedSplit:
+        """The rows ``indices``, in that order (a copy, no longer memory-mapped)."""
+        return PreparedSplit(self.table.take(pa.array(list(indices), pa.int64())))
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        """Every column as a list."""
+        return self.table.to_pydict()
+
+
+def load_split(exp_dir: Path, split: str) -> PreparedSplit:
+    """A prepared split, memory-mapped. MtkitError if it was not prepared (or by another mtkit)."""
     if split not in SPLITS:
         raise MtkitError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
     directory = data_dir(exp_dir)
     _read_report(directory)
-    if not (directory / split).is_dir():
+    path = split_file(directory, split)
+    if not path.is_file():
         raise MtkitError(f"{directory}: no {split} split (data.{split} was not configured when preparing)")
     try:
-        return datasets.load_from_disk(str(directory / split))
-    except (OSError, ValueError, FileNotFoundError) as err:
-        raise MtkitError(
-            f"{directory / split}: unreadable prepared data ({_one_line(err)}); rerun `mtkit prepare`"
-        ) from None
+        # The table's buffers point into the mapping and keep it alive after the file closes.
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+    except (OSError, ValueError) as err:
+        raise MtkitError(f"{path}: unreadable prepared data ({_one_line(err)}); run `mtkit prepare` again") from None
+    if not table.schema.equals(SCHEMA):
+        raise MtkitError(f"{path}: unexpected columns ({', '.join(table.column_names)}); run `mtkit prepare` again")
+    return PreparedSplit(table)
 
 
 def prepared_fingerprint(exp_dir: Path) -> str:
@@ -637,18 +460,26 @@ def prepared_fingerprint(exp_dir: Path) -> str:
     return str(_read_report(data_dir(exp_dir))["tokenizer_fingerprint"])
 
 
-def read_report(exp_dir: Path) -> dict[str, Any]:
-    """The prepared data's report.json as a dict."""
-    return _read_report(data_dir(exp_dir))
-
-
 def _read_report(directory: Path) -> dict[str, Any]:
+    """report.json, which prepare writes last: its presence means the data is complete."""
     path = directory / "report.json"
     if not path.is_file():
         raise MtkitError(f"{directory}: data not prepared; run `mtkit prepare -c CONFIG` first")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
         report["tokenizer_fingerprint"]  # noqa: B018 - validates the shape
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise MtkitError(f"{path}: unreadable report ({_one_line(err)}); rerun `mtkit prepare`") from None
+        version = report.get("format")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise MtkitError(f"{path}: unreadable report ({_one_line(err)}); run `mtkit prepare` again") from None
+    if version != FORMAT:
+        # Before format 1, each split was a directory in the layout of datasets.save_to_disk.
+        raise MtkitError(
+            f"{directory}: prepared by another version of mtkit (data format {version or 0}, "
+            f"this one reads {FORMAT}); run `mtkit prepare -c CONFIG` again"
+        )
     return report
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text[:300] + "...") if len(text) > 300 else (text or type(err).__name__)

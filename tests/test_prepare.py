@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 import mtkit.data
 from mtkit.cli import app
 from mtkit.config import load_config
-from mtkit.data import load_split, normalize, prepared_fingerprint
+from mtkit.corpus import normalize
+from mtkit.data import load_split, prepared_fingerprint
 from mtkit.errors import MtkitError
 from mtkit.tokenizer import Tokenizers
 
@@ -94,7 +95,8 @@ def test_prepare_writes_arrow_splits_and_report(trained):
         assert counts["read"] == counts["kept"] + sum(counts["dropped"].values())
         ds = load_split(run, split)
         assert ds.column_names == ["src", "tgt", "src_ids", "tgt_ids", "src_len", "tgt_len"]
-        assert str(ds.features["src_ids"].feature.dtype) == "int32" and str(ds.features["src_len"].dtype) == "int32"
+        assert str(ds.schema.field("src_ids").type.value_type) == "int32"
+        assert str(ds.schema.field("src_len").type) == "int32"
         assert len(ds) == counts["kept"] and (n is None or len(ds) == n)
         rows = ds[:5]
         assert rows["src_ids"] == tok.src.encode(rows["src"])

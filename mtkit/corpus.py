@@ -1,0 +1,250 @@
+"""Parallel corpora as text: read them (plain or gzip text pairs, TSV, JSONL, hub datasets) and
+normalise their whitespace. No tokenizer, no Arrow; ``mtkit.data`` encodes and stores.
+
+Every reader yields raw pairs ``chunk_size`` at a time, so memory is bounded by a chunk
+whatever the corpus size. Bad input raises a one-line MtkitError naming the file and line (or
+the hub dataset and record). ``datasets`` is imported only when a hub corpus is read.
+
+Whitespace normalisation (applied to every side of every split, and to tokenizer training
+text): control characters other than whitespace are removed (C0, DEL, C1, and the byte-order
+mark U+FEFF); every run of whitespace (spaces, tabs, Unicode spaces such as U+00A0 and U+3000,
+line and paragraph separators) becomes one ASCII space; the ends are stripped. A tab inside a
+sentence is therefore a space: tabs only ever separate columns (TSV).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from mtkit.config import CorpusConfig, DataConfig
+from mtkit.errors import MtkitError
+from mtkit.fileio import read_lines
+
+if TYPE_CHECKING:  # the tokenizer module imports sentencepiece, which reading text does not need
+    from mtkit.tokenizer import Side
+
+Chunk = tuple[list[Any], list[Any]]
+"""Source and target sentences of up to ``chunk_size`` pairs; None marks a line that is not
+UTF-8 (under ``invalid_utf8=skip``)."""
+
+
+def corpus_files(corpora: Iterable[CorpusConfig | None]) -> list[Path]:
+    """The local files the given corpora read (none for a hub corpus)."""
+    files: list[Path] = []
+    for corpus in corpora:
+        if corpus is not None:
+            files.extend(p for p in (corpus.src, corpus.tgt, corpus.path) if p is not None)
+    return files
+
+
+# --------------------------------------------------------------------------- normalisation
+
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ufeff]")
+"""Control characters that str.split() does not already treat as whitespace."""
+
+
+def normalize(texts: list[str]) -> list[str]:
+    """Remove control characters, collapse whitespace runs to one space, strip (see module doc)."""
+    # One regex scan of the joined chunk is far cheaper than one per line, and control
+    # characters are rare, so the per-line substitution almost never runs. (Finding the few
+    # lines that need whitespace work the same way was measured slower than split/join.)
+    if _CONTROL.search("".join(texts)):
+        texts = [_CONTROL.sub("", text) for text in texts]
+    return [" ".join(text.split()) for text in texts]
+
+
+def utf8_pairs(src: list[str | None], tgt: list[str | None]) -> tuple[list[str], list[str]]:
+    """The pairs of a chunk whose both sides are UTF-8 (see ``invalid_utf8=skip``)."""
+    if None not in src and None not in tgt:
+        return cast(list[str], src), cast(list[str], tgt)
+    pairs = [(s, t) for s, t in zip(src, tgt, strict=True) if s is not None and t is not None]
+    return [s for s, _ in pairs], [t for _, t in pairs]
+
+
+def training_text(data: DataConfig, sides: tuple[Side, ...]) -> Iterator[str]:
+    """Normalised, non-empty sentences of ``sides`` of the training corpora, for tokenizer
+    training: the same readers and normalisation as ``mtkit.data.prepare``."""
+    if not data.train:
+        raise MtkitError("data.train: no training corpora configured")
+    for corpus in data.train:
+        for raw_src, raw_tgt in read_corpus(corpus, data.invalid_utf8, data.chunk_size):
+            src, tgt = utf8_pairs(raw_src, raw_tgt)
+            for side, texts in (("src", src), ("tgt", tgt)):
+                if side in sides:
+                    yield from filter(None, normalize(texts))
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def read_corpus(corpus: CorpusConfig, invalid_utf8: str = "error", chunk_size: int = 10_000) -> Iterator[Chunk]:
+    """Raw (not yet normalised) pairs of one corpus, ``chunk_size`` at a time, at most
+    ``corpus.limit`` in all. Bad input raises MtkitError naming the file and line."""
+    chunks = _READERS[corpus.format](corpus, invalid_utf8, chunk_size)
+    if corpus.limit is None:
+        yield from chunks
+        return
+    left = corpus.limit
+    for src, tgt in chunks:
+        if len(src) >= left:
+            yield src[:left], tgt[:left]
+            return
+        left -= len(src)
+        yield src, tgt
+
+
+def _read_text(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
+    assert corpus.src is not None and corpus.tgt is not None
+    src_lines = read_lines(corpus.src, invalid_utf8)
+    tgt_lines = read_lines(corpus.tgt, invalid_utf8)
+    done = 0
+    while True:
+        src = list(islice(src_lines, chunk_size))
+        tgt = list(islice(tgt_lines, chunk_size))
+        if len(src) != len(tgt):
+            src_total = done + len(src) + sum(1 for _ in src_lines)
+            tgt_total = done + len(tgt) + sum(1 for _ in tgt_lines)
+            raise MtkitError(
+                f"{corpus.src} has {src_total} lines but {corpus.tgt} has {tgt_total}; "
+                "a parallel corpus needs the same number of lines on both sides"
+            )
+        if not src:
+            return
+        done += len(src)
+        yield src, tgt
+
+
+def _read_tsv(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
+    assert corpus.path is not None
+    path = corpus.path
+    lines = read_lines(path, invalid_utf8)
+    number = 0
+    names: list[str] = []
+    if corpus.header:
+        first = next(lines, None)
+        number = 1
+        if first is None:
+            raise MtkitError(f"{path}:1: header line missing or not UTF-8")
+        names = first.split("\t")
+    columns = [_tsv_column(path, spec, names, corpus.header) for spec in (corpus.src_field, corpus.tgt_field)]
+    (src_col, src_name), (tgt_col, tgt_name) = columns
+    width = max(src_col, tgt_col) + 1
+    while True:
+        block = list(islice(lines, chunk_size))
+        if not block:
+            return
+        src: list[str | None] = []
+        tgt: list[str | None] = []
+        for line in block:
+            number += 1
+            if line is None:
+                src.append(None)
+                tgt.append(None)
+                continue
+            cells = line.split("\t")
+            if len(cells) < width:
+                name = src_name if len(cells) <= src_col else tgt_name
+                raise MtkitError(f"{path}:{number}: {len(cells)} column(s), column {name} is missing")
+            src.append(cells[src_col])
+            tgt.append(cells[tgt_col])
+        yield src, tgt
+
+
+def _tsv_column(path: Path, spec: str, names: list[str], header: bool) -> tuple[int, str]:
+    """(0-based index, description) of a TSV column given by index or header name."""
+    if spec.isascii() and spec.isdigit():
+        return int(spec), spec
+    if not header:
+        raise MtkitError(
+            f"{path}: column '{spec}' is not a 0-based index and the corpus has no header "
+            "(set header: true or give a column number)"
+        )
+    if spec not in names:
+        raise MtkitError(f"{path}:1: no column named '{spec}' in the header ({', '.join(names)})")
+    return names.index(spec), f"'{spec}'"
+
+
+def _read_jsonl(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
+    assert corpus.path is not None
+    path = corpus.path
+    src_path, tgt_path = corpus.src_field.split("."), corpus.tgt_field.split(".")
+    lines = read_lines(path, invalid_utf8)
+    number = 0
+    while True:
+        block = list(islice(lines, chunk_size))
+        if not block:
+            return
+        src: list[str | None] = []
+        tgt: list[str | None] = []
+        for line in block:
+            number += 1
+            if line is None:
+                src.append(None)
+                tgt.append(None)
+                continue
+            if not line.strip():  # a blank line holds no record
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MtkitError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            src.append(_field(record, src_path, f"{path}:{number}"))
+            tgt.append(_field(record, tgt_path, f"{path}:{number}"))
+        yield src, tgt
+
+
+def _field(record: Any, keys: list[str], where: str) -> str:
+    """``record["a"]["b"]`` for the dotted field ``a.b``; MtkitError naming ``where`` if absent."""
+    value = record
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise MtkitError(f"{where}: no field '{'.'.join(keys)}'")
+        value = value[key]
+    if not isinstance(value, str):
+        raise MtkitError(f"{where}: field '{'.'.join(keys)}' is {type(value).__name__}, expected a string")
+    return value
+
+
+def _read_hub(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
+    import datasets  # takes a second to import; only hub corpora need it
+
+    name = f"hub dataset {corpus.name}" + (f"/{corpus.subset}" if corpus.subset else "") + f" [{corpus.split}]"
+    src_path, tgt_path = corpus.src_field.split("."), corpus.tgt_field.split(".")
+    # The hub client raises many exception types (network, missing dataset or split, script
+    # errors); for the user each is one line about this corpus.
+    try:
+        records = iter(datasets.load_dataset(corpus.name, corpus.subset, split=corpus.split, streaming=True))
+    except Exception as err:
+        raise MtkitError(f"{name}: cannot load: {_one_line(err)}") from None
+    number = 0
+    while True:
+        try:
+            block = list(islice(records, chunk_size))
+        except Exception as err:
+            raise MtkitError(f"{name}: read failed after record {number}: {_one_line(err)}") from None
+        if not block:
+            return
+        src, tgt = [], []
+        for record in block:
+            number += 1
+            src.append(_field(record, src_path, f"{name} record {number}"))
+            tgt.append(_field(record, tgt_path, f"{name} record {number}"))
+        yield src, tgt
+
+
+_READERS: dict[str, Callable[[CorpusConfig, str, int], Iterator[Chunk]]] = {
+    "text": _read_text,
+    "tsv": _read_tsv,
+    "jsonl": _read_jsonl,
+    "hub": _read_hub,
+}
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text[:300] + "...") if len(text) > 300 else (text or type(err).__name__)

@@ -12,7 +12,7 @@ projections are split (Marian) or kept fused (CTranslate2 fuses them the same wa
     self_attn.qkv_proj  (3D, D)  = q, k, v stacked   -> Marian q_proj, k_proj, v_proj
     encoder_attn.kv_proj (2D, D) = k, v stacked      -> Marian k_proj, v_proj
 
-Token ids are fixed by ``mtkit.tokenizer``: PAD 0 ``<pad>``, UNK 1 ``<unk>``, BOS 2 ``<s>``
+Token ids are fixed by ``mtkit.vocab``: PAD 0 ``<pad>``, UNK 1 ``<unk>``, BOS 2 ``<s>``
 (the decoder's start token), EOS 3 ``</s>``.
 
 ``transformers`` and ``ctranslate2`` are optional (``pip install 'mtkit[bench]'``) and
@@ -29,15 +29,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mtkit.checkpoint import Loaded, load_for_inference
-from mtkit.config import DecodeConfig
+from mtkit.config import DecodeConfig, ModelConfig
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text
+from mtkit.model import DecoderLayer, EncoderLayer, Transformer
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
@@ -134,21 +135,22 @@ class HuggingFaceExporter(Exporter):
                 f"model.positions={cfg.positions}: Marian only has fixed sinusoidal positions;"
                 " train with `model.positions: sinusoidal`"
             )
-        elif cfg.d_model % 2:
+        elif loaded.model.src_embed.embedding_dim % 2:
             problems.append(f"model.d_model={cfg.d_model}: Marian's sinusoidal table differs for odd widths")
         return problems + _special_problems(loaded)
 
     def write(self, loaded: Loaded, directory: Path) -> None:
         transformers = require("transformers")
         transformers.utils.logging.disable_progress_bar()
-        config = marian_config(loaded)
-        model = transformers.MarianMTModel(config).eval()
-        weights = marian_state_dict(loaded.model)
+        ours = loaded.model
+        model = marian_model(loaded.config.model, ours.src_embed.num_embeddings, ours.tgt_embed.num_embeddings,
+                             loaded.tokenizers.joint).eval()
+        weights = marian_state_dict(ours)
         try:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as err:  # a mapping bug, not a user mistake: keep the detail
             raise RuntimeError(f"mtkit -> Marian weight mapping does not fit: {err}") from err
-        _check_marian_positions(model, loaded.model)
+        _check_marian_positions(model, ours)
         model.generation_config = marian_generation_config(loaded)
         model.save_pretrained(directory)
         self._write_tokenizer(loaded, directory)
@@ -180,14 +182,19 @@ class HuggingFaceExporter(Exporter):
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def marian_config(loaded: Loaded) -> Any:
-    """The ``MarianConfig`` describing ``loaded.model`` (post-norm, sinusoidal positions)."""
+def marian_config(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, joint_vocab: bool = True) -> Any:
+    """The ``MarianConfig`` of the Hugging Face counterpart of
+    ``mtkit.model.Transformer(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)``: same layers,
+    widths, heads, activation, dropouts, embedding sharing and tying, mtkit's special token ids.
+    Marian is post-norm with sinusoidal positions; ``HuggingFaceExporter.problems`` says when
+    an mtkit model differs."""
     transformers = require("transformers")
-    cfg, model = loaded.config.model, loaded.model
-    shared = model.src_embed is model.tgt_embed
+    # Embeddings are shared under the rule Transformer applies; an export whose model decided
+    # otherwise fails its strict weight loading.
+    shared = cfg.share_embeddings and joint_vocab and src_vocab_size == tgt_vocab_size
     return transformers.MarianConfig(
-        vocab_size=model.src_embed.num_embeddings,
-        decoder_vocab_size=model.tgt_embed.num_embeddings,
+        vocab_size=src_vocab_size,
+        decoder_vocab_size=tgt_vocab_size,
         share_encoder_decoder_embeddings=shared,
         tie_word_embeddings=cfg.tie_output,
         max_position_embeddings=cfg.max_positions,
@@ -209,6 +216,13 @@ def marian_config(loaded: Loaded) -> Any:
         decoder_start_token_id=BOS_ID,
         forced_eos_token_id=EOS_ID,
     )
+
+
+def marian_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, joint_vocab: bool = True) -> Any:
+    """A randomly initialised ``MarianMTModel`` of ``marian_config(...)`` (the peer that the
+    benchmarks train, and the container the Marian export loads mtkit's weights into)."""
+    transformers = require("transformers")
+    return transformers.MarianMTModel(marian_config(cfg, src_vocab_size, tgt_vocab_size, joint_vocab))
 
 
 def marian_generation_config(loaded: Loaded, decode: DecodeConfig | None = None) -> Any:
@@ -235,11 +249,11 @@ def marian_generation_config(loaded: Loaded, decode: DecodeConfig | None = None)
     )
 
 
-def marian_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+def marian_state_dict(model: Transformer) -> dict[str, Tensor]:
     """mtkit ``Transformer`` weights under ``MarianMTModel`` names (fused projections split).
     Every key of ``MarianMTModel.state_dict()`` is present, so loading can be strict."""
     out: dict[str, Tensor] = {}
-    d_model = model.cfg.d_model
+    d_model = model.src_embed.embedding_dim
     shared = model.src_embed is model.tgt_embed
     if shared:
         out["model.shared.weight"] = model.src_embed.weight
@@ -260,29 +274,39 @@ def marian_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
         for name, weight, bias in zip(names, weights, biases, strict=True):
             out[f"{name}.weight"], out[f"{name}.bias"] = weight, bias
 
-    def ffn_and_norms(prefix: str, layer: torch.nn.Module, norms: list[str]) -> None:
+    def ffn_and_norms(prefix: str, layer: EncoderLayer | DecoderLayer, norms: list[str]) -> None:
         linear(f"{prefix}.fc1", layer.ffn.fc1)
         linear(f"{prefix}.fc2", layer.ffn.fc2)
         for norm in norms:
             linear(f"{prefix}.{norm}", getattr(layer, norm))
 
-    for i, layer in enumerate(model.encoder_layers):
+    for i, layer in enumerate(_encoder_layers(model)):
         prefix = f"model.encoder.layers.{i}"
         split([f"{prefix}.self_attn.{p}_proj" for p in "qkv"], layer.self_attn.qkv_proj)
         linear(f"{prefix}.self_attn.out_proj", layer.self_attn.out_proj)
         ffn_and_norms(prefix, layer, ["self_attn_layer_norm", "final_layer_norm"])
-    for i, layer in enumerate(model.decoder_layers):
+    for i, dec_layer in enumerate(_decoder_layers(model)):
         prefix = f"model.decoder.layers.{i}"
-        split([f"{prefix}.self_attn.{p}_proj" for p in "qkv"], layer.self_attn.qkv_proj)
-        linear(f"{prefix}.self_attn.out_proj", layer.self_attn.out_proj)
-        linear(f"{prefix}.encoder_attn.q_proj", layer.encoder_attn.q_proj)
-        split([f"{prefix}.encoder_attn.{p}_proj" for p in "kv"], layer.encoder_attn.kv_proj)
-        linear(f"{prefix}.encoder_attn.out_proj", layer.encoder_attn.out_proj)
-        ffn_and_norms(prefix, layer, ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"])
+        split([f"{prefix}.self_attn.{p}_proj" for p in "qkv"], dec_layer.self_attn.qkv_proj)
+        linear(f"{prefix}.self_attn.out_proj", dec_layer.self_attn.out_proj)
+        linear(f"{prefix}.encoder_attn.q_proj", dec_layer.encoder_attn.q_proj)
+        split([f"{prefix}.encoder_attn.{p}_proj" for p in "kv"], dec_layer.encoder_attn.kv_proj)
+        linear(f"{prefix}.encoder_attn.out_proj", dec_layer.encoder_attn.out_proj)
+        ffn_and_norms(prefix, dec_layer, ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"])
     return {name: tensor.detach().cpu().float().contiguous() for name, tensor in out.items()}
 
 
-def _check_marian_positions(marian: Any, model: torch.nn.Module) -> None:
+def _encoder_layers(model: Transformer) -> list[EncoderLayer]:
+    """The encoder's layers with their type (an ``nn.ModuleList`` yields plain modules)."""
+    return [cast(EncoderLayer, layer) for layer in model.encoder_layers]
+
+
+def _decoder_layers(model: Transformer) -> list[DecoderLayer]:
+    """The decoder's layers with their type."""
+    return [cast(DecoderLayer, layer) for layer in model.decoder_layers]
+
+
+def _check_marian_positions(marian: Any, model: Transformer) -> None:
     """Marian recomputes its sinusoidal table when loading (it is not saved): it must be ours."""
     theirs = marian.model.encoder.embed_positions.create_weight()
     if not torch.allclose(theirs, model.positions.weight.cpu(), atol=1e-5):
@@ -340,26 +364,26 @@ def ctranslate2_spec(loaded: Loaded) -> Any:
     for stack in (encoder, decoder):
         stack.scale_embeddings = True  # multiply by sqrt(d_model), as mtkit does
         stack.position_encodings.encodings = positions
-    for layer_spec, layer in zip(encoder.layer, model.encoder_layers, strict=True):
+    for layer_spec, layer in zip(encoder.layer, _encoder_layers(model), strict=True):
         _ct2_linear(layer_spec.self_attention.linear[0], layer.self_attn.qkv_proj)
         _ct2_linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
         _ct2_norm(layer_spec.self_attention.layer_norm, layer.self_attn_layer_norm)
         _ct2_ffn(layer_spec.ffn, layer)
-    for layer_spec, layer in zip(decoder.layer, model.decoder_layers, strict=True):
-        _ct2_linear(layer_spec.self_attention.linear[0], layer.self_attn.qkv_proj)
-        _ct2_linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
-        _ct2_norm(layer_spec.self_attention.layer_norm, layer.self_attn_layer_norm)
-        _ct2_linear(layer_spec.attention.linear[0], layer.encoder_attn.q_proj)
-        _ct2_linear(layer_spec.attention.linear[1], layer.encoder_attn.kv_proj)
-        _ct2_linear(layer_spec.attention.linear[2], layer.encoder_attn.out_proj)
-        _ct2_norm(layer_spec.attention.layer_norm, layer.encoder_attn_layer_norm)
-        _ct2_ffn(layer_spec.ffn, layer)
-    if cfg.norm == "pre":
-        _ct2_norm(encoder.layer_norm, model.encoder_layer_norm)
-        _ct2_norm(decoder.layer_norm, model.decoder_layer_norm)
+    for layer_spec, dec_layer in zip(decoder.layer, _decoder_layers(model), strict=True):
+        _ct2_linear(layer_spec.self_attention.linear[0], dec_layer.self_attn.qkv_proj)
+        _ct2_linear(layer_spec.self_attention.linear[1], dec_layer.self_attn.out_proj)
+        _ct2_norm(layer_spec.self_attention.layer_norm, dec_layer.self_attn_layer_norm)
+        _ct2_linear(layer_spec.attention.linear[0], dec_layer.encoder_attn.q_proj)
+        _ct2_linear(layer_spec.attention.linear[1], dec_layer.encoder_attn.kv_proj)
+        _ct2_linear(layer_spec.attention.linear[2], dec_layer.encoder_attn.out_proj)
+        _ct2_norm(layer_spec.attention.layer_norm, dec_layer.encoder_attn_layer_norm)
+        _ct2_ffn(layer_spec.ffn, dec_layer)
+    if cfg.norm == "pre":  # pre-norm stacks end with a LayerNorm (post-norm: an Identity)
+        _ct2_norm(encoder.layer_norm, cast(nn.LayerNorm, model.encoder_layer_norm))
+        _ct2_norm(decoder.layer_norm, cast(nn.LayerNorm, model.decoder_layer_norm))
     decoder.projection.weight = _numpy(model.output_proj.weight)
 
-    spec.config.layer_norm_epsilon = model.encoder_layers[0].final_layer_norm.eps
+    spec.config.layer_norm_epsilon = _encoder_layers(model)[0].final_layer_norm.eps
     spec.config.unk_token = SPECIAL_PIECES[UNK_ID]
     spec.config.bos_token = SPECIAL_PIECES[BOS_ID]
     spec.config.eos_token = SPECIAL_PIECES[EOS_ID]
@@ -376,17 +400,17 @@ def _numpy(tensor: Tensor) -> Any:
     return tensor.detach().float().cpu().numpy().copy()
 
 
-def _ct2_linear(spec: Any, module: torch.nn.Linear) -> None:
+def _ct2_linear(spec: Any, module: nn.Linear) -> None:
     spec.weight = _numpy(module.weight)
     if module.bias is not None:
         spec.bias = _numpy(module.bias)
 
 
-def _ct2_norm(spec: Any, norm: torch.nn.LayerNorm) -> None:
+def _ct2_norm(spec: Any, norm: nn.LayerNorm) -> None:
     spec.gamma, spec.beta = _numpy(norm.weight), _numpy(norm.bias)
 
 
-def _ct2_ffn(spec: Any, layer: torch.nn.Module) -> None:
+def _ct2_ffn(spec: Any, layer: EncoderLayer | DecoderLayer) -> None:
     _ct2_linear(spec.linear_0, layer.ffn.fc1)
     _ct2_linear(spec.linear_1, layer.ffn.fc2)
     _ct2_norm(spec.layer_norm, layer.final_layer_norm)

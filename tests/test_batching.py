@@ -68,9 +68,24 @@ def test_bucketing_keeps_padding_low():
     assert bucketed < 0.35 < unsorted  # src and tgt lengths are independent here, so some remains
 
 
-def test_sorted_batches_are_deterministic():
-    corpus = random_corpus(100)
-    assert [b.tolist() for b in sorted_batches(corpus, 200)] == [b.tolist() for b in sorted_batches(corpus, 200)]
+def test_sorted_batches_pinned():
+    # Padded sizes (longer side + EOS/BOS) 4, 3, 4, 2, 6, 3: ties go to the shorter source,
+    # then the shorter target, then the lower index; each batch is filled greedily up to 8.
+    src = [[5] * 3, [5] * 2, [5], [5], [5] * 5, [5] * 2]
+    tgt = [[6], [6], [6] * 3, [6], [6], [6] * 2]
+    corpus = TokenizedCorpus.from_lists(src, tgt)
+    assert [b.tolist() for b in sorted_batches(corpus, 8)] == [[3, 1], [5, 2], [0], [4]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sorted_batches_ascend_within_budget_and_cover_everything_once(seed):
+    corpus = random_corpus(300, seed=seed)
+    batches = sorted_batches(corpus, 200)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(corpus)))
+    assert np.all(np.diff(corpus.sizes[flat]) >= 0)
+    assert all(len(ids) * corpus.sizes[ids].max() <= 200 for ids in batches)
+    assert [b.tolist() for b in sorted_batches(corpus, 200)] == [b.tolist() for b in batches]
 
 
 def test_from_dataset_reads_arrow_columns_even_after_select():

@@ -92,7 +92,8 @@ def prepared_experiment(directory: Path) -> dict[str, Any]:
     """300 synthetic pairs (20 valid), a 120-piece tokenizer and the prepared data under
     ``directory/run``, with ``TRAINKIT_SECTIONS``. Returns the config as a dict."""
     from mtkit.config import validate_config
-    from mtkit.data import prepare, training_text
+    from mtkit.corpus import training_text
+    from mtkit.data import prepare
     from mtkit.tokenizer import tokenizer_dir, train_tokenizers
 
     data = {split: write_pairs(directory, split, count, seed) for split, count, seed in (("train", 300, 0),

@@ -14,6 +14,7 @@ Tensors per batch: ``src`` ``(B, S)`` = ids + EOS; ``tgt_in`` ``(B, T)`` = BOS +
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from typing import Any
 
 import numpy as np
@@ -39,9 +40,11 @@ class Batch:
     """Non-padding source plus target positions."""
 
     def to(self, device: torch.device | str) -> Batch:
-        move = dict(device=device, non_blocking=True)
+        def move(tensor: Tensor) -> Tensor:
+            return tensor.to(device=device, non_blocking=True)
+
         return Batch(
-            self.src.to(**move), self.tgt_in.to(**move), self.tgt_out.to(**move),
+            move(self.src), move(self.tgt_in), move(self.tgt_out),
             self.target_tokens, self.padded_tokens, self.real_tokens,
         )
 
@@ -118,18 +121,28 @@ def _gather(values: Tensor, starts: np.ndarray, lens: Tensor, width: int) -> Ten
     return torch.where(keep, values[flat.clamp_(max=len(values) - 1)], PAD_ID)
 
 
-def pack(sizes: np.ndarray, order: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+def pack(
+    sizes: np.ndarray, order: np.ndarray, max_tokens: int, *, oversized: Literal["error", "alone"] = "error"
+) -> list[np.ndarray]:
     """Split ``order`` (indices sorted by ascending ``sizes``) into consecutive batches whose
-    count times largest size stays within ``max_tokens``.
+    count times largest size stays within ``max_tokens``: the one token batcher, used by
+    training (``epoch_batches``, ``sorted_batches``) and by translation.
+
+    oversized: what a single item larger than ``max_tokens`` does: ``error`` raises ValueError
+    (training checks its pairs first), ``alone`` gets a batch of its own (translation, where
+    every line must be translated).
 
     The loop runs once per batch; within it a vector test over a window finds the batch end.
-    Raises ValueError if a single pair does not fit (the caller checks this first).
     """
-    ordered = sizes[order]
+    ordered = np.asarray(sizes)[order]
     batches, start, n = [], 0, len(order)
     while start < n:
         if ordered[start] > max_tokens:
-            raise ValueError(f"a pair of {ordered[start]} tokens does not fit in max_tokens={max_tokens}")
+            if oversized == "error":
+                raise ValueError(f"a pair of {ordered[start]} tokens does not fit in max_tokens={max_tokens}")
+            batches.append(order[start : start + 1])
+            start += 1
+            continue
         window = min(n - start, max_tokens // int(ordered[start]))
         # Sizes ascend, so "count * size of the last one fits" is true then false: find the edge.
         fits = np.arange(1, window + 1) * ordered[start : start + window] <= max_tokens

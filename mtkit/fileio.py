@@ -1,7 +1,16 @@
-"""Files: atomic writes (temporary name, then rename) and checked reading of text corpora.
+"""Files: one line reader and one atomic writer.
 
-A command that fails or is killed never leaves an output that looks complete: outputs are
-written under a temporary name in the same directory and renamed into place at the end.
+Reading: ``read_lines`` is the one way mtkit reads text, from a plain or gzip file or from
+stdin (``-``), streaming. Line endings: lines are split on ``\\n`` only; the ``\\n`` and any
+``\\r`` right before it are dropped, so CRLF input reads like LF input, while a ``\\r`` inside a
+line (or any other Unicode line break) stays part of it; a last line needs no ``\\n``. Invalid
+UTF-8 follows an explicit policy chosen by the caller: ``error`` (a one-line MtkitError naming
+the file and line), ``skip`` (None in the line's place, so parallel files stay aligned) or
+``replace`` (U+FFFD, with a warning naming the line).
+
+Writing: a command that fails or is killed never leaves an output that looks complete.
+``atomic_writer`` streams into a temporary file beside the target and renames it into place
+only when the writing succeeded; ``atomic_dir`` does the same for a whole directory.
 """
 
 from __future__ import annotations
@@ -9,13 +18,25 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import logging
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Literal, Protocol, overload
 
 from mtkit.errors import MtkitError
+
+log = logging.getLogger(__name__)
+
+InvalidUtf8 = Literal["error", "skip", "replace"]
+INVALID_UTF8_POLICIES: tuple[str, ...] = ("error", "skip", "replace")
+STDIN = STDOUT = "-"
+"""The name under which ``read_lines`` reads stdin and ``open_output`` writes to stdout."""
+SKIP_HINT = "set data.invalid_utf8=skip to skip such lines"
+"""What ``read_lines`` has always suggested for a bad line (prepared corpora can skip them)."""
 
 
 def fsync_path(path: Path) -> None:
@@ -39,25 +60,107 @@ def _mkdir(path: Path) -> None:
         raise MtkitError(f"{path}: cannot create directory: {err.strerror}") from None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+# --------------------------------------------------------------------------- writing
+
+
+class AtomicSink:
+    """The binary stream ``atomic_writer`` yields: ``write(bytes)`` and ``flush()`` (which
+    hands what was written to the operating system, so a reader of the temporary file, or a
+    kill, sees every flushed chunk). A failed write (a full disk, a file-size limit) is a
+    one-line MtkitError naming the target, not a traceback."""
+
+    def __init__(self, handle: IO[bytes], path: Path):
+        self._handle = handle
+        self.path = path
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._handle.write(data)
+        except OSError as err:
+            raise MtkitError(f"{self.path}: cannot write: {err.strerror}") from None
+
+    def flush(self) -> None:
+        try:
+            self._handle.flush()
+        except OSError as err:
+            raise MtkitError(f"{self.path}: cannot write: {err.strerror}") from None
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path | str) -> Iterator[AtomicSink]:
+    """Yield a sink writing to a temporary file beside ``path`` (``.NAME.*.tmp``); when the
+    block ends normally the file is flushed, fsynced and renamed to ``path``, so readers see
+    either the old file or the whole new one. On an exception (Ctrl-C and SIGTERM included)
+    the temporary file is removed and ``path`` keeps its previous content. Any failure to
+    create, write or rename is a one-line MtkitError naming ``path``."""
     path = Path(path)
     _mkdir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise MtkitError(f"{path}: cannot write: {err.strerror}") from None
+    handle = open(fd, "wb")  # noqa: SIM115 - closed below, on success and on failure
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        sink = AtomicSink(handle, path)
+        yield sink
+        sink.flush()
+        try:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
+            handle.close()
+            os.replace(tmp, path)
+        except OSError as err:
+            raise MtkitError(f"{path}: cannot write: {err.strerror}") from None
+    except BaseException:
+        # Closing flushes what is still buffered, which fails again on a full disk: the
+        # error that matters is the one already on its way.
+        with contextlib.suppress(OSError):
+            handle.close()
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise MtkitError(f"{path}: cannot write: {err.strerror}") from None
+        raise
     _fsync_dir(path.parent)
+
+
+class BinarySink(Protocol):
+    """What an output is written to: ``atomic_writer``'s sink, stdout's bytes."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+
+@contextlib.contextmanager
+def open_output(name: str | None) -> Iterator[BinarySink]:
+    """A command's output: ``atomic_writer(name)`` for a file name, stdout's bytes for ``-``
+    (as a command line gives it), and for None a sink that keeps nothing (a torchrun rank
+    other than the one that writes)."""
+    if name is None:
+        yield io.BytesIO()  # never written to: such ranks receive no translations
+    elif name == STDOUT:
+        buffer = getattr(sys.stdout, "buffer", None)
+        yield buffer if buffer is not None else _TextSink(sys.stdout)
+    else:
+        with atomic_writer(name) as sink:
+            yield sink
+
+
+class _TextSink:
+    """Bytes onto a text stream without a ``buffer`` (some embedding hosts replace stdout)."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def write(self, data: bytes, /) -> None:
+        self.stream.write(data.decode("utf-8"))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    with atomic_writer(path) as sink:
+        sink.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -121,7 +224,10 @@ def remove_stale_temporaries(directory: Path) -> None:
                 entry.unlink()
 
 
-def open_binary(path: Path):
+# --------------------------------------------------------------------------- reading
+
+
+def open_binary(path: Path) -> IO[bytes]:
     """Open a plain or gzip file for reading bytes; a one-line error if it cannot be read."""
     path = Path(path)
     try:
@@ -132,8 +238,7 @@ def open_binary(path: Path):
         raise MtkitError(f"{path}: is a directory, expected a file") from None
     except OSError as err:
         raise MtkitError(f"{path}: cannot read: {err.strerror}") from None
-    magic = handle.peek(2)[:2] if hasattr(handle, "peek") else b""
-    if magic == b"\x1f\x8b":
+    if handle.peek(2)[:2] == b"\x1f\x8b":
         # Iterating a GzipFile runs Python code for every line; a BufferedReader over it does not.
         return io.BufferedReader(gzip.GzipFile(fileobj=handle, mode="rb"), 1 << 16)
     if path.suffix == ".gz":
@@ -142,29 +247,82 @@ def open_binary(path: Path):
     return handle
 
 
-def read_lines(path: Path, invalid_utf8: str = "error") -> Iterator[str | None]:
-    """Yield the lines of a plain or gzip UTF-8 text file, without line endings.
+@overload
+def read_lines(
+    source: Path | str,
+    invalid_utf8: Literal["error", "replace"] = ...,
+    *,
+    what: str = ...,
+    hint: str = ...,
+    warn: Callable[[str], None] | None = ...,
+) -> Iterator[str]: ...
 
-    A line that is not UTF-8 raises a one-line MtkitError naming the file and line, or with
-    ``invalid_utf8="skip"`` yields None in its place (so callers keep line alignment).
+
+@overload
+def read_lines(
+    source: Path | str,
+    invalid_utf8: str,
+    *,
+    what: str = ...,
+    hint: str = ...,
+    warn: Callable[[str], None] | None = ...,
+) -> Iterator[str | None]: ...
+
+
+def read_lines(
+    source: Path | str,
+    invalid_utf8: str = "error",
+    *,
+    what: str = "",
+    hint: str = SKIP_HINT,
+    warn: Callable[[str], None] | None = None,
+) -> Iterator[str | None]:
+    """The lines of a plain or gzip UTF-8 file, or of stdin for the string ``-``, without line endings
+    (see the module docstring), read lazily. The file is opened now, so a missing file fails
+    at the call, not at the first line.
+
+    invalid_utf8: ``error``: MtkitError ``NAME:LINE: not valid UTF-8 (byte B); HINT``;
+    ``skip``: yield None for the line; ``replace``: decode it with U+FFFD and call ``warn``
+    (default: logging) with ``NAME:LINE: invalid UTF-8 (byte B) replaced with U+FFFD``.
+    what: names the stream in ``NAME: unreadable WHAT after line N: REASON``, the error for
+    a file that cannot be read to its end (a cut gzip, an I/O error).
     """
-    path = Path(path)
-    handle = open_binary(path)
+    if invalid_utf8 not in INVALID_UTF8_POLICIES:
+        raise ValueError(f"invalid_utf8={invalid_utf8!r}; choose from {', '.join(INVALID_UTF8_POLICIES)}")
+    if source == STDIN:  # the string "-", as a command line gives it; a Path is always a file
+        return _decode(sys.stdin.buffer, "<stdin>", invalid_utf8, what, hint, warn or log.warning, close=False)
+    handle = open_binary(Path(source))
+    return _decode(handle, str(source), invalid_utf8, what, hint, warn or log.warning, close=True)
+
+
+def _decode(
+    handle: IO[bytes],
+    label: str,
+    invalid_utf8: str,
+    what: str,
+    hint: str,
+    warn: Callable[[str], None],
+    close: bool,
+) -> Iterator[str | None]:
     number = 0
     try:
-        with handle:
-            for number, raw in enumerate(handle, start=1):  # noqa: B007
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    if invalid_utf8 == "skip":
-                        yield None
-                        continue
-                    raise MtkitError(
-                        f"{path}:{number}: not valid UTF-8 (byte {err.start}); "
-                        "set data.invalid_utf8=skip to skip such lines"
-                    ) from None
-                yield line.rstrip("\r\n")
+        for number, raw in enumerate(handle, start=1):  # noqa: B007 - read after the loop
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if invalid_utf8 == "skip":
+                    yield None
+                    continue
+                if invalid_utf8 == "error":
+                    raise MtkitError(f"{label}:{number}: not valid UTF-8 (byte {err.start})"
+                                     + (f"; {hint}" if hint else "")) from None
+                warn(f"{label}:{number}: invalid UTF-8 (byte {err.start}) replaced with U+FFFD")
+                line = raw.decode("utf-8", errors="replace")
+            yield line.rstrip("\r\n")
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        raise MtkitError(f"{path}: unreadable after line {number}: {reason}") from None
+        stream = f"{what} " if what else ""
+        raise MtkitError(f"{label}: unreadable {stream}after line {number}: {reason}") from None
+    finally:
+        if close:
+            handle.close()

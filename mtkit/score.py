@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtkit.errors import MtkitError
-from mtkit.fileio import read_lines
+from mtkit.fileio import SKIP_HINT, STDIN, read_lines
 
 METRICS = ("bleu", "chrf", "ter")
 BOOTSTRAP_SAMPLES = 1000
@@ -125,7 +125,7 @@ class Comparison:
 
 
 def compare(
-    systems: list[tuple[str, list[str]]],
+    systems: Sequence[tuple[str, Sequence[str]]],
     refs: list[list[str]],
     metrics: Sequence[str] = METRICS,
     tgt_lang: str | None = None,
@@ -139,22 +139,27 @@ def compare(
     for name, hyps in systems:
         _check(hyps, refs, (name, [f"reference {i + 1}" for i in range(len(refs))]))
     objects = {name: make_metric(name, tgt_lang, tokenize, len(refs)) for name in metrics}
-    test = PairedTest(systems, objects, refs, test_type="bs", n_samples=samples)
+    test = PairedTest(list(systems), objects, refs, test_type="bs", n_samples=samples)
     signatures, table = test()
-    rows: dict[str, list] = {}
+    rows: dict[str, list[tuple[str, float, float | None, float | None, float | None]]] = {}
+    names = [str(system) for system in table["System"]]
     for metric_name, results in table.items():
         if metric_name == "System":
             continue
         rows[metric_name] = [
             (system, r.score, r.mean, r.ci, r.p_value)
-            for system, r in zip(table["System"], results, strict=True)
+            for system, r in zip(names, results, strict=True)
+            if not isinstance(r, str)  # only the "System" column holds strings
         ]
     return Comparison({k: v.format() for k, v in signatures.items()}, rows)
 
 
-def read_text(path: Path | str) -> list[str]:
-    """Lines of a plain or gzip UTF-8 file as sacrebleu reads them (trailing whitespace removed)."""
-    return [line.rstrip() for line in read_lines(Path(path))]
+def read_text(source: Path | str) -> list[str]:
+    """Lines of a plain or gzip UTF-8 file, or of stdin for the string ``-``, as sacrebleu reads them
+    (trailing whitespace removed); a line that is not UTF-8 is an error naming it."""
+    # Kept as mtkit has always worded it: files with read_lines' hint, stdin without.
+    hint = "" if source == STDIN else SKIP_HINT
+    return [line.rstrip() for line in read_lines(source, hint=hint)]
 
 
 def looks_tokenized(hyps: Sequence[str]) -> bool:

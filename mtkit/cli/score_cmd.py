@@ -9,13 +9,15 @@ signatures equal ``sacrebleu REF... -i HYP -m bleu chrf ter``.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mtkit.errors import MtkitError
+
+if TYPE_CHECKING:
+    from mtkit.score import Comparison
 
 
 def score(
@@ -50,7 +52,7 @@ def score(
         raise MtkitError(f"--metrics: unknown {listed}; choose from {', '.join(scoring.METRICS)}")
     references = [scoring.read_text(path) for path in refs]
     hyp_name = "<stdin>" if input == "-" else input
-    hyps = _read_hyps(input)
+    hyps = scoring.read_text(input)
     if not hyps:
         raise MtkitError(f"{hyp_name} has no lines: nothing to score")
     for path, ref in zip(refs, references, strict=True):
@@ -62,8 +64,7 @@ def score(
 
     if compare:
         systems = [(hyp_name, hyps)] + [(str(path), scoring.read_text(path)) for path in compare]
-        result = scoring.compare(systems, references, names, tgt_lang=lang, tokenize=tokenize)
-        _print_comparison(result, as_json)
+        _print_comparison(scoring.compare(systems, references, names, tgt_lang=lang, tokenize=tokenize), as_json)
         return
     results = scoring.score(hyps, references, names, tgt_lang=lang, tokenize=tokenize)
     if as_json:
@@ -73,21 +74,7 @@ def score(
             typer.echo(result.text)
 
 
-def _read_hyps(name: str) -> list[str]:
-    from mtkit.score import read_text
-
-    if name != "-":
-        return read_text(Path(name))
-    lines = []
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
-        try:
-            lines.append(raw.decode("utf-8").rstrip())
-        except UnicodeDecodeError as err:
-            raise MtkitError(f"<stdin>:{number}: not valid UTF-8 (byte {err.start})") from None
-    return lines
-
-
-def _print_comparison(result, as_json: bool) -> None:
+def _print_comparison(result: Comparison, as_json: bool) -> None:
     if as_json:
         data = {
             metric: {

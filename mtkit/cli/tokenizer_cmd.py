@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mtkit.cli.options import ConfigOption, OptionalConfigOption, SetOption
 from mtkit.errors import MtkitError
+
+if TYPE_CHECKING:
+    from mtkit.tokenizer import Tokenizer
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -59,7 +63,7 @@ def encode(
     """Encode stdin line by line: pieces (or ids) separated by spaces, one line per input line.
 
     Input is normalised as `mtkit prepare` normalises corpora."""
-    from mtkit.data import normalize
+    from mtkit.corpus import normalize
 
     tokenizer = _load(config, overrides, model, side)
     for _, line in _stdin_lines():
@@ -93,7 +97,7 @@ def decode(
         _write(tokenizer.decode([values])[0])
 
 
-def _load(config: Path | None, overrides: list[str] | None, model: Path | None, side: SideChoice):
+def _load(config: Path | None, overrides: list[str] | None, model: Path | None, side: SideChoice) -> Tokenizer:
     from mtkit.config import load_config
     from mtkit.tokenizer import Tokenizers, tokenizer_dir
 
@@ -104,13 +108,11 @@ def _load(config: Path | None, overrides: list[str] | None, model: Path | None, 
     return tokenizers.src if side == SideChoice.src else tokenizers.tgt
 
 
-def _stdin_lines():
-    """(line number, text) of stdin, read as UTF-8 bytes so a bad byte names its line."""
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
-        try:
-            yield number, raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as err:
-            raise MtkitError(f"<stdin>:{number}: not valid UTF-8 (byte {err.start})") from None
+def _stdin_lines() -> Iterator[tuple[int, str]]:
+    """(line number, text) of stdin; a line that is not UTF-8 is an error naming it."""
+    from mtkit.fileio import STDIN, read_lines
+
+    return enumerate(read_lines(STDIN, hint=""), start=1)
 
 
 def _write(line: str) -> None:

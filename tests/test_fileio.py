@@ -1,0 +1,65 @@
+"""``mtkit.fileio``: the one line reader (line endings, the invalid-UTF-8 policies, gzip, stdin)
+and the one atomic writer."""
+
+import gzip
+import os
+
+import pytest
+
+from mtkit.errors import MtkitError
+from mtkit.fileio import atomic_write_bytes, atomic_writer, open_output, read_lines
+
+RAW = b"a\r\nb\n\xff c\nd\re\nlast\r"
+
+
+def test_line_endings_and_invalid_utf8_policies(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(RAW)
+    with pytest.raises(MtkitError, match=r"a.txt:3: not valid UTF-8 \(byte 0\); set data.invalid_utf8=skip"):
+        list(read_lines(path))
+    # Split on LF only: CRLF reads like LF, a CR inside a line stays.
+    assert list(read_lines(path, "skip")) == ["a", "b", None, "d\re", "last"]
+    warned: list[str] = []
+    assert list(read_lines(path, "replace", warn=warned.append)) == ["a", "b", "\ufffd c", "d\re", "last"]
+    assert warned == [f"{path}:3: invalid UTF-8 (byte 0) replaced with U+FFFD"]
+    with pytest.raises(ValueError, match="invalid_utf8"):
+        read_lines(path, "ignore")
+
+
+def test_gzip_stdin_and_unreadable_files(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    packed = tmp_path / "a.gz"
+    packed.write_bytes(gzip.compress(RAW))
+    assert list(read_lines(packed, "skip")) == ["a", "b", None, "d\re", "last"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x\r\n\xc3\n")))
+    with pytest.raises(MtkitError, match=r"^<stdin>:2: not valid UTF-8 \(byte 0\)$"):
+        list(read_lines("-", hint=""))
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(gzip.compress(b"kato rimu\n" * 5000)[:-40])
+    with pytest.raises(MtkitError, match="cut.gz: unreadable input after line"):
+        list(read_lines(cut, what="input"))
+    with pytest.raises(MtkitError, match="file not found"):
+        read_lines(tmp_path / "missing")  # opened at the call, not at the first line
+    fake = tmp_path / "fake.gz"
+    fake.write_bytes(b"plain")
+    with pytest.raises(MtkitError, match="not a gzip file"):
+        read_lines(fake)
+
+
+def test_atomic_writer_replaces_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "out.txt"
+    out.write_text("previous\n")
+    with pytest.raises(KeyboardInterrupt), atomic_writer(out) as sink:
+        sink.write(b"half")
+        sink.flush()
+        assert [p.name for p in tmp_path.glob(".out.txt.*.tmp")]  # streamed beside the target
+        raise KeyboardInterrupt
+    assert out.read_text() == "previous\n" and os.listdir(tmp_path) == ["out.txt"]
+    with open_output(str(out)) as sink:
+        sink.write(b"new\n")
+    assert out.read_text() == "new\n"
+    with pytest.raises(MtkitError, match=f"^{tmp_path}: cannot write: "):
+        atomic_write_bytes(tmp_path, b"into a directory")
+    assert os.listdir(tmp_path) == ["out.txt"]

@@ -12,13 +12,14 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtkit.errors import ConfigError
+from mtkit.errors import ConfigError, MtkitError
 
 # A config is small; a file over this size, or one using more YAML aliases than any real
 # config would, is refused before it is expanded (a "billion laughs" document).
@@ -39,7 +40,7 @@ class ExperimentConfig(Section):
     """Output directory of the experiment: tokenizer, data, checkpoints, translations, reports."""
     name: str | None = None
     """A label for reports; defaults to the directory name."""
-    seed: int = Field(1, ge=0)
+    seed: int = Field(default=1, ge=0)
     """Seed for every random choice (sampling, shuffling, initialisation, dropout)."""
 
 
@@ -66,7 +67,7 @@ class CorpusConfig(Section):
     """hub: dataset configuration, for example ``de-en``."""
     split: str = "train"
     """hub: split to read."""
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(default=None, ge=1)
     """Read at most this many pairs (for quick runs and tests)."""
 
     @model_validator(mode="after")
@@ -93,11 +94,11 @@ class DataConfig(Section):
     """Validation corpus (loss, BLEU and checkpoint selection during training)."""
     test: CorpusConfig | None = None
     """Test corpus (translated and scored by the pipeline)."""
-    max_len: int = Field(250, ge=1)
+    max_len: int = Field(default=250, ge=1)
     """Drop training pairs with more subword tokens than this on either side."""
-    min_len: int = Field(1, ge=1)
+    min_len: int = Field(default=1, ge=1)
     """Drop training pairs with fewer subword tokens than this on either side."""
-    max_ratio: float = Field(3.0, gt=0)
+    max_ratio: float = Field(default=3.0, gt=0)
     """Drop training pairs whose token-length ratio (longer/shorter) exceeds this."""
     dedup: bool = True
     """Remove exact duplicate training pairs."""
@@ -106,10 +107,10 @@ class DataConfig(Section):
     invalid_utf8: Literal["error", "skip"] = "error"
     """What to do with a line that is not UTF-8: stop with an error naming file and line, or
     skip the pair and count it in the report."""
-    num_proc: int = Field(1, ge=1)
+    num_proc: int = Field(default=1, ge=1)
     """Processes for encoding with SentencePiece: with more than 1, that many worker processes
     encode while the main one reads and cleans."""
-    chunk_size: int = Field(10_000, ge=1)
+    chunk_size: int = Field(default=10_000, ge=1)
     """Pairs read, cleaned and encoded at a time (bounds memory on large corpora)."""
 
     @field_validator("train", mode="before")
@@ -121,21 +122,21 @@ class DataConfig(Section):
 class TokenizerConfig(Section):
     type: Literal["unigram", "bpe"] = "unigram"
     """SentencePiece model type."""
-    vocab_size: int = Field(8000, ge=16)
+    vocab_size: int = Field(default=8000, ge=16)
     """Vocabulary size (per side when not joint)."""
     joint: bool = True
     """One vocabulary for both languages (allows shared embeddings) or one model per side."""
-    character_coverage: float = Field(1.0, gt=0, le=1)
+    character_coverage: float = Field(default=1.0, gt=0, le=1)
     """Share of characters covered by the vocabulary; 0.9995 suits languages with large
     character sets (zh, ja)."""
-    input_sentence_size: int = Field(1_000_000, gt=100)
+    input_sentence_size: int = Field(default=1_000_000, gt=100)
     """Sentences sampled from the training data to train SentencePiece (bounds memory/time;
     SentencePiece needs more than 100)."""
     user_symbols: list[str] = Field(default_factory=list)
     """Extra symbols never split, such as language tags (``<2de>``)."""
     byte_fallback: bool = False
     """Encode unknown characters as bytes instead of <unk>."""
-    num_threads: int = Field(2, ge=1)
+    num_threads: int = Field(default=2, ge=1)
     """Threads for SentencePiece training."""
 
 
@@ -151,21 +152,21 @@ class ModelConfig(Section):
     size: Literal["tiny", "small", "base", "big"] = "small"
     """Named size; any of d_model/encoder_layers/decoder_layers/heads/ffn_dim given here
     overrides it. tiny is for tests, small for Multi30k on a CPU, base/big for GPUs."""
-    d_model: int | None = Field(None, ge=8)
+    d_model: int | None = Field(default=None, ge=8)
     """Width of embeddings and hidden states."""
-    encoder_layers: int | None = Field(None, ge=1)
+    encoder_layers: int | None = Field(default=None, ge=1)
     """Encoder layers."""
-    decoder_layers: int | None = Field(None, ge=1)
+    decoder_layers: int | None = Field(default=None, ge=1)
     """Decoder layers."""
-    heads: int | None = Field(None, ge=1)
+    heads: int | None = Field(default=None, ge=1)
     """Attention heads; must divide d_model."""
-    ffn_dim: int | None = Field(None, ge=1)
+    ffn_dim: int | None = Field(default=None, ge=1)
     """Inner width of the feed-forward blocks."""
-    dropout: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
     """Dropout on embeddings and sub-layer outputs."""
-    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    attention_dropout: float = Field(default=0.0, ge=0, lt=1)
     """Dropout on attention weights."""
-    activation_dropout: float = Field(0.0, ge=0, lt=1)
+    activation_dropout: float = Field(default=0.0, ge=0, lt=1)
     """Dropout after the feed-forward activation."""
     activation: Literal["relu", "gelu"] = "relu"
     """Feed-forward activation."""
@@ -173,7 +174,7 @@ class ModelConfig(Section):
     """Layer norm before each sub-layer (stable, default) or after it (Vaswani et al.)."""
     positions: Literal["sinusoidal", "learned"] = "sinusoidal"
     """Position embeddings."""
-    max_positions: int = Field(1024, ge=8)
+    max_positions: int = Field(default=1024, ge=8)
     """Longest sequence (in tokens, with BOS/EOS) the model accepts."""
     share_embeddings: bool = True
     """Share source and target embeddings (only possible with a joint vocabulary)."""
@@ -197,40 +198,40 @@ DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class TrainConfig(Section):
-    max_tokens: int = Field(4096, ge=1)
+    max_tokens: int = Field(default=4096, ge=1)
     """Tokens per batch: batch size times the longest padded sentence (the larger side)."""
-    update_freq: int = Field(1, ge=1)
+    update_freq: int = Field(default=1, ge=1)
     """Batches whose gradients are accumulated before each update."""
-    max_steps: int = Field(100_000, ge=1)
+    max_steps: int = Field(default=100_000, ge=1)
     """Stop after this many updates."""
-    max_epochs: int | None = Field(None, ge=1)
+    max_epochs: int | None = Field(default=None, ge=1)
     """Stop after this many passes over the data."""
-    max_minutes: float | None = Field(None, gt=0)
+    max_minutes: float | None = Field(default=None, gt=0)
     """Stop taking updates after this much wall-clock time, validations during the run included
     (a budget for fixed-time comparisons); the final validation and checkpoint come after."""
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(default=5e-4, gt=0)
     """Peak learning rate."""
     schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
     """Learning-rate schedule after linear warm-up."""
-    warmup_steps: int = Field(4000, ge=0)
+    warmup_steps: int = Field(default=4000, ge=0)
     """Linear warm-up updates."""
-    min_lr: float = Field(0.0, ge=0)
+    min_lr: float = Field(default=0.0, ge=0)
     """Floor of the cosine schedule and of the cool-down."""
-    cooldown: float = Field(0.0, ge=0, le=1)
+    cooldown: float = Field(default=0.0, ge=0, le=1)
     """Fraction of the run at its end over which the learning rate falls linearly to min_lr
     (0: none). The end is max_steps, or the max_minutes budget when that comes first: a
     time-bounded run cools down by wall-clock time and finishes annealed."""
     betas: tuple[float, float] = (0.9, 0.98)
     """AdamW betas."""
-    eps: float = Field(1e-8, gt=0)
+    eps: float = Field(default=1e-8, gt=0)
     """AdamW epsilon."""
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
     """AdamW weight decay."""
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     """Label smoothing of the cross-entropy."""
-    clip_norm: float = Field(1.0, ge=0)
+    clip_norm: float = Field(default=1.0, ge=0)
     """Clip the gradient norm to this (0 turns clipping off)."""
-    ema_decay: float = Field(0.0, ge=0, lt=1)
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
     """Keep an exponential moving average of the weights with this decay per update (e.g.
     0.999; 0: off). Validation, checkpoints and so translation use the average."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -240,23 +241,23 @@ class TrainConfig(Section):
     """Compile the model with torch.compile."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(default=None, ge=1)
     """CPU threads for torch (default: torch's choice)."""
-    log_every: int = Field(100, ge=1)
+    log_every: int = Field(default=100, ge=1)
     """Updates between log lines."""
-    valid_every: int = Field(1000, ge=1)
+    valid_every: int = Field(default=1000, ge=1)
     """Updates between validations (and checkpoints)."""
     valid_bleu: bool = True
     """Decode the validation set and compute BLEU/chrF at each validation."""
-    valid_max_sentences: int | None = Field(None, ge=1)
+    valid_max_sentences: int | None = Field(default=None, ge=1)
     """Decode at most this many validation sentences for BLEU (loss uses all)."""
     best_metric: Literal["bleu", "loss"] = "bleu"
     """Metric that selects the best checkpoint and drives early stopping."""
-    keep_last: int = Field(3, ge=1)
+    keep_last: int = Field(default=3, ge=1)
     """Step checkpoints kept besides best and last."""
-    patience: int | None = Field(None, ge=1)
+    patience: int | None = Field(default=None, ge=1)
     """Stop after this many validations without improvement."""
-    max_nonfinite: int = Field(5, ge=1)
+    max_nonfinite: int = Field(default=5, ge=1)
     """Stop with an error after this many non-finite losses in a row."""
 
     @field_validator("device")
@@ -268,27 +269,27 @@ class TrainConfig(Section):
 
 
 class DecodeConfig(Section):
-    beam: int = Field(5, ge=1)
+    beam: int = Field(default=5, ge=1)
     """Beam size; 1 is greedy search."""
-    lenpen: float = Field(1.0, ge=0)
+    lenpen: float = Field(default=1.0, ge=0)
     """GNMT length-penalty alpha: scores are divided by ((5 + length) / 6) ** alpha."""
-    max_len_a: float = Field(1.5, ge=0)
+    max_len_a: float = Field(default=1.5, ge=0)
     """Maximum output length is max_len_a * source_length + max_len_b."""
-    max_len_b: int = Field(10, ge=0)
+    max_len_b: int = Field(default=10, ge=0)
     """See max_len_a."""
-    min_len: int = Field(1, ge=0)
+    min_len: int = Field(default=1, ge=0)
     """Minimum output length (EOS is blocked before it)."""
-    nbest: int = Field(1, ge=1)
+    nbest: int = Field(default=1, ge=1)
     """Hypotheses returned per sentence; at most the beam size."""
-    batch_tokens: int = Field(4096, ge=1)
+    batch_tokens: int = Field(default=4096, ge=1)
     """Source tokens per translation batch."""
     sampling: bool = False
     """Sample instead of searching (uses temperature, top_k, top_p)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
     """Sampling temperature."""
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(default=0, ge=0)
     """Sample from the k most likely tokens (0: all)."""
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(default=1.0, gt=0, le=1)
     """Sample from the smallest set of tokens whose probability reaches p."""
 
     @model_validator(mode="after")
@@ -336,6 +337,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
     return validate_config(apply_overrides(data, overrides or []))
 
+
+
+def resolve_decode(
+    stored: DecodeConfig, config: str | Path | None, overrides: list[str] | None, flags: dict[str, Any]
+) -> DecodeConfig:
+    """The decode settings of ``mtkit translate``, each source overriding the one before:
+    ``stored`` (the checkpoint's), the ``decode`` section of the YAML file ``config``, the
+    ``decode.KEY=VALUE`` ``overrides``, then the ``flags`` that are not None. ConfigError
+    lists every problem; an override outside ``decode`` is an MtkitError."""
+    merged = stored.model_dump()
+    if config is not None:
+        merged.update(load_config(config).decode.model_dump(exclude_unset=True))
+    data = apply_overrides({"decode": merged}, overrides or [])
+    others = sorted(set(data) - {"decode"})
+    if others:
+        raise MtkitError(f"--set: translate takes only decode.* keys (got {', '.join(others)})")
+    if isinstance(data["decode"], dict):
+        data["decode"].update({key: value for key, value in flags.items() if value is not None})
+    return validate_config(data).decode
 
 def validate_config(data: dict[str, Any]) -> Config:
     try:
@@ -396,25 +416,27 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         raise ValueError(f"--set {item!r}: expected key.path=value")
     parts = key.strip().split(".")
     node: Any = data
+    step: str | int = ""  # the key (or list index) of the last part
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         where = ".".join(parts[:i])
+        step = part
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ValueError(f"--set {item!r}: {where} has no item {part}")
-            part = int(part)
+            step = int(part)
         elif not isinstance(node, dict):
             raise ValueError(f"--set {item!r}: {where} is not a section")
         if last:
             break
-        if isinstance(node, dict) and node.get(part) is None:
-            node[part] = {}
-        node = node[part]
+        if isinstance(node, dict) and node.get(step) is None:
+            node[step] = {}
+        node = node[step]
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    node[part] = parsed
+    node[step] = parsed
 
 
 _TYPE_WORDS = {
@@ -430,7 +452,7 @@ _TYPE_WORDS = {
 }
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     """One line for one pydantic error: ``train.lr: expected a number, got "fast"``."""
     # Keys come from user files: show odd ones quoted, so a message stays on one line.
     loc = [str(p) if str(p).isprintable() else json.dumps(str(p)) for p in error["loc"]]

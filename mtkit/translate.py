@@ -12,14 +12,18 @@ break, so output lines stay aligned with input lines.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
+import numpy as np
 import torch
 
+from mtkit.batching import pack
 from mtkit.config import DecodeConfig
 from mtkit.errors import MtkitError
 from mtkit.model import Transformer
@@ -49,21 +53,23 @@ class Translation:
     nbest: list[tuple[str, float]] = field(default_factory=list)
 
 
-def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches after sorting by length, each batch at most
-    ``batch_tokens`` padded tokens (a longer single sentence gets a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        # Sorted ascending, so this sentence is the longest of the batch so far.
-        if current and (len(current) + 1) * lengths[index] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+OUTPUT_FORMATS = ("text", "jsonl")
+
+
+def format_translations(translations: list[Translation], output_format: str = "text") -> str:
+    """The output records of ``translations``, each ending in a newline: ``text``, the best
+    translation; ``jsonl``, a JSON object with ``translation``, ``score`` and ``nbest`` (a list
+    of ``{"translation", "score"}``, best first)."""
+    if output_format == "text":
+        return "".join(t.text + "\n" for t in translations)
+    if output_format != "jsonl":
+        raise ValueError(f"output_format={output_format!r}; choose from {', '.join(OUTPUT_FORMATS)}")
+    rows = []
+    for t in translations:
+        record = {"translation": t.text, "score": t.score,
+                  "nbest": [{"translation": text, "score": score} for text, score in t.nbest]}
+        rows.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return "".join(rows)
 
 
 class Translator:
@@ -118,8 +124,9 @@ class Translator:
         prefix_ids = self._encode_prefixes(prefixes, numbers) if prefixes is not None else None
         results = [Translation("") for _ in lines]
         todo = [i for i, ids in enumerate(src_ids) if ids]
-        lengths = [len(src_ids[i]) + 1 for i in todo]
-        for batch in token_batches(lengths, self.decode.batch_tokens):
+        lengths = np.array([len(src_ids[i]) + 1 for i in todo], dtype=np.int64)
+        order = np.argsort(lengths, kind="stable")  # stable: equal lengths keep input order
+        for batch in pack(lengths, order, self.decode.batch_tokens, oversized="alone"):
             rows = [todo[i] for i in batch]
             hyps = self.search([src_ids[r] for r in rows], [prefix_ids[r] for r in rows] if prefix_ids else None)
             for row, nbest in zip(rows, hyps, strict=True):
@@ -173,7 +180,7 @@ class Translator:
             src[row, len(ids)] = EOS_ID
         src = src.to(self.device)
         d = self.decode
-        common = dict(lenpen=d.lenpen, max_len_a=d.max_len_a, max_len_b=d.max_len_b, min_len=d.min_len,
+        common: dict[str, Any] = dict(lenpen=d.lenpen, max_len_a=d.max_len_a, max_len_b=d.max_len_b, min_len=d.min_len,
                       prefix=prefix_ids)
         if d.sampling:
             return sample(self.model, src, nbest=d.nbest, temperature=d.temperature, top_k=d.top_k,

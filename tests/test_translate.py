@@ -5,17 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from mtkit.batching import pack
 from mtkit.checkpoint import save_checkpoint
 from mtkit.cli import app
-from mtkit.cli.translate_cmd import resolve_decode
-from mtkit.config import Config, DecodeConfig, ModelConfig, TokenizerConfig
+from mtkit.config import Config, DecodeConfig, ModelConfig, TokenizerConfig, resolve_decode
 from mtkit.model import Transformer
 from mtkit.tokenizer import train_tokenizers
-from mtkit.translate import Translation, Translator, one_line, token_batches
+from mtkit.translate import Translation, Translator, one_line
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "red", "big", "small", "house", "tree", "runs", "walks"]
 WORDS += ["blue", "green", "man", "woman"]
@@ -75,6 +76,12 @@ def write(path: Path, lines: list[str]) -> Path:
 
 
 # --------------------------------------------------------------------------- library
+
+
+def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """The translator's batches: by length, a line over the budget alone."""
+    sizes = np.array(lengths)
+    return [b.tolist() for b in pack(sizes, np.argsort(sizes, kind="stable"), batch_tokens, oversized="alone")]
 
 
 def test_token_batches():

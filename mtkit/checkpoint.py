@@ -16,6 +16,11 @@ Layout under ``{experiment.dir}/checkpoints/``::
 A checkpoint is written into a hidden temporary directory, fsynced and renamed into place;
 only then are the ``last``/``best`` links swapped and old step directories pruned. So a
 reader always sees either the previous complete checkpoint or the new complete one.
+
+This module also owns a training run's side of the directory: refusing to start over an
+existing run, resuming one (``resume_run``: cleaning up after a kill, checking that the
+checkpoint fits the config, restoring weights, optimizer, scaler and random streams), and
+what ``trainer_state.pt`` holds (``TrainState``, ``pack_trainer_state``, ``rng_state``).
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import errno
 import io
 import json
 import os
+import random
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +47,9 @@ from mtkit.errors import ConfigError, MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text, fsync_path, remove_stale_temporaries
 from mtkit.model import Transformer
 from mtkit.rundir import ExperimentDir
+
+if TYPE_CHECKING:
+    from mtkit.runtime import Runtime
 
 FORMAT = "mtkit-checkpoint/1"
 WEIGHTS, CONFIG, META, STATE, TOKENIZER = (
@@ -312,3 +321,130 @@ def average_checkpoints(directories: list[Path], out: Path) -> Path:
                 "files": {name: (tmp / name).stat().st_size for name in (WEIGHTS, CONFIG)}}
         atomic_write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
     return out
+
+
+# --------------------------------------------------------------------------- a training run's directory
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint; ``epoch``/``batch_index`` locate the next batch."""
+
+    step: int = 0
+    epoch: int = 1
+    batch_index: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0
+    nonfinite_in_row: int = 0
+    elapsed_s: float = 0.0
+    last_saved_step: int = -1
+
+
+def refuse_existing_run(root: Path) -> None:
+    """MtkitError if ``root`` (a ``checkpoints/`` directory) already holds a run's checkpoints."""
+    if (root / "last").is_symlink() or any(root.glob(f"{STEP_PREFIX}*")):
+        raise MtkitError(
+            f"{root}: already holds checkpoints of a run; continue it with --resume, "
+            "or remove the directory (or change experiment.dir) to start afresh"
+        )
+
+
+def pack_trainer_state(
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    rngs: list[dict[str, Any]],
+    raw_weights: dict[str, torch.Tensor] | None,
+) -> dict[str, Any]:
+    """What ``trainer_state.pt`` holds: the counters, optimizer and scaler states, every
+    rank's RNG states (``rng_state()``, in rank order) and, for a run that keeps a weight
+    average (saved as the checkpoint's weights), the raw weights training continues from."""
+    packed: dict[str, Any] = {
+        "state": asdict(state),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rngs,
+        "world_size": len(rngs),
+    }
+    if raw_weights is not None:
+        packed["model_weights"] = raw_weights
+    return packed
+
+
+def resume_run(
+    root: Path,
+    config: Config,
+    tokenizers: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    runtime: Runtime,
+) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    """Continue the run in ``root`` from ``last``: weights into ``model``, optimizer and
+    scaler states, this rank's random streams. Returns the training state and, for a run that
+    kept a weight average, the raw weights to continue from (``model`` then holds the average)."""
+    if not (root / "last").exists():
+        raise MtkitError(f"{root}: no checkpoint to resume from (no checkpoints/last); start without --resume")
+    clean_temporaries(root)
+    directory = (root / "last").resolve()
+    # A run killed after writing a step directory but before moving `last` left a newer step
+    # behind; this run will write that step itself, so the stale one must go.
+    for stale in root.glob(f"{STEP_PREFIX}*"):
+        if stale.is_dir() and stale.name > directory.name:
+            shutil.rmtree(stale, ignore_errors=True)
+    check_compatible(directory, config, tokenizers)
+    saved = load_trainer_state(directory)
+    load_weights(model, directory, runtime.device)
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    state = TrainState(**saved["state"])
+    rngs = saved["rng"]
+    if len(rngs) == runtime.world:
+        set_rng_state(rngs[runtime.rank])
+    else:  # a different number of ranks cannot replay the same dropout masks
+        warnings.warn(f"resuming {len(rngs)}-process training with {runtime.world}; random streams restart",
+                      stacklevel=1)
+        torch.manual_seed(config.experiment.seed + state.step + runtime.rank)
+    return state, saved.get("model_weights")
+
+
+def init_weights_from(path: Path, model: nn.Module, config: Config, tokenizers: Any, device: torch.device) -> None:
+    """Fine-tuning: weights only, from a checkpoint (see ``resolve``) with the same model
+    shape and tokenizer."""
+    directory = resolve(path)
+    check_compatible(directory, config, tokenizers)
+    load_weights(model, directory, device)
+
+
+def check_compatible(directory: Path, config: Config, tokenizers: Any) -> None:
+    """MtkitError unless the checkpoint in ``directory`` was trained with ``tokenizers`` and
+    has the model shape of ``config`` (dropout may differ)."""
+    meta = read_meta(directory)
+    saved = read_checkpoint_config(directory)
+    if meta["tokenizer_fingerprint"] != tokenizers.fingerprint():
+        raise MtkitError(f"{directory}: checkpoint was trained with a different tokenizer than this experiment's")
+    changed = [k for k, v in config.model.model_dump().items() if saved.model.model_dump()[k] != v]
+    # Dropout may change between runs; the shape of the network may not.
+    changed = [k for k in changed if "dropout" not in k]
+    if changed:
+        raise MtkitError(f"{directory}: checkpoint model differs from the config in model.{', model.'.join(changed)}")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain lists (no pickled objects)."""
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def set_rng_state(saved: dict[str, Any]) -> None:
+    """Restore what ``rng_state()`` captured."""
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,7 +1,14 @@
-"""Progress of a training run for people and tools: a redrawn line (terminal) or a plain line
-per ``log_every`` updates on stderr, TensorBoard scalars and ``EXP/train_log.jsonl`` (one JSON
-row per log interval, ``"type": "train"``, and per validation, ``"type": "valid"``).
-Only rank 0 writes; every rank takes part in the interval's sums.
+"""Progress for people and tools.
+
+``Reporter``: a training run's progress: a line redrawn in place (on a terminal, with rich) and
+a plain line per ``log_every`` updates on stderr, TensorBoard scalars and ``EXP/train_log.jsonl``
+(one JSON row per log interval, ``"type": "train"``, and per validation, ``"type": "valid"``).
+Only rank 0 writes; every rank takes part in the interval's sums. It reports; the trainer
+decides (when to validate, when to stop).
+
+``LineProgress``: ``translated N lines (X lines/s)`` redrawn on a terminal.
+
+Where stderr is not a terminal (logs, pipes, tests) nothing is redrawn: the plain lines alone.
 """
 
 from __future__ import annotations
@@ -10,39 +17,77 @@ import json
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_write_text
+from mtkit.rundir import ExperimentDir
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.live import Live
+    from torch.utils.tensorboard import SummaryWriter
+
     from mtkit.batching import Batch
+    from mtkit.checkpoint import TrainState
     from mtkit.config import Config
-    from mtkit.model import Transformer
-    from mtkit.train import Experiment, Runtime, TrainState
+    from mtkit.runtime import Runtime
+
+
+class _LiveLine:
+    """One line at the bottom of a terminal's stderr, redrawn in place (rich), with permanent
+    lines printed above it."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console: Console = Console(stderr=True, highlight=False)
+        # No auto refresh: the line changes when its owner says so, with no thread.
+        self.live: Live = Live(console=self.console, auto_refresh=False, transient=True,
+                               redirect_stdout=False, redirect_stderr=False)
+        self.started = False
+
+    def show(self, text: str) -> None:
+        from rich.text import Text
+
+        if not self.started:
+            self.live.start()
+            self.started = True
+        self.live.update(Text(text), refresh=True)
+
+    def print(self, text: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text(text))
+
+    def stop(self) -> None:
+        if self.started:
+            self.live.stop()
+            self.started = False
 
 
 class Reporter:
     """Progress for people (stderr), TensorBoard scalars and ``train_log.jsonl`` (rank 0).
 
     On a terminal a single line is redrawn with loss, lr, tokens/s and ETA; otherwise one
-    plain line per ``log_every`` updates.
+    plain line per ``log_every`` updates. ``parameters`` and ``pairs`` (the model's size and
+    the training pairs) go into the first line.
     """
 
-    def __init__(self, config: Config, runtime: Runtime, exp: Experiment, model: Transformer, start_step: int):
+    def __init__(self, config: Config, runtime: Runtime, start_step: int, parameters: int, pairs: int):
         self.cfg, self.runtime = config.train, runtime
         self.active = runtime.main
-        self.stop_early = False
-        self.last_valid: dict[str, Any] = {}
         self.tty = sys.stderr.isatty()
         self._reset()
         self._last_draw = 0.0
-        self._writer = None
-        self._jsonl = None
+        self._live: _LiveLine | None = _LiveLine() if self.tty and self.active else None
+        self._writer: SummaryWriter | None = None
+        self._jsonl: IO[str] | None = None
         if not self.active:
             return
-        exp_dir = config.experiment.dir
-        log = exp_dir / "train_log.jsonl"
+        layout = ExperimentDir(config.experiment.dir)
+        exp_dir, log = layout.root, layout.train_log
         try:
             exp_dir.mkdir(parents=True, exist_ok=True)
             if start_step and log.exists():
@@ -53,14 +98,14 @@ class Reporter:
             self._jsonl = open(log, "a", encoding="utf-8")  # noqa: SIM115
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(exp_dir / "tensorboard"),
+            self._writer = SummaryWriter(log_dir=str(layout.tensorboard),
                                          purge_step=start_step + 1 if start_step else None)
         except OSError as err:
             raise MtkitError(f"{err.filename or log}: cannot write: {err.strerror}") from None
         self.say(
-            f"training {model.num_parameters / 1e6:.2f}M parameters on {runtime.device} ({runtime.precision}"
+            f"training {parameters / 1e6:.2f}M parameters on {runtime.device} ({runtime.precision}"
             f"{f', {runtime.world} processes' if runtime.distributed else ''}); "
-            f"{len(exp.train):,} pairs, max_tokens {self.cfg.max_tokens}, update_freq {self.cfg.update_freq}"
+            f"{pairs:,} pairs, max_tokens {self.cfg.max_tokens}, update_freq {self.cfg.update_freq}"
         )
 
     def _reset(self) -> None:
@@ -68,13 +113,20 @@ class Reporter:
         self._acc = {"loss": 0.0, "nll": 0.0, "tokens": 0.0, "real": 0.0, "padded": 0.0, "steps": 0.0, "gnorm": 0.0}
 
     def say(self, text: str) -> None:
-        if self.active:
-            print(("\r\x1b[K" if self.tty else "") + text, file=sys.stderr, flush=True)
+        """A permanent line (above the redrawn one on a terminal)."""
+        if not self.active:
+            return
+        if self._live is not None:
+            self._live.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def warn(self, text: str) -> None:
         self.say(f"warning: {text}")
 
-    def update(self, state: TrainState, batches: list[Batch], loss, nll, tokens, lr, grad_norm) -> None:
+    def update(self, state: TrainState, batches: list[Batch], loss: float, nll: float, tokens: float, lr: float,
+               grad_norm: float) -> None:
+        """Count an update into the interval; log at every ``log_every``-th update."""
         acc = self._acc
         acc["loss"] += loss
         acc["nll"] += nll
@@ -85,8 +137,8 @@ class Reporter:
         acc["gnorm"] += grad_norm if math.isfinite(grad_norm) else 0.0
         if state.step % self.cfg.log_every == 0:
             self._log(state, lr)
-        elif self.tty and self.active and time.monotonic() - self._last_draw > 0.5:
-            self._draw(state, lr, final=False)
+        elif self._live is not None and time.monotonic() - self._last_draw > 0.5:
+            self._draw(state, lr)
 
     def _rates(self, state: TrainState, lr: float, all_ranks: bool) -> dict[str, Any]:
         """The interval's averages; ``all_ranks`` sums over ranks (every rank must call then)."""
@@ -126,24 +178,22 @@ class Reporter:
             f"pad {row['padding']:.1%} | eta {_clock(eta)}"
         )
 
-    def _draw(self, state: TrainState, lr: float, final: bool) -> None:
+    def _draw(self, state: TrainState, lr: float) -> None:
+        assert self._live is not None
         row = self._rates(state, lr, all_ranks=False)
         self._last_draw = time.monotonic()
-        print("\r\x1b[K" + self._line(row, state), end="\n" if final else "", file=sys.stderr, flush=True)
+        self._live.show(self._line(row, state))
 
     def _log(self, state: TrainState, lr: float) -> None:
         row = self._rates(state, lr, all_ranks=True)
         if self.active:
             self.say(self._line(row, state))
             self._write(row)
-            for key in ("loss", "ppl", "lr", "grad_norm", "tgt_tok_per_s", "padding"):
-                self._writer.add_scalar(f"train/{key}", row[key], state.step)
+            self._scalars("train", row, ("loss", "ppl", "lr", "grad_norm", "tgt_tok_per_s", "padding"), state.step)
         self._reset()
 
     def validated(self, state: TrainState, metrics: dict[str, Any], improved: bool) -> None:
-        self.last_valid = metrics
-        patience = self.cfg.patience
-        self.stop_early = patience is not None and state.bad_validations >= patience
+        """Report a validation (rank 0): ``improved`` says whether it is the best so far."""
         parts = [f"valid step {state.step:,} | loss {metrics['loss']:.3f} | ppl {metrics['ppl']:.2f}"]
         if "bleu" in metrics:
             parts.append(f"BLEU {metrics['bleu']:.2f} | chrF {metrics['chrf']:.2f} ({metrics['sentences']} sentences)")
@@ -154,15 +204,21 @@ class Reporter:
             self.say(f"  BLEU signature: {metrics['bleu_signature']}")
         self._write({"type": "valid", "step": state.step, "epoch": state.epoch, **metrics,
                      "best": improved, "elapsed_s": state.elapsed_s, "time": time.time()})
-        for key in ("loss", "ppl", "bleu", "chrf"):
-            if key in metrics:
-                self._writer.add_scalar(f"valid/{key}", metrics[key], state.step)
-        self._writer.flush()
+        self._scalars("valid", metrics, ("loss", "ppl", "bleu", "chrf"), state.step)
+        if self._writer is not None:
+            self._writer.flush()
         self._reset()  # validation time is not training throughput
 
     def _write(self, row: dict[str, Any]) -> None:
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+
+    def _scalars(self, group: str, values: dict[str, Any], keys: tuple[str, ...], step: int) -> None:
+        if self._writer is not None:
+            for key in keys:
+                if key in values:
+                    self._writer.add_scalar(f"{group}/{key}", values[key], step)
 
     def finish(self, state: TrainState, reason: str) -> None:
         if self.active:
@@ -171,6 +227,8 @@ class Reporter:
             self.say(f"stopped at step {state.step:,} (epoch {state.epoch}): {reason}{best}")
 
     def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
         if self._writer is not None:
             self._writer.close()
         if self._jsonl is not None:
@@ -188,3 +246,39 @@ def _step_of(line: str) -> float:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class LineProgress:
+    """``translated N lines (X lines/s)`` redrawn in place on a terminal's stderr; nothing at
+    all when stderr is not a terminal. ``update(count)`` after each chunk, ``done(count)`` once
+    at the end (the line stays); ``close()`` (or leaving a ``with`` block) removes the line
+    when the command ends early."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self._live: _LiveLine | None = _LiveLine() if sys.stderr.isatty() else None
+
+    def _text(self, count: int) -> str:
+        rate = count / max(time.monotonic() - self.start, 1e-9)
+        return f"translated {count} lines ({rate:.1f} lines/s)"
+
+    def update(self, count: int) -> None:
+        if self._live is not None:
+            self._live.show(self._text(count))
+
+    def done(self, count: int) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live.print(self._text(count))
+            self._live = None
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -3,8 +3,11 @@
 ``train(config, resume=..., init_from=...)`` reads the prepared data and tokenizer of an
 experiment and trains until ``train.max_steps`` / ``max_epochs`` / ``max_minutes``, early
 stopping, or a signal (SIGINT/SIGTERM save a checkpoint and return). The loop itself is
-``_loop``: batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint.
-Progress reports (stderr, TensorBoard, train_log.jsonl) are ``mtkit.progress.Reporter``.
+``_loop``: batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint, on
+one ``Run`` (config, data, model, optimizer, state, ...) that ``_start`` sets up. The trainer
+decides when to stop, early stopping included; progress reports (stderr, TensorBoard,
+train_log.jsonl) are ``mtkit.progress.Reporter``; the checkpoint directory, resuming and what
+a checkpoint's training state holds are ``mtkit.checkpoint``'s; the device is ``mtkit.runtime``'s.
 
 Under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK in the environment) every rank builds the same
 seeded batch order and takes its share of each update's batches; gradients are summed over
@@ -18,15 +21,14 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,13 +37,13 @@ from torch import Tensor, nn
 
 from mtkit.batching import Batch, TokenizedCorpus, epoch_batches, padding_ratio, sorted_batches
 from mtkit.checkpoint import (
+    TrainState,
     checkpoints_dir,
-    clean_temporaries,
-    load_trainer_state,
-    load_weights,
-    read_checkpoint_config,
-    read_meta,
-    resolve,
+    init_weights_from,
+    pack_trainer_state,
+    refuse_existing_run,
+    resume_run,
+    rng_state,
     save_checkpoint,
 )
 from mtkit.config import Config, TrainConfig
@@ -162,7 +164,7 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.names = [name for name, _ in model.named_parameters()]
-        self.params = [p for _, p in model.named_parameters()]
+        self.params: list[Tensor] = [p for _, p in model.named_parameters()]
         self.average = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
@@ -191,21 +193,6 @@ def _averaged(average: WeightAverage | None) -> contextlib.AbstractContextManage
 
 
 # --------------------------------------------------------------------------- state
-
-
-@dataclass
-class TrainState:
-    """Counters saved in every checkpoint; ``epoch``/``batch_index`` locate the next batch."""
-
-    step: int = 0
-    epoch: int = 1
-    batch_index: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    bad_validations: int = 0
-    nonfinite_in_row: int = 0
-    elapsed_s: float = 0.0
-    last_saved_step: int = -1
 
 
 @dataclass
@@ -282,6 +269,34 @@ def load_experiment(config: Config) -> Experiment:
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class Run:
+    """One training run, set up by ``_start``: what the loop, validation and checkpoints work on."""
+
+    config: Config
+    exp: Experiment
+    runtime: Runtime
+    model: Transformer
+    """The bare model: what validation decodes with and checkpoints save."""
+    loss_fn: nn.Module
+    """The model with its loss (``TranslationLoss``), wrapped for DDP and ``torch.compile``
+    when those are on: what an update calls."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    average: WeightAverage | None
+    """The weight average that validation and checkpoints see, when the run keeps one."""
+    state: TrainState
+    reporter: Reporter
+    root: Path
+    """The ``checkpoints/`` directory."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The last validation's metrics."""
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.config.train
+
+
 def train(config: Config, *, resume: bool = False, init_from: Path | None = None) -> TrainResult:
     """Train the experiment of ``config``; see the module docstring."""
     cfg = config.train
@@ -289,12 +304,19 @@ def train(config: Config, *, resume: bool = False, init_from: Path | None = None
         raise MtkitError("train.best_metric=bleu needs train.valid_bleu=true (or set train.best_metric=loss)")
     threads = torch.get_num_threads()
     try:
-        return _train(config, resume, init_from)
+        run = _start(config, resume, init_from)
+        with _StopSignals() as signals:
+            try:
+                return _loop(run, signals)
+            finally:
+                run.reporter.close()
     finally:
         torch.set_num_threads(threads)  # train.threads is for this run, not for the caller
 
 
-def _train(config: Config, resume: bool, init_from: Path | None) -> TrainResult:
+def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
+    """Everything before the first update: device, data, model, optimizer, and the state of
+    the run resumed (or the refusal to start a new run over an existing one)."""
     cfg = config.train
     runtime = setup_runtime(cfg)
     exp = load_experiment(config)
@@ -307,13 +329,13 @@ def _train(config: Config, resume: bool, init_from: Path | None) -> TrainResult:
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     state, raw_weights = TrainState(), None
     if resume:
-        state, raw_weights = _resume(root, config, exp, model, optimizer, scaler, runtime)
+        state, raw_weights = resume_run(root, config, exp.tokenizers, model, optimizer, scaler, runtime)
     else:
-        _refuse_existing_run(root)
+        refuse_existing_run(root)
         # Dropout differs between ranks; initial weights do not (DDP broadcasts rank 0's).
         torch.manual_seed(config.experiment.seed + runtime.rank)
         if init_from is not None:
-            _init_from(init_from, model, exp, runtime)
+            init_weights_from(init_from, model, config, exp.tokenizers, runtime.device)
     # A checkpoint's weights are the average when the run kept one; its raw weights, saved
     # beside them, are what training continues from.
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -326,63 +348,53 @@ def _train(config: Config, resume: bool, init_from: Path | None) -> TrainResult:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         loss_fn = nn.parallel.DistributedDataParallel(loss_fn, device_ids=ids)
     if cfg.compile:
-        loss_fn = torch.compile(loss_fn, dynamic=True)
-    reporter = Reporter(config, runtime, exp, model, start_step=state.step)
-    with _StopSignals() as signals:
-        try:
-            result = _loop(config, exp, model, average, loss_fn, optimizer, scaler, state, runtime, reporter,
-                           signals, root)
-        finally:
-            reporter.close()
-    return result
+        loss_fn = cast(nn.Module, torch.compile(loss_fn, dynamic=True))
+    reporter = Reporter(config, runtime, start_step=state.step, parameters=model.num_parameters,
+                        pairs=len(exp.train))
+    return Run(config, exp, runtime, model, loss_fn, optimizer, scaler, average, state, reporter, root)
 
 
-def _loop(config, exp, model, average, loss_fn, optimizer, scaler, state, runtime, reporter, signals,
-          root) -> TrainResult:
-    """batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint.
-    Validation and checkpoints see the weight ``average`` when there is one."""
-    cfg = config.train
-    plan = EpochPlan(exp.train, cfg, config.experiment.seed, runtime)
+def _loop(run: Run, signals: _StopSignals) -> TrainResult:
+    """batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint."""
+    cfg, state, runtime, reporter = run.cfg, run.state, run.runtime, run.reporter
+    plan = EpochPlan(run.exp.train, cfg, run.config.experiment.seed, runtime)
     reporter.say(f"{len(plan.batches_of(state.epoch)):,} batches per epoch, {plan.padding(state.epoch):.1%} padding")
     started = time.monotonic() - state.elapsed_s
-    reason = None
     while True:
         batches, position = plan.next_batches(state)
         # One collective per update: its target tokens on all ranks, and whether any rank
         # was signalled or ran out of time (so that all ranks stop at the same update).
         elapsed = time.monotonic() - started
         time_up = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
-        tokens, signalled, time_up = runtime.all_sum(
+        tokens, signalled, time_up_anywhere = runtime.all_sum(
             [sum(b.target_tokens for b in batches), float(signals.received is not None), float(time_up)])
-        reason = _stop_reason(cfg, state, position, signalled, time_up, signals)
+        reason = _stop_reason(cfg, state, position, bool(signalled), bool(time_up_anywhere), signals)
         if reason is not None:
             break
         lr = learning_rate(cfg, state.step + 1, run_progress(cfg, state.step + 1, elapsed))
-        loss, nll, grad_norm = train_step(loss_fn, model, optimizer, scaler, batches, tokens, lr, cfg, runtime)
+        loss, nll, grad_norm = train_step(run.loss_fn, run.model, run.optimizer, run.scaler, batches, tokens, lr,
+                                          cfg, runtime)
         state.step += 1
-        if average is not None:
-            average.update(state.step)
+        if run.average is not None:
+            run.average.update(state.step)
         state.epoch, state.batch_index = position
         state.elapsed_s = time.monotonic() - started
-        _count_nonfinite(state, grad_norm, scaler, cfg, reporter)
+        _count_nonfinite(state, grad_norm, run.scaler, cfg, reporter)
         reporter.update(state, batches, loss, nll, tokens, lr, grad_norm)
         if state.step % cfg.valid_every == 0:
-            with _averaged(average) as raw_weights:
-                _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root, raw_weights)
-            if runtime.all_sum([float(reporter.stop_early)])[0]:
+            _checkpoint(run, validate=True)
+            if _patience_spent(run):
                 reason = "patience"
                 break
     state.elapsed_s = time.monotonic() - started
     if reason in ("SIGINT", "SIGTERM"):
-        with _averaged(average) as raw_weights:
-            saved = _save(config, exp, model, optimizer, scaler, state, runtime, {}, False, root, raw_weights)
+        saved = _checkpoint(run, validate=False)
     else:
         if state.last_saved_step != state.step:
-            with _averaged(average) as raw_weights:
-                _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root, raw_weights)
-        saved = (root / "last").resolve()
+            _checkpoint(run, validate=True)
+        saved = (run.root / "last").resolve()
     reporter.finish(state, reason)
-    return TrainResult(state=state, reason=reason, checkpoint=saved, metrics=reporter.last_valid)
+    return TrainResult(state=state, reason=reason, checkpoint=saved, metrics=run.metrics)
 
 
 def train_step(loss_fn, model, optimizer, scaler, batches: list[Batch], tokens: float, lr: float, cfg, runtime):
@@ -411,8 +423,7 @@ def train_step(loss_fn, model, optimizer, scaler, batches: list[Batch], tokens: 
         loss_sum += loss.detach()
         nll_sum += nll.detach()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm or float("inf"))
-    grad_norm = float(grad_norm)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm or float("inf")))
     for group in optimizer.param_groups:
         group["lr"] = lr
     if math.isfinite(grad_norm) or scaler.is_enabled():
@@ -422,7 +433,8 @@ def train_step(loss_fn, model, optimizer, scaler, batches: list[Batch], tokens: 
     return float(loss_sum), float(nll_sum), grad_norm
 
 
-def _count_nonfinite(state: TrainState, grad_norm: float, scaler, cfg: TrainConfig, reporter: Reporter) -> None:
+def _count_nonfinite(state: TrainState, grad_norm: float, scaler: torch.amp.GradScaler, cfg: TrainConfig,
+                     reporter: Reporter) -> None:
     """Warn about a skipped update; stop with an error after ``max_nonfinite`` in a row.
     fp16's scaler skips overflowing steps by design: those count only once the scale has
     been driven below 1, which means the loss itself is not finite."""
@@ -440,7 +452,8 @@ def _count_nonfinite(state: TrainState, grad_norm: float, scaler, cfg: TrainConf
         )
 
 
-def _stop_reason(cfg: TrainConfig, state: TrainState, position: tuple[int, int], signalled, time_up, signals):
+def _stop_reason(cfg: TrainConfig, state: TrainState, position: tuple[int, int], signalled: bool, time_up: bool,
+                 signals: _StopSignals) -> str | None:
     """Why not to take the next update (whose batches start at ``position``), if at all.
     ``time_up``: ``max_minutes`` of updates (and the validations among them) have been spent;
     the final validation and checkpoint come after the budget."""
@@ -463,7 +476,7 @@ class EpochPlan:
     def __init__(self, corpus: TokenizedCorpus, cfg: TrainConfig, seed: int, runtime: Runtime):
         self.corpus, self.cfg, self.seed, self.runtime = corpus, cfg, seed, runtime
         self.group = runtime.world * cfg.update_freq
-        self.epoch, self.batches = -1, []
+        self.epoch, self.batches = -1, list[np.ndarray]()
 
     def batches_of(self, epoch: int) -> list[np.ndarray]:
         if epoch != self.epoch:
@@ -514,6 +527,8 @@ def validation_bleu(config: Config, exp: Experiment, model: Transformer, runtime
     from mtkit.score import score
     from mtkit.translate import Translator
 
+    if exp.valid_text is None:
+        raise ValueError("validation_bleu needs an experiment with validation data")
     sources, references = exp.valid_text
     limit = config.train.valid_max_sentences or len(sources)
     model.eval()
@@ -529,113 +544,70 @@ def validation_bleu(config: Config, exp: Experiment, model: Transformer, runtime
     return metrics
 
 
-def _validate_and_save(config, exp, model, optimizer, scaler, state, runtime, reporter, root, raw_weights) -> None:
-    """Validate (rank 0), update the best metric and patience counter, save a checkpoint."""
-    cfg = config.train
-    metrics: dict[str, Any] = {}
-    improved = False
-    if runtime.main and exp.valid is not None:
-        started = time.monotonic()
-        metrics = validation_loss(model, exp.valid, cfg.max_tokens, runtime)
-        if cfg.valid_bleu:
-            metrics.update(validation_bleu(config, exp, model, runtime))
-        metrics["valid_time_s"] = time.monotonic() - started
-        value = metrics[cfg.best_metric]
-        better = (lambda new, old: new > old) if cfg.best_metric == "bleu" else (lambda new, old: new < old)
-        improved = state.best_metric is None or better(value, state.best_metric)
-        if improved:
-            state.best_metric, state.best_step, state.bad_validations = value, state.step, 0
-        else:
-            state.bad_validations += 1
-        reporter.validated(state, metrics, improved)
-    elif runtime.main and exp.valid is None:
-        improved = True  # without validation data the newest checkpoint is the best we know
-    _save(config, exp, model, optimizer, scaler, state, runtime, metrics, improved, root, raw_weights)
+def _checkpoint(run: Run, validate: bool) -> Path:
+    """Validate (if ``validate``) and save a checkpoint, with the weight average in the model
+    when the run keeps one. Every rank must call this; returns the checkpoint directory."""
+    with _averaged(run.average) as raw_weights:
+        metrics, improved = _validate(run) if validate else ({}, False)
+        return _save(run, metrics, improved, raw_weights)
 
 
-def _save(config, exp, model, optimizer, scaler, state, runtime, metrics, best, root, raw_weights) -> Path:
+def _validate(run: Run) -> tuple[dict[str, Any], bool]:
+    """Validate on rank 0 and update the best metric and the count of validations without a
+    gain; returns the metrics and whether they are the best so far."""
+    cfg, state = run.cfg, run.state
+    if not run.runtime.main:
+        return {}, False
+    if run.exp.valid is None:
+        return {}, True  # without validation data the newest checkpoint is the best we know
+    started = time.monotonic()
+    metrics: dict[str, Any] = {**validation_loss(run.model, run.exp.valid, cfg.max_tokens, run.runtime)}
+    if cfg.valid_bleu:
+        metrics.update(validation_bleu(run.config, run.exp, run.model, run.runtime))
+    metrics["valid_time_s"] = time.monotonic() - started
+    value = metrics[cfg.best_metric]
+    if state.best_metric is None:
+        improved = True
+    else:
+        improved = value > state.best_metric if cfg.best_metric == "bleu" else value < state.best_metric
+    if improved:
+        state.best_metric, state.best_step, state.bad_validations = value, state.step, 0
+    else:
+        state.bad_validations += 1
+    run.metrics = metrics
+    run.reporter.validated(state, metrics, improved)
+    return metrics, improved
+
+
+def _patience_spent(run: Run) -> bool:
+    """Early stopping: ``train.patience`` validations in a row without a gain. Only rank 0
+    validates; every rank must call this, and all stop together."""
+    patience = run.cfg.patience
+    spent = patience is not None and run.state.bad_validations >= patience
+    return bool(run.runtime.all_sum([float(spent)])[0])
+
+
+def _save(run: Run, metrics: dict[str, Any], best: bool, raw_weights: dict[str, Tensor] | None) -> Path:
     """Every rank contributes its RNG state; rank 0 writes. All ranks must call this.
-    ``raw_weights``: the weights training continues from, when ``model`` holds their average."""
-    rng = _rng_state()
+    ``raw_weights``: the weights training continues from, when the model holds their average."""
+    runtime, state = run.runtime, run.state
+    rng = rng_state()
     if runtime.distributed:
         gathered: list[Any] = [None] * runtime.world
         dist.all_gather_object(gathered, rng)
     else:
         gathered = [rng]
     state.last_saved_step = state.step
-    path = root / "last"
+    path = run.root / "last"
     if runtime.main:
-        trainer_state = {
-            "state": asdict(state),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": gathered,
-            "world_size": runtime.world,
-        }
-        if raw_weights is not None:
-            trainer_state["model_weights"] = raw_weights
         path = save_checkpoint(
-            root, step=state.step, epoch=state.epoch, model=model, config=config, tokenizers=exp.tokenizers,
-            metrics=metrics, trainer_state=trainer_state, best=best, keep_last=config.train.keep_last,
+            run.root, step=state.step, epoch=state.epoch, model=run.model, config=run.config,
+            tokenizers=run.exp.tokenizers, metrics=metrics, best=best, keep_last=run.cfg.keep_last,
+            trainer_state=pack_trainer_state(state, run.optimizer, run.scaler, gathered, raw_weights),
         )
     if runtime.distributed:
         dist.barrier()
     return path
-
-
-def _refuse_existing_run(root: Path) -> None:
-    if (root / "last").is_symlink() or any(root.glob("step_*")):
-        raise MtkitError(
-            f"{root}: already holds checkpoints of a run; continue it with --resume, "
-            "or remove the directory (or change experiment.dir) to start afresh"
-        )
-
-
-def _resume(root, config, exp, model, optimizer, scaler, runtime) -> tuple[TrainState, dict[str, Tensor] | None]:
-    """Load the last checkpoint; returns the training state and, for a run that kept a weight
-    average, the raw weights to continue from (the model then holds the average)."""
-    if not (root / "last").exists():
-        raise MtkitError(f"{root}: no checkpoint to resume from (no checkpoints/last); start without --resume")
-    clean_temporaries(root)
-    directory = (root / "last").resolve()
-    # A run killed after writing a step directory but before moving `last` left a newer step
-    # behind; this run will write that step itself, so the stale one must go.
-    for stale in root.glob("step_*"):
-        if stale.is_dir() and stale.name > directory.name:
-            shutil.rmtree(stale, ignore_errors=True)
-    meta = read_meta(directory)
-    _check_compatible(directory, meta, read_checkpoint_config(directory), config, exp)
-    saved = load_trainer_state(directory)
-    load_weights(model, directory, runtime.device)
-    optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
-    state = TrainState(**saved["state"])
-    rngs = saved["rng"]
-    if len(rngs) == runtime.world:
-        _set_rng_state(rngs[runtime.rank])
-    else:  # a different number of ranks cannot replay the same dropout masks
-        warnings.warn(f"resuming {len(rngs)}-process training with {runtime.world}; random streams restart",
-                      stacklevel=1)
-        torch.manual_seed(config.experiment.seed + state.step + runtime.rank)
-    return state, saved.get("model_weights")
-
-
-def _init_from(path: Path, model: Transformer, exp: Experiment, runtime: Runtime) -> None:
-    """Fine-tuning: weights only, from a checkpoint with the same model shape and tokenizer."""
-    directory = resolve(path)
-    meta = read_meta(directory)
-    _check_compatible(directory, meta, read_checkpoint_config(directory), exp.config, exp)
-    load_weights(model, directory, runtime.device)
-
-
-def _check_compatible(directory: Path, meta: dict, saved: Config, config: Config, exp: Experiment) -> None:
-    if meta["tokenizer_fingerprint"] != exp.tokenizers.fingerprint():
-        raise MtkitError(f"{directory}: checkpoint was trained with a different tokenizer than this experiment's")
-    changed = [k for k, v in config.model.model_dump().items() if saved.model.model_dump()[k] != v]
-    # Dropout may change between runs; the shape of the network may not.
-    changed = [k for k in changed if "dropout" not in k]
-    if changed:
-        raise MtkitError(f"{directory}: checkpoint model differs from the config in model.{', model.'.join(changed)}")
 
 
 # --------------------------------------------------------------------------- randomness
@@ -646,24 +618,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain lists (no pickled objects)."""
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": [version, list(internal), gauss],
-    }
-
-
-def _set_rng_state(saved: dict[str, Any]) -> None:
-    torch.set_rng_state(saved["torch"])
-    if saved["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda"])
-    version, internal, gauss = saved["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 # --------------------------------------------------------------------------- signals
 
 
@@ -671,7 +625,7 @@ class _StopSignals:
     """SIGINT/SIGTERM ask the loop to stop after the current update and save; a second
     SIGINT aborts at once (KeyboardInterrupt)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -681,7 +635,7 @@ class _StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -689,6 +643,6 @@ class _StopSignals:
         print(f"\nmtkit: {name} received; saving a checkpoint after this update (Ctrl-C again aborts)",
               file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

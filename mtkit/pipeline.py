@@ -1,6 +1,7 @@
 """The whole job in order: tokenizer -> prepare -> train -> translate -> score -> report.
 
-Each stage, when it finishes, writes a stamp ``{dir}/stages/{stage}.json`` holding a hash of
+Each stage, when it finishes, writes a stamp ``{dir}/stages/{stage}.json`` (every path in the
+experiment directory comes from ``mtkit.rundir.ExperimentDir``) holding a hash of
 what its outputs depend on: the config sections it reads, its input files (size and mtime) and
 the stamp of the stage before it. A stage whose stamp matches is skipped, so re-running after a
 crash or an edit does only what is needed; changing a stage's inputs re-runs it and everything
@@ -10,6 +11,7 @@ after it. A training run that was interrupted resumes from its last checkpoint.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -18,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtkit.config import Config, CorpusConfig, save_config
+from mtkit.config import Config, save_config
+from mtkit.corpus import corpus_files
 from mtkit.errors import MtkitError
-from mtkit.fileio import atomic_write_text
+from mtkit.fileio import atomic_write_bytes, atomic_write_text
+from mtkit.rundir import ExperimentDir
 
 STAGES = ("tokenizer", "prepare", "train", "translate", "score")
 
@@ -34,14 +38,6 @@ class Stage:
     """Runs the stage; the flag says whether an interrupted run of the same inputs may resume."""
     inputs: Callable[[Config], list[Path]] = lambda config: []
     """Files read by the stage (their size and mtime enter the hash)."""
-
-
-def _corpus_files(corpora: list[CorpusConfig | None]) -> list[Path]:
-    files = []
-    for corpus in corpora:
-        if corpus is not None:
-            files.extend(p for p in (corpus.src, corpus.tgt, corpus.path) if p is not None)
-    return files
 
 
 def _run_tokenizer(config: Config, resume: bool) -> None:
@@ -59,13 +55,13 @@ def _run_prepare(config: Config, resume: bool) -> None:
 def _run_train(config: Config, resume: bool) -> None:
     from mtkit.train import train
 
-    resume = resume and (config.experiment.dir / "checkpoints" / "last").exists()
+    exp = ExperimentDir(config.experiment.dir)
+    resume = resume and exp.checkpoint_link("last").exists()
     if not resume:
         # The outputs of a training run on other inputs are stale: start afresh.
-        exp = config.experiment.dir
-        for stale in ("checkpoints", "tensorboard"):
-            shutil.rmtree(exp / stale, ignore_errors=True)
-        (exp / "train_log.jsonl").unlink(missing_ok=True)
+        for stale in (exp.checkpoints, exp.tensorboard):
+            shutil.rmtree(stale, ignore_errors=True)
+        exp.train_log.unlink(missing_ok=True)
     train(config, resume=resume)
 
 
@@ -82,13 +78,13 @@ PIPELINE = [
         "tokenizer",
         ("tokenizer", "data.train"),
         _run_tokenizer,
-        lambda c: _corpus_files(list(c.data.train)),
+        lambda c: corpus_files(c.data.train),
     ),
     Stage(
         "prepare",
         ("data",),
         _run_prepare,
-        lambda c: _corpus_files([*c.data.train, c.data.valid, c.data.test]),
+        lambda c: corpus_files([*c.data.train, c.data.valid, c.data.test]),
     ),
     # Validation decodes with the decode section, but a new beam size should not mean retraining.
     Stage("train", ("model", "train", "experiment.seed"), _run_train),
@@ -117,7 +113,7 @@ def stage_hash(config: Config, stage: Stage, previous: str) -> str:
 
 
 def _stamp_path(config: Config, name: str, suffix: str = "") -> Path:
-    return config.experiment.dir / "stages" / f"{name}{suffix}.json"
+    return ExperimentDir(config.experiment.dir).stamp(name, suffix)
 
 
 def _read_stamp(path: Path) -> dict:
@@ -132,7 +128,8 @@ def run_pipeline(config: Config, start: str | None = None, log: Callable[[str], 
     report written by the last stage."""
     if start is not None and start not in STAGES:
         raise MtkitError(f"--from {start}: unknown stage; choose one of {', '.join(STAGES)}")
-    save_config(config, config.experiment.dir / "config.yaml")
+    exp = ExperimentDir(config.experiment.dir)
+    save_config(config, exp.config)
     previous, forced = "", False
     for stage in PIPELINE:
         forced = forced or stage.name == start
@@ -159,7 +156,7 @@ def run_pipeline(config: Config, start: str | None = None, log: Callable[[str], 
         started.unlink(missing_ok=True)
         log(f"pipeline: {stage.name}: done in {seconds:.0f} s")
         previous = digest
-    return json.loads((config.experiment.dir / "report.json").read_text())
+    return json.loads(exp.report_json.read_text())
 
 
 # --------------------------------------------------------------------------- translate + score
@@ -171,15 +168,15 @@ def translate_test_set(config: Config) -> Path:
     from mtkit.data import load_split
     from mtkit.translate import Translator
 
-    out_dir = config.experiment.dir / "translations"
-    test = load_split(config.experiment.dir, "test")
-    loaded = load_for_inference(config.experiment.dir, device=_device(config))
+    exp = ExperimentDir(config.experiment.dir)
+    test = load_split(exp.root, "test")
+    loaded = load_for_inference(exp.root, device=_device(config))
     translator = Translator(loaded.model, loaded.tokenizers, config.decode, device=_device(config))
     hyps = translator.translate(list(test["src"]))
     lang = config.data.tgt_lang
-    atomic_write_text(out_dir / f"test.ref.{lang}", "".join(line + "\n" for line in test["tgt"]))
-    atomic_write_text(out_dir / f"test.hyp.{lang}", "".join(line + "\n" for line in hyps))
-    return out_dir / f"test.hyp.{lang}"
+    atomic_write_text(exp.test_references(lang), "".join(line + "\n" for line in test["tgt"]))
+    atomic_write_text(exp.test_hypotheses(lang), "".join(line + "\n" for line in hyps))
+    return exp.test_hypotheses(lang)
 
 
 def _device(config: Config) -> str:
@@ -190,24 +187,23 @@ def _device(config: Config) -> str:
 
 def write_report(config: Config) -> dict:
     """Score the test translations and write report.json, report.md and a training plot."""
+    from mtkit.checkpoint import META
     from mtkit.score import score
 
-    exp = config.experiment.dir
+    exp = ExperimentDir(config.experiment.dir)
     lang = config.data.tgt_lang
-    hyps = (exp / "translations" / f"test.hyp.{lang}").read_text().splitlines()
-    refs = (exp / "translations" / f"test.ref.{lang}").read_text().splitlines()
+    hyps = exp.test_hypotheses(lang).read_text().splitlines()
+    refs = exp.test_references(lang).read_text().splitlines()
     bleu, chrf, ter = score(hyps, [refs], ("bleu", "chrf", "ter"), tgt_lang=lang)
     lower = score([h.lower() for h in hyps], [[r.lower() for r in refs]], ("bleu",), tgt_lang=lang)[0]
-    log = _read_train_log(exp / "train_log.jsonl")
+    log = _read_train_log(exp.train_log)
     valids = [row for row in log if row.get("type") == "valid"]
     best_valid = max((row for row in valids if "bleu" in row), key=lambda r: r["bleu"], default={})
-    data_report = _read_stamp(exp / "data" / "report.json")
-    meta = _read_stamp(exp / "checkpoints" / "best" / "meta.json") or _read_stamp(
-        exp / "checkpoints" / "last" / "meta.json"
-    )
+    data_report = _read_stamp(exp.data_report)
+    meta = _read_stamp(exp.checkpoint_link("best") / META) or _read_stamp(exp.checkpoint_link("last") / META)
     stages = {name: _read_stamp(_stamp_path(config, name)).get("seconds") for name in STAGES[:-1]}
     report = {
-        "experiment": config.experiment.name or exp.name,
+        "experiment": config.experiment.name or exp.root.name,
         "data": {
             split: {k: v for k, v in counts.items() if k in ("read", "kept")}
             for split, counts in (data_report.get("splits") or {}).items()
@@ -232,19 +228,21 @@ def write_report(config: Config) -> dict:
         },
         "stage_seconds": stages,
     }
-    atomic_write_text(exp / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(exp / "report.md", _markdown(report))
-    _plot(log, exp / "training.png")
+    atomic_write_text(exp.report_json, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(exp.report_md, _markdown(report))
+    _plot(log, exp.plot)
     return report
 
 
-def _count_parameters(exp: Path) -> int | None:
+def _count_parameters(exp: ExperimentDir) -> int | None:
     """Parameters of the best (else last) checkpoint, read from the safetensors header alone
     (each shared tensor is stored, and counted, once)."""
     from safetensors import safe_open
 
+    from mtkit.checkpoint import WEIGHTS
+
     for name in ("best", "last"):
-        path = exp / "checkpoints" / name / "model.safetensors"
+        path = exp.checkpoint_link(name) / WEIGHTS
         if path.exists():
             with safe_open(str(path), framework="pt") as weights:
                 return sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())  # noqa: SIM118
@@ -302,7 +300,7 @@ def _plot(log: list[dict], path: Path) -> None:
     right.set_xlabel("update")
     right.set_ylabel("valid BLEU")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, image.getvalue())

@@ -45,6 +45,7 @@ from mtkit.config import Config, CorpusConfig, DataConfig, save_config
 from mtkit.corpus import normalize, read_corpus, training_text, utf8_pairs
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir
+from mtkit.rundir import ExperimentDir
 from mtkit.tokenizer import Tokenizers, tokenizer_dir, train_tokenizers
 
 SPLITS = ("train", "valid", "test")
@@ -68,7 +69,7 @@ SCHEMA = pa.schema(
 
 
 def data_dir(exp_dir: Path) -> Path:
-    return Path(exp_dir) / "data"
+    return ExperimentDir(exp_dir).data
 
 
 def split_file(directory: Path, split: str) -> Path:

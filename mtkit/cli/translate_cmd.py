@@ -1,15 +1,11 @@
 """``mtkit translate``: translate text with a trained checkpoint, streaming in bounded memory.
 
-Decoding settings come from the config stored in the checkpoint, then the ``decode`` section
-of ``-c CONFIG``, then ``--set decode.KEY=VALUE``, then the flags, each overriding the last.
-
-Every input line gives exactly one output line, in order: lines are read as bytes split on
-``\\n`` only (a trailing ``\\r`` is dropped, so CRLF input translates like LF input; invalid
-UTF-8 is replaced with U+FFFD and warned about); an empty line gives an empty line; a line
-longer than the model accepts is truncated with a warning on stderr; no output line ever
-contains a line break. Input is read ``--chunk-lines`` lines at a time, each chunk sorted and
-batched by length, translated, and written (and flushed) in input order, so memory stays
-bounded and ``mtkit translate ... | head`` stops early and quietly.
+Decoding settings: the checkpoint's, then ``-c CONFIG``'s decode section, then ``--set
+decode.KEY=VALUE``, then the flags (``mtkit.config.resolve_decode``). One output line per input
+line, in order (``mtkit.translate``): input is read as ``mtkit.fileio.read_lines`` reads it
+(split on ``\\n`` only, CRLF like LF, invalid UTF-8 replaced with U+FFFD and warned about),
+``--chunk-lines`` lines at a time, each chunk translated, written and flushed, so
+``mtkit translate ... | head`` stops early and quietly; ``-o FILE`` appears only when complete.
 
 Scale-out: ``torchrun --nproc_per_node N -m mtkit translate -m RUN -i FILE -o OUT`` starts N
 processes that all read FILE; each translates every N-th line of each chunk (on GPU
@@ -18,8 +14,6 @@ processes that all read FILE; each translates every N-th line of each chunk (on 
 
 from __future__ import annotations
 
-import sys
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -78,6 +72,7 @@ def translate(
     from mtkit.checkpoint import load_for_inference
     from mtkit.config import resolve_decode
     from mtkit.fileio import STDIN, open_output, read_lines
+    from mtkit.progress import LineProgress
     from mtkit.runtime import inference_device, join_torchrun
     from mtkit.score import read_text, score
     from mtkit.translate import Translator, format_translations
@@ -101,22 +96,22 @@ def translate(
     translator = Translator(loaded.model, loaded.tokenizers, decode, device,
                             seed=loaded.config.experiment.seed if seed is None else seed, warn=_warn)
 
-    progress = _Progress() if leader and sys.stderr.isatty() else None
     hyps: list[str] = []  # kept only to score them: memory stays bounded otherwise
     count = 0
-    with open_output(output if leader else None) as sink:  # other ranks receive no chunks
-        for chunk in translator.translate_stream(lines, prefixes, chunk_lines=chunk_lines, shard=shard):
-            sink.write(format_translations(chunk, output_format.value).encode("utf-8"))
-            sink.flush()
-            count += len(chunk)
-            if references is not None:
-                hyps.extend(t.text for t in chunk)
-            if progress:
+    # Other ranks receive no chunks: they write nothing and show no progress.
+    with LineProgress() as progress:
+        with open_output(output if leader else None) as sink:
+            for chunk in translator.translate_stream(lines, prefixes, chunk_lines=chunk_lines, shard=shard):
+                sink.write(format_translations(chunk, output_format.value).encode("utf-8"))
+                sink.flush()
+                count += len(chunk)
+                if references is not None:
+                    hyps.extend(t.text for t in chunk)
                 progress.update(count)
-        if leader and prefixes is not None and next(prefixes, None) is not None:
-            raise MtkitError(f"{prefix}: more lines than the input ({count})")
-    if progress:
-        progress.done(count)
+            if leader and prefixes is not None and next(prefixes, None) is not None:
+                raise MtkitError(f"{prefix}: more lines than the input ({count})")
+        if leader:
+            progress.done(count)
     if shard is not None:
         torch.distributed.destroy_process_group()
     if references is not None:
@@ -129,18 +124,3 @@ def translate(
 def _warn(message: str) -> None:
     typer.echo(f"mtkit: warning: {message}", err=True)
 
-
-class _Progress:
-    """Lines per second on a terminal's stderr, rewritten in place."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-
-    def update(self, count: int) -> None:
-        rate = count / max(time.monotonic() - self.start, 1e-9)
-        sys.stderr.write(f"\rtranslated {count} lines ({rate:.1f} lines/s)")
-        sys.stderr.flush()
-
-    def done(self, count: int) -> None:
-        self.update(count)
-        sys.stderr.write("\n")

@@ -18,23 +18,25 @@ memory stays in the process), the peer with glibc's defaults, as each ships;
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from benchlib import Clocks, marian_loss, marian_peer, print_result
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mtkit.batching import Batch, TokenizedCorpus, epoch_batches
+from mtkit.config import ModelConfig, TrainConfig
+from mtkit.malloc import keep_freed_memory
+from mtkit.model import Transformer
+from mtkit.runtime import Runtime
+from mtkit.train import TranslationLoss, make_optimizer, train_step
+from mtkit.vocab import PAD_ID
 
-from mtkit.batching import Batch, TokenizedCorpus, epoch_batches  # noqa: E402
-from mtkit.config import ModelConfig, TrainConfig  # noqa: E402
-from mtkit.malloc import keep_freed_memory  # noqa: E402
-from mtkit.model import Transformer  # noqa: E402
-from mtkit.train import TranslationLoss, make_optimizer  # noqa: E402
-from mtkit.vocab import PAD_ID  # noqa: E402
+Step = Callable[[Batch], float]
+"""One training update on a batch; returns its loss per target token."""
 
 
 def synthetic_corpus(pairs: int, vocab: int, seed: int) -> TokenizedCorpus:
@@ -86,51 +88,37 @@ def model_flops(cfg: ModelConfig, vocab: int, batches: list[Batch]) -> float:
     return 3 * total
 
 
-def mtkit_step(cfg: ModelConfig, vocab: int, train_cfg: TrainConfig, bf16: bool = False, compile: bool = False):
-    """mtkit's training step (as in ``mtkit.train.train_step``); ``bf16``: CPU autocast;
-    ``compile``: torch.compile as with ``train.compile=true``."""
+def mtkit_step(cfg: ModelConfig, vocab: int, train_cfg: TrainConfig, bf16: bool = False,
+               compile: bool = False) -> tuple[nn.Module, Step]:
+    """mtkit's training update, ``mtkit.train.train_step`` itself, on one batch; ``bf16``: CPU
+    autocast (``train.precision=bf16``); ``compile``: torch.compile as with ``train.compile=true``."""
     model = Transformer(cfg, vocab, vocab).train()
-    loss_fn = TranslationLoss(model, train_cfg.label_smoothing)
+    loss_fn: nn.Module = TranslationLoss(model, train_cfg.label_smoothing)
     if compile:
-        loss_fn = torch.compile(loss_fn, dynamic=True)
-    optimizer = make_optimizer(model, train_cfg, torch.device("cpu"))
+        loss_fn = torch.compile(loss_fn, dynamic=True)  # type: ignore[assignment]
+    device = torch.device("cpu")
+    optimizer = make_optimizer(model, train_cfg, device)
+    runtime = Runtime(device=device, precision="bf16" if bf16 else "fp32")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # only fp16 scales, and fp16 needs CUDA
 
     def step(batch: Batch) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = loss_fn(batch.src, batch.tgt_in, batch.tgt_out)
-        (loss / batch.target_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()) / batch.target_tokens
+        tokens = batch.target_tokens
+        loss, _, _ = train_step(loss_fn, model, optimizer, scaler, [batch], tokens, train_cfg.lr, train_cfg, runtime)
+        return loss / tokens
 
     return model, step
 
 
-def marian_step(cfg: ModelConfig, vocab: int, train_cfg: TrainConfig):
-    """The same network as Hugging Face's MarianMTModel, trained the way its users do: the
-    model's logits over every position, then label-smoothed cross-entropy ignoring padding."""
-    from transformers import MarianConfig, MarianMTModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    config = MarianConfig(
-        vocab_size=vocab, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
-        encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads, encoder_ffn_dim=cfg.ffn_dim,
-        decoder_ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0,
-        activation_function=cfg.activation, max_position_embeddings=cfg.max_positions, scale_embedding=True,
-        pad_token_id=PAD_ID, eos_token_id=3, decoder_start_token_id=2, share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True,
-    )
-    model = MarianMTModel(config).train()
+def marian_step(cfg: ModelConfig, vocab: int, train_cfg: TrainConfig) -> tuple[nn.Module, Step]:
+    """The same network as Hugging Face's MarianMTModel (``benchlib.marian_peer``), trained
+    the way its users do (``benchlib.marian_loss``)."""
+    model = marian_peer(cfg, vocab, vocab)
     # Fused AdamW, as transformers' Trainer uses by default ("adamw_torch_fused").
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas, eps=train_cfg.eps,
                                   fused=True)
 
     def step(batch: Batch) -> float:
-        logits = model(input_ids=batch.src, attention_mask=batch.src != PAD_ID, decoder_input_ids=batch.tgt_in).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
-                               label_smoothing=train_cfg.label_smoothing, reduction="sum")
+        loss = marian_loss(model, batch, train_cfg.label_smoothing)
         (loss / batch.target_tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm)
         optimizer.step()
@@ -171,7 +159,7 @@ def main() -> None:
     model_cfg = ModelConfig(size=args.size, norm="post", dropout=0.1)
     train_cfg = TrainConfig(lr=1e-4)
 
-    runners = {"mtkit": mtkit_step(model_cfg, vocab, train_cfg)}
+    runners: dict[str, tuple[nn.Module, Step]] = {"mtkit": mtkit_step(model_cfg, vocab, train_cfg)}
     if not args.no_peer:
         runners["marian"] = marian_step(model_cfg, vocab, train_cfg)
     if args.peer_same_allocator and not args.no_peer:
@@ -186,8 +174,7 @@ def main() -> None:
     keep_freed_memory(False)
     peak_before = matmul_peak(args.threads)
     params = {name: sum(p.numel() for p in model.parameters()) for name, (model, _) in runners.items()}
-    seconds = dict.fromkeys(runners, 0.0)
-    cpu_seconds = dict.fromkeys(runners, 0.0)  # this process's CPU time: less sensitive to other load
+    clocks = Clocks()
     losses: dict[str, list[float]] = {name: [] for name in runners}
     for name, (_, step) in runners.items():
         keep_freed_memory(heap[name])
@@ -197,11 +184,10 @@ def main() -> None:
     for start in range(0, len(timed), args.block):
         for name, (_, step) in runners.items():
             keep_freed_memory(heap[name])
-            begin, begin_cpu = time.perf_counter(), time.process_time()
-            for batch in timed[start : start + args.block]:
-                losses[name].append(step(batch))
-            seconds[name] += time.perf_counter() - begin
-            cpu_seconds[name] += time.process_time() - begin_cpu
+            with clocks(name):
+                for batch in timed[start : start + args.block]:
+                    losses[name].append(step(batch))
+    seconds, cpu_seconds = clocks.wall, clocks.cpu
     # The machine's peak is the best of two measurements (other load only lowers it).
     peak = max(peak_before, matmul_peak(args.threads))
 
@@ -247,7 +233,7 @@ def main() -> None:
         if "marian" in runners:  # what `mtkit train` runs with precision=auto on a CPU with native bf16
             result["bf16_speedup_vs_hf"] = seconds["marian"] / seconds["mtkit_bf16"]
     if args.json:
-        print(json.dumps(result))
+        print_result(result, as_json=True)
         return
     print(f"{args.size} model, {len(timed)} timed steps of ~{result['sentences_per_batch']:.0f} sentences, "
           f"{args.threads} threads, peak fp32 matmul {result['peak_gflop_per_s']:.0f} GFLOP/s")

@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import psutil  # noqa: E402
-import yaml  # noqa: E402
+import psutil
+import yaml
+from benchlib import MTKIT, print_result, rss_mib, single_thread_env
 
 SYLLABLES = ["ka", "to", "ri", "mu", "se", "na", "lo", "pe", "shi", "dra", "fen", "gul", "bor", "wix", "quo", "zat"]
 WINDOW = 100_000
@@ -50,7 +46,8 @@ def build_experiment(workdir: Path, pairs: int = 3000) -> tuple[Path, Path]:
 
     from mtkit.checkpoint import save_checkpoint
     from mtkit.config import validate_config
-    from mtkit.data import prepare, training_text
+    from mtkit.corpus import training_text
+    from mtkit.data import prepare
     from mtkit.model import Transformer
     from mtkit.tokenizer import tokenizer_dir, train_tokenizers
 
@@ -89,19 +86,6 @@ def build_experiment(workdir: Path, pairs: int = 3000) -> tuple[Path, Path]:
     return path, model_run
 
 
-def rss_mib(process: psutil.Process) -> float:
-    """Resident memory of the process and its children, MiB (0 once it has exited)."""
-    try:
-        procs = [process, *process.children(recursive=True)]
-        return sum(p.memory_info().rss for p in procs) / 2**20
-    except psutil.Error:
-        return 0.0
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 def bench_translate(model_run: Path, workdir: Path, lines: int, every: float) -> dict:
     rng = random.Random(1)
     vocab = words(rng, 300)
@@ -113,10 +97,10 @@ def bench_translate(model_run: Path, workdir: Path, lines: int, every: float) ->
             handle.write("".join(line + "\n" for line in block))
     out = workdir / "output.txt"
     out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "mtkit", "translate", "-m", str(model_run), "-i", str(source), "-o", str(out),
+    command = [*MTKIT, "translate", "-m", str(model_run), "-i", str(source), "-o", str(out),
                "--beam", "1", "--max-len-a", "0", "--max-len-b", "2", "--threads", "1", "--chunk-lines", "10000"]
     started = time.monotonic()
-    proc = subprocess.Popen(command, env=env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=single_thread_env(), stderr=subprocess.PIPE, text=True)
     process = psutil.Process(proc.pid)
     samples: list[tuple[float, float, int]] = []  # (seconds, rss MiB, lines written)
     written, offset, partial = 0, 0, None
@@ -175,7 +159,7 @@ def bench_train(config: Path, workdir: Path, steps: int, every: float, precision
     train_config.write_text(yaml.safe_dump(data), encoding="utf-8")
     log = run / "train_log.jsonl"
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "mtkit", "train", "-c", str(train_config)], env=env(),
+    proc = subprocess.Popen([*MTKIT, "train", "-c", str(train_config)], env=single_thread_env(),
                             stderr=subprocess.PIPE, text=True)
     process = psutil.Process(proc.pid)
     samples: list[tuple[float, int]] = []  # (rss MiB, step)
@@ -225,11 +209,7 @@ def main() -> None:
             result.update(bench_translate(model_run, workdir, args.lines, args.every))
         if args.train_steps:
             result.update(bench_train(config, workdir, args.train_steps, args.every, args.precision))
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        for key, value in result.items():
-            print(f"{key:>28}  {value}")
+    print_result(result, args.json, indent=1)
 
 
 if __name__ == "__main__":

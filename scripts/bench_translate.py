@@ -30,33 +30,27 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "multi30k"
+import torch
+from benchlib import MTKIT, MULTI30K, ROOT, Clocks, PeakMemory, source_tensor
 
-import psutil  # noqa: E402
-import torch  # noqa: E402
-
-from mtkit.checkpoint import Loaded, load_for_inference  # noqa: E402
-from mtkit.config import DecodeConfig  # noqa: E402
-from mtkit.export import (  # noqa: E402
+from mtkit.checkpoint import Loaded, load_for_inference
+from mtkit.config import DecodeConfig
+from mtkit.export import (
     CT2Translator,
     CTranslate2Exporter,
     HuggingFaceExporter,
     export,
     marian_generation_config,
 )
-from mtkit.fileio import read_lines  # noqa: E402
-from mtkit.malloc import keep_freed_memory  # noqa: E402
-from mtkit.score import score  # noqa: E402
-from mtkit.translate import Translator  # noqa: E402
-from mtkit.vocab import EOS_ID, PAD_ID  # noqa: E402
+from mtkit.fileio import read_lines
+from mtkit.malloc import keep_freed_memory
+from mtkit.score import score
+from mtkit.translate import Translator
+from mtkit.vocab import EOS_ID, PAD_ID
 
 IdsFn = Callable[[list[list[int]]], list[list[int]]]
 
@@ -89,9 +83,8 @@ def train_quick_model(run_dir: Path, minutes: float) -> None:
     ]
     args = [f"--set={s}" for s in settings]
     config = str(ROOT / "configs" / "multi30k_en_de.yaml")
-    mtkit = [sys.executable, "-m", "mtkit"]
     for stage in (["tokenizer", "train"], ["prepare"], ["train"]):
-        subprocess.run([*mtkit, *stage, "-c", config, *args], check=True, cwd=ROOT)
+        subprocess.run([*MTKIT, *stage, "-c", config, *args], check=True, cwd=ROOT)
 
 
 # --------------------------------------------------------------------------- the systems
@@ -129,47 +122,7 @@ def ct2_system(model_dir: Path, loaded: Loaded, decode: DecodeConfig, threads: i
     return translator.translate_ids
 
 
-def source_tensor(batch: list[list[int]]) -> torch.Tensor:
-    src = torch.full((len(batch), max(map(len, batch)) + 1), PAD_ID, dtype=torch.long)
-    for row, ids in enumerate(batch):
-        src[row, : len(ids) + 1] = torch.tensor([*ids, EOS_ID])
-    return src
-
-
 # --------------------------------------------------------------------------- measuring
-
-
-class PeakMemory:
-    """Peak resident memory of this process, per system: a thread samples every 10 ms and
-    charges each sample to the system named in ``current``."""
-
-    def __init__(self) -> None:
-        self.process = psutil.Process()
-        self.current: str | None = None
-        self.peak: dict[str, int] = {}
-        self.start: dict[str, int] = {}
-        self._stop = threading.Event()
-
-    def __enter__(self) -> PeakMemory:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def enter(self, system: str) -> None:
-        rss = self.process.memory_info().rss
-        self.start.setdefault(system, rss)
-        self.peak[system] = max(self.peak.get(system, 0), rss)
-        self.current = system
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            system = self.current
-            if system is not None:
-                self.peak[system] = max(self.peak[system], self.process.memory_info().rss)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @dataclass
@@ -195,24 +148,23 @@ def measure(systems: dict[str, IdsFn], ids: list[list[int]], batch_size: int) ->
     names = list(systems)
     for fn in systems.values():
         fn([ids[order[0]]])  # warm-up: first-call allocations and lazy initialisation
-    out = {name: [[] for _ in ids] for name in names}
-    seconds = dict.fromkeys(names, 0.0)
+    out: dict[str, list[list[int]]] = {name: [[] for _ in ids] for name in names}
+    clocks = Clocks()
     with PeakMemory() as memory:
         for index, rows in enumerate(batches):
             batch = [ids[r] for r in rows]
             for name in names[index % len(names) :] + names[: index % len(names)]:
                 keep_freed_memory(name == "mtkit")  # each with its allocator policy, as it ships
                 memory.enter(name)
-                start = time.perf_counter()
-                hyps = systems[name](batch)
-                seconds[name] += time.perf_counter() - start
+                with clocks(name):
+                    hyps = systems[name](batch)
                 memory.current = None
                 for row, hyp in zip(rows, hyps, strict=True):
                     out[name][row] = hyp
     mb = 1 / 2**20
     results = {}
     for name in names:
-        tokens, secs = sum(len(h) for h in out[name]), seconds[name]
+        tokens, secs = sum(len(h) for h in out[name]), clocks.wall[name]
         run = Run(name, batch_size, len(ids), round(secs, 3), round(len(ids) / secs, 2), round(tokens / secs, 1),
                   round(memory.peak[name] * mb, 1), round((memory.peak[name] - memory.start[name]) * mb, 1))
         results[name] = (run, out[name])
@@ -238,8 +190,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="Trained run or checkpoint (post-norm, for the HF comparison).")
     parser.add_argument("--minutes", type=float, default=30, help="Training budget when no --run is given.")
-    parser.add_argument("--src", type=Path, default=DATA / "test_2016_flickr.en.gz")
-    parser.add_argument("--ref", type=Path, default=DATA / "test_2016_flickr.de.gz")
+    parser.add_argument("--src", type=Path, default=MULTI30K / "test_2016_flickr.en.gz")
+    parser.add_argument("--ref", type=Path, default=MULTI30K / "test_2016_flickr.de.gz")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--lenpen", type=float, default=None, help="Length-penalty alpha (default: the run's).")
     parser.add_argument("--batch", type=int, default=32)

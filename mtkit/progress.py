@@ -54,12 +54,16 @@ class _LiveLine:
         if not self.started:
             self.live.start()
             self.started = True
-        self.live.update(Text(text), refresh=True)
+        # One line always: cut at the terminal's width rather than wrapped.
+        self.live.update(Text(text, no_wrap=True, overflow="ellipsis"), refresh=True)
 
     def print(self, text: str) -> None:
+        """A permanent line above the redrawn one, which is blank until its next ``show``."""
         from rich.text import Text
 
-        self.console.print(Text(text))
+        if self.started:
+            self.live.update(Text(""), refresh=True)
+        self.console.print(Text(text), soft_wrap=True)  # soft_wrap: the terminal wraps, as for print()
 
     def stop(self) -> None:
         if self.started:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -64,9 +63,10 @@ def encode(
 
     Input is normalised as `mtkit prepare` normalises corpora."""
     from mtkit.corpus import normalize
+    from mtkit.fileio import STDIN, read_lines
 
     tokenizer = _load(config, overrides, model, side)
-    for _, line in _stdin_lines():
+    for line in read_lines(STDIN, hint=""):
         text = normalize([line])
         tokens = tokenizer.encode(text)[0] if ids else tokenizer.encode_pieces(text)[0]
         _write(" ".join(map(str, tokens)))
@@ -81,8 +81,10 @@ def decode(
     ids: IdsOption = False,
 ) -> None:
     """Decode stdin line by line: space-separated pieces (or ids with --ids) to text."""
+    from mtkit.fileio import STDIN, read_lines
+
     tokenizer = _load(config, overrides, model, side)
-    for number, line in _stdin_lines():
+    for number, line in enumerate(read_lines(STDIN, hint=""), start=1):
         tokens = line.split()
         if not ids:
             _write(tokenizer.decode_pieces([tokens])[0])
@@ -106,13 +108,6 @@ def _load(config: Path | None, overrides: list[str] | None, model: Path | None, 
     directory = model if model is not None else tokenizer_dir(load_config(config, overrides))
     tokenizers = Tokenizers.load(directory)
     return tokenizers.src if side == SideChoice.src else tokenizers.tgt
-
-
-def _stdin_lines() -> Iterator[tuple[int, str]]:
-    """(line number, text) of stdin; a line that is not UTF-8 is an error naming it."""
-    from mtkit.fileio import STDIN, read_lines
-
-    return enumerate(read_lines(STDIN, hint=""), start=1)
 
 
 def _write(line: str) -> None:

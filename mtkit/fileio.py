@@ -31,7 +31,6 @@ from mtkit.errors import MtkitError
 
 log = logging.getLogger(__name__)
 
-InvalidUtf8 = Literal["error", "skip", "replace"]
 INVALID_UTF8_POLICIES: tuple[str, ...] = ("error", "skip", "replace")
 STDIN = STDOUT = "-"
 """The name under which ``read_lines`` reads stdin and ``open_output`` writes to stdout."""
@@ -132,10 +131,10 @@ class BinarySink(Protocol):
 @contextlib.contextmanager
 def open_output(name: str | None) -> Iterator[BinarySink]:
     """A command's output: ``atomic_writer(name)`` for a file name, stdout's bytes for ``-``
-    (as a command line gives it), and for None a sink that keeps nothing (a torchrun rank
-    other than the one that writes)."""
+    (as a command line gives it), and for None an empty in-memory sink (for a torchrun rank
+    other than 0, which has nothing to write)."""
     if name is None:
-        yield io.BytesIO()  # never written to: such ranks receive no translations
+        yield io.BytesIO()
     elif name == STDOUT:
         buffer = getattr(sys.stdout, "buffer", None)
         yield buffer if buffer is not None else _TextSink(sys.stdout)

@@ -50,7 +50,7 @@ from mtkit.config import Config, TrainConfig
 from mtkit.errors import MtkitError
 from mtkit.model import Transformer
 from mtkit.progress import Reporter
-from mtkit.runtime import Runtime, cpu_has_native_bf16, setup_runtime  # noqa: F401 (re-exported)
+from mtkit.runtime import Runtime, setup_runtime
 from mtkit.vocab import PAD_ID
 
 # --------------------------------------------------------------------------- pieces with their own tests

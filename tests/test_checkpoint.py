@@ -6,10 +6,15 @@ import pytest
 import torch
 
 from mtkit.checkpoint import (
+    TrainState,
     load_for_inference,
     load_trainer_state,
+    pack_trainer_state,
+    refuse_existing_run,
     resolve,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from mtkit.config import validate_config
 from mtkit.errors import MtkitError
@@ -154,3 +159,35 @@ def test_average_of_checkpoints_is_the_mean_and_loads(setup, tmp_path):
     assert again.exit_code == 1 and "already exists" in again.stderr
     too_many = CliRunner().invoke(app, ["average", str(tmp_path / "run"), "--last", "9", "-o", str(tmp_path / "x")])
     assert too_many.exit_code == 1 and "fewer than --last 9" in too_many.stderr
+
+
+def test_a_new_run_is_refused_over_an_existing_one(setup):
+    root = setup[3]
+    refuse_existing_run(root)  # nothing there yet
+    save(setup, 1)
+    with pytest.raises(MtkitError, match="already holds checkpoints of a run; continue it with --resume"):
+        refuse_existing_run(root)
+
+
+def test_rng_state_round_trip_replays_the_same_numbers():
+    import random
+
+    saved = rng_state()
+    first = (torch.rand(3), random.random())
+    set_rng_state(saved)
+    again = (torch.rand(3), random.random())
+    torch.testing.assert_close(again[0], first[0], rtol=0, atol=0)
+    assert again[1] == first[1]
+
+
+def test_packed_trainer_state_loads_back_as_plain_data(setup):
+    config, tokenizers, model, root = setup
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = TrainState(step=3, epoch=2, batch_index=5, best_metric=1.5, best_step=3)
+    packed = pack_trainer_state(state, optimizer, scaler, [rng_state()], raw_weights=None)
+    path = save_checkpoint(root, step=3, epoch=2, model=model, config=config, tokenizers=tokenizers, metrics={},
+                           trainer_state=packed, best=False, keep_last=1)
+    loaded = load_trainer_state(path)
+    assert TrainState(**loaded["state"]) == state
+    assert loaded["world_size"] == 1 and "model_weights" not in loaded

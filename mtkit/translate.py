@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from mtkit.model import Transformer
 from mtkit.runtime import Shard
 from mtkit.search import Hypothesis, beam_search, sample
 from mtkit.vocab import EOS_ID, PAD_ID
+
+if TYPE_CHECKING:
+    from mtkit.tokenizer import Tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ class Translator:
     def __init__(
         self,
         model: Transformer,
-        tokenizers,
+        tokenizers: Tokenizers,
         decode: DecodeConfig,
         device: str | torch.device = "cpu",
         *,

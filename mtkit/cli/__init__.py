@@ -8,6 +8,7 @@ error's exit code.
 from __future__ import annotations
 
 import sys
+from types import FrameType
 
 import typer
 from typer.core import TyperGroup
@@ -101,7 +102,7 @@ class _Terminated(KeyboardInterrupt):
     (by default SIGTERM ends the process on the spot). ``mtkit train`` installs its own handler."""
 
 
-def _terminate(signum, frame) -> None:
+def _terminate(signum: int, frame: FrameType | None) -> None:
     raise _Terminated
 
 

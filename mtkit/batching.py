@@ -14,8 +14,7 @@ Tensors per batch: ``src`` ``(B, S)`` = ids + EOS; ``tgt_in`` ``(B, T)`` = BOS +
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch

@@ -152,16 +152,18 @@ class ModelConfig(Section):
     size: Literal["tiny", "small", "base", "big"] = "small"
     """Named size; any of d_model/encoder_layers/decoder_layers/heads/ffn_dim given here
     overrides it. tiny is for tests, small for Multi30k on a CPU, base/big for GPUs."""
-    d_model: int | None = Field(default=None, ge=8)
-    """Width of embeddings and hidden states."""
-    encoder_layers: int | None = Field(default=None, ge=1)
-    """Encoder layers."""
-    decoder_layers: int | None = Field(default=None, ge=1)
-    """Decoder layers."""
-    heads: int | None = Field(default=None, ge=1)
-    """Attention heads; must divide d_model."""
-    ffn_dim: int | None = Field(default=None, ge=1)
-    """Inner width of the feed-forward blocks."""
+    # The five sizes below come from the `size` preset unless given (`_fill_from_size` fills
+    # them before validation), so a ModelConfig always holds ints.
+    d_model: int = Field(ge=8)
+    """Width of embeddings and hidden states (default: from size)."""
+    encoder_layers: int = Field(ge=1)
+    """Encoder layers (default: from size)."""
+    decoder_layers: int = Field(ge=1)
+    """Decoder layers (default: from size)."""
+    heads: int = Field(ge=1)
+    """Attention heads; must divide d_model (default: from size)."""
+    ffn_dim: int = Field(ge=1)
+    """Inner width of the feed-forward blocks (default: from size)."""
     dropout: float = Field(default=0.1, ge=0, lt=1)
     """Dropout on embeddings and sub-layer outputs."""
     attention_dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -181,14 +183,20 @@ class ModelConfig(Section):
     tie_output: bool = True
     """Share the target embedding with the output projection."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_size(cls, data: Any) -> Any:
+        """Sizes not given (or given as null) come from the preset of ``size`` (an unknown
+        size is left for the field's own validation to report)."""
+        if not isinstance(data, dict):
+            return data
+        size = data.get("size", "small")
+        preset = MODEL_SIZES.get(size, {}) if isinstance(size, str) else {}
+        return {**data, **{key: value for key, value in preset.items() if data.get(key) is None}}
+
     @model_validator(mode="after")
-    def _fill_from_size(self) -> ModelConfig:
-        preset = MODEL_SIZES[self.size]
-        for key, value in preset.items():
-            if getattr(self, key) is None:
-                # Bypass validate_assignment recursion: set the raw attribute.
-                object.__setattr__(self, key, value)
-        if self.d_model % self.heads:  # type: ignore[operator]
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
         return self
 
@@ -308,7 +316,7 @@ class Config(Section):
     """Corpora and cleaning."""
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     """SentencePiece training."""
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig.model_validate({}))
     """The encoder-decoder Transformer."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Optimisation, validation and checkpoints."""
@@ -516,7 +524,8 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[t
             rows.append((path, "", doc))
             rows.extend(describe_fields(sub, path + "."))
             continue
-        default = field.get_default(call_default_factory=True)
+        # A required field here is one filled before validation (the model sizes): no default.
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
         rows.append((path, json.dumps(default, default=str), doc))
     return rows
 

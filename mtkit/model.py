@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -312,7 +313,7 @@ class Transformer(nn.Module):
         for layer in self.encoder_layers:
             x = layer(x, mask)
         memory = self.encoder_layer_norm(x)
-        cross_kv = [layer.encoder_attn.project_kv(memory) for layer in self.decoder_layers]
+        cross_kv = [cast(DecoderLayer, layer).encoder_attn.project_kv(memory) for layer in self.decoder_layers]
         return DecoderState(memory_mask=mask, cross_kv=cross_kv, self_kv=[[] for _ in self.decoder_layers])
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:

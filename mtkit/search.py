@@ -23,6 +23,7 @@ batch (their rows are selected out of the cache), so they cost nothing afterward
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,10 @@ class Hypothesis:
     score: float
 
 
+@overload
+def length_penalty(length: Tensor, alpha: float) -> Tensor: ...
+@overload
+def length_penalty(length: float, alpha: float) -> float: ...
 def length_penalty(length: Tensor | float, alpha: float) -> Tensor | float:
     """GNMT length penalty ``((5 + length) / 6) ** alpha``; ``length`` counts the EOS."""
     return ((5.0 + length) / 6.0) ** alpha

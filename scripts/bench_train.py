@@ -8,7 +8,8 @@ processes on the machine hits both alike. MFU is the model's useful FLOP/s (non-
 forward + backward = 3x forward) over the fp32 matmul peak measured with a large ``torch.mm``
 in the same run. mtkit runs with the allocator policy its commands set (``mtkit.malloc``: freed
 memory stays in the process), the peer with glibc's defaults, as each ships;
-``--peer-same-allocator`` also times the peer under mtkit's policy.
+``--peer-same-allocator`` also times the peer under mtkit's policy. mtkit's update is
+``mtkit.train.train_step`` itself; the peer is ``mtkit.export.marian_model`` (via ``benchlib``).
 
     python scripts/bench_train.py                       # synthetic Multi30k-like lengths
     python scripts/bench_train.py --run runs/multi30k   # the batches of a prepared experiment

@@ -21,9 +21,9 @@ run:
 test:
 	@$(TEST_ENV); "$$venv/bin/python" -m pytest
 
-## Lint.
+## Lint and type-check.
 check:
-	@$(TEST_ENV); "$$venv/bin/ruff" check mtkit tests scripts
+	@$(TEST_ENV); "$$venv/bin/ruff" check mtkit tests scripts && "$$venv/bin/mypy"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +105,62 @@ def test_prepare_writes_arrow_splits_and_report(trained):
         assert rows["src_ids"] == tok.src.encode(rows["src"])
         assert rows["tgt_len"] == [len(x) for x in rows["tgt_ids"]]
     assert load_split(run, "valid")["src"] == [p[0] for p in tokdata_pairs(20, 1)]
+
+
+def test_splits_are_arrow_files_that_plain_pyarrow_maps(trained):
+    import pyarrow as pa
+
+    assert _invoke("prepare", "-c", str(trained), "--set", "data.chunk_size=40").exit_code == 0
+    run = trained.parent / "run"
+    data = run / "data"
+    names = ["report.json", "report.txt", "test.arrow", "train.arrow", "valid.arrow"]
+    assert sorted(p.name for p in data.iterdir()) == names
+    assert json.loads((data / "report.json").read_text())["format"] == mtkit.data.FORMAT
+    with pa.memory_map(str(data / "train.arrow")) as source:
+        table = pa.ipc.open_file(source).read_all()
+    assert table.schema.equals(mtkit.data.SCHEMA) and table.column("src").num_chunks > 1  # a batch per chunk
+    train = load_split(run, "train")
+    assert table.to_pydict() == train.to_dict()
+    assert train.table.schema.equals(mtkit.data.SCHEMA) and train.column_names == table.column_names
+    # Rows, slices and selections as Python objects.
+    rows = train.to_dict()
+    n = len(train)
+    assert train[n - 1] == train[-1] == {k: v[-1] for k, v in rows.items()}
+    assert train[3:7] == {k: v[3:7] for k, v in rows.items()}
+    assert train[::50] == {k: v[::50] for k, v in rows.items()}
+    assert train.select([5, 2])["src"] == [rows["src"][5], rows["src"][2]]
+    with pytest.raises(IndexError):
+        train[n]
+
+
+def test_data_of_an_older_mtkit_is_refused_in_one_line(trained):
+    # Before format 1 a split was a directory in the datasets.save_to_disk layout and report.json
+    # had no format key.
+    assert _invoke("prepare", "-c", str(trained)).exit_code == 0
+    data = trained.parent / "run" / "data"
+    for split in ("train", "valid", "test"):
+        (data / split).mkdir()
+        (data / f"{split}.arrow").rename(data / split / "data-00000-of-00001.arrow")
+    report = json.loads((data / "report.json").read_text())
+    del report["format"]
+    (data / "report.json").write_text(json.dumps(report))
+    message = "prepared by another version of mtkit (data format 0, this one reads 1); run `mtkit prepare"
+    with pytest.raises(MtkitError, match=re.escape(message)):
+        load_split(trained.parent / "run", "train")
+    result = _invoke("train", "-c", str(trained))
+    assert result.exit_code == 1 and result.stderr.splitlines() == [f"mtkit: error: {data}: {message} -c CONFIG` again"]
+    assert _invoke("prepare", "-c", str(trained)).exit_code == 0
+    assert len(load_split(trained.parent / "run", "valid")) == 20
+
+
+def test_reading_prepared_data_does_not_import_datasets(trained):
+    assert _invoke("prepare", "-c", str(trained)).exit_code == 0
+    code = (
+        "import sys; from mtkit.data import load_split; "
+        f"assert len(load_split({str(trained.parent / 'run')!r}, 'train')) == 300; "
+        "assert 'datasets' not in sys.modules, 'datasets imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _formats(tmp: Path, pairs: list[tuple[str, str]]) -> dict[str, dict]:

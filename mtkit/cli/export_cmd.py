@@ -78,7 +78,7 @@ def _sample(run_dir: Path, loaded_exp_dir: Path | None, sample: Path | None, cou
         lines = [line for line in islice(read_lines(sample), count * 4) if line and line.strip()]
         return lines[:count], str(sample)
     for exp_dir in (run_dir, loaded_exp_dir):
-        if exp_dir is not None and (exp_dir / "data" / "valid").is_dir():
+        if exp_dir is not None and (exp_dir / "data" / "valid.arrow").is_file():
             from mtkit.data import load_split
 
             split = load_split(exp_dir, "valid")

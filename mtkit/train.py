@@ -236,7 +236,7 @@ def load_experiment(config: Config) -> Experiment:
         )
     train = TokenizedCorpus.from_dataset(load_split(exp_dir, "train"))
     if len(train) == 0:
-        raise MtkitError(f"{exp_dir / 'data' / 'train'}: no training pairs")
+        raise MtkitError(f"{exp_dir / 'data' / 'train.arrow'}: no training pairs")
     longest = int(train.sizes.max())
     if longest > config.train.max_tokens:
         raise MtkitError(
@@ -252,7 +252,7 @@ def load_experiment(config: Config) -> Experiment:
     if config.data.valid is not None:
         split = load_split(exp_dir, "valid")
         if len(split) == 0:
-            raise MtkitError(f"{exp_dir / 'data' / 'valid'}: no validation pairs; fix data.valid or remove it")
+            raise MtkitError(f"{exp_dir / 'data' / 'valid.arrow'}: no validation pairs; fix data.valid or remove it")
         valid_text = (list(split["src"]), list(split["tgt"]))
         # Validation pairs are kept line-exact by prepare; the loss leaves out those the model
         # cannot take (BLEU still translates them, truncated, as `mtkit translate` would).

@@ -38,6 +38,10 @@ class Stage:
     """Runs the stage; the flag says whether an interrupted run of the same inputs may resume."""
     inputs: Callable[[Config], list[Path]] = lambda config: []
     """Files read by the stage (their size and mtime enter the hash)."""
+    readable: Callable[[Config], bool] = lambda config: True
+    """Whether this mtkit can read the stage's outputs. When not (outputs removed, or written
+    in a format of an older mtkit), an up-to-date stage runs again; its hash is unchanged, so
+    the stages after it, whose inputs are the same, stay up to date."""
 
 
 def _run_tokenizer(config: Config, resume: bool) -> None:
@@ -50,6 +54,16 @@ def _run_prepare(config: Config, resume: bool) -> None:
     from mtkit.data import prepare
 
     prepare(config)
+
+
+def _data_readable(config: Config) -> bool:
+    from mtkit.data import prepared_fingerprint
+
+    try:
+        prepared_fingerprint(config.experiment.dir)
+    except MtkitError:
+        return False
+    return True
 
 
 def _run_train(config: Config, resume: bool) -> None:
@@ -85,6 +99,7 @@ PIPELINE = [
         ("data",),
         _run_prepare,
         lambda c: corpus_files([*c.data.train, c.data.valid, c.data.test]),
+        _data_readable,
     ),
     # Validation decodes with the decode section, but a new beam size should not mean retraining.
     Stage("train", ("model", "train", "experiment.seed"), _run_train),
@@ -135,7 +150,7 @@ def run_pipeline(config: Config, start: str | None = None, log: Callable[[str], 
         forced = forced or stage.name == start
         digest = stage_hash(config, stage, previous)
         done = _read_stamp(_stamp_path(config, stage.name))
-        if not forced and done.get("hash") == digest:
+        if not forced and done.get("hash") == digest and stage.readable(config):
             log(f"pipeline: {stage.name}: up to date, skipped")
             previous = digest
             continue

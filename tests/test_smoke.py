@@ -43,3 +43,22 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     for stage in ("tokenizer", "prepare", "train", "translate", "score"):
         assert f"pipeline: {stage}: up to date, skipped" in again.stderr
     assert json.loads((run / "report.json").read_text())["test"] == report["test"]
+
+
+def test_pipeline_prepares_again_data_it_cannot_read_and_keeps_the_trained_model(tmp_path):
+    """Data prepared by an older mtkit (another on-disk format) is prepared again on the next
+    run; the inputs are the same, so training and what follows stay up to date."""
+    config = tokdata_experiment(tmp_path, n=200, **SMOKE_SECTIONS)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["pipeline", "-c", str(config)]).exit_code == 0
+    report = run / "data" / "report.json"
+    old = json.loads(report.read_text())
+    del old["format"]  # what an mtkit before data format 1 wrote
+    report.write_text(json.dumps(old))
+
+    again = runner.invoke(app, ["pipeline", "-c", str(config)])
+    assert again.exit_code == 0, again.output
+    assert "pipeline: prepare: running" in again.stderr
+    for stage in ("tokenizer", "train", "translate", "score"):
+        assert f"pipeline: {stage}: up to date, skipped" in again.stderr
+    assert "format" in json.loads(report.read_text())

@@ -9,7 +9,6 @@ reads raw dictionaries or calls ``cfg.get(key, default)``.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -329,11 +328,6 @@ class Config(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-
-    def section_hash(self, *sections: str) -> str:
-        """A stable hash of some sections, to tell whether a stage's outputs are up to date."""
-        data = {name: self.to_dict()[name] for name in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,4 +1,4 @@
-"""``mtkit prepare``: clean, filter and encode the corpora into Arrow datasets."""
+"""``mtkit prepare``: clean, filter and encode the corpora into the experiment's data/ (Arrow IPC files)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ stdin (``-``), streaming. Line endings: lines are split on ``\\n`` only; the ``\
 line (or any other Unicode line break) stays part of it; a last line needs no ``\\n``. Invalid
 UTF-8 follows an explicit policy chosen by the caller: ``error`` (a one-line MtkitError naming
 the file and line), ``skip`` (None in the line's place, so parallel files stay aligned) or
-``replace`` (U+FFFD, with a warning naming the line).
+``replace`` (U+FFFD, with a warning naming the line). ``read_lines`` returns a ``LineReader``,
+whose ``ready(timeout)`` tells whether the next line has arrived: input from a pipe or a
+terminal may pause, and a command can act on what it has rather than wait (``mtkit translate``).
 
 Writing: a command that fails or is killed never leaves an output that looks complete.
 ``atomic_writer`` streams into a temporary file beside the target and renames it into place
@@ -20,12 +22,16 @@ import gzip
 import io
 import logging
 import os
+import select
 import shutil
+import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Literal, Protocol, overload
+from typing import IO, Literal, Protocol, TypeVar, overload
 
 from mtkit.errors import MtkitError
 
@@ -246,6 +252,83 @@ def open_binary(path: Path) -> IO[bytes]:
     return handle
 
 
+T = TypeVar("T")
+
+
+class LineReader(Iterator[T]):
+    """The lines ``read_lines`` yields, plus what a reader of slow input needs to know.
+
+    streaming: True when the input may pause (a pipe, a terminal, a socket), False for a file.
+    ready(timeout): True when the next line (or the end of the input) is there, waiting at
+    most ``timeout`` seconds for it; a file is always ready.
+    """
+
+    def __init__(self, lines: Iterator[T], source: _PipeLines | None = None):
+        self._lines = lines
+        self._source = source
+        self.streaming = source is not None
+
+    def __next__(self) -> T:
+        return next(self._lines)
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        return self._source is None or self._source.ready(timeout)
+
+
+class _PipeLines:
+    """The raw lines (bytes, without their ``\\n``) of a pipe or a terminal, read as they
+    arrive: a read returns what is there, so a line is available as soon as its ``\\n`` is, and
+    ``ready`` can wait for the next one with ``select`` instead of blocking on it."""
+
+    def __init__(self, handle: IO[bytes]):
+        self._handle = handle
+        self._fd = handle.fileno()
+        self._lines: deque[bytes] = deque()  # complete lines not yet taken
+        self._tail = b""  # the start of a line whose \n has not arrived yet
+        self._eof = False
+
+    def _read(self) -> None:
+        # read1: what the buffered reader holds, else at most one read of the fd (which returns
+        # whatever has arrived); b"" only at the end of the input.
+        data = self._handle.read1(1 << 16)  # type: ignore[attr-defined]
+        if not data:
+            self._eof = True
+            if self._tail:
+                self._lines.append(self._tail)  # a last line needs no \n
+                self._tail = b""
+            return
+        parts = (self._tail + data).split(b"\n")
+        self._tail = parts.pop()
+        self._lines.extend(parts)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            while not self._lines and not self._eof:
+                self._read()
+            if not self._lines:
+                return
+            yield self._lines.popleft()
+
+    def ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._lines and not self._eof:
+            readable, _, _ = select.select([self._fd], [], [], max(deadline - time.monotonic(), 0.0))
+            if not readable:
+                return False
+            self._read()
+        return True
+
+
+def _pipe_or_terminal(handle: IO[bytes]) -> bool:
+    """Whether ``handle`` is an fd that may pause (anything but a regular file), readable
+    with ``read1`` and ``select``."""
+    try:
+        mode = os.fstat(handle.fileno()).st_mode
+    except (OSError, ValueError, io.UnsupportedOperation):  # no fd: an in-memory stream (tests)
+        return False
+    return not stat.S_ISREG(mode) and hasattr(handle, "read1") and sys.platform != "win32"
+
+
 @overload
 def read_lines(
     source: Path | str,
@@ -254,7 +337,7 @@ def read_lines(
     what: str = ...,
     hint: str = ...,
     warn: Callable[[str], None] | None = ...,
-) -> Iterator[str]: ...
+) -> LineReader[str]: ...
 
 
 @overload
@@ -265,7 +348,7 @@ def read_lines(
     what: str = ...,
     hint: str = ...,
     warn: Callable[[str], None] | None = ...,
-) -> Iterator[str | None]: ...
+) -> LineReader[str | None]: ...
 
 
 def read_lines(
@@ -275,10 +358,11 @@ def read_lines(
     what: str = "",
     hint: str = SKIP_HINT,
     warn: Callable[[str], None] | None = None,
-) -> Iterator[str | None]:
+) -> LineReader[str] | LineReader[str | None]:
     """The lines of a plain or gzip UTF-8 file, or of stdin for the string ``-``, without line endings
     (see the module docstring), read lazily. The file is opened now, so a missing file fails
-    at the call, not at the first line.
+    at the call, not at the first line. Stdin from a pipe or a terminal is read as it arrives
+    (``LineReader.ready``); stdin redirected from a file reads like the file.
 
     invalid_utf8: ``error``: MtkitError ``NAME:LINE: not valid UTF-8 (byte B); HINT``;
     ``skip``: yield None for the line; ``replace``: decode it with U+FFFD and call ``warn``
@@ -288,24 +372,31 @@ def read_lines(
     """
     if invalid_utf8 not in INVALID_UTF8_POLICIES:
         raise ValueError(f"invalid_utf8={invalid_utf8!r}; choose from {', '.join(INVALID_UTF8_POLICIES)}")
+    warn = warn or log.warning
     if source == STDIN:  # the string "-", as a command line gives it; a Path is always a file
-        return _decode(sys.stdin.buffer, "<stdin>", invalid_utf8, what, hint, warn or log.warning, close=False)
+        stdin = sys.stdin.buffer
+        if _pipe_or_terminal(stdin):
+            pipe = _PipeLines(stdin)
+            return LineReader(_decode(iter(pipe), "<stdin>", invalid_utf8, what, hint, warn), pipe)
+        return LineReader(_decode(stdin, "<stdin>", invalid_utf8, what, hint, warn))
     handle = open_binary(Path(source))
-    return _decode(handle, str(source), invalid_utf8, what, hint, warn or log.warning, close=True)
+    return LineReader(_decode(handle, str(source), invalid_utf8, what, hint, warn, closing=handle))
 
 
 def _decode(
-    handle: IO[bytes],
+    raw_lines: Iterable[bytes],
     label: str,
     invalid_utf8: str,
     what: str,
     hint: str,
     warn: Callable[[str], None],
-    close: bool,
+    closing: IO[bytes] | None = None,
 ) -> Iterator[str | None]:
+    """Decode ``raw_lines`` (with or without their line endings) under ``invalid_utf8``;
+    ``closing`` is closed when the lines end."""
     number = 0
     try:
-        for number, raw in enumerate(handle, start=1):  # noqa: B007 - read after the loop
+        for number, raw in enumerate(raw_lines, start=1):  # noqa: B007 - read after the loop
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -323,5 +414,5 @@ def _decode(
         stream = f"{what} " if what else ""
         raise MtkitError(f"{label}: unreadable {stream}after line {number}: {reason}") from None
     finally:
-        if close:
-            handle.close()
+        if closing is not None:
+            closing.close()

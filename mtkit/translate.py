@@ -142,18 +142,25 @@ class Translator:
         prefixes: Iterable[str] | None = None,
         chunk_lines: int = 10_000,
         shard: Shard | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> Iterator[list[Translation]]:
         """Translate an unbounded stream ``chunk_lines`` lines at a time (each chunk sorted and
         batched by length), yielding each chunk's translations in input order.
 
+        ready: for input that may pause (a pipe, a terminal): called after each line, True when
+        the next line is already there (e.g. ``LineReader.ready`` with a short wait). On False
+        the chunk ends early, so what has arrived is translated and yielded before the reader
+        waits for more, as an interactive translator does; a file never pauses and keeps
+        full chunks.
         shard: under torchrun, every rank reads the same stream and translates every
         ``world``-th line of each chunk; the chunk is gathered on rank 0, which alone yields it
-        (other ranks yield nothing).
+        (other ranks yield nothing). Every rank must cut the same chunks: no ``ready`` there.
         """
-        lines_iter = iter(lines)
+        if shard is not None and ready is not None:
+            raise ValueError("ready: ranks under torchrun must cut the same chunks")
         prefix_iter = iter(prefixes) if prefixes is not None else None
         first = 1
-        while chunk := list(islice(lines_iter, chunk_lines)):
+        for chunk in _chunks(iter(lines), chunk_lines, ready):
             chunk_prefixes = None
             if prefix_iter is not None:
                 chunk_prefixes = list(islice(prefix_iter, len(chunk)))
@@ -207,3 +214,19 @@ class Translator:
         if not pairs:
             return Translation("")
         return Translation(pairs[0][0], pairs[0][1], pairs)
+
+
+def _chunks(lines: Iterator[str], size: int, ready: Callable[[], bool] | None) -> Iterator[list[str]]:
+    """``lines`` in lists of ``size``; with ``ready``, a list also ends where it says False."""
+    if ready is None:
+        while chunk := list(islice(lines, size)):
+            yield chunk
+        return
+    chunk = []
+    for line in lines:  # waits for the first line of a chunk as long as it takes
+        chunk.append(line)
+        if len(chunk) == size or not ready():
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

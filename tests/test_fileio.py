@@ -2,7 +2,9 @@
 and the one atomic writer."""
 
 import gzip
+import io
 import os
+import sys
 
 import pytest
 
@@ -63,3 +65,29 @@ def test_atomic_writer_replaces_whole_or_not_at_all(tmp_path):
     with pytest.raises(MtkitError, match=f"^{tmp_path}: cannot write: "):
         atomic_write_bytes(tmp_path, b"into a directory")
     assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_pipe_lines_arrive_as_written_and_ready_waits(monkeypatch):
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(open(read_end, "rb")))  # noqa: SIM115 - closed below
+    warned: list[str] = []
+    lines = read_lines("-", "replace", warn=warned.append)
+    assert lines.streaming and not lines.ready(0.0)
+    os.write(write_end, b"a\r\nb")
+    assert next(lines) == "a"  # CRLF dropped, as from a file
+    assert not lines.ready(0.05)  # "b" has no line end yet: not a line
+    os.write(write_end, b"\n\xff c\n")
+    assert lines.ready(0.0) and next(lines) == "b"
+    assert next(lines) == "\ufffd c" and warned == ["<stdin>:3: invalid UTF-8 (byte 0) replaced with U+FFFD"]
+    os.write(write_end, b"last")
+    os.close(write_end)
+    assert lines.ready(5.0)  # the end of the input counts as ready
+    assert list(lines) == ["last"]
+    sys.stdin.close()
+
+
+def test_files_never_pause(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(RAW)
+    lines = read_lines(path, "skip")
+    assert not lines.streaming and lines.ready(0.0)

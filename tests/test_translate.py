@@ -120,6 +120,16 @@ def test_stream_in_chunks_equals_whole(loaded):
     assert [t.text for c in chunks for t in c] == translator.translate(lines)
 
 
+def test_stream_cut_where_the_input_pauses(loaded):
+    lines = corpus(12, seed=9)
+    translator = Translator(loaded.model, loaded.tokenizers, loaded.config.decode)
+    paused = list(translator.translate_stream(lines, chunk_lines=5, ready=lambda: False))
+    assert [len(c) for c in paused] == [1] * 12
+    steady = list(translator.translate_stream(lines, chunk_lines=5, ready=lambda: True))
+    assert [len(c) for c in steady] == [5, 5, 2]
+    assert [t.text for c in paused for t in c] == [t.text for c in steady for t in c] == translator.translate(lines)
+
+
 def test_long_line_is_truncated_with_warning(loaded):
     warnings = []
     translator = Translator(loaded.model, loaded.tokenizers, loaded.config.decode, warn=warnings.append)
@@ -276,6 +286,70 @@ def test_cli_stops_quietly_when_the_reader_goes_away(run_dir, tmp_path):
     assert done.stdout.count("\n") == 3
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+def read_line_within(stream, seconds: float) -> bytes:
+    """One line from a pipe, or what arrived when ``seconds`` ran out (bounded, never blocks)."""
+    import os
+    import select
+    import time
+
+    data, deadline = b"", time.monotonic() + seconds
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([stream], [], [], remaining)[0]:
+            break
+        chunk = os.read(stream.fileno(), 1)  # byte by byte: nothing of the next line is taken
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_cli_translates_each_line_as_it_arrives(run_dir, loaded, terminal):
+    """Lines written one at a time to a pipe (or typed at a terminal) are translated and written
+    before the next one is written and before the input ends."""
+    import os
+    import pty
+
+    lines = ["the cat sat on the mat", "a big dog runs", "", "red tree"]
+    expected = Translator(loaded.model, loaded.tokenizers, loaded.config.decode).translate(lines)
+    command = [sys.executable, "-m", "mtkit", "translate", "-m", str(run_dir), "--threads", "1",
+               "--flush-wait", "0.1"]
+    if terminal:
+        writer, stdin = pty.openpty()  # stdin a terminal: no wait at all
+    else:
+        stdin, writer = os.pipe()
+    proc = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(stdin)
+    try:
+        for line, translation in zip(lines, expected, strict=True):
+            os.write(writer, line.encode() + b"\n")
+            assert read_line_within(proc.stdout, 60) == translation.encode() + b"\n"
+        assert proc.poll() is None  # still waiting for input
+        if terminal:
+            os.write(writer, b"\x04")  # Ctrl-D (closing a terminal hangs it up: an I/O error)
+        else:
+            os.close(writer)
+            writer = -1
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        assert proc.stdout.read() == b"" and proc.stderr.read() == b""
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_fast_pipe_equals_file(run_dir, tmp_path):
+    src = write(tmp_path / "in.txt", corpus(60, seed=10) + ["", "red dog"])
+    base = [sys.executable, "-m", "mtkit", "translate", "-m", str(run_dir), "--threads", "1"]
+    from_file = subprocess.run([*base, "-i", str(src)], capture_output=True, timeout=120)
+    piped = subprocess.run(["bash", "-c", f"cat {src} | {' '.join(base)}"], capture_output=True, timeout=120)
+    assert from_file.returncode == piped.returncode == 0
+    assert piped.stdout == from_file.stdout and from_file.stdout.count(b"\n") == 62
 
 
 @pytest.mark.slow

@@ -6,6 +6,10 @@ line, in order (``mtkit.translate``): input is read as ``mtkit.fileio.read_lines
 (split on ``\\n`` only, CRLF like LF, invalid UTF-8 replaced with U+FFFD and warned about),
 ``--chunk-lines`` lines at a time, each chunk translated, written and flushed, so
 ``mtkit translate ... | head`` stops early and quietly; ``-o FILE`` appears only when complete.
+Input from a pipe that pauses for ``--flush-wait`` seconds, or typed at a terminal, is
+translated as it arrives: the lines read so far form a chunk (``Translator.translate_stream``'s
+``ready``), so each line's translation appears without waiting for the end of the input; a
+file, or a pipe that keeps up, still gets full chunks.
 
 Scale-out: ``torchrun --nproc_per_node N -m mtkit translate -m RUN -i FILE -o OUT`` starts N
 processes that all read FILE; each translates every N-th line of each chunk (on GPU
@@ -14,6 +18,8 @@ processes that all read FILE; each translates every N-th line of each chunk (on 
 
 from __future__ import annotations
 
+import functools
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -65,6 +71,12 @@ def translate(
     chunk_lines: Annotated[
         int, typer.Option("--chunk-lines", help="Lines read, sorted and translated at a time.", min=1)
     ] = 10_000,
+    flush_wait: Annotated[
+        float,
+        typer.Option("--flush-wait", min=0.0,
+                     help="Seconds a pipe may pause before the lines read so far are translated and written "
+                          "(stdin from a terminal: at once)."),
+    ] = 0.2,
 ) -> None:
     """Translate text with a trained model: one output line per input line."""
     import torch
@@ -91,6 +103,11 @@ def translate(
     lines = read_lines(input, "replace", what="input", warn=_warn)
     prefixes = read_lines(str(prefix), "replace", what="prefix file", warn=_warn) if prefix is not None else None
     references = read_text(ref) if ref is not None and leader else None
+    ready = None
+    typed = lines.streaming and sys.stdin.isatty()
+    if lines.streaming:  # a pipe or a terminal (never under torchrun: refused above)
+        wait = 0.0 if typed else flush_wait
+        ready = functools.partial(lines.ready, wait)
     loaded = load_for_inference(model, device=device)
     decode = resolve_decode(loaded.config.decode, config, overrides, flags)
     translator = Translator(loaded.model, loaded.tokenizers, decode, device,
@@ -101,13 +118,15 @@ def translate(
     # Other ranks receive no chunks: they write nothing and show no progress.
     with LineProgress() as progress:
         with open_output(output if leader else None) as sink:
-            for chunk in translator.translate_stream(lines, prefixes, chunk_lines=chunk_lines, shard=shard):
+            for chunk in translator.translate_stream(lines, prefixes, chunk_lines=chunk_lines, shard=shard,
+                                                     ready=ready):
                 sink.write(format_translations(chunk, output_format.value).encode("utf-8"))
                 sink.flush()
                 count += len(chunk)
                 if references is not None:
                     hyps.extend(t.text for t in chunk)
-                progress.update(count)
+                if not typed:  # a redrawn line would get in the way of someone typing
+                    progress.update(count)
             if leader and prefixes is not None and next(prefixes, None) is not None:
                 raise MtkitError(f"{prefix}: more lines than the input ({count})")
         if leader:

@@ -67,6 +67,7 @@ def _register() -> None:
         pipeline_cmd,
         prepare_cmd,
         score_cmd,
+        serve_cmd,
         tokenizer_cmd,
         train_cmd,
         translate_cmd,
@@ -80,6 +81,7 @@ def _register() -> None:
     app.command("score")(score_cmd.score)
     app.command("pipeline")(pipeline_cmd.pipeline)
     app.command("average")(average_cmd.average)
+    app.command("serve")(serve_cmd.serve)
     app.add_typer(export_cmd.app, name="export", help="Export a trained model to other runtimes.", cls=_Group)
 
 

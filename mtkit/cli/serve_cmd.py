@@ -1,0 +1,151 @@
+"""``mtkit serve``: the translation service of ``mtkit.serve`` over HTTP (docs/serving.md).
+
+Every run is loaded before the port opens (a bad run is a one-line error, not a server that
+answers 500); each is a language pair from its config (``data.src_lang`` -> ``data.tgt_lang``).
+Decoding settings: the checkpoint's, then ``--set decode.KEY=VALUE``, then ``--beam`` and
+``--batch-tokens``. SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in
+flight finish (at most ``--timeout`` seconds more) and exits 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from mtkit.cli.options import SetOption
+from mtkit.errors import MtkitError
+
+if TYPE_CHECKING:
+    from mtkit.serve import Pair
+
+
+def serve(
+    models: Annotated[
+        list[Path],
+        typer.Option("--model", "-m", help="Run directory or checkpoint directory (repeat: one per language pair).",
+                     show_default=False),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).", min=0, max=65535)] = 5000,
+    char_limit: Annotated[int, typer.Option("--char-limit", help="Most characters per request (413 beyond).",
+                                            min=1)] = 5000,
+    batch_tokens: Annotated[int | None, typer.Option(
+        "--batch-tokens", help="Source tokens per merged batch (default: the checkpoint's decode.batch_tokens).",
+        min=1, show_default=False)] = None,
+    max_wait_ms: Annotated[float, typer.Option(
+        "--max-wait-ms", help="How long the oldest waiting request waits for others to join its batch.",
+        min=0)] = 10.0,
+    queue_size: Annotated[int, typer.Option("--queue-size", help="Most waiting requests per pair (503 beyond).",
+                                            min=1)] = 256,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a request may take in all (504 beyond).",
+                                           min=0.001)] = 30.0,
+    api_keys: Annotated[Path | None, typer.Option(
+        "--api-keys", help="File of API keys, one a line: requests must send one as api_key (403 otherwise).",
+        show_default=False)] = None,
+    batching: Annotated[bool, typer.Option(
+        "--batching/--no-batching", help="Merge concurrent requests into one batch (off: one request at a time).",
+    )] = True,
+    beam: Annotated[int | None, typer.Option("--beam", help="Beam size (1: greedy).", min=1,
+                                             show_default=False)] = None,
+    overrides: SetOption = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.", min=1,
+                                                show_default=False)] = None,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request on stderr.")] = False,
+) -> None:
+    """Serve trained models over HTTP (LibreTranslate-compatible API and a web page at /)."""
+    import errno
+    import signal
+    import socket
+
+    import torch
+    import uvicorn
+
+    from mtkit.runtime import inference_device
+    from mtkit.serve import ServeSettings, create_app, read_api_keys
+
+    keys = None
+    if api_keys is not None:
+        try:
+            keys = read_api_keys(api_keys.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise MtkitError(f"--api-keys {api_keys}: unreadable: {reason}") from None
+        if not keys:
+            raise MtkitError(f"--api-keys {api_keys}: no keys in the file (one a line)")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = inference_device(device)
+
+    # The port first: a clash is reported before minutes of loading. Clients that connect while
+    # the models load wait in the listen backlog.
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise MtkitError(f"--port {port}: {host}:{port} is in use already (pick another --port)") from None
+        raise MtkitError(f"--host {host} --port {port}: cannot listen: {err.strerror or err}") from None
+    bound_port = sock.getsockname()[1]
+
+    try:
+        pairs = _load_pairs(models, device, overrides, {"beam": beam, "batch_tokens": batch_tokens},
+                            max_wait=max_wait_ms / 1000, queue_size=queue_size, batching=batching)
+    except BaseException:
+        sock.close()
+        raise
+
+    names = ", ".join(f"{p.source}->{p.target}" for p in pairs)
+    url_host = f"[{host}]" if ":" in host else host
+
+    def ready() -> None:
+        typer.echo(f"mtkit: serving {names} on http://{url_host}:{bound_port}", err=True)
+
+    settings = ServeSettings(char_limit=char_limit, timeout=timeout, api_keys=keys)
+    app = create_app(pairs, settings, on_ready=ready)
+    config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log,
+                            timeout_graceful_shutdown=int(timeout) + 5, lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM and SIGINT while it serves (a graceful stop) and raises the
+    # signal again when done; ignored by then, so a graceful stop exits 0.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    if not server.started:
+        raise MtkitError("the server did not start (see the messages above)")
+    typer.echo("mtkit: stopped", err=True)
+
+
+def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, flags: dict[str, Any],
+                **engine_options: Any) -> list[Pair]:
+    """Load every run and start an engine for its language pair (one model per pair)."""
+    from mtkit.checkpoint import load_for_inference
+    from mtkit.config import resolve_decode
+    from mtkit.serve import Engine, Pair
+    from mtkit.translate import Translator
+
+    pairs: list[Pair] = []
+    for model in models:
+        run = load_for_inference(model, device=device)
+        decode = resolve_decode(run.config.decode, None, overrides, flags)
+        source, target = run.config.data.src_lang, run.config.data.tgt_lang
+        for other, pair in zip(models, pairs, strict=False):
+            if (pair.source, pair.target) == (source, target):
+                raise MtkitError(f"{model}: translates {source}->{target}, like {other}; serve one model per pair")
+        translator = Translator(run.model, run.tokenizers, decode, device, seed=run.config.experiment.seed,
+                                warn=_warn)
+        info = {"checkpoint": str(run.path), "step": run.meta.get("step"), "device": device,
+                "model": run.config.model.model_dump(), "tokenizer": run.config.tokenizer.model_dump(),
+                "trained_with": run.meta.get("mtkit_version")}
+        engine = Engine(translator, name=f"{source}-{target}", **engine_options)
+        pairs.append(Pair(source, target, engine, info))
+    return pairs
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"mtkit: warning: {message}", err=True)

@@ -379,6 +379,7 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
     ``on_ready`` is called once the app has started (``mtkit serve`` prints its line then)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
@@ -454,7 +455,10 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
             return error(404, "the web page is not installed (mtkit/web/index.html is missing)")
 
     async def post_translate(request: Request) -> Response:
-        fields = await read_fields(request, settings.char_limit)
+        try:
+            fields = await read_fields(request, settings.char_limit)
+        except ClientDisconnect:  # gone before sending the whole body: nothing to do
+            return Response(status_code=499)
         check_key(fields, settings.api_keys)
         texts, pair, nbest = parse_request(fields, by_pair, settings.char_limit)
         layouts = [split_text(text) for text in texts]

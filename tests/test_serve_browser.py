@@ -76,17 +76,19 @@ def _post(url: str, body: dict) -> tuple[int, Any]:
 
 @pytest.fixture(scope="module")
 def server(trainkit_prepared, tmp_path_factory) -> Iterator[str]:
-    """``mtkit serve`` on a free port of 127.0.0.1 with a random tiny en->de model and a small
-    character limit; yields its base URL once /health says it is ready."""
+    """``mtkit serve`` on a free port of 127.0.0.1 with two random tiny models (en->de and
+    de->en) and a small character limit; yields its base URL once /health says it is ready."""
     base = tmp_path_factory.mktemp("serve_browser")
-    prepared = {**trainkit_prepared, "data": {**trainkit_prepared["data"], "src_lang": "en", "tgt_lang": "de"}}
-    run = random_checkpoint(prepared, base)
+    runs = []
+    for src, tgt in (("en", "de"), ("de", "en")):
+        prepared = {**trainkit_prepared, "data": {**trainkit_prepared["data"], "src_lang": src, "tgt_lang": tgt}}
+        runs += ["-m", str(random_checkpoint(prepared, base / f"{src}-{tgt}"))]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(base / "server.log", "w+", encoding="utf-8")  # noqa: SIM115 - closed below
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mtkit", "serve", "-m", str(run), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "mtkit", "serve", *runs, "--host", "127.0.0.1", "--port", str(port),
          "--char-limit", str(CHAR_LIMIT)],
         cwd=base, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -115,9 +117,9 @@ def server(trainkit_prepared, tmp_path_factory) -> Iterator[str]:
         log.close()
 
 
-def _translate(server: str, text: str) -> tuple[int, Any]:
+def _translate(server: str, text: str, source: str = "en", target: str = "de") -> tuple[int, Any]:
     """What the API itself answers for ``text`` (the page must show the same)."""
-    return _post(f"{server}/translate", {"q": text, "source": "en", "target": "de"})
+    return _post(f"{server}/translate", {"q": text, "source": source, "target": target})
 
 
 # --------------------------------------------------------------------------- the browser
@@ -140,7 +142,9 @@ def _open(browser: Browser, server: str, width: int = 1200, height: int = 800) -
     page.set_default_timeout(WAIT_MS)
     page.goto(server + "/")
     # The page is ready once it has filled the language pair from /frontend/settings.
-    expect(page.locator("#target-lang option")).to_have_count(1)
+    expect(page.locator("#source-lang option")).to_have_count(2)
+    page.get_by_label("From").select_option("en")
+    expect(page.get_by_label("To")).to_have_value("de")
     return page
 
 
@@ -161,11 +165,25 @@ def _translate_requests(page: Page) -> list[str]:
 # --------------------------------------------------------------------------- the tests
 
 
-def test_the_page_is_served_and_offers_the_language_pair(page: Page, server: str):
+def test_the_page_is_served_and_offers_the_language_pairs(page: Page, server: str):
     expect(page).to_have_title(re.compile("mtkit"))
-    expect(page.get_by_label("From")).to_have_value("en")
-    expect(page.get_by_label("To")).to_have_value("de")
+    expect(page.locator("#source-lang option")).to_have_text(["German (de)", "English (en)"])
+    expect(page.locator("#target-lang option")).to_have_text(["German (de)"])  # en's only target
+    page.get_by_label("From").select_option("de")
+    expect(page.locator("#target-lang option")).to_have_text(["English (en)"])
     expect(page.locator("#count")).to_have_text(f"0 / {CHAR_LIMIT}")
+
+
+def test_swap_turns_the_pair_and_the_translation_around(page: Page, server: str):
+    page.get_by_label("Text").fill(TEXT)
+    translation = _translate(server, TEXT)[1]["translatedText"]
+    expect(page.get_by_label("Translation")).to_have_value(translation)
+    page.get_by_role("button", name="Swap languages").click()
+    expect(page.get_by_label("From")).to_have_value("de")
+    expect(page.get_by_label("To")).to_have_value("en")
+    expect(page.get_by_label("Text")).to_have_value(translation)
+    back = _translate(server, translation, "de", "en")[1]["translatedText"]
+    expect(page.get_by_label("Translation")).to_have_value(back)
 
 
 def test_typing_translates_after_a_pause(page: Page, server: str, tmp_path: Path):
@@ -238,7 +256,7 @@ def test_the_keyboard_reaches_every_control_in_order_with_a_visible_focus(page: 
     expect(page.get_by_label("Translation")).not_to_have_value("")
     page.locator("h1").click()  # Tab now starts from the top of the page
     order = []
-    for _ in range(7):
+    for _ in range(8):
         page.keyboard.press("Tab")
         focused = page.evaluate("""() => {
             const e = document.activeElement, s = getComputedStyle(e);
@@ -246,8 +264,7 @@ def test_the_keyboard_reaches_every_control_in_order_with_a_visible_focus(page: 
         }""")
         order.append(focused[0])
         assert focused[1] != "none" and focused[2] != "0px", f"#{focused[0]} has no visible focus"
-    # The swap button is disabled (en->de has no way back here), so Tab skips it.
-    assert order == ["source-lang", "target-lang", "source", "clear", "translate", "target", "copy"]
+    assert order == ["source-lang", "swap", "target-lang", "source", "clear", "translate", "target", "copy"]
 
 
 def test_a_narrow_screen_stacks_the_text_areas_without_horizontal_scroll(browser: Browser, server: str,

@@ -235,13 +235,15 @@ class Engine:
         return self._translators[nbest]
 
     def _translate(self, pieces: list[tuple[_Job, int, int]]) -> None:
+        if all(job.cancelled for job, _, _ in pieces):
+            return  # every requester went away between taking and translating
         lines = [line for job, start, stop in pieces for line in job.segments[start:stop]]
         try:
             translations = self._translator(pieces[0][0].nbest).translate_lines(lines)
-        except Exception as err:  # noqa: BLE001 - reported to each waiting request
+        except Exception as err:  # reported to each waiting request; the worker lives on
             log.exception("translation failed")
             for job, _, _ in pieces:
-                job.loop.call_soon_threadsafe(_fail, job.future, err)
+                _call_in_loop(job, _fail, err)
             return
         self.stats.batches += 1
         self.stats.sentences += len(lines)
@@ -252,17 +254,24 @@ class Engine:
             position += stop - start
             job.done += stop - start
             if job.done == len(job.segments):
-                job.loop.call_soon_threadsafe(_resolve, job.future, job.results)
+                _call_in_loop(job, _resolve, job.results)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
+    if not future.done():  # not cancelled meanwhile (timeout, disconnect)
         future.set_result(value)
 
 
 def _fail(future: asyncio.Future[Any], err: BaseException) -> None:
     if not future.done():
         future.set_exception(err)
+
+
+def _call_in_loop(job: _Job, callback: Callable[..., None], value: Any) -> None:
+    """Run ``callback(job.future, value)`` in the job's event loop, unless that loop has
+    closed meanwhile (its requester is gone; the worker must live on)."""
+    with contextlib.suppress(RuntimeError):
+        job.loop.call_soon_threadsafe(callback, job.future, value)
 
 
 # --------------------------------------------------------------------------- text

@@ -10,6 +10,7 @@ when chromium or playwright is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -43,6 +44,7 @@ CHAR_LIMIT = 200
 SERVER_START_S = 120  # loading torch and the model on a busy 2-core machine
 WAIT_MS = 30_000  # for a translation to show up in the page
 TEXT = "kato rimu sena lopeshi"
+API_KEY = "s3cret-key"
 
 expect.set_options(timeout=WAIT_MS)
 
@@ -74,22 +76,16 @@ def _post(url: str, body: dict) -> tuple[int, Any]:
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def server(trainkit_prepared, tmp_path_factory) -> Iterator[str]:
-    """``mtkit serve`` on a free port of 127.0.0.1 with two random tiny models (en->de and
-    de->en) and a small character limit; yields its base URL once /health says it is ready."""
-    base = tmp_path_factory.mktemp("serve_browser")
-    runs = []
-    for src, tgt in (("en", "de"), ("de", "en")):
-        prepared = {**trainkit_prepared, "data": {**trainkit_prepared["data"], "src_lang": src, "tgt_lang": tgt}}
-        runs += ["-m", str(random_checkpoint(prepared, base / f"{src}-{tgt}"))]
+@contextlib.contextmanager
+def _serve(base: Path, args: list[str]) -> Iterator[str]:
+    """``mtkit serve ARGS`` on a free port of 127.0.0.1, run in ``base``; yields its base URL
+    once /health says it is ready, and stops it with SIGTERM."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(base / "server.log", "w+", encoding="utf-8")  # noqa: SIM115 - closed below
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mtkit", "serve", *runs, "--host", "127.0.0.1", "--port", str(port),
-         "--char-limit", str(CHAR_LIMIT)],
+        [sys.executable, "-m", "mtkit", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
         cwd=base, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + SERVER_START_S
@@ -100,8 +96,8 @@ def server(trainkit_prepared, tmp_path_factory) -> Iterator[str]:
             try:
                 if _get(f"{url}/health")[0] == 200:
                     break
-            except OSError:
-                pass  # not listening yet
+            except (OSError, ValueError):
+                pass  # not listening (or not answering) yet
             if time.monotonic() > deadline:
                 log.seek(0)
                 pytest.fail(f"mtkit serve not ready after {SERVER_START_S} s:\n{log.read()}")
@@ -115,6 +111,34 @@ def server(trainkit_prepared, tmp_path_factory) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def models(trainkit_prepared, tmp_path_factory) -> dict[str, Path]:
+    """Random tiny models (run directories) for the pairs "en-de" and "de-en"."""
+    base = tmp_path_factory.mktemp("serve_browser_models")
+    runs = {}
+    for src, tgt in (("en", "de"), ("de", "en")):
+        prepared = {**trainkit_prepared, "data": {**trainkit_prepared["data"], "src_lang": src, "tgt_lang": tgt}}
+        runs[f"{src}-{tgt}"] = random_checkpoint(prepared, base / f"{src}-{tgt}")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory) -> Iterator[str]:
+    """Both pairs and a small character limit."""
+    with _serve(tmp_path_factory.mktemp("serve_browser"),
+                ["-m", str(models["en-de"]), "-m", str(models["de-en"]), "--char-limit", str(CHAR_LIMIT)]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_server(models, tmp_path_factory) -> Iterator[str]:
+    """en->de, and every request needs the API key ``API_KEY``."""
+    base = tmp_path_factory.mktemp("serve_browser_keyed")
+    (base / "keys.txt").write_text(f"# the browser test's key\n{API_KEY}\n", encoding="utf-8")
+    with _serve(base, ["-m", str(models["en-de"]), "--api-keys", str(base / "keys.txt")]) as url:
+        yield url
 
 
 def _translate(server: str, text: str, source: str = "en", target: str = "de") -> tuple[int, Any]:
@@ -142,7 +166,7 @@ def _open(browser: Browser, server: str, width: int = 1200, height: int = 800) -
     page.set_default_timeout(WAIT_MS)
     page.goto(server + "/")
     # The page is ready once it has filled the language pair from /frontend/settings.
-    expect(page.locator("#source-lang option")).to_have_count(2)
+    expect(page.locator("#source-lang option")).not_to_have_count(0)
     page.get_by_label("From").select_option("en")
     expect(page.get_by_label("To")).to_have_value("de")
     return page
@@ -281,5 +305,24 @@ def test_a_narrow_screen_stacks_the_text_areas_without_horizontal_scroll(browser
         assert b["y"] >= a["y"] + a["height"], "the translation should sit below the text on a narrow screen"
         assert a["x"] >= 0 and a["x"] + a["width"] <= 375 and b["x"] + b["width"] <= 375
         page.screenshot(path=tmp_path / "page_narrow.png", full_page=True)
+    finally:
+        page.context.close()
+
+
+def test_a_server_with_api_keys_asks_for_one(browser: Browser, keyed_server: str):
+    page = _open(browser, keyed_server)
+    try:
+        key = page.get_by_label("API key")
+        expect(key).to_be_visible()
+        source, target = page.get_by_label("Text"), page.get_by_label("Translation")
+        source.fill(TEXT)
+        status, body = _post(f"{keyed_server}/translate", {"q": TEXT, "source": "en", "target": "de"})
+        assert status == 403
+        expect(page.get_by_role("alert")).to_have_text(body["error"])
+        key.fill(API_KEY)  # a pause after typing the key translates again, now with it
+        expect(target).not_to_have_value("")
+        expect(page.locator("[role=alert]")).to_have_text("")
+        page.reload()  # the key is remembered for the session
+        expect(page.get_by_label("API key")).to_have_value(API_KEY)
     finally:
         page.context.close()

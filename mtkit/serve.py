@@ -645,7 +645,8 @@ def parse_request(fields: dict[str, Any], pairs: dict[tuple[str, str], Pair],
         raise HTTPError(400, "alternatives: expected a whole number >= 0")
     if alternatives > pair.max_alternatives:
         decode = pair.engine.translator.decode
-        why = f"beam search with beam {decode.beam} finds {decode.beam} hypotheses" if not decode.sampling else "cap"
+        why = (f"beam search with beam {decode.beam} finds {decode.beam} hypotheses" if not decode.sampling
+               else "sampling draws at most 10 per sentence here")
         raise HTTPError(400, f"alternatives: at most {pair.max_alternatives} for {source}->{target} ({why})")
     for text in texts:
         try:

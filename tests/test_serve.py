@@ -539,3 +539,5 @@ def test_serve_end_to_end_and_sigterm_finishes_requests_in_flight(run_dir, loade
         if process.poll() is None:
             process.kill()
             process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

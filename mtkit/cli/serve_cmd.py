@@ -82,7 +82,7 @@ def serve(
     # The port first: a clash is reported before minutes of loading. Clients that connect while
     # the models load wait in the listen backlog.
     try:
-        sock = socket.create_server((host, port))
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise MtkitError(f"--port {port}: {host}:{port} is in use already (pick another --port)") from None

@@ -6,8 +6,10 @@
 Starts ``mtkit serve -m RUN`` as a subprocess on a free 127.0.0.1 port and runs ``--clients``
 concurrent HTTP clients (threads, one ``httpx.Client`` each) against it for ``--seconds``
 (after ``--warmup`` seconds that are not counted, and at most ``--max-requests`` requests);
-then the same load, the same requests in the same order, against a second server started
-with ``--no-batching`` (one request at a time, as LibreTranslate does). Every client sends
+and the same load, the same requests in the same order, against a second server started
+with ``--no-batching`` (one request at a time, as LibreTranslate does). The two take turns
+in ``--rounds`` rounds (batched, unbatched, unbatched, batched, ...), so that a change in
+the machine's load hits both alike. Every client sends
 ``POST /translate`` with a JSON body; about 70% of the texts are one sentence, the others
 3 to 8 sentences on separate lines (sentences from the Multi30k test set when
 ``../shared`` has it, else generated words).
@@ -29,7 +31,9 @@ correctly), and SIGTERM with requests in flight (they must all complete, exit st
 Top-level keys: ``speedup_batched`` (batched requests/s over unbatched), ``errors``, ``lost``
 and ``mismatched`` (summed over both modes), ``p50_ms``, ``p99_ms`` and ``rss_growth_pct``
 (the batched server's), then ``batched`` and ``unbatched`` (the per-mode details) and
-``settings``. The clients run on the same cores as the server, in both modes alike.
+``settings`` (with ``offline_ms_per_sentence_by_batch``: what batching gains in this
+process, without HTTP, on this machine: the bound on ``speedup_batched``). The clients run
+on the same cores as the server, in both modes alike.
 
 Without ``--run``: with Multi30k in ``../shared``, ``configs/tiny.yaml`` trained for
 ``--minutes`` into ``runs/bench_serve`` (reused when it has a checkpoint); without it, a
@@ -53,7 +57,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +168,7 @@ class Reference:
             together = translator.translate_lines(pool)
         self.batched = {s: t.text for s, t in zip(pool, together, strict=True)}
         self.batch_sensitive = sum(self.alone[s].text != self.batched[s] for s in pool)
+        self.scaling = batch_scaling(translator, pool)
 
     def expected(self, text: str) -> str:
         return "\n".join(self.alone[line].text for line in text.split("\n"))
@@ -201,6 +206,21 @@ class Reference:
             log_probs = torch.log_softmax(model(src, tgt_in).float(), dim=-1)[0]
         total = log_probs.gather(1, torch.tensor([*tgt_ids, EOS_ID])[:, None]).sum().item()
         return total / length_penalty(len(tgt_ids) + 1.0, self.decode.lenpen)
+
+
+def batch_scaling(translator: Translator, pool: list[str], sentences: int = 64) -> dict[int, float]:
+    """Milliseconds per sentence when ``translate_lines`` gets batches of 1, 2, 4, ... 64 of
+    the first ``sentences`` pool sentences, in this process: the most any batching can gain
+    on this machine with this model (the server adds HTTP and queueing on top)."""
+    lines = pool[:sentences]
+    scaling = {}
+    with torch.inference_mode():
+        for size in (1, 2, 4, 8, 16, 32, 64):
+            started = time.perf_counter()
+            for i in range(0, len(lines), size):
+                translator.translate_lines(lines[i : i + size])
+            scaling[size] = round(1000 * (time.perf_counter() - started) / len(lines), 2)
+    return scaling
 
 
 # --------------------------------------------------------------------------- the server
@@ -244,12 +264,13 @@ class Server:
 
 
 @contextmanager
-def serving(run: Path, extra: list[str], logdir: Path, name: str, startup: float) -> Iterator[Server]:
+def serving(run: Path, extra: list[str], logdir: Path, name: str, startup: float,
+            mtkit: list[str] = MTKIT) -> Iterator[Server]:
     """``mtkit serve -m run`` on a free port, ready (``/health`` 200) when entered; always
     stopped (SIGTERM, then kill) when left, whatever happened."""
     port = free_port()
     log = logdir / f"{name}.log"
-    command = [*MTKIT, "serve", "-m", str(run), "--host", HOST, "--port", str(port), *extra]
+    command = [*mtkit, "serve", "-m", str(run), "--host", HOST, "--port", str(port), *extra]
     started = time.monotonic()
     with open(log, "wb") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -380,24 +401,47 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
 
 
-def measure(server: Server, texts: list[str], reference: Reference, args: argparse.Namespace,
-            langs: tuple[str, str]) -> dict[str, Any]:
-    """Warm up, then the measured load; every response judged against the reference."""
+@dataclass
+class Mode:
+    """One server under test and what its rounds of load collected."""
+
+    name: str
+    server: Server
+    rss: RssSampler
+    outcomes: list[Outcome] = field(default_factory=list)
+    rounds: list[tuple[float, float]] = field(default_factory=list)  # (begin, end), monotonic
+    sent: int = 0
+    before: dict[str, int] = field(default_factory=dict)
+
+
+def warm_up(mode: Mode, texts: list[str], args: argparse.Namespace, langs: tuple[str, str]) -> None:
+    """Load that is not counted (first-call allocations, lazy initialisation)."""
     warm = Load(texts, time.monotonic() + args.warmup, args.max_requests)
-    run_clients(server.url, warm, args.clients, langs, args.request_timeout)
-    before = _stats(server.url)
-    with RssSampler(server.process.pid) as rss:
-        begin = time.monotonic()
-        load = Load(texts, begin + args.seconds, args.max_requests)
-        outcomes = run_clients(server.url, load, args.clients, langs, args.request_timeout)
-        end = time.monotonic()
+    run_clients(mode.server.url, warm, args.clients, langs, args.request_timeout)
+    mode.before = _stats(mode.server.url)
+
+
+def load_round(mode: Mode, texts: list[str], seconds: float, args: argparse.Namespace,
+               langs: tuple[str, str]) -> None:
+    """``seconds`` of load, continuing the mode's request sequence where its last round ended."""
+    begin = time.monotonic()
+    load = Load(texts, begin + seconds, args.max_requests, next=mode.sent)
+    mode.outcomes += run_clients(mode.server.url, load, args.clients, langs, args.request_timeout)
+    mode.rounds.append((begin, time.monotonic()))
+    mode.sent = load.next
+
+
+def evaluate(mode: Mode, texts: list[str], reference: Reference) -> dict[str, Any]:
+    """The mode's figures; every response judged against the reference."""
+    server, outcomes, rss = mode.server, sorted(mode.outcomes, key=lambda o: o.index), mode.rss
     after = _stats(server.url)
+    before = mode.before
     counters = ("requests", "sentences", "batches", "dropped_sentences", "rejected", "timeouts")
     engine: dict[str, Any] = {k: after[k] - before.get(k, 0) for k in counters if k in after}
     if engine.get("batches"):
         engine["sentences_per_batch"] = round(engine["sentences"] / engine["batches"], 2)
     engine["largest_batch"] = after.get("largest_batch")
-    sent = load.next
+    sent = mode.sent
     answered = {o.index for o in outcomes}
     ok = [o for o in outcomes if o.status == 200 and o.error is None]
     verdicts: Counter[str] = Counter()
@@ -419,14 +463,17 @@ def measure(server: Server, texts: list[str], reference: Reference, args: argpar
     lost_count = len(lost) + sum(1 for i in range(sent) if i not in answered)
     lines = sum(texts[o.index % len(texts)].count("\n") + 1 for o in ok)
     latencies = [o.latency * 1000 for o in ok]
-    span = end - begin
-    fifth = span / 5
-    first, last = rss.window_peak(begin, begin + fifth), rss.window_peak(end - fifth, end)
+    span = sum(e - b for b, e in mode.rounds)
+    fifth = span / 5  # within the first and the last round (at most 5 rounds)
+    first = rss.window_peak(mode.rounds[0][0], mode.rounds[0][0] + fifth)
+    last = rss.window_peak(mode.rounds[-1][1] - fifth, mode.rounds[-1][1])
     result: dict[str, Any] = {
         "requests": sent,
         "ok": len(ok),
         "seconds": round(span, 2),
         "requests_per_s": round(len(ok) / span, 2),
+        "per_round_requests_per_s": [
+            round(sum(1 for o in ok if b <= o.started <= e) / (e - b), 2) for b, e in mode.rounds],
         "lines_per_s": round(lines / span, 2),
         "p50_ms": round(percentile(latencies, 50), 1) if latencies else None,
         "p90_ms": round(percentile(latencies, 90), 1) if latencies else None,
@@ -541,9 +588,11 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="Run or checkpoint directory to serve (default: see above).")
     parser.add_argument("--minutes", type=float, default=2.0, help="Training budget of the default model.")
     parser.add_argument("--clients", type=int, default=16, help="Concurrent clients.")
-    parser.add_argument("--seconds", type=float, default=30.0, help="Measured load per mode.")
+    parser.add_argument("--seconds", type=float, default=30.0, help="Measured load per mode, in all rounds.")
+    parser.add_argument("--rounds", type=int, default=3, choices=range(1, 6), metavar="1..5",
+                        help="The modes take turns this many times.")
     parser.add_argument("--warmup", type=float, default=5.0, help="Load before measuring (not counted).")
-    parser.add_argument("--max-requests", type=int, default=5000, help="At most this many requests per phase.")
+    parser.add_argument("--max-requests", type=int, default=5000, help="At most this many requests per mode.")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="Client timeout per request, s.")
     parser.add_argument("--pool", type=int, default=300, help="Distinct sentences the texts are made of.")
     parser.add_argument("--long-share", type=float, default=0.3, help="Share of multi-line texts.")
@@ -553,6 +602,8 @@ def main() -> None:
                         help="Torch threads of the offline reference (1: no OpenMP waits on a busy machine).")
     parser.add_argument("--server-args", default="", help="Extra `mtkit serve` options, e.g. '--max-wait-ms 20'.")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
+    parser.add_argument("--mtkit", help="The command that runs mtkit (default: this Python's `-m mtkit`), "
+                                        "e.g. another checkout's or a patched engine's, to compare.")
     parser.add_argument("--char-limit", type=int, default=5000, help="The server's --char-limit.")
     parser.add_argument("--no-faults", action="store_true", help="Skip the fault checks.")
     parser.add_argument("--only", choices=["batched", "unbatched"], help="Run one mode only.")
@@ -585,29 +636,40 @@ def main() -> None:
         print(f"offline reference: {len(pool)} sentences in {offline_s:.1f} s "
               f"({reference.batch_sensitive} differ between batch 1 and one batch)", file=sys.stderr)
 
-        modes = {"batched": args.server_args.split(), "unbatched": ["--no-batching", *args.server_args.split()]}
+        extra = [*args.server_args.split(), "--char-limit", str(args.char_limit)]
+        options = {"batched": extra, "unbatched": ["--no-batching", *extra]}
         results: dict[str, dict[str, Any]] = {}
-        for name, extra in modes.items():
-            if args.only and name != args.only:
-                continue
-            with serving(run, [*extra, "--char-limit", str(args.char_limit)], workdir, name,
-                         args.startup_timeout) as server:
-                info = _info(server.url)
-                served_decode = info.get("models", [{}])[0].get("decode") if isinstance(info.get("models"), list) \
-                    else None
-                result = measure(server, texts, reference, args, langs)
+        with ExitStack() as stack:
+            modes = []
+            for name, opts in options.items():
+                if args.only in (None, name):
+                    server = stack.enter_context(serving(run, opts, workdir, name, args.startup_timeout,
+                                                         args.mtkit.split() if args.mtkit else MTKIT))
+                    modes.append(Mode(name, server, stack.enter_context(RssSampler(server.process.pid))))
+            for mode in modes:
+                warm_up(mode, texts, args, langs)
+            # The modes take turns (in rotating order), so that a change in the machine's load
+            # hits them alike; the idle server costs nothing meanwhile.
+            for index in range(args.rounds):
+                for mode in modes[index % len(modes) :] + modes[: index % len(modes)]:
+                    load_round(mode, texts, args.seconds / args.rounds, args, langs)
+            for mode in modes:
+                server = mode.server
+                models = _info(server.url).get("models")
+                served_decode = models[0].get("decode") if isinstance(models, list) and models else None
+                result = evaluate(mode, texts, reference)
                 result["served_decode_matches"] = _decode_matches(served_decode, decode)
                 if not args.no_faults:
                     result["faults"] = fault_checks(server, reference, pool, langs, args.char_limit)
                 server.stop()
                 result["exit_code"] = server.returncode
                 result["stop_s"] = server.stop_s
-                results[name] = result
-                print(f"{name:9s}: {result['requests_per_s']:7.2f} req/s  p50 {result['p50_ms']} ms  "
+                results[mode.name] = result
+                print(f"{mode.name:9s}: {result['requests_per_s']:7.2f} req/s  p50 {result['p50_ms']} ms  "
                       f"p99 {result['p99_ms']} ms  errors {result['errors']}  lost {result['lost']}  "
                       f"mismatched {result['mismatched']}  rss +{result['rss_growth_pct']}%", file=sys.stderr)
                 if result["errors"] or result["lost"] or result["mismatched"]:
-                    print(f"{name}: server log tail:\n{server.log_tail()}", file=sys.stderr)
+                    print(f"{mode.name}: server log tail:\n{server.log_tail()}", file=sys.stderr)
 
     report = summary(results, args, run, decode, reference, offline_s)
     print_result(report, args.json)
@@ -659,9 +721,10 @@ def summary(results: dict[str, dict[str, Any]], args: argparse.Namespace, run: P
         **results,
         "settings": {
             "run": str(run), "clients": args.clients, "seconds": args.seconds, "warmup": args.warmup,
-            "max_requests": args.max_requests, "pool": args.pool, "long_share": args.long_share,
-            "tie": args.tie, "server_args": args.server_args, "decode": asdict_decode(decode),
+            "rounds": args.rounds, "max_requests": args.max_requests, "pool": args.pool, "long_share": args.long_share,
+            "tie": args.tie, "server_args": args.server_args, "mtkit": args.mtkit, "decode": asdict_decode(decode),
             "offline_batch_sensitive": reference.batch_sensitive, "offline_s": round(offline_s, 1),
+            "offline_ms_per_sentence_by_batch": reference.scaling,
             "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
         },
     }

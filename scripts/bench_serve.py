@@ -32,8 +32,9 @@ Top-level keys: ``speedup_batched`` (batched requests/s over unbatched), ``error
 and ``mismatched`` (summed over both modes), ``p50_ms``, ``p99_ms`` and ``rss_growth_pct``
 (the batched server's), then ``batched`` and ``unbatched`` (the per-mode details) and
 ``settings`` (with ``offline_ms_per_sentence_by_batch``: what batching gains in this
-process, without HTTP, on this machine: the bound on ``speedup_batched``). The clients run
-on the same cores as the server, in both modes alike.
+process, without HTTP, on this machine: how much of the speedup the model allows). The
+clients run on the same cores as the server, in both modes alike. Without ``--json``: a
+table, one row per mode.
 
 Without ``--run``: with Multi30k in ``../shared``, ``configs/tiny.yaml`` trained for
 ``--minutes`` into ``runs/bench_serve`` (reused when it has a checkpoint); without it, a
@@ -672,7 +673,10 @@ def main() -> None:
                     print(f"{mode.name}: server log tail:\n{server.log_tail()}", file=sys.stderr)
 
     report = summary(results, args, run, decode, reference, offline_s)
-    print_result(report, args.json)
+    if args.json:
+        print_result(report, True)
+    else:
+        print_table(report)
 
 
 def _info(url: str) -> dict[str, Any]:
@@ -728,6 +732,21 @@ def summary(results: dict[str, dict[str, Any]], args: argparse.Namespace, run: P
             "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
         },
     }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    columns = {"req/s": "requests_per_s", "p50 ms": "p50_ms", "p90 ms": "p90_ms", "p99 ms": "p99_ms",
+               "errors": "errors", "lost": "lost", "mismatched": "mismatched", "exact": "exact_match_rate",
+               "rss +%": "rss_growth_pct"}
+    print(f"{'mode':9s} " + " ".join(f"{c:>10s}" for c in columns) + f" {'sent/batch':>10s} {'faults ok':>9s}")
+    for mode in ("batched", "unbatched"):
+        if mode in report:
+            row = report[mode]
+            faults = row.get("faults", {}).get("ok", "-")
+            print(f"{mode:9s} " + " ".join(f"{row[c]!s:>10s}" for c in columns.values())
+                  + f" {row['engine'].get('sentences_per_batch', '-')!s:>10s} {faults!s:>9s}")
+    print(f"speedup_batched {report['speedup_batched']}")
+    print("settings: " + json.dumps(report["settings"]))
 
 
 def asdict_decode(decode: DecodeConfig) -> dict[str, Any]:

@@ -259,6 +259,7 @@ class LineReader(Iterator[T]):
     """The lines ``read_lines`` yields, plus what a reader of slow input needs to know.
 
     streaming: True when the input may pause (a pipe, a terminal, a socket), False for a file.
+    terminal: True when the input is typed at a terminal.
     ready(timeout): True when the next line (or the end of the input) is there, waiting at
     most ``timeout`` seconds for it; a file is always ready.
     """
@@ -267,6 +268,7 @@ class LineReader(Iterator[T]):
         self._lines = lines
         self._source = source
         self.streaming = source is not None
+        self.terminal = source is not None and source.terminal
 
     def __next__(self) -> T:
         return next(self._lines)
@@ -283,6 +285,7 @@ class _PipeLines:
     def __init__(self, handle: IO[bytes]):
         self._handle = handle
         self._fd = handle.fileno()
+        self.terminal = os.isatty(self._fd)
         self._lines: deque[bytes] = deque()  # complete lines not yet taken
         self._tail = b""  # the start of a line whose \n has not arrived yet
         self._eof = False
@@ -361,8 +364,9 @@ def read_lines(
 ) -> LineReader[str] | LineReader[str | None]:
     """The lines of a plain or gzip UTF-8 file, or of stdin for the string ``-``, without line endings
     (see the module docstring), read lazily. The file is opened now, so a missing file fails
-    at the call, not at the first line. Stdin from a pipe or a terminal is read as it arrives
-    (``LineReader.ready``); stdin redirected from a file reads like the file.
+    at the call, not at the first line. A pipe or a terminal (stdin, or a named pipe such as
+    ``<(command)``) is read as it arrives (``LineReader.ready``); stdin redirected from a file
+    reads like the file.
 
     invalid_utf8: ``error``: MtkitError ``NAME:LINE: not valid UTF-8 (byte B); HINT``;
     ``skip``: yield None for the line; ``replace``: decode it with U+FFFD and call ``warn``
@@ -380,6 +384,9 @@ def read_lines(
             return LineReader(_decode(iter(pipe), "<stdin>", invalid_utf8, what, hint, warn), pipe)
         return LineReader(_decode(stdin, "<stdin>", invalid_utf8, what, hint, warn))
     handle = open_binary(Path(source))
+    if isinstance(getattr(handle, "raw", None), io.FileIO) and _pipe_or_terminal(handle):  # not gzip
+        pipe = _PipeLines(handle)
+        return LineReader(_decode(iter(pipe), str(source), invalid_utf8, what, hint, warn, closing=handle), pipe)
     return LineReader(_decode(handle, str(source), invalid_utf8, what, hint, warn, closing=handle))
 
 

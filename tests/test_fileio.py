@@ -91,3 +91,18 @@ def test_files_never_pause(tmp_path):
     path.write_bytes(RAW)
     lines = read_lines(path, "skip")
     assert not lines.streaming and lines.ready(0.0)
+
+
+def test_named_pipe_reads_as_it_arrives(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # a writer first, so that opening for reading does not block
+    try:
+        os.write(writer, b"first\n")  # opening peeks at the first bytes (gzip or not)
+        lines = read_lines(fifo)
+        assert lines.streaming and not lines.terminal
+        assert next(lines) == "first" and not lines.ready(0.05)
+        os.write(writer, b"second\n")
+        assert lines.ready(5.0) and next(lines) == "second"
+    finally:
+        os.close(writer)

@@ -19,7 +19,6 @@ processes that all read FILE; each translates every N-th line of each chunk (on 
 from __future__ import annotations
 
 import functools
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -104,10 +103,9 @@ def translate(
     prefixes = read_lines(str(prefix), "replace", what="prefix file", warn=_warn) if prefix is not None else None
     references = read_text(ref) if ref is not None and leader else None
     ready = None
-    typed = lines.streaming and sys.stdin.isatty()
-    if lines.streaming:  # a pipe or a terminal (never under torchrun: refused above)
-        wait = 0.0 if typed else flush_wait
-        ready = functools.partial(lines.ready, wait)
+    typed = lines.terminal
+    if lines.streaming and shard is None:  # a pipe or a terminal: cut chunks where it pauses
+        ready = functools.partial(lines.ready, 0.0 if typed else flush_wait)
     loaded = load_for_inference(model, device=device)
     decode = resolve_decode(loaded.config.decode, config, overrides, flags)
     translator = Translator(loaded.model, loaded.tokenizers, decode, device,

@@ -21,8 +21,8 @@ batch (their rows are selected out of the cache), so they cost nothing afterward
 
 Cost per step: the beams of a sentence share its encoder keys/values (``DecoderState.expand``),
 only the self-attention cache is reordered, each beam's tokens are ranked before the beam
-scores are added (``beam_step``), and the host reads from the device only whether a
-sentence is done (on a CPU also whether a candidate finished).
+scores are added (``beam_step``), and the host asks the device only whether a candidate
+finished and whether a sentence is done.
 """
 
 from __future__ import annotations
@@ -265,8 +265,7 @@ def beam_search(
         log_probs = _constrain(torch.log_softmax(logits.float(), dim=-1), step, min_len, cons, k)
         values, origin, token, finishing = beam_step(scores, log_probs.view(n, k, -1), beam)
 
-        # Asking the host costs a GPU a synchronisation per step: there, merging always is cheaper.
-        if device.type != "cpu" or bool(finishing.any()):
+        if bool(finishing.any()):
             # Candidates that end here have ``step`` tokens (their beam's history).
             rows = (torch.arange(n, device=device) * k).unsqueeze(1) + origin
             ended = history[rows.view(-1)].view(n, rows.shape[1], step)

@@ -7,8 +7,7 @@ Token id 0 is padding (see ``mtkit.tokenizer``).
   causal decoder.
 - ``encode(src)`` and ``decode_step(tokens, state)`` are what search uses: the encoder runs
   once; each decoder step feeds only the newest token, reading earlier keys/values from the
-  state's self-attention cache (preallocated, written in place) and the cross-attention
-  keys/values computed once per sentence and shared by its beams (``DecoderState.expand``).
+  state's self-attention cache and the cross-attention keys/values computed once per sentence.
 
 Parameter names follow Hugging Face's Marian (``q_proj``, ``self_attn_layer_norm``, ...)
 with query/key/value fused for speed, so weights map one-to-one onto Marian and CTranslate2.
@@ -17,6 +16,7 @@ with query/key/value fused for speed, so weights map one-to-one onto Marian and 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -101,8 +101,7 @@ class Attention(nn.Module):
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values of the encoder output, each ``(B, H, S, D/H)``."""
         key, value = self.kv_proj(memory).chunk(2, dim=-1)
-        # Contiguous once here, rather than copied by every decoding step's matmul.
-        return self.split_heads(key).contiguous(), self.split_heads(value).contiguous()
+        return self.split_heads(key), self.split_heads(value)
 
     def forward(
         self,
@@ -110,36 +109,29 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         causal: bool = False,
         kv: tuple[Tensor, Tensor] | None = None,
-        cache: Tensor | None = None,
-        past: int = 0,
+        cache: list[Tensor] | None = None,
     ) -> Tensor:
         """Attend from ``x`` ``(B, L, D)``.
 
         mask: boolean ``(B, 1, 1, S)``, True where a key may be attended (padding is False).
-        kv: precomputed cross-attention keys/values (required when ``cross``), ``(N, H, S, D/H)``
-        for ``N`` sentences; when ``B = N * g``, rows ``n * g .. n * g + g - 1`` (the beams of
-        sentence ``n``) share them and attend as ``g * L`` queries of one row, with no copy.
-        cache: self-attention keys/values ``(2, B, H, capacity, D/H)`` holding ``past``
-        positions; this call's are written after them.
+        kv: precomputed cross-attention keys/values (required when ``cross``).
+        cache: self-attention keys/values of earlier steps ``[k, v]``, extended in place.
         """
-        rows = x.shape[0]
         if self.cross:
             assert kv is not None
-            key, value = kv
-            x = x.reshape(key.shape[0], -1, x.shape[2])  # (N, g * L, D)
             query = self.split_heads(self.q_proj(x))
+            key, value = kv
         else:
             query, key, value = (self.split_heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
             if cache is not None:
-                end = past + key.shape[2]
-                cache[0, :, :, past:end] = key
-                cache[1, :, :, past:end] = value
-                key, value = cache[0, :, :, :end], cache[1, :, :, :end]
-        grouped = x.shape[0] != rows
-        if (query.shape[2] == 1 or grouped) and not self.training and query.device.type == "cpu":
-            # Few queries per row (incremental decoding): two small matmuls beat the CPU kernel
+                if cache:
+                    key = torch.cat([cache[0], key], dim=2)
+                    value = torch.cat([cache[1], value], dim=2)
+                cache[:] = [key, value]
+        if query.shape[2] == 1 and not self.training and query.device.type == "cpu":
+            # One query per row (incremental decoding): two small matmuls beat the CPU kernel
             # of scaled_dot_product_attention, whose set-up dominates at this size.
-            weights = (query * self.head_dim**-0.5) @ key.transpose(-1, -2)
+            weights = (query @ key.transpose(-1, -2)) * self.head_dim**-0.5
             if mask is not None:
                 weights = weights.masked_fill(~mask, float("-inf"))
             out = weights.softmax(dim=-1) @ value
@@ -150,7 +142,8 @@ class Attention(nn.Module):
                 out = self._attend(query.float(), key.float(), value.float(), mask, causal)
         else:
             out = self._attend(query, key, value, mask, causal)
-        return self.out_proj(out.transpose(1, 2).reshape(rows, -1, out.shape[1] * out.shape[3]))
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """``scaled_dot_product_attention`` with this layer's dropout while training."""
@@ -208,16 +201,14 @@ class DecoderLayer(nn.Module):
         x: Tensor,
         cross_kv: tuple[Tensor, Tensor],
         src_mask: Tensor,
-        cache: Tensor | None,
-        past: int,
+        cache: list[Tensor] | None,
         self_mask: Tensor | None,
         causal: bool,
     ) -> Tensor:
-        """cache: this layer's self-attention keys/values holding ``past`` positions (None when
-        training); self_mask and causal: how new positions may attend to earlier ones (see
-        ``Transformer._decode``)."""
+        """cache: this layer's self-attention keys/values (None when training); self_mask and
+        causal: how new positions may attend to earlier ones (see ``Transformer._decode``)."""
         x = _residual(x, self.self_attn_layer_norm, self.pre_norm, self.dropout, self.training,
-                      lambda h: self.self_attn(h, mask=self_mask, causal=causal, cache=cache, past=past))
+                      lambda h: self.self_attn(h, mask=self_mask, causal=causal, cache=cache))
         x = _residual(x, self.encoder_attn_layer_norm, self.pre_norm, self.dropout, self.training,
                       lambda h: self.encoder_attn(h, mask=src_mask, kv=cross_kv))
         return _residual(x, self.final_layer_norm, self.pre_norm, self.dropout, self.training, self.ffn)
@@ -230,106 +221,34 @@ def _residual(x: Tensor, norm: nn.LayerNorm, pre_norm: bool, rate: float, traini
     return norm(x + dropout(sublayer(x), rate, training))
 
 
+@dataclass
 class DecoderState:
-    """What incremental decoding carries between steps, for B rows of N sentences.
+    """What incremental decoding carries between steps, for a batch of B rows.
 
-    memory_mask: ``(N, 1, 1, S)`` source padding mask.
-    cross_kv: per decoder layer, encoder keys/values ``(N, H, S, D/H)``, computed once.
-    group: rows per sentence (B = N * group): the beams of a sentence are consecutive rows
-    that share its mask and cross-attention keys/values instead of copies of them.
+    memory_mask: ``(B, 1, 1, S)`` source padding mask.
+    cross_kv: per decoder layer, encoder keys/values ``(B, H, S, D/H)``, computed once.
+    self_kv: per decoder layer, ``[k, v]`` of the target prefix ``(B, H, t, D/H)``.
     length: target positions decoded so far.
-
-    The self-attention keys/values of every layer live in one preallocated buffer
-    ``(layers, 2, B, H, capacity, D/H)``: a step writes its own in place (no ``torch.cat`` of
-    the whole prefix), and reordering rows copies the prefix into a second buffer of the same
-    size (no allocation per step). The capacity doubles when a step needs more.
     """
 
-    def __init__(self, memory_mask: Tensor, cross_kv: list[tuple[Tensor, Tensor]], group: int = 1):
-        self.memory_mask = memory_mask
-        self.cross_kv = cross_kv
-        self.group = group
-        self.length = 0
-        self.reserved = 0  # positions to allocate at once (see ``reserve``)
-        self._buffers: list[Tensor] = []  # the live buffer first, then the spare
-
-    @property
-    def rows(self) -> int:
-        return self.memory_mask.shape[0] * self.group
-
-    def self_cache(self, layer: int) -> Tensor:
-        """Layer ``layer``'s self-attention keys and values, ``(2, B, H, capacity, D/H)``."""
-        return self._buffers[0][layer, :, : self.rows]
-
-    def reserve(self, positions: int) -> None:
-        """Allocate room for ``positions`` target positions at the first step (a search knows
-        its longest output), sparing the copies of growing the cache."""
-        self.reserved = positions
-
-    def make_room(self, new: int, heads: int, head_dim: int, layers: int, like: Tensor) -> None:
-        """Ensure the cache can take ``new`` more positions."""
-        capacity = self._buffers[0].shape[4] if self._buffers else 0
-        if self.length + new <= capacity:
-            return
-        capacity = max(2 * capacity, self.length + new, self.reserved, 16)
-        shape = (layers, 2, self.rows, heads, capacity, head_dim)
-        fresh = [like.new_empty(shape), like.new_empty(shape)]
-        if self.length:
-            fresh[0][..., : self.length, :] = self._buffers[0][:, :, : self.rows, :, : self.length]
-        self._buffers = fresh
-
-    def expand(self, group: int) -> DecoderState:
-        """Each row becomes ``group`` consecutive rows (e.g. beams) sharing the encoder's
-        keys/values, which are not copied. Only before the first step."""
-        if self.length or self.group != 1:
-            raise ValueError("expand: only a fresh state of one row per sentence")
-        state = DecoderState(self.memory_mask, self.cross_kv, group)
-        state.reserved = self.reserved
-        return state
+    memory_mask: Tensor
+    cross_kv: list[tuple[Tensor, Tensor]]
+    self_kv: list[list[Tensor]]
+    length: int = 0
 
     def select(self, rows: Tensor) -> DecoderState:
-        """Keep (and reorder or repeat) rows, e.g. beams that survived a search step. The
-        state it is called on shares its buffers with the result: use only the result."""
-        if self.group != 1:  # rows may split a group: give every row its own copy
-            own = torch.arange(self.memory_mask.shape[0], device=rows.device).repeat_interleave(self.group)
-            sentence = own.index_select(0, rows)
-        else:
-            sentence = rows
-        state = DecoderState(
-            memory_mask=self.memory_mask.index_select(0, sentence),
-            cross_kv=[(k.index_select(0, sentence), v.index_select(0, sentence)) for k, v in self.cross_kv],
+        """Keep (and reorder or repeat) batch rows, e.g. beams that survived a search step."""
+        return DecoderState(
+            memory_mask=self.memory_mask.index_select(0, rows),
+            cross_kv=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_kv],
+            self_kv=[[t.index_select(0, rows) for t in kv] for kv in self.self_kv],
+            length=self.length,
         )
-        state.length, state.reserved, state._buffers = self.length, self.reserved, self._buffers
-        state._copy_rows(rows, self.rows)
-        return state
-
-    def select_groups(self, sentences: Tensor) -> DecoderState:
-        """Keep the sentences ``sentences`` (indices into the N sentences), with all their rows."""
-        rows = ((sentences * self.group).unsqueeze(1) + torch.arange(self.group, device=sentences.device)).view(-1)
-        state = DecoderState(
-            memory_mask=self.memory_mask.index_select(0, sentences),
-            cross_kv=[(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_kv],
-            group=self.group,
-        )
-        state.length, state.reserved, state._buffers = self.length, self.reserved, self._buffers
-        state._copy_rows(rows, self.rows)
-        return state
 
     def reorder_self(self, rows: Tensor) -> None:
-        """Reorder the self-attention cache within groups (``B`` rows; each row's sentence is
-        unchanged, as when beams of one sentence are reordered): the cross-attention keys and
-        values stay as they are."""
-        self._copy_rows(rows, self.rows)
-
-    def _copy_rows(self, rows: Tensor, old_rows: int) -> None:
-        if not self._buffers or not self.length:
-            return
-        live, spare = self._buffers
-        if spare.shape[2] < rows.numel():  # more rows than before (a repeating select)
-            spare = spare.new_empty((*spare.shape[:2], rows.numel(), *spare.shape[3:]))
-        torch.index_select(live[:, :, :old_rows, :, : self.length], 2, rows,
-                           out=spare[:, :, : rows.numel(), :, : self.length])
-        self._buffers = [spare, live]
+        """Reorder only the self-attention cache (cross-attention rows stay, as beams of one
+        sentence share their encoder output)."""
+        self.self_kv = [[t.index_select(0, rows) for t in kv] for kv in self.self_kv]
 
 
 class Transformer(nn.Module):
@@ -395,7 +314,7 @@ class Transformer(nn.Module):
             x = layer(x, mask)
         memory = self.encoder_layer_norm(x)
         cross_kv = [cast(DecoderLayer, layer).encoder_attn.project_kv(memory) for layer in self.decoder_layers]
-        return DecoderState(memory_mask=mask, cross_kv=cross_kv)
+        return DecoderState(memory_mask=mask, cross_kv=cross_kv, self_kv=[[] for _ in self.decoder_layers])
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """Feed ``(B, t)`` new target tokens (usually t = 1); return logits ``(B, V)`` of the
@@ -421,10 +340,6 @@ class Transformer(nn.Module):
         self_mask, causal = None, past == 0 and new > 1
         if past and new > 1:
             self_mask = torch.ones(new, past + new, dtype=torch.bool, device=tokens.device).tril(past)
-        if cache:
-            heads = self.cfg.heads
-            state.make_room(new, heads, self.cfg.d_model // heads, len(self.decoder_layers), like=state.cross_kv[0][0])
-        for index, (layer, cross_kv) in enumerate(zip(self.decoder_layers, state.cross_kv, strict=True)):
-            x = layer(x, cross_kv, state.memory_mask, state.self_cache(index) if cache else None, past, self_mask,
-                      causal)
+        for layer, cross_kv, kv in zip(self.decoder_layers, state.cross_kv, state.self_kv, strict=True):
+            x = layer(x, cross_kv, state.memory_mask, kv if cache else None, self_mask, causal)
         return self.decoder_layer_norm(x)

@@ -18,11 +18,6 @@ pool's worst hypothesis: log-probabilities only fall as a hypothesis grows, so t
 live beam with log-probability ``s <= 0`` can reach is ``s / lp(max_len + 1)``. With one
 beam the first EOS ends the sentence, which is greedy search. Done sentences leave the
 batch (their rows are selected out of the cache), so they cost nothing afterwards.
-
-Cost per step: the beams of a sentence share its encoder keys/values (``DecoderState.expand``),
-only the self-attention cache is reordered, each beam's tokens are ranked before the beam
-scores are added (``beam_step``), and the host asks the device only whether a candidate
-finished and whether a sentence is done.
 """
 
 from __future__ import annotations
@@ -83,14 +78,9 @@ def beam_step(scores: Tensor, log_probs: Tensor, beam: int) -> tuple[Tensor, Ten
     candidate that ranks among the ``beam`` best (a finished hypothesis).
     """
     n, k, vocab = log_probs.shape
-    width = min(2 * beam, k * vocab)
-    # A sentence's best candidates are among the best ``width`` tokens of each of its beams
-    # (adding a beam's score does not reorder its tokens): choosing those first spares adding
-    # the scores to, and ranking, all K * V candidates.
-    per_beam = min(width, vocab)
-    best, best_token = log_probs.topk(per_beam, dim=2)
-    values, flat = best.add(scores.unsqueeze(2)).view(n, k * per_beam).topk(width, dim=1)
-    origin, token = flat // per_beam, best_token.view(n, k * per_beam).gather(1, flat)
+    candidates = log_probs.add(scores.unsqueeze(2)).view(n, k * vocab)
+    values, flat = candidates.topk(min(2 * beam, k * vocab), dim=1)
+    origin, token = flat // vocab, flat % vocab
     rank = torch.arange(values.shape[1], device=values.device)
     finishing = (token == EOS_ID) & (rank < beam) & (values > NEG_INF)
     return values, origin, token, finishing
@@ -122,16 +112,9 @@ class _Constraints:
     max_len: Tensor  # (N,) output tokens before EOS is forced
     prefix: Tensor  # (N, P) forced leading tokens, -1 after each prefix
     prefix_len: Tensor  # (N,)
-    # Steps in [free_from, free_until) force no token in any row: known on the host, so the
-    # search step need not ask the device.
-    free_from: int = 0
-    free_until: int = 0
 
     def select(self, keep: Tensor) -> _Constraints:
-        cons = _Constraints(self.max_len[keep], self.prefix[keep], self.prefix_len[keep])
-        if keep.numel():
-            cons.free_from, cons.free_until = torch.stack([cons.prefix_len.max(), cons.max_len.min()]).tolist()
-        return cons
+        return _Constraints(self.max_len[keep], self.prefix[keep], self.prefix_len[keep])
 
 
 def _make_constraints(model: Transformer, src: Tensor, max_len_a: float, max_len_b: int, min_len: int,
@@ -149,8 +132,7 @@ def _make_constraints(model: Transformer, src: Tensor, max_len_a: float, max_len
     limit = max_lengths(src.cpu(), max_len_a, max_len_b, model.cfg.max_positions,
                         floor=torch.clamp(prefix_len, min=min_len))
     device = src.device
-    return _Constraints(limit.to(device), forced.to(device), prefix_len.to(device),
-                        free_from=int(prefix_len.max()), free_until=int(limit.min()))
+    return _Constraints(limit.to(device), forced.to(device), prefix_len.to(device))
 
 
 def _constrain(log_probs: Tensor, step: int, min_len: int, cons: _Constraints, rows_per_sentence: int) -> Tensor:
@@ -159,12 +141,12 @@ def _constrain(log_probs: Tensor, step: int, min_len: int, cons: _Constraints, r
     only EOS at a sentence's maximum length."""
     log_probs[:, PAD_ID] = NEG_INF
     log_probs[:, BOS_ID] = NEG_INF
-    if cons.free_from <= step < cons.free_until:
+    in_prefix = step < cons.prefix_len
+    at_max = step >= cons.max_len
+    if not bool((in_prefix | at_max).any()):
         if step < min_len:
             log_probs[:, EOS_ID] = NEG_INF
         return log_probs
-    in_prefix = step < cons.prefix_len
-    at_max = step >= cons.max_len
     original_eos = log_probs[:, EOS_ID].clone()
     if step < min_len:
         log_probs[:, EOS_ID] = NEG_INF
@@ -246,16 +228,15 @@ def beam_search(
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     # The best score a live beam may still reach needs lp at the longest possible length.
     best_lp = length_penalty(cons.max_len.double() + 1, lenpen)
-    state = model.encode(src).expand(k)  # the beams of a sentence share its encoder output
-    longest = int(cons.max_len.max())
-    state.reserve(longest + 1)  # BOS and every output token but the last EOS
+    state = model.encode(src)
+    state = state.select(torch.arange(batch, device=device).repeat_interleave(k))
 
     sentence = torch.arange(batch, device=device)  # original index of each live sentence
     scores = torch.full((batch, k), NEG_INF, device=device)
     scores[:, 0] = 0.0
     history = torch.empty((batch * k, 0), dtype=torch.long, device=device)
     last = torch.full((batch * k, 1), BOS_ID, dtype=torch.long, device=device)
-    pool = _Pool.empty(batch, nbest, longest + 1, device)
+    pool = _Pool.empty(batch, nbest, int(cons.max_len.max()) + 1, device)
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
 
     step = 0
@@ -295,7 +276,7 @@ def beam_search(
             beam_rows = ((keep * k).unsqueeze(1) + torch.arange(k, device=device)).view(-1)
             history, last = history[beam_rows], last[beam_rows]
             if keep.numel():
-                state = state.select_groups(keep)
+                state = state.select(beam_rows)
     return results
 
 
@@ -356,9 +337,7 @@ def sample(
     batch, device, k = src.shape[0], src.device, nbest
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     rows_index = torch.arange(batch, device=device).repeat_interleave(k)
-    state = model.encode(src)
-    state.reserve(int(cons.max_len.max()) + 1)
-    state = state.select(rows_index)  # samples finish one by one: each row its own copy
+    state = model.encode(src).select(rows_index)
     cons = cons.select(rows_index)  # one row per sample from here on
     owner = rows_index.clone()  # sentence of each live row
     scores = torch.zeros(batch * k, device=device)

@@ -69,49 +69,6 @@ def test_state_select_reorders_rows():
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
 
 
-def test_cache_grows_past_its_first_capacity():
-    gen = torch.Generator().manual_seed(4)
-    model = Transformer(tiny(max_positions=64), 50, 50).eval()
-    src = torch.randint(4, 50, (2, 5), generator=gen)
-    tgt = torch.randint(4, 50, (2, 40), generator=gen)  # the cache starts with room for 16
-    with torch.no_grad():
-        full = model(src, tgt)
-        state = model.encode(src)
-        steps = [model.decode_step(tgt[:, t : t + 1], state) for t in range(tgt.shape[1])]
-        reserved = model.encode(src)
-        reserved.reserve(40)
-        at_once = model.decode_step(tgt, reserved)
-    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(at_once, full[:, -1], atol=1e-5, rtol=1e-4)
-
-
-def test_beams_share_the_encoder_output():
-    """``expand(k)``: k rows per sentence reading one copy of its cross-attention keys/values
-    decode as k real copies do, through reordering within sentences and dropping sentences."""
-    gen = torch.Generator().manual_seed(5)
-    model = Transformer(tiny(), 50, 50).eval()
-    src, _ = batch(gen)
-    k = 3
-    tgt = torch.randint(4, 50, (src.shape[0] * k, 4), generator=gen)
-    within = torch.tensor([2, 2, 0, 4, 3, 5, 8, 6, 6])  # each row stays with its sentence
-    with torch.no_grad():
-        shared = model.encode(src).expand(k)
-        copied = model.encode(src).select(torch.arange(src.shape[0]).repeat_interleave(k))
-        assert shared.cross_kv[0][0].shape[0] == src.shape[0] and shared.rows == copied.rows == 9
-        for state in (shared, copied):
-            model.decode_step(tgt[:, :1], state)
-            state.reorder_self(within)
-        torch.testing.assert_close(model.decode_step(tgt[within, 1:2], shared),
-                                   model.decode_step(tgt[within, 1:2], copied), atol=1e-5, rtol=1e-4)
-        keep = torch.tensor([0, 2])  # sentence 1 is done
-        rows = torch.tensor([0, 1, 2, 6, 7, 8])
-        shared, copied = shared.select_groups(keep), copied.select(rows)
-        assert shared.cross_kv[0][0].shape[0] == 2 and shared.rows == copied.rows == 6
-        out_shared = model.decode_step(tgt[rows, 2:3], shared)
-        out_copied = model.decode_step(tgt[rows, 2:3], copied)
-    torch.testing.assert_close(out_shared, out_copied, atol=1e-5, rtol=1e-4)
-
-
 def test_shared_and_tied_embeddings():
     model = Transformer(tiny(), 50, 50)
     assert model.src_embed is model.tgt_embed

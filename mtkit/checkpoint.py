@@ -394,6 +394,7 @@ def resume_run(
         if stale.is_dir() and stale.name > directory.name:
             shutil.rmtree(stale, ignore_errors=True)
     check_compatible(directory, config, tokenizers)
+    _warn_if_batches_change(directory, config)
     saved = load_trainer_state(directory)
     load_weights(model, directory, runtime.device)
     optimizer.load_state_dict(saved["optimizer"])
@@ -407,6 +408,21 @@ def resume_run(
                       stacklevel=1)
         torch.manual_seed(config.experiment.seed + state.step + runtime.rank)
     return state, saved.get("model_weights")
+
+
+def _warn_if_batches_change(directory: Path, config: Config) -> None:
+    """A resumed run continues the data position of the checkpoint; with another batch size or
+    seed the batch order is another one, so it will not equal an uninterrupted run. That is
+    allowed (the out-of-memory message itself suggests a smaller train.max_tokens), but said."""
+    saved = read_checkpoint_config(directory)
+    changed = [f"{key}={old} -> {new}" for key, old, new in (
+        ("train.max_tokens", saved.train.max_tokens, config.train.max_tokens),
+        ("train.update_freq", saved.train.update_freq, config.train.update_freq),
+        ("experiment.seed", saved.experiment.seed, config.experiment.seed),
+    ) if old != new]
+    if changed:
+        warnings.warn(f"resuming with {', '.join(changed)}: the batches differ from the checkpoint's run, "
+                      "so this run will not equal an uninterrupted one", stacklevel=1)
 
 
 def init_weights_from(path: Path, model: nn.Module, config: Config, tokenizers: Any, device: torch.device) -> None:

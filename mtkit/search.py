@@ -52,6 +52,13 @@ def length_penalty(length: Tensor | float, alpha: float) -> Tensor | float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def _check_lenpen(lenpen: float) -> None:
+    """A negative alpha would reward length without bound, and break the early stop of beam
+    search (which assumes that a longer hypothesis never scores better); the config forbids it."""
+    if lenpen < 0:
+        raise ValueError(f"lenpen must be >= 0, got {lenpen}")
+
+
 def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, max_positions: int,
                 floor: Tensor | None = None) -> Tensor:
     """``(B,)`` longest output (tokens, without EOS) per sentence: ``floor(a * src_len + b)``
@@ -224,6 +231,7 @@ def beam_search(
     """
     if beam < 1 or not 1 <= nbest <= beam:
         raise ValueError(f"need 1 <= nbest ({nbest}) <= beam ({beam})")
+    _check_lenpen(lenpen)
     batch, device, k = src.shape[0], src.device, beam
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     # The best score a live beam may still reach needs lp at the longest possible length.
@@ -334,6 +342,7 @@ def sample(
 ) -> list[list[Hypothesis]]:
     """``nbest`` independent samples per sentence, best score first. Scores are the model's
     log-probabilities (before temperature and filtering), length-penalised as in beam search."""
+    _check_lenpen(lenpen)
     batch, device, k = src.shape[0], src.device, nbest
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     rows_index = torch.arange(batch, device=device).repeat_interleave(k)

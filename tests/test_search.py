@@ -304,3 +304,12 @@ def test_sampling_is_seeded():
     assert first == run(1)
     assert first != run(2)
     assert all(len(hyps) == 3 for hyps in first)
+
+
+def test_a_negative_length_penalty_is_refused():
+    model = Transformer(ModelConfig(size="tiny", dropout=0.0), 30, 30).eval()
+    src = torch.tensor([[5, 6, EOS_ID]])
+    with pytest.raises(ValueError, match="lenpen must be >= 0"):
+        beam_search(model, src, beam=2, lenpen=-0.5)
+    with pytest.raises(ValueError, match="lenpen must be >= 0"):
+        sample(model, src, lenpen=-0.5)

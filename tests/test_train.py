@@ -2,6 +2,7 @@ import json
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,16 @@ def test_existing_run_is_not_overwritten(trainkit_experiment):
     assert run(config).exit_code == 0
     result = run(config)
     assert result.exit_code == 1 and "already holds checkpoints" in result.stderr
+
+
+def test_resume_with_other_batches_says_it_will_not_be_exact(trainkit_experiment):
+    """Another max_tokens or seed changes the batch order: allowed (the out-of-memory message
+    suggests a smaller max_tokens), but said once, naming the settings."""
+    config = trainkit_experiment()
+    assert run(config, "--set", "train.max_steps=4").exit_code == 0
+    with pytest.warns(UserWarning, match=r"train\.max_tokens=300 -> 400.*will not equal an uninterrupted one"):
+        result = run(config, "--resume", "--set", "train.max_tokens=400")
+    assert result.exit_code == 0, result.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: no warning
+        assert run(config, "--resume", "--set", "train.max_tokens=400", "--set", "train.max_steps=8").exit_code == 0

@@ -134,25 +134,15 @@ def _read_tsv(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Itera
     columns = [_tsv_column(path, spec, names, corpus.header) for spec in (corpus.src_field, corpus.tgt_field)]
     (src_col, src_name), (tgt_col, tgt_name) = columns
     width = max(src_col, tgt_col) + 1
-    while True:
-        block = list(islice(lines, chunk_size))
-        if not block:
-            return
-        src: list[str | None] = []
-        tgt: list[str | None] = []
-        for line in block:
-            number += 1
-            if line is None:
-                src.append(None)
-                tgt.append(None)
-                continue
-            cells = line.split("\t")
-            if len(cells) < width:
-                name = src_name if len(cells) <= src_col else tgt_name
-                raise MtkitError(f"{path}:{number}: {len(cells)} column(s), column {name} is missing")
-            src.append(cells[src_col])
-            tgt.append(cells[tgt_col])
-        yield src, tgt
+
+    def pair(line: str, number: int) -> tuple[str, str]:
+        cells = line.split("\t")
+        if len(cells) < width:
+            name = src_name if len(cells) <= src_col else tgt_name
+            raise MtkitError(f"{path}:{number}: {len(cells)} column(s), column {name} is missing")
+        return cells[src_col], cells[tgt_col]
+
+    return _records(lines, number, chunk_size, pair)
 
 
 def _tsv_column(path: Path, spec: str, names: list[str], header: bool) -> tuple[int, str]:
@@ -173,28 +163,34 @@ def _read_jsonl(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Ite
     assert corpus.path is not None
     path = corpus.path
     src_path, tgt_path = corpus.src_field.split("."), corpus.tgt_field.split(".")
-    lines = read_lines(path, invalid_utf8)
-    number = 0
-    while True:
-        block = list(islice(lines, chunk_size))
-        if not block:
-            return
+
+    def pair(line: str, number: int) -> tuple[str, str] | None:
+        if not line.strip():  # a blank line holds no record
+            return None
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MtkitError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        return _field(record, src_path, f"{path}:{number}"), _field(record, tgt_path, f"{path}:{number}")
+
+    return _records(read_lines(path, invalid_utf8), 0, chunk_size, pair)
+
+
+def _records(
+    lines: Iterator[str | None], number: int, chunk_size: int, pair: Callable[[str, int], tuple[str, str] | None]
+) -> Iterator[Chunk]:
+    """Chunks of the pairs in a file of one record a line (TSV, JSONL). ``pair(line, number)``
+    gives a line's pair, or None for a line that holds none; ``number`` is the line number
+    before ``lines``' first. A line that is not UTF-8 (None) keeps its place as ``(None, None)``."""
+    while block := list(islice(lines, chunk_size)):
         src: list[str | None] = []
         tgt: list[str | None] = []
         for line in block:
             number += 1
-            if line is None:
-                src.append(None)
-                tgt.append(None)
-                continue
-            if not line.strip():  # a blank line holds no record
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MtkitError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            src.append(_field(record, src_path, f"{path}:{number}"))
-            tgt.append(_field(record, tgt_path, f"{path}:{number}"))
+            found = (None, None) if line is None else pair(line, number)
+            if found is not None:
+                src.append(found[0])
+                tgt.append(found[1])
         yield src, tgt
 
 

@@ -320,19 +320,26 @@ def test_a_translation_error_is_500_json(loaded):
 # --------------------------------------------------------------------------- batching and its limits
 
 
-def test_concurrent_requests_are_merged_into_one_batch(loaded):
-    gate = Gate()
-    app, engine, calls = make_app(loaded, gate=gate, max_wait=0.0)
+def behind_a_held_request(app, engine, gate, first_text: str) -> tuple[Any, list[Any]]:
+    """POST ``first_text``; while the worker holds it (``gate``), POST every text of TEXTS;
+    release the worker once they all wait. Returns the first response and the others'."""
 
     async def scenario(client):
-        first = asyncio.ensure_future(client.post("/translate", json=body("ka to ri")))
+        first = asyncio.ensure_future(client.post("/translate", json=body(first_text)))
         await until(gate.started.is_set)
         others = [asyncio.ensure_future(client.post("/translate", json=body(text))) for text in TEXTS]
         await until(lambda: engine.pending == len(TEXTS))
         gate.release.set()
         return await first, await asyncio.gather(*others)
 
-    first, others = run_async(app, scenario)
+    return run_async(app, scenario)
+
+
+def test_concurrent_requests_are_merged_into_one_batch(loaded):
+    gate = Gate()
+    app, engine, calls = make_app(loaded, gate=gate, max_wait=0.0)
+
+    first, others = behind_a_held_request(app, engine, gate, "ka to ri")
     assert calls == [["ka to ri"], TEXTS]  # the first alone, then every waiting request in one call
     assert first.json()["translatedText"] == offline(loaded, ["ka to ri"])[0]
     assert [r.json()["translatedText"] for r in others] == offline(loaded, TEXTS)
@@ -354,16 +361,7 @@ def test_the_token_budget_splits_a_merged_batch(loaded):
     gate = Gate()
     app, engine, calls = make_app(loaded, gate=gate, max_wait=0.0, batch_tokens=12)
 
-    async def scenario(client):
-        first = asyncio.ensure_future(client.post("/translate", json=body("ka")))
-        await until(gate.started.is_set)
-        others = [asyncio.ensure_future(client.post("/translate", json=body(text))) for text in TEXTS]
-        await until(lambda: engine.pending == len(TEXTS))
-        gate.release.set()
-        await first
-        return await asyncio.gather(*others)
-
-    responses = run_async(app, scenario)
+    _, responses = behind_a_held_request(app, engine, gate, "ka")
     assert [r.json()["translatedText"] for r in responses] == offline(loaded, TEXTS)
     merged = calls[1:]
     assert len(merged) > 1 and [line for call in merged for line in call] == TEXTS
@@ -376,16 +374,7 @@ def test_without_batching_each_request_is_its_own_call(loaded):
     gate = Gate()
     app, engine, calls = make_app(loaded, gate=gate, batching=False)
 
-    async def scenario(client):
-        first = asyncio.ensure_future(client.post("/translate", json=body("ka to ri")))
-        await until(gate.started.is_set)
-        others = [asyncio.ensure_future(client.post("/translate", json=body(text))) for text in TEXTS]
-        await until(lambda: engine.pending == len(TEXTS))
-        gate.release.set()
-        await first
-        return await asyncio.gather(*others)
-
-    responses = run_async(app, scenario)
+    _, responses = behind_a_held_request(app, engine, gate, "ka to ri")
     assert calls == [["ka to ri"]] + [[text] for text in TEXTS]
     assert [r.json()["translatedText"] for r in responses] == offline(loaded, TEXTS)
 

@@ -93,6 +93,10 @@ class Engine:
     queue_size: most requests waiting (not yet fully started); beyond it ``QueueFull``.
     batching: False translates one request at a time (all its sentences in one call), the
       way LibreTranslate serves; for comparisons.
+    workers: worker threads taking batches from the one queue. With two, one batch is
+      translated while the next forms and the other's Python work overlaps the first's
+      tensor work; give each fewer torch threads (``mtkit serve --workers``). Always 1 when
+      ``batching`` is False (one request at a time).
     Requests asking for ``nbest`` hypotheses are batched only with requests asking the same.
     """
 
@@ -104,10 +108,13 @@ class Engine:
         max_wait: float = 0.01,
         queue_size: int = 256,
         batching: bool = True,
+        workers: int = 1,
         name: str = "engine",
     ):
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size}: need at least 1")
+        if workers < 1:
+            raise ValueError(f"workers={workers}: need at least 1")
         self.translator = translator
         self.batch_tokens = batch_tokens or translator.decode.batch_tokens
         self.max_wait = max_wait
@@ -118,14 +125,16 @@ class Engine:
         self._jobs: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name=f"mtkit-serve-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, name=f"mtkit-serve-{name}-{i}", daemon=True)
+                         for i in range(workers if batching else 1)]
+        for thread in self._threads:
+            thread.start()
 
     # ------------------------------------------------------------------ the event loop's side
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return all(thread.is_alive() for thread in self._threads) and not self._stopping
 
     @property
     def pending(self) -> int:
@@ -163,11 +172,13 @@ class Engine:
             raise
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish the requests already queued, then stop the worker."""
+        """Finish the requests already queued, then stop the workers."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
 
     def _drop(self, job: _Job) -> None:
         with self._cv:
@@ -226,13 +237,15 @@ class Engine:
         return pieces
 
     def _translator(self, nbest: int) -> Translator:
-        if nbest not in self._translators:
-            from mtkit.translate import Translator
+        from mtkit.translate import Translator
 
-            base = self.translator
-            decode = base.decode.model_copy(update={"nbest": nbest})
-            self._translators[nbest] = Translator(base.model, base.tokenizers, decode, base.device, warn=base.warn)
-        return self._translators[nbest]
+        with self._cv:  # workers may ask at once
+            if nbest not in self._translators:
+                base = self.translator
+                decode = base.decode.model_copy(update={"nbest": nbest})
+                self._translators[nbest] = Translator(base.model, base.tokenizers, decode, base.device,
+                                                      warn=base.warn)
+            return self._translators[nbest]
 
     def _translate(self, pieces: list[tuple[_Job, int, int]]) -> None:
         if all(job.cancelled for job, _, _ in pieces):
@@ -245,16 +258,17 @@ class Engine:
             for job, _, _ in pieces:
                 _call_in_loop(job, _fail, err)
             return
-        self.stats.batches += 1
-        self.stats.sentences += len(lines)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(lines))
         position = 0
-        for job, start, stop in pieces:
-            job.results[start:stop] = translations[position : position + stop - start]
-            position += stop - start
-            job.done += stop - start
-            if job.done == len(job.segments):
-                _call_in_loop(job, _resolve, job.results)
+        with self._cv:  # another worker may hold other sentences of the same requests
+            self.stats.batches += 1
+            self.stats.sentences += len(lines)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(lines))
+            for job, start, stop in pieces:
+                job.results[start:stop] = translations[position : position + stop - start]
+                position += stop - start
+                job.done += stop - start
+                if job.done == len(job.segments):
+                    _call_in_loop(job, _resolve, job.results)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

@@ -370,6 +370,26 @@ def test_the_token_budget_splits_a_merged_batch(loaded):
     assert all(len(call) == 1 or sum(budget[t] for t in call) <= 12 for call in merged)
 
 
+def test_a_second_worker_translates_while_the_first_is_busy(loaded):
+    gate = Gate()
+    app, engine, calls = make_app(loaded, gate=gate, max_wait=0.0, batch_tokens=12, workers=2)
+
+    async def scenario(client):
+        first = asyncio.ensure_future(client.post("/translate", json=body("ka to ri")))
+        await until(gate.started.is_set)
+        # The first worker is held: the second alone answers these, one request split over calls too.
+        others = await asyncio.gather(*(client.post("/translate", json=body(text)) for text in TEXTS),
+                                      client.post("/translate", json=body("\n".join(TEXTS))))
+        assert not first.done()
+        gate.release.set()
+        return await first, others
+
+    first, others = run_async(app, scenario)
+    assert first.json()["translatedText"] == offline(loaded, ["ka to ri"])[0]
+    assert [r.json()["translatedText"] for r in others] == offline(loaded, TEXTS) + ["\n".join(offline(loaded, TEXTS))]
+    assert calls[0] == ["ka to ri"] and len(calls) > 2
+
+
 def test_without_batching_each_request_is_its_own_call(loaded):
     gate = Gate()
     app, engine, calls = make_app(loaded, gate=gate, batching=False)

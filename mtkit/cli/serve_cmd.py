@@ -47,6 +47,9 @@ def serve(
     batching: Annotated[bool, typer.Option(
         "--batching/--no-batching", help="Merge concurrent requests into one batch (off: one request at a time).",
     )] = True,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Worker threads per language pair, each translating a batch of its own (with "
+        "--batching); torch's CPU threads are shared out among them unless --threads is given.", min=1)] = 1,
     beam: Annotated[int | None, typer.Option("--beam", help="Beam size (1: greedy).", min=1,
                                              show_default=False)] = None,
     overrides: SetOption = None,
@@ -75,6 +78,8 @@ def serve(
             raise MtkitError(f"--api-keys {api_keys}: unreadable: {reason}") from None
         if not keys:
             raise MtkitError(f"--api-keys {api_keys}: no keys in the file (one a line)")
+    if threads is None and workers > 1 and batching:
+        threads = max(1, torch.get_num_threads() // workers)
     if threads is not None:
         torch.set_num_threads(threads)
     device = inference_device(device)
@@ -91,7 +96,8 @@ def serve(
 
     try:
         pairs = _load_pairs(models, device, overrides, {"beam": beam, "batch_tokens": batch_tokens},
-                            max_wait=max_wait_ms / 1000, queue_size=queue_size, batching=batching)
+                            max_wait=max_wait_ms / 1000, queue_size=queue_size, batching=batching,
+                            workers=workers)
     except BaseException:
         sock.close()
         raise

@@ -42,10 +42,10 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mtkit import __version__
+from mtkit.architectures import Model, build_model
 from mtkit.config import Config, save_config, validate_config
 from mtkit.errors import ConfigError, MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text, fsync_path, remove_stale_temporaries
-from mtkit.model import Transformer
 from mtkit.rundir import ExperimentDir
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def save_checkpoint(
     """Write ``root/step_{step}`` atomically, point ``last`` (and ``best`` if ``best``) at it,
     and delete step directories beyond the newest ``keep_last`` (never best or last).
 
-    ``model`` is the bare Transformer (not a DDP or compiled wrapper). Returns the directory.
+    ``model`` is the bare model (not a DDP or compiled wrapper). Returns the directory.
     """
     final = root / step_name(step)
     if not _complete(final):
@@ -166,7 +166,7 @@ def clean_temporaries(root: Path) -> None:
 class Loaded:
     """A checkpoint ready to translate with: ``model`` is in eval mode on the requested device."""
 
-    model: Transformer
+    model: Model
     config: Config
     tokenizers: Any  # mtkit.tokenizer.Tokenizers
     meta: dict[str, Any]
@@ -253,7 +253,7 @@ def load_for_inference(path: Path, device: str = "cpu") -> Loaded:
     tokenizers = Tokenizers.load(directory / TOKENIZER)
     if (tokenizers.src.vocab_size, tokenizers.tgt.vocab_size) != (meta["src_vocab_size"], meta["tgt_vocab_size"]):
         raise MtkitError(f"{directory / TOKENIZER}: vocabulary sizes differ from {directory / META}")
-    model = Transformer(config.model, meta["src_vocab_size"], meta["tgt_vocab_size"], tokenizers.joint)
+    model = build_model(config.model, meta["src_vocab_size"], meta["tgt_vocab_size"], tokenizers.joint)
     load_weights(model, directory)
     model.to(device).eval()
     return Loaded(model=model, config=config, tokenizers=tokenizers, meta=meta, path=directory)

@@ -144,21 +144,36 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, heads=4, ffn_dim=1024),
     "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, heads=8, ffn_dim=2048),
     "big": dict(d_model=1024, encoder_layers=6, decoder_layers=6, heads=16, ffn_dim=4096),
+    # Decoder-only sizes (model.arch=decoder_only: decoder_layers blocks, no encoder), each
+    # matched to the encoder-decoder size it is named after: in non-embedding parameters (a
+    # block is an encoder layer; a decoder layer adds cross-attention, a third more), or in
+    # layers (one block per layer of 3+3). docs/architectures.md gives the counts.
+    "tiny_decoder_only": dict(d_model=64, encoder_layers=0, decoder_layers=5, heads=4, ffn_dim=128),
+    "small_decoder_only": dict(d_model=256, encoder_layers=0, decoder_layers=7, heads=4, ffn_dim=1024),
+    "small_decoder_only_layers": dict(d_model=256, encoder_layers=0, decoder_layers=6, heads=4, ffn_dim=1024),
 }
 
 
 class ModelConfig(Section):
-    size: Literal["tiny", "small", "base", "big"] = "small"
+    arch: Literal["encoder_decoder", "decoder_only"] = "encoder_decoder"
+    """encoder_decoder: an encoder and a decoder with cross-attention (Vaswani et al.);
+    decoder_only: one stack of self-attention blocks over ``source EOS BOS target`` (the
+    source as a prompt; see docs/architectures.md)."""
+    size: Literal[
+        "tiny", "small", "base", "big", "tiny_decoder_only", "small_decoder_only", "small_decoder_only_layers"
+    ] = "small"
     """Named size; any of d_model/encoder_layers/decoder_layers/heads/ffn_dim given here
-    overrides it. tiny is for tests, small for Multi30k on a CPU, base/big for GPUs."""
+    overrides it. tiny is for tests, small for Multi30k on a CPU, base/big for GPUs. The
+    *_decoder_only sizes are for model.arch=decoder_only: small_decoder_only has 7 blocks (as
+    many non-embedding parameters as small), small_decoder_only_layers 6 (as many layers)."""
     # The five sizes below come from the `size` preset unless given (`_fill_from_size` fills
     # them before validation), so a ModelConfig always holds ints.
     d_model: int = Field(ge=8)
     """Width of embeddings and hidden states (default: from size)."""
-    encoder_layers: int = Field(ge=1)
-    """Encoder layers (default: from size)."""
+    encoder_layers: int = Field(ge=0)
+    """Encoder layers (default: from size); 0 for model.arch=decoder_only."""
     decoder_layers: int = Field(ge=1)
-    """Decoder layers (default: from size)."""
+    """Decoder layers, or the blocks of a decoder_only model (default: from size)."""
     heads: int = Field(ge=1)
     """Attention heads; must divide d_model (default: from size)."""
     ffn_dim: int = Field(ge=1)
@@ -181,6 +196,14 @@ class ModelConfig(Section):
     """Share source and target embeddings (only possible with a joint vocabulary)."""
     tie_output: bool = True
     """Share the target embedding with the output projection."""
+    source_attention: Literal["bidirectional", "causal"] = "bidirectional"
+    """decoder_only: how source positions attend to each other. bidirectional: every source
+    position sees the whole source (a prefix LM); causal: only the positions before it (a plain
+    GPT-style LM, exportable to CTranslate2). Target positions always see the whole source and
+    the target so far."""
+    target_positions: Literal["continue", "restart"] = "continue"
+    """decoder_only: the position of the first target token (the BOS after the source): continue
+    after the source (as one sequence) or restart at 0 (as in an encoder-decoder)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -197,6 +220,18 @@ class ModelConfig(Section):
     def _heads_divide_width(self) -> ModelConfig:
         if self.d_model % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
+        return self
+
+    @model_validator(mode="after")
+    def _layers_fit_arch(self) -> ModelConfig:
+        if self.arch == "encoder_decoder" and self.encoder_layers < 1:
+            raise ValueError("encoder_layers must be at least 1 (0 is for arch decoder_only)")
+        if self.arch == "decoder_only" and self.encoder_layers:
+            raise ValueError(
+                f"arch decoder_only has no encoder (encoder_layers is {self.encoder_layers}): set "
+                "encoder_layers: 0 or a decoder-only size (tiny_decoder_only, small_decoder_only, "
+                "small_decoder_only_layers)"
+            )
         return self
 
 
@@ -266,6 +301,10 @@ class TrainConfig(Section):
     """Stop after this many validations without improvement."""
     max_nonfinite: int = Field(default=5, ge=1)
     """Stop with an error after this many non-finite losses in a row."""
+    source_loss_weight: float = Field(default=0.0, ge=0)
+    """model.arch=decoder_only with model.source_attention=causal: add this times the
+    language-model loss on the source tokens (each predicted from the ones before it) to the
+    translation loss (0: target tokens only). Validation loss and perplexity stay target-only."""
 
     @field_validator("device")
     @classmethod
@@ -316,11 +355,24 @@ class Config(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     """SentencePiece training."""
     model: ModelConfig = Field(default_factory=lambda: ModelConfig.model_validate({}))
-    """The encoder-decoder Transformer."""
+    """The Transformer: encoder-decoder or decoder-only."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Optimisation, validation and checkpoints."""
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     """Search settings for validation and translation."""
+
+    @model_validator(mode="after")
+    def _source_loss_fits(self) -> Config:
+        model = self.model
+        if self.train.source_loss_weight > 0:
+            # A bidirectional source sees the token it would predict; an encoder does not predict.
+            if model.arch != "decoder_only" or model.source_attention != "causal":
+                raise ValueError("train.source_loss_weight > 0 needs model.arch decoder_only with "
+                                 "model.source_attention causal")
+            if not (self.tokenizer.joint and model.share_embeddings):
+                raise ValueError("train.source_loss_weight > 0 needs one vocabulary (tokenizer.joint and "
+                                 "model.share_embeddings true): the source is predicted through the output layer")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-ready data (paths as strings)."""

@@ -1,5 +1,10 @@
 """Export a trained model to other runtimes: Hugging Face Marian and CTranslate2.
 
+A decoder-only model (``model.arch: decoder_only``) exports to CTranslate2 only, as a
+``Generator`` model (``TransformerDecoderModelSpec``) prompted with ``source </s> <s>``; that
+runtime attends causally and counts positions through the prompt, so the model must use
+``source_attention: causal`` and ``target_positions: continue``.
+
 Each exporter follows one template (after CTranslate2's converters): refuse an existing
 output directory unless forced -> load the checkpoint -> check that the runtime can
 represent every architecture option (one line per problem, naming the config key) ->
@@ -36,6 +41,7 @@ from torch import Tensor, nn
 
 from mtkit.checkpoint import Loaded, load_for_inference
 from mtkit.config import DecodeConfig, ModelConfig
+from mtkit.decoder_only import Block, DecoderOnly
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text
 from mtkit.model import DecoderLayer, EncoderLayer, Transformer
@@ -124,6 +130,9 @@ class HuggingFaceExporter(Exporter):
 
     def problems(self, loaded: Loaded) -> list[str]:
         cfg = loaded.config.model
+        if cfg.arch != "encoder_decoder":
+            return [f"model.arch={cfg.arch}: Marian is an encoder-decoder; export a causal decoder-only "
+                    "model to ctranslate2 instead"]
         problems = []
         if cfg.norm != "post":
             problems.append(
@@ -142,7 +151,7 @@ class HuggingFaceExporter(Exporter):
     def write(self, loaded: Loaded, directory: Path) -> None:
         transformers = require("transformers")
         transformers.utils.logging.disable_progress_bar()
-        ours = loaded.model
+        ours = cast(Transformer, loaded.model)  # problems() refuses the other architectures
         model = marian_model(loaded.config.model, ours.src_embed.num_embeddings, ours.tgt_embed.num_embeddings,
                              loaded.tokenizers.joint).eval()
         weights = marian_state_dict(ours)
@@ -331,10 +340,13 @@ class CTranslate2Exporter(Exporter):
         problems = []
         if self.quantization is not None and self.quantization not in accepted:
             problems.append(f"--quantization {self.quantization}: expected one of {', '.join(accepted)}")
+        if isinstance(loaded.model, DecoderOnly):
+            problems += _generator_problems(loaded.config.model, loaded.model)
         return problems + _special_problems(loaded)
 
     def write(self, loaded: Loaded, directory: Path) -> None:
-        spec = ctranslate2_spec(loaded)
+        model = loaded.model
+        spec = ctranslate2_generator_spec(loaded, model) if isinstance(model, DecoderOnly) else ctranslate2_spec(loaded)
         spec.validate()
         spec.optimize(quantization=self.quantization)
         spec.save(str(directory))
@@ -350,7 +362,7 @@ def ctranslate2_spec(loaded: Loaded) -> Any:
     require("ctranslate2")
     from ctranslate2.specs import common_spec, transformer_spec
 
-    cfg, model = loaded.config.model, loaded.model
+    cfg, model = loaded.config.model, cast(Transformer, loaded.model)
     spec = transformer_spec.TransformerSpec.from_config(
         (cfg.encoder_layers, cfg.decoder_layers),
         cfg.heads,
@@ -394,6 +406,55 @@ def ctranslate2_spec(loaded: Loaded) -> Any:
     return spec
 
 
+def _generator_problems(cfg: ModelConfig, model: DecoderOnly) -> list[str]:
+    """What a CTranslate2 ``Generator`` cannot represent of a decoder-only model."""
+    problems = []
+    if cfg.source_attention != "causal":
+        problems.append(f"model.source_attention={cfg.source_attention}: CTranslate2 runs decoder-only models "
+                        "with causal attention only; train with `model.source_attention: causal`")
+    if cfg.target_positions != "continue":
+        problems.append(f"model.target_positions={cfg.target_positions}: CTranslate2 counts positions through "
+                        "the prompt; train with `model.target_positions: continue`")
+    if model.src_embed is not model.tgt_embed:
+        problems.append("model.share_embeddings: a CTranslate2 generator has one vocabulary and embedding; "
+                        "train with `tokenizer.joint: true` and `model.share_embeddings: true`")
+    return problems
+
+
+def ctranslate2_generator_spec(loaded: Loaded, model: DecoderOnly) -> Any:
+    """A ``ctranslate2.specs.TransformerDecoderModelSpec`` holding a causal decoder-only model's
+    weights and its (joint) vocabulary; each block is a decoder layer without cross-attention."""
+    require("ctranslate2")
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    cfg = loaded.config.model
+    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
+        cfg.decoder_layers,
+        cfg.heads,
+        pre_norm=cfg.norm == "pre",
+        activation=getattr(common_spec.Activation, _CT2_ACTIVATIONS[cfg.activation]),
+    )
+    decoder = spec.decoder
+    decoder.embeddings.weight = _numpy(model.tgt_embed.weight)
+    decoder.scale_embeddings = True  # multiply by sqrt(d_model), as mtkit does
+    decoder.position_encodings.encodings = _numpy(model.positions.weight)
+    for layer_spec, layer in zip(decoder.layer, model.layers, strict=True):
+        block = cast(Block, layer)
+        _ct2_linear(layer_spec.self_attention.linear[0], block.self_attn.qkv_proj)
+        _ct2_linear(layer_spec.self_attention.linear[1], block.self_attn.out_proj)
+        _ct2_norm(layer_spec.self_attention.layer_norm, block.self_attn_layer_norm)
+        _ct2_ffn(layer_spec.ffn, block)
+    if cfg.norm == "pre":
+        _ct2_norm(decoder.layer_norm, cast(nn.LayerNorm, model.layer_norm))
+    decoder.projection.weight = _numpy(model.output_proj.weight)
+    spec.config.layer_norm_epsilon = cast(Block, model.layers[0]).final_layer_norm.eps
+    spec.config.unk_token = SPECIAL_PIECES[UNK_ID]
+    spec.config.bos_token = SPECIAL_PIECES[BOS_ID]
+    spec.config.eos_token = SPECIAL_PIECES[EOS_ID]
+    spec.register_vocabulary(_pieces(loaded.tokenizers.tgt.path))
+    return spec
+
+
 def _numpy(tensor: Tensor) -> Any:
     """A copy: CTranslate2's quantization rewrites the arrays in place, and a view would
     quantize the live model's own weights."""
@@ -410,7 +471,7 @@ def _ct2_norm(spec: Any, norm: nn.LayerNorm) -> None:
     spec.gamma, spec.beta = _numpy(norm.weight), _numpy(norm.bias)
 
 
-def _ct2_ffn(spec: Any, layer: EncoderLayer | DecoderLayer) -> None:
+def _ct2_ffn(spec: Any, layer: EncoderLayer | DecoderLayer | Block) -> None:
     _ct2_linear(spec.linear_0, layer.ffn.fc1)
     _ct2_linear(spec.linear_1, layer.ffn.fc2)
     _ct2_norm(spec.layer_norm, layer.final_layer_norm)
@@ -484,6 +545,53 @@ class CT2Translator:
         return self.tokenizers.tgt.decode(out)
 
 
+class CT2Generator(CT2Translator):
+    """``CT2Translator`` for a decoder-only model exported as a CTranslate2 ``Generator``: each
+    source is the prompt ``source </s> <s>``, and generation continues after it. A batch holds
+    sources of one length with ``exact_lengths`` (CTranslate2 forwards a batch's prompts at
+    once only up to the shortest), else of any length under the longest one's limit."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        tokenizers: Any,
+        decode: DecodeConfig,
+        *,
+        compute_type: str = "default",
+        intra_threads: int = 0,
+        exact_lengths: bool = True,
+    ):
+        ctranslate2 = require("ctranslate2")
+        self.generator = ctranslate2.Generator(
+            str(model_dir), device="cpu", compute_type=compute_type, intra_threads=intra_threads, inter_threads=1
+        )
+        self.tokenizers, self.decode, self.exact_lengths = tokenizers, decode, exact_lengths
+        self.src_pieces = _pieces(tokenizers.src.path)
+        self.tgt_ids = {piece: i for i, piece in enumerate(_pieces(tokenizers.tgt.path))}
+
+    def translate_ids(self, batch: list[list[int]]) -> list[list[int]]:
+        """Best hypothesis ids (no BOS/EOS) for non-empty source id lists (no BOS/EOS), in order."""
+        groups = [list(range(len(batch)))]
+        if self.exact_lengths:
+            groups = [[i for i, ids in enumerate(batch) if len(ids) == n] for n in sorted({len(ids) for ids in batch})]
+        prompt_end = [SPECIAL_PIECES[EOS_ID], SPECIAL_PIECES[BOS_ID]]
+        out: list[list[int]] = [[] for _ in batch]
+        for rows in groups:
+            results = self.generator.generate_batch(
+                [[self.src_pieces[i] for i in batch[r]] + prompt_end for r in rows],
+                beam_size=self.decode.beam,
+                length_penalty=self.decode.lenpen,
+                max_length=max(self.max_length(len(batch[r])) for r in rows),
+                min_length=self.decode.min_len,
+                suppress_sequences=[[SPECIAL_PIECES[PAD_ID]], [SPECIAL_PIECES[BOS_ID]]],
+                include_prompt_in_result=False,
+                return_scores=False,
+            )
+            for r, result in zip(rows, results, strict=True):
+                out[r] = [self.tgt_ids[p] for p in result.sequences[0]]
+        return out
+
+
 @dataclass
 class Parity:
     """How often mtkit and CTranslate2 produce the same translation of the same lines."""
@@ -506,7 +614,8 @@ def ct2_parity(loaded: Loaded, model_dir: Path, lines: list[str], compute_type: 
     shares, outputs = {}, {}
     for name, settings in (("greedy", greedy), ("beam", decode)):
         ours = Translator(loaded.model, loaded.tokenizers, settings).translate(lines)
-        theirs = CT2Translator(model_dir, loaded.tokenizers, settings, compute_type=compute_type).translate(lines)
+        runtime = CT2Generator if isinstance(loaded.model, DecoderOnly) else CT2Translator
+        theirs = runtime(model_dir, loaded.tokenizers, settings, compute_type=compute_type).translate(lines)
         shares[name] = sum(a == b for a, b in zip(ours, theirs, strict=True)) / max(len(lines), 1)
         outputs[name] = (ours, theirs)
     ours, theirs = outputs["beam"]

@@ -250,6 +250,12 @@ class DecoderState:
         sentence share their encoder output)."""
         self.self_kv = [[t.index_select(0, rows) for t in kv] for kv in self.self_kv]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values (cross- and self-attention)."""
+        tensors = [t for kv in self.cross_kv for t in kv] + [t for kv in self.self_kv for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class Transformer(nn.Module):
     """Encoder-decoder Transformer. Build with ``Transformer(cfg, src_vocab, tgt_vocab)``."""
@@ -322,6 +328,10 @@ class Transformer(nn.Module):
         hidden = self._decode(tokens, state, cache=True)
         state.length += tokens.shape[1]
         return self.output_proj(hidden[:, -1])
+
+    def positions_left(self, src: Tensor) -> Tensor:
+        """``(B,)`` positions for the target (its BOS included): the decoder has its own."""
+        return torch.full((src.shape[0],), self.cfg.max_positions, dtype=torch.long, device=src.device)
 
     # ------------------------------------------------------------------ internals
 

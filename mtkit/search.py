@@ -23,13 +23,13 @@ batch (their rows are selected out of the cache), so they cost nothing afterward
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import overload
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtkit.model import Transformer
+from mtkit.architectures import Model
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
@@ -59,17 +59,17 @@ def _check_lenpen(lenpen: float) -> None:
         raise ValueError(f"lenpen must be >= 0, got {lenpen}")
 
 
-def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, max_positions: int,
+def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, max_positions: int | Tensor,
                 floor: Tensor | None = None) -> Tensor:
     """``(B,)`` longest output (tokens, without EOS) per sentence: ``floor(a * src_len + b)``
     with ``src_len`` the source's non-padding tokens (its EOS included), at
     least ``floor`` (min length, prefix), at most what the model's positions allow (BOS and
-    every output token are fed to the decoder)."""
+    every output token are fed to the decoder): ``max_positions`` per model or per row."""
     src_len = (src != PAD_ID).sum(dim=1)
     limit = (max_len_a * src_len.double() + max_len_b).floor().long()
     if floor is not None:
         limit = torch.maximum(limit, floor)
-    return limit.clamp(min=0, max=max_positions - 1)
+    return torch.minimum(limit, torch.as_tensor(max_positions) - 1).clamp(min=0)
 
 
 # --------------------------------------------------------------------------- the pure step
@@ -124,7 +124,7 @@ class _Constraints:
         return _Constraints(self.max_len[keep], self.prefix[keep], self.prefix_len[keep])
 
 
-def _make_constraints(model: Transformer, src: Tensor, max_len_a: float, max_len_b: int, min_len: int,
+def _make_constraints(model: Model, src: Tensor, max_len_a: float, max_len_b: int, min_len: int,
                       prefix: list[list[int]] | None) -> _Constraints:
     batch = src.shape[0]
     if prefix is None:
@@ -136,7 +136,7 @@ def _make_constraints(model: Transformer, src: Tensor, max_len_a: float, max_len
     for row, ids in enumerate(prefix):
         forced[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     prefix_len = torch.tensor([len(p) for p in prefix], dtype=torch.long)
-    limit = max_lengths(src.cpu(), max_len_a, max_len_b, model.cfg.max_positions,
+    limit = max_lengths(src.cpu(), max_len_a, max_len_b, model.positions_left(src).cpu(),
                         floor=torch.clamp(prefix_len, min=min_len))
     device = src.device
     return _Constraints(limit.to(device), forced.to(device), prefix_len.to(device))
@@ -213,7 +213,7 @@ class _Pool:
 
 @torch.inference_mode()
 def beam_search(
-    model: Transformer,
+    model: Model,
     src: Tensor,
     *,
     beam: int = 5,
@@ -236,7 +236,8 @@ def beam_search(
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     # The best score a live beam may still reach needs lp at the longest possible length.
     best_lp = length_penalty(cons.max_len.double() + 1, lenpen)
-    state = model.encode(src)
+    # The model's own state type (DecoderState or DecoderOnlyState), which its decode_step takes.
+    state: Any = model.encode(src)
     state = state.select(torch.arange(batch, device=device).repeat_interleave(k))
 
     sentence = torch.arange(batch, device=device)  # original index of each live sentence
@@ -289,7 +290,7 @@ def beam_search(
 
 
 def greedy_search(
-    model: Transformer,
+    model: Model,
     src: Tensor,
     *,
     lenpen: float = 1.0,
@@ -326,7 +327,7 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
 
 @torch.inference_mode()
 def sample(
-    model: Transformer,
+    model: Model,
     src: Tensor,
     *,
     nbest: int = 1,
@@ -346,7 +347,7 @@ def sample(
     batch, device, k = src.shape[0], src.device, nbest
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     rows_index = torch.arange(batch, device=device).repeat_interleave(k)
-    state = model.encode(src).select(rows_index)
+    state: Any = model.encode(src).select(rows_index)  # the model's own state type
     cons = cons.select(rows_index)  # one row per sample from here on
     owner = rows_index.clone()  # sentence of each live row
     scores = torch.zeros(batch * k, device=device)

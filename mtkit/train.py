@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mtkit.architectures import Model, build_model
 from mtkit.batching import Batch, TokenizedCorpus, epoch_batches, padding_ratio, sorted_batches
 from mtkit.checkpoint import (
     TrainState,
@@ -47,8 +48,8 @@ from mtkit.checkpoint import (
     save_checkpoint,
 )
 from mtkit.config import Config, TrainConfig
+from mtkit.decoder_only import DecoderOnly
 from mtkit.errors import MtkitError
-from mtkit.model import Transformer
 from mtkit.progress import Reporter
 from mtkit.runtime import Runtime, setup_runtime
 from mtkit.vocab import PAD_ID
@@ -127,16 +128,31 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
 class TranslationLoss(nn.Module):
     """The model plus its loss, so one module (what DDP and torch.compile wrap) maps a batch
-    to ``(loss_sum, nll_sum)``. Logits are computed only at non-padding target positions."""
+    to ``(loss_sum, nll_sum)``. Logits are computed only at non-padding target positions.
 
-    def __init__(self, model: Transformer, smoothing: float):
+    ``source_weight`` > 0 (a causal decoder-only model, ``train.source_loss_weight``) adds that
+    times the loss of predicting each source token from the ones before it; ``nll_sum`` stays
+    the target's, so validation loss and perplexity compare across architectures."""
+
+    def __init__(self, model: Model, smoothing: float, source_weight: float = 0.0):
         super().__init__()
-        self.model, self.smoothing = model, smoothing
+        self.model, self.smoothing, self.source_weight = model, smoothing, source_weight
 
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> tuple[Tensor, Tensor]:
         keep = tgt_out != PAD_ID
-        hidden = self.model.features(src, tgt_in)[keep]
-        return label_smoothed_nll(self.model.output_proj(hidden), tgt_out[keep], self.smoothing)
+        if not self.source_weight:
+            hidden = self.model.features(src, tgt_in)[keep]
+            return label_smoothed_nll(self.model.output_proj(hidden), tgt_out[keep], self.smoothing)
+        model = cast(DecoderOnly, self.model)
+        sequence = model.sequence_features(src, tgt_in)
+        source_len = src.shape[1]
+        loss, nll = label_smoothed_nll(model.output_proj(sequence[:, source_len:][keep]), tgt_out[keep],
+                                       self.smoothing)
+        # Source position i predicts source token i + 1 (the first has nothing before it).
+        predicts = src[:, 1:] != PAD_ID
+        source_logits = model.output_proj(sequence[:, : source_len - 1][predicts])
+        source_loss, _ = label_smoothed_nll(source_logits, src[:, 1:][predicts], self.smoothing)
+        return loss + self.source_weight * source_loss, nll
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -243,10 +259,11 @@ def load_experiment(config: Config) -> Experiment:
             f"train.max_tokens={config.train.max_tokens} is smaller than the longest training pair "
             f"({longest} tokens with BOS/EOS); raise train.max_tokens or lower data.max_len and prepare again"
         )
-    if longest > config.model.max_positions:
+    positions = positions_needed(config, train.src_lens, train.tgt_lens)
+    if int(positions.max()) > config.model.max_positions:
         raise MtkitError(
             f"model.max_positions={config.model.max_positions} is smaller than the longest training pair "
-            f"({longest} tokens); raise it or lower data.max_len and prepare again"
+            f"({int(positions.max())} positions); raise it or lower data.max_len and prepare again"
         )
     valid = valid_text = None
     if config.data.valid is not None:
@@ -256,14 +273,24 @@ def load_experiment(config: Config) -> Experiment:
         valid_text = (list(split["src"]), list(split["tgt"]))
         # Validation pairs are kept line-exact by prepare; the loss leaves out those the model
         # cannot take (BLEU still translates them, truncated, as `mtkit translate` would).
-        fits = [i for i, (s, t) in enumerate(zip(split["src_len"], split["tgt_len"], strict=True))
-                if max(s, t) + 1 <= config.model.max_positions]
+        needed = positions_needed(config, np.asarray(split["src_len"]), np.asarray(split["tgt_len"]))
+        fits = np.flatnonzero(needed <= config.model.max_positions).tolist()
         if len(fits) < len(split):
             warnings.warn(f"{len(split) - len(fits)} validation pairs exceed model.max_positions="
                           f"{config.model.max_positions}; the validation loss leaves them out", stacklevel=1)
             split = split.select(fits)
         valid = TokenizedCorpus.from_dataset(split) if len(split) else None
     return Experiment(config, tokenizers, train, valid, valid_text)
+
+
+def positions_needed(config: Config, src_lens: np.ndarray, tgt_lens: np.ndarray) -> np.ndarray:
+    """``(N,)`` positions each pair takes in the model (lengths without BOS/EOS): its longer
+    side with BOS/EOS, or, in a decoder-only model whose target positions continue after the
+    source, both sides with theirs."""
+    model = config.model
+    if model.arch == "decoder_only" and model.target_positions == "continue":
+        return src_lens + tgt_lens + 2
+    return np.maximum(src_lens, tgt_lens) + 1
 
 
 # --------------------------------------------------------------------------- the loop
@@ -276,7 +303,7 @@ class Run:
     config: Config
     exp: Experiment
     runtime: Runtime
-    model: Transformer
+    model: Model
     """The bare model: what validation decodes with and checkpoints save."""
     loss_fn: nn.Module
     """The model with its loss (``TranslationLoss``), wrapped for DDP and ``torch.compile``
@@ -322,7 +349,7 @@ def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
     exp = load_experiment(config)
     root = checkpoints_dir(config.experiment.dir)
     _seed_everything(config.experiment.seed)
-    model = Transformer(config.model, exp.tokenizers.src.vocab_size, exp.tokenizers.tgt.vocab_size,
+    model = build_model(config.model, exp.tokenizers.src.vocab_size, exp.tokenizers.tgt.vocab_size,
                         exp.tokenizers.joint)
     model.to(runtime.device)
     optimizer = make_optimizer(model, cfg, runtime.device)
@@ -343,7 +370,7 @@ def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(raw_weights[name])
-    loss_fn: nn.Module = TranslationLoss(model, cfg.label_smoothing)
+    loss_fn: nn.Module = TranslationLoss(model, cfg.label_smoothing, cfg.source_loss_weight)
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         loss_fn = nn.parallel.DistributedDataParallel(loss_fn, device_ids=ids)
@@ -506,7 +533,7 @@ class EpochPlan:
 
 
 @torch.no_grad()
-def validation_loss(model: Transformer, corpus: TokenizedCorpus, max_tokens: int, runtime: Runtime) -> dict[str, float]:
+def validation_loss(model: Model, corpus: TokenizedCorpus, max_tokens: int, runtime: Runtime) -> dict[str, float]:
     """Per-token NLL (``loss``) and perplexity of ``corpus``, without label smoothing."""
     model.eval()
     loss_fn = TranslationLoss(model, smoothing=0.0)
@@ -522,7 +549,7 @@ def validation_loss(model: Transformer, corpus: TokenizedCorpus, max_tokens: int
     return {"loss": loss, "ppl": math.exp(min(loss, 100.0))}
 
 
-def validation_bleu(config: Config, exp: Experiment, model: Transformer, runtime: Runtime) -> dict[str, Any]:
+def validation_bleu(config: Config, exp: Experiment, model: Model, runtime: Runtime) -> dict[str, Any]:
     """BLEU and chrF of the validation set decoded exactly as ``mtkit translate`` would."""
     from mtkit.score import score
     from mtkit.translate import Translator

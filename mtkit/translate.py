@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mtkit.architectures import Model
 from mtkit.batching import pack
 from mtkit.config import DecodeConfig
+from mtkit.decoder_only import DecoderOnly
 from mtkit.errors import MtkitError
-from mtkit.model import Transformer
 from mtkit.runtime import Shard
 from mtkit.search import Hypothesis, beam_search, sample
 from mtkit.vocab import EOS_ID, PAD_ID
@@ -85,7 +86,7 @@ class Translator:
 
     def __init__(
         self,
-        model: Transformer,
+        model: Model,
         tokenizers: Tokenizers,
         decode: DecodeConfig,
         device: str | torch.device = "cpu",
@@ -98,7 +99,10 @@ class Translator:
         self.decode = decode
         self.device = torch.device(device)
         self.warn = warn or log.warning
-        self.max_source = model.cfg.max_positions - 1  # the source also holds its EOS
+        # The source also holds its EOS; in a decoder-only model whose target positions follow
+        # the source's, at least the target's BOS must fit after it.
+        follows = isinstance(model, DecoderOnly) and model.cfg.target_positions == "continue"
+        self.max_source = model.cfg.max_positions - 1 - int(follows)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     # ------------------------------------------------------------------ public

@@ -1,0 +1,223 @@
+"""The decoder-only Transformer: one stack of self-attention blocks over source and target.
+
+Shapes: B batch, S source length, T target length, L = S + T, D d_model, H heads, V vocabulary.
+
+A pair is one sequence ``source EOS BOS target``: the source ids and their EOS (as the
+encoder-decoder's source), then the target as the encoder-decoder's decoder reads it (BOS
+first). BOS is the separator: no vocabulary id is added, and the model predicts the first
+target token at the BOS, the next at that token, ..., EOS at the last. Source rows are
+right-padded as in ``mtkit.batching``, so the padded source block is followed directly by the
+target block: padding sits between them, and every padding key is masked out, so a pair never
+sees its padding and no pair sees another (one pair a row, no packing).
+
+Attention (``allowed``): a target position sees every source position and the target up to
+itself; a source position sees the source before it (``source_attention: causal``, a plain
+language model) or all of it (``bidirectional``, a prefix LM). Positions: the source counts
+from 0; the target (from its BOS) continues after the source's real length or restarts at 0
+(``target_positions``), the same in a batch as alone.
+
+Blocks are the encoder's layers (``mtkit.model``'s Attention, FeedForward and residual
+wiring, pre- or post-norm, the same dropouts and names), so a block maps one-to-one onto a
+CTranslate2 decoder layer without cross-attention. ``forward``/``features`` are for
+training (the target positions only); ``encode`` runs the source once per sentence into a
+key/value cache, and ``decode_step`` extends it one token at a time, the interface
+``mtkit.search`` drives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mtkit.config import ModelConfig
+from mtkit.model import Attention, FeedForward, Positions, _residual, dropout
+from mtkit.vocab import PAD_ID
+
+
+class Block(nn.Module):
+    """Self-attention then feed-forward, each a residual sub-layer (an encoder layer whose
+    attention may keep a key/value cache)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm, self.dropout = cfg.norm == "pre", cfg.dropout
+        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.attention_dropout, cross=False)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: Tensor, mask: Tensor, cache: list[Tensor] | None = None) -> Tensor:
+        """mask: boolean ``(B, 1, new, keys)``, True where a key may be attended; cache: this
+        block's ``[k, v]`` of earlier positions, extended in place."""
+        x = _residual(x, self.self_attn_layer_norm, self.pre_norm, self.dropout, self.training,
+                      lambda h: self.self_attn(h, mask=mask, cache=cache))
+        return _residual(x, self.final_layer_norm, self.pre_norm, self.dropout, self.training, self.ffn)
+
+
+@dataclass
+class DecoderOnlyState:
+    """What incremental decoding carries between steps, for a batch of B rows.
+
+    source_mask: ``(B, 1, 1, S)``, True at the real source tokens (padding False).
+    source_len: ``(B,)`` real source tokens (EOS included), where continuing positions start.
+    kv: per block, ``[k, v]`` of the source and the target so far ``(B, H, S + t, D/H)``.
+    length: target positions decoded so far.
+    """
+
+    source_mask: Tensor
+    source_len: Tensor
+    kv: list[list[Tensor]]
+    length: int = 0
+
+    def select(self, rows: Tensor) -> DecoderOnlyState:
+        """Keep (and reorder or repeat) batch rows, e.g. beams that survived a search step."""
+        return DecoderOnlyState(
+            source_mask=self.source_mask.index_select(0, rows),
+            source_len=self.source_len.index_select(0, rows),
+            kv=[[t.index_select(0, rows) for t in kv] for kv in self.kv],
+            length=self.length,
+        )
+
+    def reorder_self(self, rows: Tensor) -> None:
+        """Reorder the key/value cache among the beams of each sentence (beams of one sentence
+        share their source, so its mask and length stay)."""
+        self.kv = [[t.index_select(0, rows) for t in kv] for kv in self.kv]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        return sum(t.numel() * t.element_size() for kv in self.kv for t in kv)
+
+
+class DecoderOnly(nn.Module):
+    """Decoder-only Transformer. Build with ``DecoderOnly(cfg, src_vocab, tgt_vocab)``."""
+
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, joint_vocab: bool = True):
+        """``joint_vocab``: both sides use one SentencePiece model, so one embedding may serve
+        both; with two vocabularies the source and target parts are embedded by two tables."""
+        super().__init__()
+        self.cfg = cfg
+        self.scale = math.sqrt(cfg.d_model)
+        self.dropout = cfg.dropout
+        self.bidirectional = cfg.source_attention == "bidirectional"
+        self.restart = cfg.target_positions == "restart"
+        self.src_embed = nn.Embedding(src_vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        share = cfg.share_embeddings and joint_vocab and src_vocab_size == tgt_vocab_size
+        self.tgt_embed = (
+            self.src_embed if share else nn.Embedding(tgt_vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        )
+        self.positions = Positions(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
+        # Pre-norm stacks end with a layer norm; post-norm layers are already normalised.
+        self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.output_proj = nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_output:
+            self.output_proj.weight = self.tgt_embed.weight
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for embed in {self.src_embed, self.tgt_embed}:
+            nn.init.normal_(embed.weight, std=self.cfg.d_model**-0.5)
+            with torch.no_grad():
+                embed.weight[PAD_ID].zero_()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Logits ``(B, T, V)`` for source ids ``(B, S)`` and target input ids ``(B, T)``."""
+        return self.output_proj(self.features(src, tgt_in))
+
+    def features(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Output ``(B, T, D)`` at the target positions, before the output projection."""
+        return self.sequence_features(src, tgt_in)[:, src.shape[1] :]
+
+    def sequence_features(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Output ``(B, S + T, D)`` at every position of ``source target`` (the source part
+        is what a language-model loss on the source reads)."""
+        source_len = (src != PAD_ID).sum(dim=1)
+        x = torch.cat([self._embed_source(src), self._embed_target(tgt_in, source_len, 0)], dim=1)
+        x = dropout(x, self.dropout, self.training)
+        mask = self._mask(src != PAD_ID, tgt_in.shape[1])
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.layer_norm(x)
+
+    # ------------------------------------------------------------------ search
+
+    def encode(self, src: Tensor) -> DecoderOnlyState:
+        """Run the source ``(B, S)`` (ids, EOS, padding) through the stack once, keeping its
+        keys/values; the first ``decode_step`` feeds the BOS that separates the target."""
+        valid = src != PAD_ID
+        state = DecoderOnlyState(source_mask=valid[:, None, None, :], source_len=valid.sum(dim=1),
+                                 kv=[[] for _ in self.layers])
+        x = dropout(self._embed_source(src), self.dropout, self.training)
+        mask = self._mask(valid, 0)
+        for layer, kv in zip(self.layers, state.kv, strict=True):
+            x = layer(x, mask, kv)
+        return state
+
+    def decode_step(self, tokens: Tensor, state: DecoderOnlyState) -> Tensor:
+        """Feed ``(B, t)`` new target tokens (usually t = 1); return logits ``(B, V)`` of the
+        last one. Extends ``state``'s cache: neither source nor target prefix is recomputed."""
+        past, new = state.length, tokens.shape[1]
+        x = dropout(self._embed_target(tokens, state.source_len, past), self.dropout, self.training)
+        # New target positions see the real source, the target so far and themselves.
+        batch, device = tokens.shape[0], tokens.device
+        target = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(past)
+        mask = torch.cat([state.source_mask.expand(batch, 1, new, -1), target.expand(batch, 1, new, -1)], dim=-1)
+        for layer, kv in zip(self.layers, state.kv, strict=True):
+            x = layer(x, mask, kv)
+        state.length += new
+        return self.output_proj(self.layer_norm(x[:, -1]))
+
+    # ------------------------------------------------------------------ internals
+
+    def _embed_source(self, src: Tensor) -> Tensor:
+        """Scaled embeddings plus positions ``0 .. S - 1``, ``(B, S, D)``."""
+        return self.src_embed(src) * self.scale + self._positions(torch.arange(src.shape[1], device=src.device))
+
+    def _embed_target(self, ids: Tensor, source_len: Tensor, past: int) -> Tensor:
+        """Scaled embeddings of target ids ``(B, t)`` at target positions ``past ..``, plus their
+        positions: from 0, or after each row's ``source_len`` real source tokens."""
+        steps = torch.arange(past, past + ids.shape[1], device=ids.device)
+        index = steps if self.restart else source_len[:, None] + steps
+        return self.tgt_embed(ids) * self.scale + self._positions(index)
+
+    def _positions(self, index: Tensor) -> Tensor:
+        """Position embeddings of ``index`` (any shape), refusing positions beyond the table."""
+        if index.numel() and int(index.max()) >= self.cfg.max_positions:
+            raise ValueError(f"sequence of {int(index.max()) + 1} positions exceeds "
+                             f"max_positions={self.cfg.max_positions}")
+        return self.positions.weight[index]
+
+    def _mask(self, source_valid: Tensor, target_len: int) -> Tensor:
+        """``(B, 1, S + T, S + T)`` attention mask over ``source target``: keys are real tokens,
+        at or before the query, or anywhere in the source for a source query of a prefix LM
+        (target queries see the whole source anyway, as it comes first)."""
+        batch, source_len = source_valid.shape
+        length, device = source_len + target_len, source_valid.device
+        allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        if self.bidirectional:
+            allowed[:source_len, :source_len] = True
+        keys = torch.cat([source_valid, source_valid.new_ones(batch, target_len)], dim=1)
+        return allowed[None, None] & keys[:, None, None, :]
+
+    # ------------------------------------------------------------------ search limits
+
+    def positions_left(self, src: Tensor) -> Tensor:
+        """``(B,)`` positions left for the target (its BOS included) after each source row."""
+        if self.restart:
+            return torch.full((src.shape[0],), self.cfg.max_positions, dtype=torch.long, device=src.device)
+        return self.cfg.max_positions - (src != PAD_ID).sum(dim=1)

@@ -69,6 +69,19 @@ def test_state_select_reorders_rows():
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
 
 
+def test_state_nbytes_counts_both_caches():
+    gen = torch.Generator().manual_seed(4)
+    cfg = tiny()
+    model = Transformer(cfg, 50, 50).eval()
+    src, tgt = batch(gen)  # 3 rows, 7 source positions
+    per_position = 2 * cfg.decoder_layers * 3 * cfg.d_model * 4  # keys and values, fp32, all rows
+    with torch.no_grad():
+        state = model.encode(src)
+        assert state.nbytes == 7 * per_position  # cross-attention keys/values of the source
+        model.decode_step(tgt[:, :2], state)
+        assert state.nbytes == 9 * per_position  # + two target positions of self-attention
+
+
 def test_shared_and_tied_embeddings():
     model = Transformer(tiny(), 50, 50)
     assert model.src_embed is model.tgt_embed

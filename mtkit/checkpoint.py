@@ -339,6 +339,10 @@ class TrainState:
     nonfinite_in_row: int = 0
     elapsed_s: float = 0.0
     last_saved_step: int = -1
+    target_tokens: int = 0
+    """Target tokens trained on, all ranks (0 in checkpoints written before it was counted)."""
+    update_s: float = 0.0
+    """Seconds spent in updates (batching, forward, backward, step), validation excluded."""
 
 
 def refuse_existing_run(root: Path) -> None:

@@ -388,6 +388,7 @@ def _loop(run: Run, signals: _StopSignals) -> TrainResult:
     reporter.say(f"{len(plan.batches_of(state.epoch)):,} batches per epoch, {plan.padding(state.epoch):.1%} padding")
     started = time.monotonic() - state.elapsed_s
     while True:
+        update_started = time.monotonic()
         batches, position = plan.next_batches(state)
         # One collective per update: its target tokens on all ranks, and whether any rank
         # was signalled or ran out of time (so that all ranks stop at the same update).
@@ -406,6 +407,8 @@ def _loop(run: Run, signals: _StopSignals) -> TrainResult:
             run.average.update(state.step)
         state.epoch, state.batch_index = position
         state.elapsed_s = time.monotonic() - started
+        state.target_tokens += int(tokens)
+        state.update_s += time.monotonic() - update_started
         _count_nonfinite(state, grad_norm, run.scaler, cfg, reporter)
         reporter.update(state, batches, loss, nll, tokens, lr, grad_norm)
         if state.step % cfg.valid_every == 0:

@@ -177,6 +177,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(trainkit_experimen
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [r["step"] for r in log_rows(interrupted, "train")] == [2, 4, 6, 8]
+    counted = [torch.load(run_dir(c) / "checkpoints" / "last" / "trainer_state.pt", weights_only=True)["state"]
+               for c in (straight, interrupted)]
+    assert counted[0]["target_tokens"] == counted[1]["target_tokens"] > 0  # counted on, not restarted
+    assert counted[0]["update_s"] > 0 and counted[1]["update_s"] > 0
     state = torch.load(run_dir(straight) / "checkpoints" / "last" / "trainer_state.pt", weights_only=True)
     if ema_decay:  # the checkpoint holds the average; training would go on from the raw weights
         raw = state["model_weights"]

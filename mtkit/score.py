@@ -30,6 +30,8 @@ class MetricScore:
     signature: str
     text: str
     verbose: str = ""
+    ratio: float | None = None
+    """BLEU only: hypothesis length over reference length, in BLEU's tokens."""
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "score": round(self.score, 4), "signature": self.signature,
@@ -101,7 +103,8 @@ def score(
         result = metric.corpus_score(list(hyps), [list(r) for r in refs])
         signature = metric.get_signature().format()
         text = f"{result.name}|{signature} = {_body(result)}"
-        results.append(MetricScore(result.name, float(result.score), signature, text, _verbose(result)))
+        ratio = getattr(result, "ratio", None)
+        results.append(MetricScore(result.name, float(result.score), signature, text, _verbose(result), ratio))
     return results
 
 

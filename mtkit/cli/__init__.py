@@ -62,6 +62,7 @@ app = typer.Typer(
 def _register() -> None:
     from mtkit.cli import (
         average_cmd,
+        compare_cmd,
         config_cmd,
         export_cmd,
         pipeline_cmd,
@@ -81,6 +82,7 @@ def _register() -> None:
     app.command("score")(score_cmd.score)
     app.command("pipeline")(pipeline_cmd.pipeline)
     app.command("average")(average_cmd.average)
+    app.command("compare", cls=compare_cmd.CompareCommand)(compare_cmd.compare)
     app.command("serve")(serve_cmd.serve)
     app.add_typer(export_cmd.app, name="export", help="Export a trained model to other runtimes.", cls=_Group)
 

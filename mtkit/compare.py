@@ -660,7 +660,8 @@ def _systems_markdown(report: Report) -> list[str]:
             f"Decoding: beam {s['beam']}, text in and text out, on {s['device']} with {s['threads']} threads, one "
             f"system after another in this process: {s['batch_32_sentences']:,} sentences of {s['test_set']} "
             f"(spread over it, sorted by length) at batch {SPEED_BATCH}, {s['batch_1_sentences']:,} of them at "
-            "batch 1. KV cache: the decoder state's bytes after decoding one hypothesis of a sentence, mean over the "
-            "batch-1 sentences; beam search holds one per beam.")
-    notes.append("– : does not apply or not recorded (hypothesis files have no model).")
-    return out + [" ".join(notes), ""]
+            "batch 1.")
+        notes.append("KV cache: the decoder state's bytes once one hypothesis of a sentence is decoded, mean over "
+                     "the batch-1 sentences; beam search keeps one per beam.")
+    notes.append("–: does not apply, or not recorded (hypothesis files have no model).")
+    return out + [f"- {note}" for note in notes] + [""]

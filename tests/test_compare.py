@@ -203,3 +203,15 @@ def test_a_run_on_given_test_files_in_markdown(trained, tmp_path):
     assert "## Systems" in result.stdout and "KV cache / sentence" in result.stdout
     assert "4 sentences of test" in result.stdout and "1 of them at batch 1" in result.stdout
     assert "translating test (20 sentences" in result.stderr
+
+
+def test_an_averaged_checkpoint_has_no_training_record_and_no_test_split(trained, tmp_path):
+    average = CliRunner().invoke(app, ["average", str(trained), "--last", "2", "-o", str(tmp_path / "avg")])
+    assert average.exit_code == 0, average.stderr
+    assert "no test split" in error_of(str(tmp_path / "avg"))
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    test = ["--test", config["data"]["test"]["src"], config["data"]["test"]["tgt"]]
+    (system,) = as_json(str(tmp_path / "avg"), *test, "--speed-sentences", "0")["systems"]
+    assert system["updates"] == 8 and system["params"]["total"] > 0
+    assert system["train_seconds"] is system["train_tgt_tok_per_s"] is system["decode_sent_per_s"] is None
+    assert system["p_value"] is None and system["tests"][0]["bleu_mean"] is None  # one system: no bootstrap

@@ -155,7 +155,7 @@ def run_test_set(systems: Sequence[System]) -> TestSet:
     """The test split that every run was prepared with (``mtkit pipeline`` translates and
     scores it), when they share it; MtkitError otherwise."""
     from mtkit.checkpoint import read_checkpoint_config
-    from mtkit.data import load_split
+    from mtkit.data import data_dir, load_split, split_file
 
     runs = [s for s in systems if s.is_run]
     if not runs:
@@ -171,7 +171,7 @@ def run_test_set(systems: Sequence[System]) -> TestSet:
         split = load_split(run.run_root, "test")
         corpus = config.data.test
         name = test_name(corpus.src) if corpus.src is not None else "test"
-        where = f"{run.run_root / 'data' / 'test.arrow'}"
+        where = str(split_file(data_dir(run.run_root), "test"))
         found.append(TestSet(name, list(split["src"]), list(split["tgt"]), where, where))
     first = found[0]
     for run, test in zip(runs[1:], found[1:], strict=True):

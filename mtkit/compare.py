@@ -490,8 +490,10 @@ def kv_cache_bytes(loaded: Loaded, translator: Translator, sources: list[str], o
     with torch.inference_mode():
         for source, output in zip(sources, outputs, strict=True):
             src_ids = loaded.tokenizers.src.encode([source])[0][: translator.max_source] + [EOS_ID]
-            tgt_ids = [BOS_ID, *loaded.tokenizers.tgt.encode([output])[0]][: translator.max_source]
-            state = model.encode(torch.tensor([src_ids], device=device))
+            src = torch.tensor([src_ids], device=device)
+            tgt_ids = [BOS_ID, *loaded.tokenizers.tgt.encode([output])[0]][: int(model.positions_left(src)[0])]
+            # The model's own state type (as in search), which its decode_step takes.
+            state: Any = model.encode(src)
             for token in tgt_ids:
                 model.decode_step(torch.tensor([[token]], device=device), state)
             sizes.append(state.nbytes)

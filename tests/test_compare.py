@@ -162,14 +162,27 @@ def test_bad_input_is_one_line_naming_the_file(files, tmp_path):
 # --------------------------------------------------------------------------- runs
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny run through `mtkit pipeline` (8 updates, checkpoints at 4 and 8, a 20-pair test split)."""
-    root = tmp_path_factory.mktemp("compare_run")
-    config = tokdata_experiment(root, 300, **copy.deepcopy(TRAINKIT_SECTIONS))
+def pipeline_run(root: Path, **model) -> Path:
+    """A tiny run through `mtkit pipeline` (8 updates, checkpoints at 4 and 8, a 20-pair test
+    split, the same data whatever ``root``), with ``model`` settings over the tiny ones."""
+    sections = copy.deepcopy(TRAINKIT_SECTIONS)
+    sections["model"].update(model)
+    config = tokdata_experiment(root, 300, **sections)
     result = CliRunner().invoke(app, ["pipeline", "-c", str(config)])
     assert result.exit_code == 0, result.stderr
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    return pipeline_run(tmp_path_factory.mktemp("compare_run"))
+
+
+@pytest.fixture(scope="module")
+def trained_decoder_only(tmp_path_factory) -> Path:
+    """A prefix-LM decoder-only run with as many non-embedding parameters as ``trained``'s."""
+    return pipeline_run(tmp_path_factory.mktemp("compare_decoder_only"), arch="decoder_only",
+                        size="tiny_decoder_only", source_attention="bidirectional")
 
 
 def test_runs_and_checkpoints_against_the_pipelines_own_scores(trained):
@@ -215,3 +228,17 @@ def test_an_averaged_checkpoint_has_no_training_record_and_no_test_split(trained
     assert system["updates"] == 8 and system["params"]["total"] > 0
     assert system["train_seconds"] is system["train_tgt_tok_per_s"] is system["decode_sent_per_s"] is None
     assert system["p_value"] is None and system["tests"][0]["bleu_mean"] is None  # one system: no bootstrap
+
+
+def test_an_encoder_decoder_against_a_decoder_only_run(trained, trained_decoder_only):
+    report = as_json(str(trained), str(trained_decoder_only), "--speed-sentences", "8", "--samples", "100")
+    assert report["test_sets"][0]["sentences"] == 20  # two runs prepared from the same test files
+    for system, run in zip(report["systems"], (trained, trained_decoder_only), strict=True):
+        pipeline = json.loads((run / "report.json").read_text())
+        assert (round(system["bleu"], 2), round(system["chrf"], 2)) == (pipeline["test"]["bleu"],
+                                                                        pipeline["test"]["chrf"])
+        assert system["params"]["total"] == pipeline["model"]["parameters"]
+        assert system["kv_cache_bytes_per_sentence"] > 0 and system["train_tgt_tok_per_s"] > 0
+    encoder_decoder, decoder_only = (s["params"] for s in report["systems"])
+    assert encoder_decoder["embedding"] == decoder_only["embedding"]  # the same vocabulary and width
+    assert abs(decoder_only["other"] / encoder_decoder["other"] - 1) < 0.1  # the preset's matching

@@ -569,8 +569,11 @@ def _p(value: float | None) -> str:
     return f"{value:.4f}" + (" *" if value < 0.05 else "")
 
 
-def _millions(value: int) -> str:
-    return f"{value / 1e6:.2f}M"
+def _count(value: int) -> str:
+    """``7.58M``, ``175.4k``, ``960``."""
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    return f"{value / 1e3:.1f}k" if value >= 1e3 else str(value)
 
 
 def _bytes(value: float | None) -> str:
@@ -585,6 +588,8 @@ def _bytes(value: float | None) -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "–"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -648,7 +653,7 @@ def _systems_markdown(report: Report) -> list[str]:
     for system in report.systems:
         p = system.params
         params = "–" if p is None else (
-            f"{_millions(p['total'])} ({_millions(p['embedding'])} + {_millions(p['other'])})")
+            f"{_count(p['total'])} ({_count(p['embedding'])} + {_count(p['other'])})")
         speed = system.decode_sent_per_s or {}
         rows.append([system.name, params, _num(system.updates, 0), _duration(system.train_seconds),
                      _num(system.train_tgt_tok_per_s, 0), _num(speed.get(batch), 1), _num(speed.get("batch_1"), 1),
@@ -658,8 +663,9 @@ def _systems_markdown(report: Report) -> list[str]:
              "time (validation included) and target tokens per second of the updates alone."]
     if report.speed is not None:
         s = report.speed
+        threads = f"{s['threads']} thread" + ("s" if s["threads"] != 1 else "")
         notes.append(
-            f"Decoding: beam {s['beam']}, text in and text out, on {s['device']} with {s['threads']} threads, one "
+            f"Decoding: beam {s['beam']}, text in and text out, on {s['device']} with {threads}, one "
             f"system after another in this process: {s['batch_32_sentences']:,} sentences of {s['test_set']} "
             f"(spread over it, sorted by length) at batch {SPEED_BATCH}, {s['batch_1_sentences']:,} of them at "
             "batch 1.")

@@ -298,6 +298,9 @@ class DecodeConfig(Section):
     """Sample from the k most likely tokens (0: all)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
     """Sample from the smallest set of tokens whose probability reaches p."""
+    allow_unk: bool = False
+    """Let search produce the unknown token (shown as `` ⁇ `` in the text). Off, as in Marian:
+    the next best token is taken instead (a forced prefix may still hold one)."""
 
     @model_validator(mode="after")
     def _nbest_fits(self) -> DecodeConfig:

@@ -133,8 +133,18 @@ class TokenizerConfig(Section):
     SentencePiece needs more than 100)."""
     user_symbols: list[str] = Field(default_factory=list)
     """Extra symbols never split, such as language tags (``<2de>``)."""
+    normalization: Literal["identity", "nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf"] = "identity"
+    """SentencePiece's normalisation rule, applied before encoding. identity keeps text as
+    written, so a translation can hold every character of its references (full-width
+    ``，？！：``, ``…``, ``²``, ligatures); nmt_nfkc (SentencePiece's own default) rewrites
+    them (``, ? ! :``, ``...``, ``2``, ``fi``). mtkit's whitespace and control-character cleanup
+    comes first either way, in prepare and in translate alike. The rule is stored in the model
+    file: tokenizers trained before keep theirs."""
     byte_fallback: bool = False
-    """Encode unknown characters as bytes instead of <unk>."""
+    """Spell characters outside the vocabulary as their UTF-8 bytes (256 byte pieces) instead
+    of <unk>, so that they can be read and produced. Use it for scripts with large alphabets
+    (zh, ja, ko) together with character_coverage below 1, or for open-domain text whose rare
+    characters the training data may lack; alphabetic scripts with full coverage do not need it."""
     num_threads: int = Field(default=2, ge=1)
     """Threads for SentencePiece training."""
 

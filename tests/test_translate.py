@@ -113,6 +113,15 @@ def test_translate_matches_search_and_handles_empty_lines(loaded):
     assert all(t.score is not None and t.nbest[0] == (t.text, t.score) for i, t in enumerate(full) if i not in (3, 7))
 
 
+def test_input_is_normalised_as_prepare_normalises(loaded):
+    """Training saw text after ``mtkit.corpus.normalize``; so does translation, whatever the
+    tokenizer's own normalisation rule does with tabs, odd spaces and control characters."""
+    translator = Translator(loaded.model, loaded.tokenizers, loaded.config.decode)
+    clean = translator.translate(["the red cat", "a dog"])
+    assert translator.translate([" the\tred\u00a0 cat\x00 ", "a\u3000dog\ufeff"]) == clean
+    assert translator.translate(["\x00\x1b", "\t"]) == ["", ""]
+
+
 def test_stream_in_chunks_equals_whole(loaded):
     lines = corpus(25, seed=2)
     translator = Translator(loaded.model, loaded.tokenizers, loaded.config.decode)

@@ -267,11 +267,19 @@ class TrainConfig(Section):
     valid_bleu: bool = True
     """Decode the validation set and compute BLEU/chrF at each validation."""
     valid_max_sentences: int | None = Field(default=None, ge=1)
-    """Decode at most this many validation sentences for BLEU (loss uses all)."""
-    best_metric: Literal["bleu", "loss"] = "bleu"
-    """Metric that selects the best checkpoint and drives early stopping."""
+    """Decode at most this many validation sentences for BLEU/chrF (default: all; loss uses
+    all). A subset makes selection noisier: see docs/selection.md."""
+    best_metric: Literal["bleu", "chrf", "loss"] = "chrf"
+    """Metric that selects the best checkpoint, drives early stopping and picks the pipeline's
+    final model. chrF on the whole validation set varies least between resamples of it
+    relative to the differences between checkpoints (docs/selection.md); loss prefers earlier
+    checkpoints than BLEU and chrF do once the model grows overconfident."""
     keep_last: int = Field(default=3, ge=1)
     """Step checkpoints kept besides best and last."""
+    average_last: int = Field(default=3, ge=0)
+    """The pipeline's final model is the best of ``best``, ``last`` and the average of the
+    newest K step checkpoints kept (at most keep_last) on the whole validation set by
+    best_metric (0 or 1: no average; the choice is then between best and last)."""
     patience: int | None = Field(default=None, ge=1)
     """Stop after this many validations without improvement."""
     max_nonfinite: int = Field(default=5, ge=1)

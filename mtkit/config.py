@@ -271,9 +271,10 @@ class TrainConfig(Section):
     all). A subset makes selection noisier: see docs/selection.md."""
     best_metric: Literal["bleu", "chrf", "loss"] = "chrf"
     """Metric that selects the best checkpoint, drives early stopping and picks the pipeline's
-    final model. chrF on the whole validation set varies least between resamples of it
-    relative to the differences between checkpoints (docs/selection.md); loss prefers earlier
-    checkpoints than BLEU and chrF do once the model grows overconfident."""
+    final model. chrF on the whole validation set tells checkpoints apart better than BLEU on
+    it or on a subset (its differences between checkpoints are larger against its resampling
+    noise: docs/selection.md); loss is steadier still but prefers earlier checkpoints than
+    BLEU and chrF do once the model grows overconfident."""
     keep_last: int = Field(default=3, ge=1)
     """Step checkpoints kept besides best and last."""
     average_last: int = Field(default=3, ge=0)

@@ -225,10 +225,10 @@ def select_final_model(config: Config) -> dict:
             candidates[link] = exp.checkpoint_link(link).resolve()
     if not candidates:
         raise MtkitError(f"{root}: no checkpoint to choose from; run `mtkit train` first")
-    averaged = step_checkpoints(root)[-cfg.average_last:] if cfg.average_last >= 2 else []
+    scorer = _ValidationScorer(config) if config.data.valid is not None else None
+    averaged = step_checkpoints(root)[-cfg.average_last:] if cfg.average_last >= 2 and scorer is not None else []
     if len(averaged) >= 2:
         candidates["average"] = average_checkpoints(averaged, root / "average")
-    scorer = _ValidationScorer(config) if config.data.valid is not None else None
     scores: dict[str, dict] = {}
     for name, directory in candidates.items():
         meta = read_meta(directory)

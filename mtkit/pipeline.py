@@ -378,7 +378,8 @@ def _describe_selection(selection: dict) -> str | None:
     others = ", ".join(f"{name} {row[metric]}" for name, row in selection["candidates"].items()
                        if name != chosen and metric in row)
     value = selection["candidates"][chosen].get(metric)
-    return (f"{what}: best {metric} on the {selection['sentences']:,} validation sentences ({value}"
+    label = {"bleu": "highest BLEU", "chrf": "highest chrF", "loss": "lowest loss"}[metric]
+    return (f"{what}: {label} on the {selection['sentences']:,} validation sentences ({value}"
             + (f"; {others})" if others else ")"))
 
 

@@ -125,7 +125,7 @@ def test_final_model_is_chosen_on_the_whole_validation_set(tmp_path, in_repo):
     assert report["valid"]["chrf"] == pytest.approx(candidates[selection["chosen"]]["chrf"], abs=1e-3)
     markdown = (exp / "report.md").read_text()
     assert "| model | tiny, " in markdown and ", 4 updates |" in markdown
-    assert "| final model | " in markdown and "best chrf on the 12 validation sentences" in markdown
+    assert "| final model | " in markdown and "highest chrF on the 12 validation sentences" in markdown
 
     again = run_pipeline("configs/tiny.yaml", exp, "train.max_steps=4", "train.valid_every=1", "train.average_last=2")
     assert again.exit_code == 0, again.output

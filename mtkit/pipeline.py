@@ -233,8 +233,9 @@ def select_final_model(config: Config) -> dict:
     for name, directory in candidates.items():
         meta = read_meta(directory)
         metrics = meta.get("metrics") or {}
+        # Training's scores stand if they are this stage's: same decoding, every sentence.
         stale = read_checkpoint_config(directory).decode != config.decode or metric not in metrics or (
-            metric != "loss" and metrics.get("sentences") != (scorer.sentences if scorer else None))
+            cfg.valid_bleu and metrics.get("sentences") != (scorer.sentences if scorer else None))
         if scorer is not None and (stale or name == "average"):
             metrics = scorer(directory)
         scores[name] = {"checkpoint": directory.name, "step": meta["step"],
@@ -384,7 +385,7 @@ def _describe_selection(selection: dict) -> str | None:
 
 
 def _count_parameters(exp: ExperimentDir) -> int | None:
-    """Parameters of the best (else last) checkpoint, read from the safetensors header alone
+    """Parameters of the final (else best, else last) checkpoint, read from the safetensors header alone
     (each shared tensor is stored, and counted, once)."""
     from safetensors import safe_open
 

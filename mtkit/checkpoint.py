@@ -12,6 +12,8 @@ Layout under ``{experiment.dir}/checkpoints/``::
                             dicts/lists/tensors, read back with ``torch.load(weights_only=True)``
     last -> step_00001000   symlinks, each replaced atomically
     best -> step_00000800
+    average/                ``mtkit pipeline``: the average of the newest step checkpoints
+    final -> average        ``mtkit pipeline``: the model it chose (``mark_final``)
 
 A checkpoint is written into a hidden temporary directory, fsynced and renamed into place;
 only then are the ``last``/``best`` links swapped and old step directories pruned. So a
@@ -146,12 +148,18 @@ def _point(root: Path, link: str, target: str) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    keep = {os.readlink(root / link) for link in ("last", "best") if (root / link).is_symlink()}
+    keep = {os.readlink(root / link) for link in ("last", "best", "final") if (root / link).is_symlink()}
     steps = sorted(p.name for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir())
     keep.update(steps[-keep_last:])
     for name in steps:
         if name not in keep:
             shutil.rmtree(root / name, ignore_errors=True)
+
+
+def mark_final(root: Path, directory: Path) -> None:
+    """Point ``root/final`` at ``directory`` (a checkpoint inside ``root``): the model that
+    ``mtkit pipeline`` chose, which ``resolve`` prefers for a run directory."""
+    _point(root, "final", Path(directory).name)
 
 
 def clean_temporaries(root: Path) -> None:
@@ -175,7 +183,7 @@ class Loaded:
 
 def resolve(path: Path) -> Path:
     """The checkpoint directory that ``path`` names: a checkpoint directory itself, a
-    ``checkpoints/`` directory, or a run directory (its ``best``, else its ``last``)."""
+    ``checkpoints/`` directory, or a run directory (its ``final``, else ``best``, else ``last``)."""
     path = Path(path)
     if not path.exists():
         raise MtkitError(f"{path}: no such checkpoint or run directory")
@@ -184,7 +192,7 @@ def resolve(path: Path) -> Path:
     if (path / META).exists() or (path / WEIGHTS).exists():
         return path
     for root in (checkpoints_dir(path), path):
-        for link in ("best", "last"):
+        for link in ("final", "best", "last"):
             if (root / link).exists():
                 return (root / link).resolve()
             if (root / link).is_symlink():
@@ -399,6 +407,7 @@ def resume_run(
             shutil.rmtree(stale, ignore_errors=True)
     check_compatible(directory, config, tokenizers)
     _warn_if_batches_change(directory, config)
+    (root / "final").unlink(missing_ok=True)  # the pipeline's choice is stale once training goes on
     saved = load_trainer_state(directory)
     load_weights(model, directory, runtime.device)
     optimizer.load_state_dict(saved["optimizer"])

@@ -133,8 +133,18 @@ class TokenizerConfig(Section):
     SentencePiece needs more than 100)."""
     user_symbols: list[str] = Field(default_factory=list)
     """Extra symbols never split, such as language tags (``<2de>``)."""
+    normalization: Literal["identity", "nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf"] = "identity"
+    """SentencePiece's normalisation rule, applied before encoding. identity keeps text as
+    written, so a translation can hold every character of its references (full-width
+    ``，？！：``, ``…``, ``²``, ligatures); nmt_nfkc (SentencePiece's own default) rewrites
+    them (``, ? ! :``, ``...``, ``2``, ``fi``). mtkit's whitespace and control-character cleanup
+    comes first either way, in prepare and in translate alike. The rule is stored in the model
+    file: tokenizers trained before keep theirs."""
     byte_fallback: bool = False
-    """Encode unknown characters as bytes instead of <unk>."""
+    """Spell characters outside the vocabulary as their UTF-8 bytes (256 byte pieces) instead
+    of <unk>, so that they can be read and produced. Use it for scripts with large alphabets
+    (zh, ja, ko) together with character_coverage below 1, or for open-domain text whose rare
+    characters the training data may lack; alphabetic scripts with full coverage do not need it."""
     num_threads: int = Field(default=2, ge=1)
     """Threads for SentencePiece training."""
 
@@ -292,11 +302,20 @@ class TrainConfig(Section):
     valid_bleu: bool = True
     """Decode the validation set and compute BLEU/chrF at each validation."""
     valid_max_sentences: int | None = Field(default=None, ge=1)
-    """Decode at most this many validation sentences for BLEU (loss uses all)."""
-    best_metric: Literal["bleu", "loss"] = "bleu"
-    """Metric that selects the best checkpoint and drives early stopping."""
+    """Decode at most this many validation sentences for BLEU/chrF (default: all; loss uses
+    all). A subset makes selection noisier: see docs/selection.md."""
+    best_metric: Literal["bleu", "chrf", "loss"] = "chrf"
+    """Metric that selects the best checkpoint, drives early stopping and picks the pipeline's
+    final model. chrF on the whole validation set tells checkpoints apart better than BLEU on
+    it or on a subset (its differences between checkpoints are larger against its resampling
+    noise: docs/selection.md); loss is steadier still but prefers earlier checkpoints than
+    BLEU and chrF do once the model grows overconfident."""
     keep_last: int = Field(default=3, ge=1)
     """Step checkpoints kept besides best and last."""
+    average_last: int = Field(default=3, ge=0)
+    """The pipeline's final model is the best of ``best``, ``last`` and the average of the
+    newest K step checkpoints kept (at most keep_last) on the whole validation set by
+    best_metric (0 or 1: no average; the choice is then between best and last)."""
     patience: int | None = Field(default=None, ge=1)
     """Stop after this many validations without improvement."""
     max_nonfinite: int = Field(default=5, ge=1)
@@ -337,6 +356,9 @@ class DecodeConfig(Section):
     """Sample from the k most likely tokens (0: all)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
     """Sample from the smallest set of tokens whose probability reaches p."""
+    allow_unk: bool = False
+    """Let search produce the unknown token (shown as `` ⁇ `` in the text). Off, as in Marian:
+    the next best token is taken instead (a forced prefix may still hold one)."""
 
     @model_validator(mode="after")
     def _nbest_fits(self) -> DecodeConfig:

@@ -1,4 +1,8 @@
-"""The whole job in order: tokenizer -> prepare -> train -> translate -> score -> report.
+"""The whole job in order: tokenizer -> prepare -> train -> select -> translate -> score -> report.
+
+``select`` chooses the final model: the best of the ``best`` and ``last`` checkpoints and the
+average of the newest ``train.average_last`` step checkpoints, by ``train.best_metric`` on the
+whole validation set; ``checkpoints/final`` points at it and ``selection.json`` says why.
 
 Each stage, when it finishes, writes a stamp ``{dir}/stages/{stage}.json`` (every path in the
 experiment directory comes from ``mtkit.rundir.ExperimentDir``) holding a hash of
@@ -26,7 +30,7 @@ from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_write_bytes, atomic_write_text
 from mtkit.rundir import ExperimentDir
 
-STAGES = ("tokenizer", "prepare", "train", "translate", "score")
+STAGES = ("tokenizer", "prepare", "train", "select", "translate", "score")
 
 
 @dataclass
@@ -42,6 +46,8 @@ class Stage:
     """Whether this mtkit can read the stage's outputs. When not (outputs removed, or written
     in a format of an older mtkit), an up-to-date stage runs again; its hash is unchanged, so
     the stages after it, whose inputs are the same, stay up to date."""
+    ignores: tuple[str, ...] = ()
+    """Keys inside ``sections`` that the stage's outputs do not depend on."""
 
 
 def _run_tokenizer(config: Config, resume: bool) -> None:
@@ -79,6 +85,10 @@ def _run_train(config: Config, resume: bool) -> None:
     train(config, resume=resume)
 
 
+def _run_select(config: Config, resume: bool) -> None:
+    select_final_model(config)
+
+
 def _run_translate(config: Config, resume: bool) -> None:
     translate_test_set(config)
 
@@ -102,20 +112,37 @@ PIPELINE = [
         _data_readable,
     ),
     # Validation decodes with the decode section, but a new beam size should not mean retraining.
-    Stage("train", ("model", "train", "experiment.seed"), _run_train),
+    Stage("train", ("model", "train", "experiment.seed"), _run_train, ignores=("train.average_last",)),
+    Stage("select", ("train.best_metric", "train.average_last", "decode"), _run_select),
     Stage("translate", ("decode",), _run_translate),
     Stage("score", ("data.tgt_lang",), _run_score),
 ]
 
 
+# Keys added to the config after experiments were stamped, each with the value at which it is
+# left out of the stage hashes: at that value the stamps of those experiments stay valid. (A
+# tokenizer keeps the normalisation rule it was trained with: it is stored in the model file.)
+ADDED_KEYS: dict[str, object] = {"tokenizer.normalization": "identity"}
+
+
 def stage_hash(config: Config, stage: Stage, previous: str) -> str:
     data = config.to_dict()
+    for key, neutral in ADDED_KEYS.items():
+        section, name = key.split(".")
+        if data[section].get(name) == neutral:
+            del data[section][name]
     picked = {}
     for key in stage.sections:
         node = data
         for part in key.split("."):
             node = node[part]
         picked[key] = node
+    for key in stage.ignores:
+        *parents, last = key.split(".")
+        node = picked
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
     files = []
     for path in stage.inputs(config):
         try:
@@ -174,6 +201,90 @@ def run_pipeline(config: Config, start: str | None = None, log: Callable[[str], 
     return json.loads(exp.report_json.read_text())
 
 
+# --------------------------------------------------------------------------- select
+
+
+def select_final_model(config: Config) -> dict:
+    """Choose the final model among the ``best`` and ``last`` checkpoints and the average of
+    the newest ``train.average_last`` step checkpoints (written to ``checkpoints/average``):
+    the one with the best ``train.best_metric`` on the whole validation set. Point
+    ``checkpoints/final`` at it and write ``selection.json``; return what that holds.
+
+    A checkpoint whose stored validation covered every validation sentence with these decode
+    settings is not decoded again, so the usual cost is one decoding of the validation set
+    (the average's). Without validation data the choice is ``best`` (the newest checkpoint).
+    """
+    from mtkit.checkpoint import average_checkpoints, mark_final, read_checkpoint_config, read_meta, step_checkpoints
+    from mtkit.train import better
+
+    exp = ExperimentDir(config.experiment.dir)
+    root, cfg, metric = exp.checkpoints, config.train, config.train.best_metric
+    candidates: dict[str, Path] = {}
+    for link in ("best", "last"):
+        if exp.checkpoint_link(link).exists() and exp.checkpoint_link(link).resolve() not in candidates.values():
+            candidates[link] = exp.checkpoint_link(link).resolve()
+    if not candidates:
+        raise MtkitError(f"{root}: no checkpoint to choose from; run `mtkit train` first")
+    scorer = _ValidationScorer(config) if config.data.valid is not None else None
+    averaged = step_checkpoints(root)[-cfg.average_last:] if cfg.average_last >= 2 and scorer is not None else []
+    if len(averaged) >= 2:
+        candidates["average"] = average_checkpoints(averaged, root / "average")
+    scores: dict[str, dict] = {}
+    for name, directory in candidates.items():
+        meta = read_meta(directory)
+        metrics = meta.get("metrics") or {}
+        # Training's scores stand if they are this stage's: same decoding, every sentence.
+        stale = read_checkpoint_config(directory).decode != config.decode or metric not in metrics or (
+            cfg.valid_bleu and metrics.get("sentences") != (scorer.sentences if scorer else None))
+        if scorer is not None and (stale or name == "average"):
+            metrics = scorer(directory)
+        scores[name] = {"checkpoint": directory.name, "step": meta["step"],
+                        **{k: round(v, 4) for k, v in metrics.items() if k in ("loss", "bleu", "chrf")}}
+    chosen = next(iter(scores))
+    for name, row in scores.items():
+        if metric in row and metric in scores[chosen] and better(metric, row[metric], scores[chosen][metric]):
+            chosen = name
+    mark_final(root, candidates[chosen])
+    selection = {
+        "metric": metric,
+        "sentences": scorer.sentences if scorer is not None else 0,
+        "chosen": chosen,
+        "step": scores[chosen]["step"],
+        "averaged_steps": [read_meta(d)["step"] for d in averaged] if chosen == "average" else [],
+        "updates": read_meta(exp.checkpoint_link("last"))["step"],
+        "candidates": scores,
+    }
+    atomic_write_text(exp.selection, json.dumps(selection, indent=2) + "\n")
+    return selection
+
+
+class _ValidationScorer:
+    """Loss, BLEU and chrF of a checkpoint on the whole validation set, computed as training
+    validates (``mtkit.train.validation_loss`` and ``validation_bleu``)."""
+
+    def __init__(self, config: Config):
+        from mtkit.runtime import setup_runtime
+        from mtkit.train import load_experiment
+
+        self.config = config.model_copy(deep=True)
+        self.config.train.valid_max_sentences = None
+        self.runtime = setup_runtime(config.train)
+        self.exp = load_experiment(config)
+        self.sentences = len(self.exp.valid_text[0]) if self.exp.valid_text else 0
+
+    def __call__(self, directory: Path) -> dict:
+        from mtkit.checkpoint import load_for_inference
+        from mtkit.train import validation_bleu, validation_loss
+
+        model = load_for_inference(directory, device=str(self.runtime.device)).model
+        metrics: dict = {}
+        if self.exp.valid is not None:
+            metrics.update(validation_loss(model, self.exp.valid, self.config.train.max_tokens, self.runtime))
+        if self.config.train.valid_bleu:
+            metrics.update(validation_bleu(self.config, self.exp, model, self.runtime))
+        return metrics
+
+
 # --------------------------------------------------------------------------- translate + score
 
 
@@ -213,9 +324,14 @@ def write_report(config: Config) -> dict:
     lower = score([h.lower() for h in hyps], [[r.lower() for r in refs]], ("bleu",), tgt_lang=lang)[0]
     log = _read_train_log(exp.train_log)
     valids = [row for row in log if row.get("type") == "valid"]
+    selection = _read_stamp(exp.selection)
     best_valid = max((row for row in valids if "bleu" in row), key=lambda r: r["bleu"], default={})
+    if selection.get("sentences"):  # the final model's own scores on the whole validation set
+        best_valid = selection["candidates"][selection["chosen"]]
     data_report = _read_stamp(exp.data_report)
-    meta = _read_stamp(exp.checkpoint_link("best") / META) or _read_stamp(exp.checkpoint_link("last") / META)
+    meta = next((m for m in (_read_stamp(exp.checkpoint_link(link) / META) for link in ("final", "best", "last")) if m),
+                {})
+    last = _read_stamp(exp.checkpoint_link("last") / META)
     stages = {name: _read_stamp(_stamp_path(config, name)).get("seconds") for name in STAGES[:-1]}
     report = {
         "experiment": config.experiment.name or exp.root.name,
@@ -224,7 +340,9 @@ def write_report(config: Config) -> dict:
             for split, counts in (data_report.get("splits") or {}).items()
             if isinstance(counts, dict)
         },
-        "model": {"size": config.model.size, "parameters": _count_parameters(exp), "step": meta.get("step")},
+        "model": {"size": config.model.size, "parameters": _count_parameters(exp), "step": meta.get("step"),
+                  "updates": last.get("step"), "selected": _describe_selection(selection)},
+        "selection": selection,
         "train_seconds": stages.get("train"),
         "valid": {
             k: round(v, 3) if isinstance(v, float) else v
@@ -249,14 +367,31 @@ def write_report(config: Config) -> dict:
     return report
 
 
+def _describe_selection(selection: dict) -> str | None:
+    """One line: which model the select stage kept and on what evidence."""
+    if not selection:
+        return None
+    chosen, metric = selection["chosen"], selection["metric"]
+    what = (f"average of steps {', '.join(map(str, selection['averaged_steps']))}" if chosen == "average"
+            else f"{chosen} checkpoint (step {selection['step']})")
+    if not selection["sentences"]:
+        return f"{what}: no validation data to choose on"
+    others = ", ".join(f"{name} {row[metric]}" for name, row in selection["candidates"].items()
+                       if name != chosen and metric in row)
+    value = selection["candidates"][chosen].get(metric)
+    label = {"bleu": "highest BLEU", "chrf": "highest chrF", "loss": "lowest loss"}[metric]
+    return (f"{what}: {label} on the {selection['sentences']:,} validation sentences ({value}"
+            + (f"; {others})" if others else ")"))
+
+
 def _count_parameters(exp: ExperimentDir) -> int | None:
-    """Parameters of the best (else last) checkpoint, read from the safetensors header alone
+    """Parameters of the final (else best, else last) checkpoint, read from the safetensors header alone
     (each shared tensor is stored, and counted, once)."""
     from safetensors import safe_open
 
     from mtkit.checkpoint import WEIGHTS
 
-    for name in ("best", "last"):
+    for name in ("final", "best", "last"):
         path = exp.checkpoint_link(name) / WEIGHTS
         if path.exists():
             with safe_open(str(path), framework="pt") as weights:
@@ -280,9 +415,10 @@ def _markdown(report: dict) -> str:
     rows = [
         ("experiment", report["experiment"]),
         *[(f"{split} pairs kept / read", f"{c.get('kept')} / {c.get('read')}") for split, c in report["data"].items()],
-        ("model", f"{model['size']}, {model['parameters'] or 0:,} parameters, {model['step']} updates"),
+        ("model", f"{model['size']}, {model['parameters'] or 0:,} parameters, {model['updates'] or 0:,} updates"),
+        ("final model", model["selected"] or f"step {model['step']}"),
         ("training time", f"{(report['train_seconds'] or 0) / 60:.1f} min"),
-        ("valid BLEU (best)", f"{valid.get('bleu')}" + (f" (step {valid['step']})" if valid.get("step") else "")),
+        ("valid BLEU / chrF (final model)", f"{valid.get('bleu')} / {valid.get('chrf')}"),
         ("test BLEU", f"{test['bleu']}"),
         ("test BLEU, lowercased", f"{test['bleu_lowercase']}"),
         ("test chrF", f"{test['chrf']}"),

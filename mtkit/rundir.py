@@ -10,6 +10,7 @@ Layout of ``experiment.dir`` (every path below comes from ``ExperimentDir``)::
     train_log.jsonl       ``mtkit train``: one JSON row per log interval and per validation
     tensorboard/          ``mtkit train``: TensorBoard scalars
     stages/               ``mtkit pipeline``: {stage}.json when a stage is done, {stage}.started.json
+    selection.json        ``mtkit pipeline``: which model it chose as final (best, last or an average) and why
     translations/         ``mtkit pipeline``: test.hyp.{lang}, test.ref.{lang}
     report.json, report.md, training.png   ``mtkit pipeline``: the scored result
 
@@ -91,6 +92,10 @@ class ExperimentDir:
     def stamp(self, stage: str, suffix: str = "") -> Path:
         """The pipeline's stamp of ``stage`` (``suffix`` ``.started`` while it runs)."""
         return self.stages / f"{stage}{suffix}.json"
+
+    @property
+    def selection(self) -> Path:
+        return self.root / "selection.json"
 
     @property
     def translations(self) -> Path:

@@ -7,8 +7,10 @@ with ``DecoderState``); ``mtkit.translate`` turns text into ids and back.
 
 Conventions. Source rows are ids followed by EOS, right-padded with PAD (as in training);
 every row holds at least one token. Output tokens exclude BOS and EOS. PAD and BOS are never
-generated. A hypothesis of ``n`` tokens is scored by its log-probability (the EOS included)
-divided by the GNMT length penalty ``((5 + n + 1) / 6) ** lenpen``.
+generated; nor is UNK under ``allow_unk=False`` (except inside a forced prefix), so that an
+output never shows SentencePiece's `` ⁇ `` (Marian's default; ``decode.allow_unk``). A
+hypothesis of ``n`` tokens is scored by its log-probability (the EOS included) divided by the
+GNMT length penalty ``((5 + n + 1) / 6) ** lenpen``.
 
 Beam search, per sentence and step: the ``2 * beam`` best extensions of the live beams are
 taken; those that end in EOS *and* rank among the ``beam`` best finish (they enter an n-best
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtkit.architectures import Model
-from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 NEG_INF = float("-inf")
 
@@ -142,10 +144,12 @@ def _make_constraints(model: Model, src: Tensor, max_len_a: float, max_len_b: in
     return _Constraints(limit.to(device), forced.to(device), prefix_len.to(device))
 
 
-def _constrain(log_probs: Tensor, step: int, min_len: int, cons: _Constraints, rows_per_sentence: int) -> Tensor:
+def _constrain(log_probs: Tensor, step: int, min_len: int, cons: _Constraints, rows_per_sentence: int,
+               allow_unk: bool = True) -> Tensor:
     """Apply the search rules to ``(N * R, V)`` log-probabilities at output position ``step``:
-    PAD and BOS never; EOS not before ``min_len``; the prefix token while inside the prefix;
-    only EOS at a sentence's maximum length."""
+    PAD and BOS never; UNK never unless ``allow_unk``; EOS not before ``min_len``; the prefix
+    token while inside the prefix (even UNK: a prefix is the caller's text); only EOS at a
+    sentence's maximum length."""
     log_probs[:, PAD_ID] = NEG_INF
     log_probs[:, BOS_ID] = NEG_INF
     in_prefix = step < cons.prefix_len
@@ -153,6 +157,8 @@ def _constrain(log_probs: Tensor, step: int, min_len: int, cons: _Constraints, r
     if not bool((in_prefix | at_max).any()):
         if step < min_len:
             log_probs[:, EOS_ID] = NEG_INF
+        if not allow_unk:
+            log_probs[:, UNK_ID] = NEG_INF
         return log_probs
     original_eos = log_probs[:, EOS_ID].clone()
     if step < min_len:
@@ -166,6 +172,8 @@ def _constrain(log_probs: Tensor, step: int, min_len: int, cons: _Constraints, r
     # EOS forced at the maximum length keeps its real log-probability even before min_len.
     kept = torch.where(target == EOS_ID, original_eos.unsqueeze(1), kept)
     only = torch.full_like(log_probs, NEG_INF).scatter_(1, target, kept)
+    if not allow_unk:
+        log_probs[:, UNK_ID] = NEG_INF
     return torch.where(forced_rows.unsqueeze(1), only, log_probs)
 
 
@@ -223,10 +231,12 @@ def beam_search(
     min_len: int = 1,
     nbest: int = 1,
     prefix: list[list[int]] | None = None,
+    allow_unk: bool = True,
 ) -> list[list[Hypothesis]]:
     """Beam search for every row of ``src`` ``(B, S)`` at once (see the module docstring).
 
     prefix: per sentence, target ids the output must start with (scored like any others).
+    allow_unk: whether UNK may be generated (``mtkit.translate`` passes ``decode.allow_unk``).
     Returns per sentence its ``nbest`` best hypotheses, best first.
     """
     if beam < 1 or not 1 <= nbest <= beam:
@@ -252,7 +262,7 @@ def beam_search(
     while sentence.numel():
         n = sentence.numel()
         logits = model.decode_step(last, state)
-        log_probs = _constrain(torch.log_softmax(logits.float(), dim=-1), step, min_len, cons, k)
+        log_probs = _constrain(torch.log_softmax(logits.float(), dim=-1), step, min_len, cons, k, allow_unk)
         values, origin, token, finishing = beam_step(scores, log_probs.view(n, k, -1), beam)
 
         if bool(finishing.any()):
@@ -298,11 +308,12 @@ def greedy_search(
     max_len_b: int = 10,
     min_len: int = 1,
     prefix: list[list[int]] | None = None,
+    allow_unk: bool = True,
 ) -> list[list[Hypothesis]]:
     """The most likely token at each step: beam search with one beam (``lenpen`` only
     scales the reported score)."""
     return beam_search(model, src, beam=1, lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b,
-                       min_len=min_len, nbest=1, prefix=prefix)
+                       min_len=min_len, nbest=1, prefix=prefix, allow_unk=allow_unk)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -340,6 +351,7 @@ def sample(
     min_len: int = 1,
     prefix: list[list[int]] | None = None,
     generator: torch.Generator | None = None,
+    allow_unk: bool = True,
 ) -> list[list[Hypothesis]]:
     """``nbest`` independent samples per sentence, best score first. Scores are the model's
     log-probabilities (before temperature and filtering), length-penalised as in beam search."""
@@ -358,7 +370,7 @@ def sample(
     step = 0
     while owner.numel():
         logits = model.decode_step(last, state).float()
-        log_probs = _constrain(torch.log_softmax(logits, dim=-1), step, min_len, cons, 1)
+        log_probs = _constrain(torch.log_softmax(logits, dim=-1), step, min_len, cons, 1, allow_unk)
         allowed = filter_logits(logits.masked_fill(log_probs == NEG_INF, NEG_INF), temperature, top_k, top_p)
         token = torch.multinomial(allowed.softmax(dim=-1), 1, generator=generator)
         scores = scores + log_probs.gather(1, token).view(-1)

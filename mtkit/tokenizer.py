@@ -176,6 +176,7 @@ def train_tokenizers(
             "user_symbols": cfg.user_symbols,
             "character_coverage": cfg.character_coverage,
             "byte_fallback": cfg.byte_fallback,
+            "normalization": cfg.normalization,
             "sentences": counts,
             "fingerprint": fingerprint.hexdigest(),
         }
@@ -228,6 +229,7 @@ def _train_one(cfg: TokenizerConfig, prefix: Path, texts: Iterable[str], seed: i
             shuffle_input_sentence=True,
             user_defined_symbols=cfg.user_symbols,
             byte_fallback=cfg.byte_fallback,
+            normalization_rule_name=cfg.normalization,
             pad_id=PAD_ID,
             unk_id=UNK_ID,
             bos_id=BOS_ID,

@@ -327,8 +327,9 @@ class Run:
 def train(config: Config, *, resume: bool = False, init_from: Path | None = None) -> TrainResult:
     """Train the experiment of ``config``; see the module docstring."""
     cfg = config.train
-    if cfg.best_metric == "bleu" and not cfg.valid_bleu:
-        raise MtkitError("train.best_metric=bleu needs train.valid_bleu=true (or set train.best_metric=loss)")
+    if cfg.best_metric in ("bleu", "chrf") and not cfg.valid_bleu:
+        raise MtkitError(f"train.best_metric={cfg.best_metric} needs train.valid_bleu=true "
+                         "(or set train.best_metric=loss)")
     threads = torch.get_num_threads()
     try:
         run = _start(config, resume, init_from)
@@ -596,10 +597,7 @@ def _validate(run: Run) -> tuple[dict[str, Any], bool]:
         metrics.update(validation_bleu(run.config, run.exp, run.model, run.runtime))
     metrics["valid_time_s"] = time.monotonic() - started
     value = metrics[cfg.best_metric]
-    if state.best_metric is None:
-        improved = True
-    else:
-        improved = value > state.best_metric if cfg.best_metric == "bleu" else value < state.best_metric
+    improved = state.best_metric is None or better(cfg.best_metric, value, state.best_metric)
     if improved:
         state.best_metric, state.best_step, state.bad_validations = value, state.step, 0
     else:
@@ -607,6 +605,11 @@ def _validate(run: Run) -> tuple[dict[str, Any], bool]:
     run.metrics = metrics
     run.reporter.validated(state, metrics, improved)
     return metrics, improved
+
+
+def better(metric: str, value: float, than: float) -> bool:
+    """Whether ``value`` of ``train.best_metric`` ``metric`` beats ``than`` (loss: lower)."""
+    return value < than if metric == "loss" else value > than
 
 
 def _patience_spent(run: Run) -> bool:

@@ -3,6 +3,10 @@
 ``Translator.translate(lines)`` is what training's validation and ``mtkit translate`` both
 use, so a validation BLEU is the BLEU that ``mtkit translate | mtkit score`` would give.
 
+Input lines (and prefixes) are normalised as ``mtkit prepare`` normalises corpora
+(``mtkit.corpus.normalize``: control characters out, whitespace runs to one space), so the
+model sees text as it saw it in training whatever the tokenizer's normalisation rule.
+
 Guarantees, for any input: exactly one ``Translation`` per input line, in input order; an
 empty (or all-whitespace) line gives an empty translation without running the model; a
 line longer than the model accepts is truncated to ``max_positions - 1`` subwords (one
@@ -26,6 +30,7 @@ import torch
 from mtkit.architectures import Model
 from mtkit.batching import pack
 from mtkit.config import DecodeConfig
+from mtkit.corpus import normalize
 from mtkit.decoder_only import DecoderOnly
 from mtkit.errors import MtkitError
 from mtkit.runtime import Shard
@@ -120,9 +125,8 @@ class Translator:
         if prefixes is not None and len(prefixes) != len(lines):
             raise ValueError(f"{len(prefixes)} prefixes for {len(lines)} lines")
         numbers = range(first_line, first_line + len(lines) * line_step, line_step)
-        # All-whitespace lines (str.isspace: also NEL, U+2028, U+3000...) are empty, whatever
-        # SentencePiece would make of them.
-        src_ids = self.tokenizers.src.encode([line if line.strip() else "" for line in lines])
+        # All-whitespace lines (str.isspace: also NEL, U+2028, U+3000...) normalise to empty.
+        src_ids = self.tokenizers.src.encode(normalize(lines))
         for number, ids in zip(numbers, src_ids, strict=True):
             if len(ids) > self.max_source:
                 self.warn(f"line {number}: {len(ids)} subwords, more than the model accepts; "
@@ -195,7 +199,7 @@ class Translator:
         src = src.to(self.device)
         d = self.decode
         common: dict[str, Any] = dict(lenpen=d.lenpen, max_len_a=d.max_len_a, max_len_b=d.max_len_b, min_len=d.min_len,
-                      prefix=prefix_ids)
+                      prefix=prefix_ids, allow_unk=d.allow_unk)
         if d.sampling:
             return sample(self.model, src, nbest=d.nbest, temperature=d.temperature, top_k=d.top_k,
                           top_p=d.top_p, generator=self.generator, **common)
@@ -205,7 +209,7 @@ class Translator:
 
     def _encode_prefixes(self, prefixes: list[str], numbers: Iterable[int]) -> list[list[int]]:
         limit = self.model.cfg.max_positions - 1
-        encoded = self.tokenizers.tgt.encode([p if p.strip() else "" for p in prefixes])
+        encoded = self.tokenizers.tgt.encode(normalize(prefixes))
         for number, ids in zip(numbers, encoded, strict=True):
             if len(ids) > limit:
                 self.warn(f"prefix line {number}: longer than the model accepts; truncated to {limit}")

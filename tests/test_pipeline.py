@@ -83,7 +83,7 @@ def test_rerun_skips_what_is_up_to_date(tmp_path, in_repo):
 
     again = run_pipeline("configs/tiny.yaml", exp)
     assert again.exit_code == 0
-    assert again.stderr.count("up to date, skipped") == 5
+    assert again.stderr.count("up to date, skipped") == 6
     assert hyp.stat().st_mtime_ns == first
 
     # A decoding change re-runs translation and scoring only.
@@ -100,6 +100,37 @@ def test_rerun_skips_what_is_up_to_date(tmp_path, in_repo):
                                  "--set", "decode.beam=1"])
     assert forced.exit_code == 0, forced.output
     assert "pipeline: train: running" in forced.stderr
+
+
+def test_final_model_is_chosen_on_the_whole_validation_set(tmp_path, in_repo):
+    """Four checkpoints: the final model is the best by chrF on all 12 validation sentences
+    of best, last and the average of the last 3 (training validated on 6); the report tells
+    the updates made apart from the chosen step. Another average re-runs selection only."""
+    from mtkit.checkpoint import resolve
+
+    exp = tmp_path / "exp"
+    result = run_pipeline("configs/tiny.yaml", exp, "train.max_steps=4", "train.valid_every=1")
+    assert result.exit_code == 0, result.output
+    selection = json.loads((exp / "selection.json").read_text())
+    assert selection["metric"] == "chrf" and selection["sentences"] == 12 and selection["updates"] == 4
+    candidates = selection["candidates"]
+    assert "average" in candidates and set(candidates) <= {"best", "last", "average"}
+    assert candidates[selection["chosen"]]["chrf"] == max(row["chrf"] for row in candidates.values())
+    chosen = exp / "checkpoints" / candidates[selection["chosen"]]["checkpoint"]
+    assert resolve(exp) == (exp / "checkpoints" / "final").resolve() == chosen.resolve()
+    if selection["chosen"] == "average":
+        assert selection["averaged_steps"] == [2, 3, 4]
+    report = json.loads((exp / "report.json").read_text())
+    assert report["model"]["updates"] == 4 and report["model"]["step"] == selection["step"]
+    assert report["valid"]["chrf"] == pytest.approx(candidates[selection["chosen"]]["chrf"], abs=1e-3)
+    markdown = (exp / "report.md").read_text()
+    assert "| model | tiny, " in markdown and ", 4 updates |" in markdown
+    assert "| final model | " in markdown and "highest chrF on the 12 validation sentences" in markdown
+
+    again = run_pipeline("configs/tiny.yaml", exp, "train.max_steps=4", "train.valid_every=1", "train.average_last=2")
+    assert again.exit_code == 0, again.output
+    assert "pipeline: train: up to date, skipped" in again.stderr
+    assert "pipeline: select: running" in again.stderr
 
 
 def test_unknown_stage_is_refused(tmp_path, in_repo):

@@ -19,7 +19,7 @@ from mtkit.search import (
     next_beams,
     sample,
 )
-from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 NEG = float("-inf")
 
@@ -313,3 +313,29 @@ def test_a_negative_length_penalty_is_refused():
         beam_search(model, src, beam=2, lenpen=-0.5)
     with pytest.raises(ValueError, match="lenpen must be >= 0"):
         sample(model, src, lenpen=-0.5)
+
+
+def unk_loving_model(vocab: int) -> Transformer:
+    """A model whose every next-token distribution puts almost all its mass on UNK (then EOS)."""
+    model = make_model(vocab, seed=10, eos_bias=4.0)
+    with torch.no_grad():
+        model.output_proj.bias[UNK_ID] = 50.0
+    return model
+
+
+def test_unk_is_never_generated_unless_allowed():
+    model = unk_loving_model(30)
+    src = make_src(SOURCES)
+    searches = {
+        "beam": lambda **kw: beam_search(model, src, beam=4, nbest=3, **kw),
+        "greedy": lambda **kw: greedy_search(model, src, **kw),
+        "sample": lambda **kw: sample(model, src, nbest=3, generator=torch.Generator().manual_seed(0), **kw),
+    }
+    for name, search in searches.items():
+        allowed = [h.tokens for hyps in search(allow_unk=True) for h in hyps]
+        assert any(UNK_ID in tokens for tokens in allowed), name
+        refused = [h.tokens for hyps in search(allow_unk=False) for h in hyps]
+        assert refused and all(tokens and UNK_ID not in tokens for tokens in refused), name
+    # A forced prefix is the caller's text: its UNK stays, and scores as the model says.
+    out = beam_search(model, src, beam=2, prefix=[[UNK_ID, 7], [], [], []], allow_unk=False)
+    assert out[0][0].tokens[:2] == [UNK_ID, 7] and UNK_ID not in out[0][0].tokens[2:]

@@ -139,3 +139,56 @@ def test_no_training_text(tokdata_experiment):
     assert result.exit_code == 1 and result.stderr == "mtkit: error: data.train: no text to train the tokenizer on\n"
     result = _train(config, "data.train=[]")
     assert result.exit_code == 1 and result.stderr == "mtkit: error: data.train: no training corpora configured\n"
+
+
+# Full-width punctuation, an ellipsis, superscripts, ligatures and full-width letters: text
+# that SentencePiece's default rule (nmt_nfkc) rewrites.
+AS_WRITTEN = ["你好，世界？是的！注意：等等…", "E = mc² and x³ …", "the ﬁnal ﬂight", "Ｆｕｌｌ ｗｉｄｔｈ １２３"]
+
+
+def _with_lines(config, lines):
+    """Append ``lines`` (five times) to both sides of the training data of ``config``."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text())["data"]["train"]
+    for side in ("src", "tgt"):
+        with open(data[side], "a", encoding="utf-8") as out:
+            out.write("".join(line + "\n" for line in lines * 5))
+    return config
+
+
+def _round_trip(config, text):
+    ids = runner.invoke(app, ["tokenizer", "encode", "-c", str(config), "--ids"], input=text)
+    assert ids.exit_code == 0, ids.output
+    back = runner.invoke(app, ["tokenizer", "decode", "-c", str(config), "--ids", "--side", "src"], input=ids.stdout)
+    assert back.exit_code == 0, back.output
+    return back.stdout
+
+
+def test_identity_normalization_keeps_text_as_written(tokdata_experiment):
+    config = _with_lines(tokdata_experiment(tokenizer={"vocab_size": 180, "num_threads": 1}), AS_WRITTEN)
+    assert _train(config).exit_code == 0
+    run = config.parent / "run"
+    assert json.loads((run / "tokenizer" / "meta.json").read_text())["normalization"] == "identity"
+    text = "".join(line + "\n" for line in AS_WRITTEN)
+    assert _round_trip(config, text) == text
+    tok = Tokenizers.load(run / "tokenizer")
+    assert tok.tgt.decode(tok.tgt.encode(AS_WRITTEN)) == AS_WRITTEN
+    assert UNK_ID not in sum(tok.tgt.encode(AS_WRITTEN), [])
+    # mtkit's own cleanup still applies: whitespace runs and control characters.
+    assert _round_trip(config, " the\t ﬁnal\x00 …\n") == "the ﬁnal …\n"
+
+    # SentencePiece's default rule, still selectable, rewrites them.
+    assert _train(config, "tokenizer.normalization=nmt_nfkc").exit_code == 0
+    rewritten = _round_trip(config, text).splitlines()
+    assert rewritten[0] == "你好,世界?是的!注意:等等..." and rewritten[1] == "E = mc2 and x3 ..."
+    assert rewritten[2:] == ["the final flight", "Full width 123"]
+
+
+def test_byte_fallback_spells_unseen_characters(tokdata_experiment):
+    config = tokdata_experiment(tokenizer={"vocab_size": 400, "byte_fallback": True, "num_threads": 1})
+    assert _train(config).exit_code == 0
+    tok = Tokenizers.load(config.parent / "run" / "tokenizer")
+    unseen = ["日本語 ﬁ ²"]  # none of these characters is in the training data
+    ids = tok.src.encode(unseen)
+    assert UNK_ID not in ids[0] and tok.src.decode(ids) == unseen

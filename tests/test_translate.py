@@ -17,6 +17,7 @@ from mtkit.config import Config, DecodeConfig, ModelConfig, TokenizerConfig, res
 from mtkit.model import Transformer
 from mtkit.tokenizer import train_tokenizers
 from mtkit.translate import Translation, Translator, one_line
+from mtkit.vocab import UNK_ID
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "red", "big", "small", "house", "tree", "runs", "walks"]
 WORDS += ["blue", "green", "man", "woman"]
@@ -110,6 +111,15 @@ def test_translate_matches_search_and_handles_empty_lines(loaded):
     full = translator.translate_lines(lines)
     assert full[3] == Translation("")
     assert all(t.score is not None and t.nbest[0] == (t.text, t.score) for i, t in enumerate(full) if i not in (3, 7))
+
+
+def test_input_is_normalised_as_prepare_normalises(loaded):
+    """Training saw text after ``mtkit.corpus.normalize``; so does translation, whatever the
+    tokenizer's own normalisation rule does with tabs, odd spaces and control characters."""
+    translator = Translator(loaded.model, loaded.tokenizers, loaded.config.decode)
+    clean = translator.translate(["the red cat", "a dog"])
+    assert translator.translate([" the\tred\u00a0 cat\x00 ", "a\u3000dog\ufeff"]) == clean
+    assert translator.translate(["\x00\x1b", "\t"]) == ["", ""]
 
 
 def test_stream_in_chunks_equals_whole(loaded):
@@ -257,6 +267,28 @@ def test_cli_prefix_file(run_dir, tmp_path):
     assert few.exit_code == 1 and few.stderr.startswith("mtkit: error: prefixes: fewer lines than the input")
     many = invoke(["translate", "-m", str(run_dir), "-i", str(short), "--prefix", str(prefix)])
     assert many.exit_code == 1 and "more lines than the input" in many.stderr
+
+
+def test_cli_never_outputs_unk_unless_allowed(loaded, tmp_path):
+    """A model that puts almost all its mass on UNK at every step: by default the translation
+    holds no `` ⁇ ``; with ``decode.allow_unk=true`` it does."""
+    config = loaded.config.model_copy(update={"model": ModelConfig(size="tiny", dropout=0.0, tie_output=False)})
+    model = Transformer(config.model, loaded.tokenizers.src.vocab_size, loaded.tokenizers.tgt.vocab_size)
+    with torch.no_grad():  # the decoder's output is all ones whatever the input; only UNK's row sees it
+        model.decoder_layer_norm.weight.zero_()
+        model.decoder_layer_norm.bias.fill_(1.0)
+        model.output_proj.weight.zero_()
+        model.output_proj.weight[UNK_ID] = 1.0
+    save_checkpoint(tmp_path / "unk" / "checkpoints", step=1, epoch=0, model=model, config=config,
+                    tokenizers=loaded.tokenizers, metrics={}, trainer_state={}, best=True, keep_last=1)
+    src = write(tmp_path / "in.txt", corpus(6, seed=7))
+    for options in ([], ["--beam", "1"], ["--sampling", "--seed", "2"]):
+        default = invoke(["translate", "-m", str(tmp_path / "unk"), "-i", str(src), *options])
+        assert default.exit_code == 0, default.output
+        assert len(default.stdout.splitlines()) == 6 and "\u2047" not in default.stdout
+        allowed = invoke(["translate", "-m", str(tmp_path / "unk"), "-i", str(src), "--set", "decode.allow_unk=true",
+                          *options])
+        assert allowed.exit_code == 0 and "\u2047" in allowed.stdout
 
 
 def test_cli_bad_checkpoints_give_one_line_errors(run_dir, tmp_path):

@@ -14,10 +14,11 @@ def pipeline(
     overrides: SetOption = None,
     start: Annotated[
         str | None,
-        typer.Option("--from", help="Re-run from this stage on: tokenizer, prepare, train, translate, score."),
+        typer.Option("--from", help="Re-run from this stage on: tokenizer, prepare, train, select, translate, score."),
     ] = None,
 ) -> None:
-    """Run tokenizer, prepare, train, translate (test set) and score; write report.md/json.
+    """Run tokenizer, prepare, train, select (the final model, on the validation set), translate
+    (test set) and score; write report.md/json.
 
     A stage whose outputs are complete and up to date for the config is skipped.
     """

@@ -8,7 +8,8 @@ with ``DecoderState``); ``mtkit.translate`` turns text into ids and back.
 Conventions. Source rows are ids followed by EOS, right-padded with PAD (as in training);
 every row holds at least one token. Output tokens exclude BOS and EOS. PAD and BOS are never
 generated. A hypothesis of ``n`` tokens is scored by its log-probability (the EOS included)
-divided by the GNMT length penalty ``((5 + n + 1) / 6) ** lenpen``.
+divided by a length penalty of ``n + 1``: GNMT's ``((5 + n + 1) / 6) ** lenpen`` (``lenpen_form``
+"gnmt", this module's default) or ``(n + 1) ** lenpen`` ("length", as fairseq and CTranslate2).
 
 Beam search, per sentence and step: the ``2 * beam`` best extensions of the live beams are
 taken; those that end in EOS *and* rank among the ``beam`` best finish (they enter an n-best
@@ -23,7 +24,7 @@ batch (their rows are selected out of the cache), so they cost nothing afterward
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import overload
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from mtkit.model import Transformer
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
+LengthPenaltyForm = Literal["gnmt", "length"]
 
 
 @dataclass
@@ -44,11 +46,15 @@ class Hypothesis:
 
 
 @overload
-def length_penalty(length: Tensor, alpha: float) -> Tensor: ...
+def length_penalty(length: Tensor, alpha: float, form: LengthPenaltyForm = "gnmt") -> Tensor: ...
 @overload
-def length_penalty(length: float, alpha: float) -> float: ...
-def length_penalty(length: Tensor | float, alpha: float) -> Tensor | float:
-    """GNMT length penalty ``((5 + length) / 6) ** alpha``; ``length`` counts the EOS."""
+def length_penalty(length: float, alpha: float, form: LengthPenaltyForm = "gnmt") -> float: ...
+def length_penalty(length: Tensor | float, alpha: float, form: LengthPenaltyForm = "gnmt") -> Tensor | float:
+    """GNMT length penalty ``((5 + length) / 6) ** alpha`` or (``form="length"``) plain
+    ``length ** alpha``; ``length`` counts the EOS. Both grow with ``length`` (the early stop
+    of beam search relies on it)."""
+    if form == "length":
+        return length**alpha
     return ((5.0 + length) / 6.0) ** alpha
 
 
@@ -223,6 +229,7 @@ def beam_search(
     min_len: int = 1,
     nbest: int = 1,
     prefix: list[list[int]] | None = None,
+    lenpen_form: LengthPenaltyForm = "gnmt",
 ) -> list[list[Hypothesis]]:
     """Beam search for every row of ``src`` ``(B, S)`` at once (see the module docstring).
 
@@ -235,7 +242,7 @@ def beam_search(
     batch, device, k = src.shape[0], src.device, beam
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     # The best score a live beam may still reach needs lp at the longest possible length.
-    best_lp = length_penalty(cons.max_len.double() + 1, lenpen)
+    best_lp = length_penalty(cons.max_len.double() + 1, lenpen, lenpen_form)
     state = model.encode(src)
     state = state.select(torch.arange(batch, device=device).repeat_interleave(k))
 
@@ -258,7 +265,7 @@ def beam_search(
             # Candidates that end here have ``step`` tokens (their beam's history).
             rows = (torch.arange(n, device=device) * k).unsqueeze(1) + origin
             ended = history[rows.view(-1)].view(n, rows.shape[1], step)
-            pool.add(torch.where(finishing, values / length_penalty(step + 1.0, lenpen), NEG_INF), ended)
+            pool.add(torch.where(finishing, values / length_penalty(step + 1.0, lenpen, lenpen_form), NEG_INF), ended)
 
         scores, origin, token = next_beams(values, origin, token, beam)
         rows = ((torch.arange(n, device=device) * k).unsqueeze(1) + origin).view(-1)
@@ -297,11 +304,12 @@ def greedy_search(
     max_len_b: int = 10,
     min_len: int = 1,
     prefix: list[list[int]] | None = None,
+    lenpen_form: LengthPenaltyForm = "gnmt",
 ) -> list[list[Hypothesis]]:
     """The most likely token at each step: beam search with one beam (``lenpen`` only
     scales the reported score)."""
     return beam_search(model, src, beam=1, lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b,
-                       min_len=min_len, nbest=1, prefix=prefix)
+                       min_len=min_len, nbest=1, prefix=prefix, lenpen_form=lenpen_form)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -339,6 +347,7 @@ def sample(
     min_len: int = 1,
     prefix: list[list[int]] | None = None,
     generator: torch.Generator | None = None,
+    lenpen_form: LengthPenaltyForm = "gnmt",
 ) -> list[list[Hypothesis]]:
     """``nbest`` independent samples per sentence, best score first. Scores are the model's
     log-probabilities (before temperature and filtering), length-penalised as in beam search."""
@@ -366,7 +375,7 @@ def sample(
         step += 1
         if bool(ended.any()):
             done = ended.nonzero().view(-1)
-            final = scores[done] / length_penalty(float(step), lenpen)
+            final = scores[done] / length_penalty(float(step), lenpen, lenpen_form)
             for sent, score, toks in zip(owner[done].tolist(), final.tolist(), history[done, :-1].tolist(),
                                          strict=True):
                 results[sent].append(Hypothesis(toks, score))

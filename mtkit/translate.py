@@ -191,7 +191,7 @@ class Translator:
         src = src.to(self.device)
         d = self.decode
         common: dict[str, Any] = dict(lenpen=d.lenpen, max_len_a=d.max_len_a, max_len_b=d.max_len_b, min_len=d.min_len,
-                      prefix=prefix_ids)
+                      prefix=prefix_ids, lenpen_form=d.length_penalty_form)
         if d.sampling:
             return sample(self.model, src, nbest=d.nbest, temperature=d.temperature, top_k=d.top_k,
                           top_p=d.top_p, generator=self.generator, **common)

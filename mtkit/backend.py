@@ -19,7 +19,6 @@ CUDA device; otherwise ``auto`` keeps PyTorch there.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -56,12 +55,12 @@ def open_backend(
     warn: Callable[[str], None],
 ) -> CT2Translator | None:
     """The search backend for ``Translator(..., backend=...)`` under ``decode.backend``: None
-    for PyTorch. ``say`` gets the one line that names it; ``warn`` what went wrong on the way
-    (a read-only checkpoint directory). prefixes: the input comes with target prefixes.
-    threads: CPU threads for CTranslate2 (default: torch's)."""
+    for PyTorch. Under ``auto``, ``say`` gets the one line that names the choice and why (an
+    explicit choice is silent, but for the one-time compute-type check); ``warn`` what went
+    wrong on the way (a read-only checkpoint directory). prefixes: the input comes with target
+    prefixes. threads: CPU threads for CTranslate2 (default: torch's)."""
     device = torch.device(device)
     if decode.backend == "torch":
-        say("backend: torch (decode.backend=torch)")
         return None
     explicit = decode.backend == "ctranslate2"
     problems = ct2_problems(loaded, decode, device, prefixes)
@@ -92,17 +91,18 @@ def open_backend(
     import ctranslate2
 
     ctranslate2.set_random_seed(seed)
-    say(f"backend: ctranslate2 {compute_type} on {device} ({why})")
+    if not explicit:
+        say(f"backend: ctranslate2 {compute_type} on {device} ({why})")
     return build(compute_type)
 
 
 def ct2_problems(loaded: Loaded, decode: DecodeConfig, device: torch.device, prefixes: bool = False) -> list[str]:
     """Why CTranslate2 cannot translate ``loaded`` under ``decode`` on ``device`` (empty: it can),
     one short clause each, the first the most basic."""
-    if importlib.util.find_spec("ctranslate2") is None:
-        return ["ctranslate2 is not installed; pip install ctranslate2"]
-    import ctranslate2
-
+    try:
+        import ctranslate2
+    except ImportError:
+        return ["ctranslate2 is not installed (pip install ctranslate2)"]
     from mtkit.export import CTranslate2Exporter
 
     if device.type not in _FAST_TYPE:

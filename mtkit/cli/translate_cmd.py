@@ -134,9 +134,10 @@ def translate(
     loaded = load_for_inference(model, device=device)
     decode = resolve_decode(loaded.config.decode, config, overrides, flags)
     seed = loaded.config.experiment.seed if seed is None else seed
-    engine = open_backend(loaded, decode, device, threads=threads, prefixes=prefix is not None, seed=seed,
-                          say=_say if leader else _quiet, warn=_warn)
-    translator = Translator(loaded.model, loaded.tokenizers, decode, device, seed=seed, warn=_warn, backend=engine)
+    search_backend = open_backend(loaded, decode, device, threads=threads, prefixes=prefix is not None, seed=seed,
+                                  say=_say if leader else _quiet, warn=_warn)
+    translator = Translator(loaded.model, loaded.tokenizers, decode, device, seed=seed, warn=_warn,
+                            backend=search_backend)
 
     hyps: list[str] = []  # kept only to score them: memory stays bounded otherwise
     count = 0

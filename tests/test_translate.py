@@ -1,6 +1,5 @@
 """The string-level translator and ``mtkit translate`` on a tiny random checkpoint."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.backends import make_translator
 from typer.testing import CliRunner
 
-from mtkit.backend import open_backend
 from mtkit.batching import pack
 from mtkit.checkpoint import save_checkpoint
 from mtkit.cli import app
 from mtkit.config import Config, DecodeConfig, ModelConfig, TokenizerConfig, resolve_decode
 from mtkit.model import Transformer
 from mtkit.tokenizer import train_tokenizers
-from mtkit.translate import Translation, Translator, one_line
+from mtkit.translate import Translation, one_line
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "red", "big", "small", "house", "tree", "runs", "walks"]
 WORDS += ["blue", "green", "man", "woman"]
@@ -66,23 +65,6 @@ def loaded(run_dir):
     from mtkit.checkpoint import load_for_inference
 
     return load_for_inference(run_dir)
-
-
-needs_ct2 = pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None, reason="ctranslate2 is not installed")
-BACKENDS = ["torch", pytest.param("ctranslate2", marks=needs_ct2)]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    """Each test that takes it runs with mtkit's own search and with CTranslate2."""
-    return request.param
-
-
-def make_translator(loaded, backend: str = "torch", decode: DecodeConfig | None = None, seed: int = 1, **kwargs):
-    """A ``Translator`` as ``mtkit translate --backend BACKEND`` builds it."""
-    decode = (decode or loaded.config.decode).model_copy(update={"backend": backend})
-    engine = open_backend(loaded, decode, seed=seed, threads=1, say=print, warn=print)
-    return Translator(loaded.model, loaded.tokenizers, decode, seed=seed, backend=engine, **kwargs)
 
 
 def invoke(args, input=None):

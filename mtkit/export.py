@@ -504,18 +504,21 @@ class CT2Translator:
     """Text in, text out through a CTranslate2 model exported by mtkit, decoding as mtkit
     does (``search`` is the CTranslate2 backend of ``mtkit.translate.Translator``): same beam
     size, n-best, minimum length, length penalty (``length`` form: CTranslate2 divides by
-    length ** lenpen, the EOS counted as mtkit counts it), sampling settings and prefixes (their
-    tokens scored, as mtkit does; CTranslate2 alone leaves them out), PAD and BOS never
-    generated, at most ``floor(max_len_a * (source_length + 1) + max_len_b)`` tokens (the source
-    length counts its EOS, as in ``mtkit.search``). CTranslate2 takes one length limit per call,
-    so with ``exact_lengths`` sentences with different limits go in separate calls (exact);
-    without it a batch uses its longest sentence's limit (for the benchmark's bare baseline).
+    length ** lenpen, the EOS counted as mtkit counts it), sampling settings and prefixes, PAD
+    and BOS never generated, at most ``floor(max_len_a * (source_length + 1) + max_len_b)``
+    tokens (the source length counts its EOS, as in ``mtkit.search``). CTranslate2 takes one
+    length limit per call, so with ``exact_lengths`` sentences with different limits go in
+    separate calls (exact); without it a batch uses its longest sentence's limit (for the
+    benchmark's bare baseline). Calls of ``search`` run concurrently on ``inter_threads``
+    threads of ``intra_threads`` each.
 
-    Calls of ``search`` run concurrently on ``inter_threads`` threads of ``intra_threads`` each.
-    Two differences remain, both at the level of the model's smallest probabilities: where
-    mtkit forces EOS at the maximum length, CTranslate2 ends the hypothesis without it (and
-    without its probability); CTranslate2 renormalises the probabilities over the tokens it
-    allows (no PAD, BOS, nor EOS before the minimum length), mtkit does not."""
+    Scores are mtkit's: where CTranslate2 leaves out a prefix's tokens, or the EOS that mtkit
+    forces at the maximum length, the hypothesis is scored again whole (``score_batch``). Two
+    differences remain. CTranslate2 renormalises the probabilities over the tokens it allows
+    (no PAD, BOS, nor EOS before the minimum length), mtkit does not: scores differ by the
+    probability the model gives those. And beam search ends a sentence when ``beam``
+    hypotheses have finished, where mtkit searches on until no live beam can beat its n-best:
+    where candidates are close, the two can pick different translations."""
 
     def __init__(
         self,
@@ -618,33 +621,35 @@ class CT2Translator:
                 target_prefix=target_prefix if any(target_prefix) else None,
                 max_decoding_length=limit, asynchronous=True, **options,
             )))
-        prefix_logprob = self._prefix_logprobs(sources, forced) if any(forced) else [0.0] * len(sources)
-        out: list[list[Hypothesis]] = [[] for _ in sources]
+        found: list[list[tuple[list[str], float]]] = [[] for _ in sources]
         for rows, results in pending:
             for row, result in zip(rows, results, strict=True):
-                hyps = [self._hypothesis(tokens, score, prefix_logprob[row], d)
-                        for tokens, score in zip(result.result().hypotheses, result.result().scores, strict=True)]
-                out[row] = sorted(hyps, key=lambda h: -h.score)[: d.nbest]
+                found[row] = list(zip(result.result().hypotheses, result.result().scores, strict=True))
+        # mtkit's score counts what CTranslate2's leaves out: a prefix's tokens, and the EOS that
+        # mtkit forces at the maximum length. Those hypotheses are scored again, whole.
+        eos = SPECIAL_PIECES[EOS_ID]
+        redo = [(row, k) for row, hyps in enumerate(found) for k, (pieces, _) in enumerate(hyps)
+                if forced[row] or not pieces or pieces[-1] != eos]
+        rescored = self._logprobs([sources[row] for row, _ in redo],
+                                  [found[row][k][0] for row, k in redo]) if redo else []
+        exact = dict(zip(redo, rescored, strict=True))
+        out: list[list[Hypothesis]] = [[] for _ in sources]
+        for row, hyps in enumerate(found):
+            mine = []
+            for k, (pieces, score) in enumerate(hyps):
+                ended = bool(pieces) and pieces[-1] == eos
+                tokens = [self.tgt_ids[p] for p in (pieces[:-1] if ended else pieces)]
+                logprob = exact.get((row, k), score * len(pieces) ** d.lenpen)
+                mine.append(Hypothesis(tokens, logprob / (len(tokens) + 1) ** d.lenpen))
+            out[row] = sorted(mine, key=lambda h: -h.score)[: d.nbest]
         return out
 
-    def _hypothesis(self, pieces: list[str], score: float, prefix_logprob: float, d: DecodeConfig) -> Hypothesis:
-        """mtkit's ``Hypothesis`` of a CTranslate2 hypothesis (EOS at its end, when it ended):
-        the log-probability with the prefix's, divided by the penalty of mtkit's length (which
-        counts an EOS even where CTranslate2 stopped at the maximum length without one)."""
-        ended = bool(pieces) and pieces[-1] == SPECIAL_PIECES[EOS_ID]
-        tokens = [self.tgt_ids[p] for p in (pieces[:-1] if ended else pieces)]
-        logprob = score * len(pieces) ** d.lenpen + prefix_logprob
-        return Hypothesis(tokens, logprob / (len(tokens) + 1) ** d.lenpen)
-
-    def _prefix_logprobs(self, sources: list[list[int]], forced: list[list[int]]) -> list[float]:
-        """The log-probability of each sentence's prefix tokens (0 without one)."""
-        rows = [r for r, ids in enumerate(forced) if ids]
-        scored = self.translator.score_batch([[self.src_pieces[i] for i in sources[r]] for r in rows],
-                                             [[self.tgt_pieces[i] for i in forced[r]] for r in rows])
-        out = [0.0] * len(sources)
-        for r, result in zip(rows, scored, strict=True):
-            out[r] = float(sum(result.log_probs[: len(forced[r])]))  # the last one is the EOS's
-        return out
+    def _logprobs(self, sources: list[list[int]], targets: list[list[str]]) -> list[float]:
+        """The log-probability of each target (pieces, an EOS at the end or not) followed by EOS."""
+        eos = SPECIAL_PIECES[EOS_ID]
+        bare = [t[:-1] if t and t[-1] == eos else t for t in targets]
+        scored = self.translator.score_batch([[self.src_pieces[i] for i in ids] for ids in sources], bare)
+        return [float(sum(result.log_probs)) for result in scored]  # its last is the EOS's
 
     def translate(self, lines: list[str], batch_size: int = 32) -> list[str]:
         """The best translation of each line, in input order (empty lines stay empty)."""

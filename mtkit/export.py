@@ -15,8 +15,9 @@ projections are split (Marian) or kept fused (CTranslate2 fuses them the same wa
 Token ids are fixed by ``mtkit.vocab``: PAD 0 ``<pad>``, UNK 1 ``<unk>``, BOS 2 ``<s>``
 (the decoder's start token), EOS 3 ``</s>``.
 
-``transformers`` and ``ctranslate2`` are optional (``pip install 'mtkit[bench]'``) and
-imported only when an export runs.
+``transformers`` is optional (``pip install 'mtkit[bench]'``); ``ctranslate2`` is a dependency
+of mtkit that may still be missing (mtkit then translates with PyTorch). Both are imported only
+when used.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MtkitError(f"{module} is not installed; run: pip install 'mtkit[bench]'") from None
+        package = module.split(".")[0]
+        how = "pip install ctranslate2" if package == "ctranslate2" else "pip install 'mtkit[bench]'"
+        raise MtkitError(f"{package} is not installed; run: {how}") from None
 
 
 # --------------------------------------------------------------------------- the template

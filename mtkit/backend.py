@@ -49,7 +49,6 @@ def open_backend(
     device: str | torch.device = "cpu",
     *,
     threads: int | None = None,
-    prefixes: bool = False,
     seed: int = 1,
     say: Callable[[str], None],
     warn: Callable[[str], None],
@@ -57,13 +56,13 @@ def open_backend(
     """The search backend for ``Translator(..., backend=...)`` under ``decode.backend``: None
     for PyTorch. Under ``auto``, ``say`` gets the one line that names the choice and why (an
     explicit choice is silent, but for the one-time compute-type check); ``warn`` what went
-    wrong on the way (a read-only checkpoint directory). prefixes: the input comes with target
-    prefixes. threads: CPU threads for CTranslate2 (default: torch's)."""
+    wrong on the way (a read-only checkpoint directory). threads: CPU threads for CTranslate2
+    (default: torch's). seed: seeds CTranslate2's sampling."""
     device = torch.device(device)
     if decode.backend == "torch":
         return None
     explicit = decode.backend == "ctranslate2"
-    problems = ct2_problems(loaded, decode, device, prefixes)
+    problems = ct2_problems(loaded, decode, device)
     if problems:
         if explicit:
             raise MtkitError("decode.backend=ctranslate2: " + "; ".join(problems))
@@ -96,7 +95,7 @@ def open_backend(
     return build(compute_type)
 
 
-def ct2_problems(loaded: Loaded, decode: DecodeConfig, device: torch.device, prefixes: bool = False) -> list[str]:
+def ct2_problems(loaded: Loaded, decode: DecodeConfig, device: torch.device) -> list[str]:
     """Why CTranslate2 cannot translate ``loaded`` under ``decode`` on ``device`` (empty: it can),
     one short clause each, the first the most basic."""
     try:
@@ -117,7 +116,6 @@ def ct2_problems(loaded: Loaded, decode: DecodeConfig, device: torch.device, pre
     if decode.compute_type != "auto" and decode.compute_type not in supported:
         problems.append(f"decode.compute_type={decode.compute_type}: not supported on this {device.type} "
                         f"(supported: {', '.join(sorted(supported))})")
-    del prefixes  # prefixes are honoured (CT2Translator scores their tokens as mtkit does)
     return problems
 
 

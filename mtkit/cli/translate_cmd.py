@@ -134,8 +134,8 @@ def translate(
     loaded = load_for_inference(model, device=device)
     decode = resolve_decode(loaded.config.decode, config, overrides, flags)
     seed = loaded.config.experiment.seed if seed is None else seed
-    search_backend = open_backend(loaded, decode, device, threads=threads, prefixes=prefix is not None, seed=seed,
-                                  say=_say if leader else _quiet, warn=_warn)
+    search_backend = open_backend(loaded, decode, device, threads=threads, seed=seed, say=_say if leader else _quiet,
+                                  warn=_warn)
     translator = Translator(loaded.model, loaded.tokenizers, decode, device, seed=seed, warn=_warn,
                             backend=search_backend)
 

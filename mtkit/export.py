@@ -516,12 +516,12 @@ class CT2Translator:
     threads of ``intra_threads`` each.
 
     Scores are mtkit's: where CTranslate2 leaves out a prefix's tokens, or the EOS that mtkit
-    forces at the maximum length, the hypothesis is scored again whole (``score_batch``). Two
-    differences remain. CTranslate2 renormalises the probabilities over the tokens it allows
-    (no PAD, BOS, nor EOS before the minimum length), mtkit does not: scores differ by the
-    probability the model gives those. And beam search ends a sentence when ``beam``
-    hypotheses have finished, where mtkit searches on until no live beam can beat its n-best:
-    where candidates are close, the two can pick different translations."""
+    forces at the maximum length, the hypothesis is scored again whole (``score_batch``). Both
+    end a sentence's beam search once ``beam`` hypotheses have finished (``mtkit.search`` under
+    the length form). One difference remains: CTranslate2 renormalises the probabilities over
+    the tokens it allows (no PAD, BOS, nor EOS before the minimum length), mtkit does not, so
+    scores differ by the probability the model gives those, and where candidates are that close
+    the two can pick different translations."""
 
     def __init__(
         self,

@@ -16,9 +16,11 @@ taken; those that end in EOS *and* rank among the ``beam`` best finish (they ent
 pool of size ``nbest``); the ``beam`` best that do not end in EOS stay live, so the beam is
 always full. A sentence is done when its pool is full and no live beam can still beat the
 pool's worst hypothesis: log-probabilities only fall as a hypothesis grows, so the best a
-live beam with log-probability ``s <= 0`` can reach is ``s / lp(max_len + 1)``. With one
-beam the first EOS ends the sentence, which is greedy search. Done sentences leave the
-batch (their rows are selected out of the cache), so they cost nothing afterwards.
+live beam with log-probability ``s <= 0`` can reach is ``s / lp(max_len + 1)``. Under the
+"length" form with ``lenpen > 0`` that bound holds nearly every sentence to its maximum length,
+so there a sentence is done once ``beam`` hypotheses have finished (CTranslate2's and fairseq's
+rule). With one beam the first EOS ends the sentence, which is greedy search. Done sentences
+leave the batch (their rows are selected out of the cache), so they cost nothing afterwards.
 """
 
 from __future__ import annotations
@@ -243,6 +245,11 @@ def beam_search(
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     # The best score a live beam may still reach needs lp at the longest possible length.
     best_lp = length_penalty(cons.max_len.double() + 1, lenpen, lenpen_form)
+    # Under length ** lenpen that bound is so loose that nearly every sentence would search to
+    # its maximum length: a sentence ends instead once ``beam`` hypotheses have finished, as in
+    # CTranslate2 and fairseq.
+    count_finished = lenpen_form == "length" and lenpen != 0
+    finished_count = torch.zeros(batch, dtype=torch.long, device=device)
     state = model.encode(src)
     state = state.select(torch.arange(batch, device=device).repeat_interleave(k))
 
@@ -261,6 +268,7 @@ def beam_search(
         log_probs = _constrain(torch.log_softmax(logits.float(), dim=-1), step, min_len, cons, k)
         values, origin, token, finishing = beam_step(scores, log_probs.view(n, k, -1), beam)
 
+        finished_count += finishing.sum(dim=1)
         if bool(finishing.any()):
             # Candidates that end here have ``step`` tokens (their beam's history).
             rows = (torch.arange(n, device=device) * k).unsqueeze(1) + origin
@@ -278,6 +286,8 @@ def beam_search(
         worst_kept = pool.scores[:, -1]
         if k == 1:  # greedy: the first EOS ends the sentence
             done = worst_kept > NEG_INF
+        elif count_finished:
+            done = finished_count >= k
         else:
             done = (worst_kept > NEG_INF) & (worst_kept.double() >= best_live.double() / best_lp)
         done |= best_live == NEG_INF
@@ -287,6 +297,7 @@ def beam_search(
                 results[index] = hyps
             keep = (~done).nonzero().view(-1)
             sentence, scores, best_lp = sentence[keep], scores[keep], best_lp[keep]
+            finished_count = finished_count[keep]
             cons, pool = cons.select(keep), pool.select(keep)
             beam_rows = ((keep * k).unsqueeze(1) + torch.arange(k, device=device)).view(-1)
             history, last = history[beam_rows], last[beam_rows]

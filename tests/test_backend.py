@@ -250,8 +250,10 @@ def test_length_penalty_forms_score_the_same_tokens_by_their_formula(run_dir):
     {"beam": 1},
     {"beam": 1, "min_len": 4},
     {"beam": 1, "max_len_a": 0.5, "max_len_b": 1},
+    {"beam": 3},
+    {"beam": 4, "lenpen": 0.6, "max_len_a": 0.5, "max_len_b": 1},
 ])
-def test_greedy_search_gives_the_same_text_with_either_backend(run_dir, settings):
+def test_search_gives_the_same_text_with_either_backend(run_dir, settings):
     """Lines of many lengths in one batch: each keeps its own maximum length."""
     loaded = load_for_inference(run_dir)
     decode = loaded.config.decode.model_copy(update={**settings, "compute_type": "float32"})
@@ -275,3 +277,48 @@ def test_prefix_tokens_count_in_the_score_with_either_backend(run_dir):
     # The same tokens, scored alike: CTranslate2's score lacks the prefix's tokens (and here,
     # at the maximum length, the EOS); the backend scores them again, whole.
     assert ct2.score == pytest.approx(plain.score, rel=1e-4)
+
+
+def reference_length_form_beam(model, src_row, *, beam, lenpen, max_len, nbest):
+    """Beam search under length ** lenpen for one sentence, with lists and full recomputation:
+    the finishing rule of mtkit.search, ended once ``beam`` hypotheses have finished."""
+    from mtkit.search import length_penalty
+    from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
+
+    vocab = model.output_proj.out_features
+    live, finished, count = [([], 0.0)], [], 0
+    for step in range(max_len + 1):
+        cands = []
+        for toks, score in live:
+            with torch.no_grad():
+                logits = model(src_row[None], torch.tensor([[BOS_ID] + toks]))[0, -1]
+            lp = torch.log_softmax(logits.float(), dim=-1).tolist()
+            cands += [(score + lp[v], toks, v) for v in range(vocab)
+                      if v not in (PAD_ID, BOS_ID) and (v == EOS_ID or step < max_len) and (v != EOS_ID or step >= 1)]
+        cands = sorted(cands, key=lambda c: -c[0])[: 2 * beam]
+        for rank, (score, toks, v) in enumerate(cands):
+            if v == EOS_ID and rank < beam:
+                finished.append((toks, score / length_penalty(step + 1, lenpen, "length")))
+                count += 1
+        finished = sorted(finished, key=lambda f: -f[1])[:nbest]
+        live = [(toks + [v], score) for score, toks, v in cands if v != EOS_ID][:beam]
+        if not live or count >= beam:
+            break
+    return finished
+
+
+@pytest.mark.parametrize(("beam", "lenpen", "nbest"), [(3, 1.0, 1), (4, 0.6, 3)])
+def test_length_form_beam_search_ends_once_beam_hypotheses_have_finished(beam, lenpen, nbest):
+    from test_search import SOURCES, make_model, make_src
+
+    from mtkit.search import beam_search
+
+    model = make_model(30, seed=0, eos_bias=1.0)  # one where searching on to the bound finds other outputs
+    src = make_src(SOURCES)
+    out = beam_search(model, src, beam=beam, lenpen=lenpen, max_len_a=1.0, max_len_b=3, min_len=1, nbest=nbest,
+                      lenpen_form="length")
+    for row, source in enumerate(SOURCES):
+        expected = reference_length_form_beam(model, src[row], beam=beam, lenpen=lenpen, max_len=len(source) + 1 + 3,
+                                              nbest=nbest)
+        assert [h.tokens for h in out[row]] == [e[0] for e in expected]
+        assert [h.score for h in out[row]] == pytest.approx([e[1] for e in expected], abs=1e-4)

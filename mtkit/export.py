@@ -20,17 +20,22 @@ projections are split (Marian) or kept fused (CTranslate2 fuses them the same wa
 Token ids are fixed by ``mtkit.vocab``: PAD 0 ``<pad>``, UNK 1 ``<unk>``, BOS 2 ``<s>``
 (the decoder's start token), EOS 3 ``</s>``.
 
-``transformers`` and ``ctranslate2`` are optional (``pip install 'mtkit[bench]'``) and
-imported only when an export runs.
+``transformers`` is optional (``pip install 'mtkit[bench]'``); ``ctranslate2`` is a dependency
+of mtkit that may still be missing (mtkit then translates with PyTorch). Both are imported only
+when used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
+import os
 import shutil
+import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -45,6 +50,7 @@ from mtkit.decoder_only import Block, DecoderOnly
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text
 from mtkit.model import DecoderLayer, EncoderLayer, Transformer
+from mtkit.search import Hypothesis
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
@@ -56,7 +62,9 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MtkitError(f"{module} is not installed; run: pip install 'mtkit[bench]'") from None
+        package = module.split(".")[0]
+        how = "pip install ctranslate2" if package == "ctranslate2" else "pip install 'mtkit[bench]'"
+        raise MtkitError(f"{package} is not installed; run: {how}") from None
 
 
 # --------------------------------------------------------------------------- the template
@@ -354,6 +362,82 @@ class CTranslate2Exporter(Exporter):
         shutil.copyfile(loaded.tokenizers.tgt.path, directory / "target.spm")
 
 
+CT2_PREFIX = "ctranslate2-"
+"""Converted models live in ``{checkpoint}/ctranslate2-{key}/`` (or the cache directory)."""
+_CT2_CONVERTER_VERSION = 1  # bump when ctranslate2_spec changes what it writes
+
+
+def ct2_model_dir(loaded: Loaded, warn: Callable[[str], None]) -> Path:
+    """The CTranslate2 conversion of ``loaded``, made on first use and reused afterwards.
+
+    It is keyed by a hash of the weights, the model config, the tokenizers and the versions of
+    the converter and of ctranslate2, so a stale conversion is never used (it is replaced, and
+    removed). Written into the checkpoint directory, or where that is read-only into
+    ``mtkit_cache_dir()`` (``warn`` says so), through a temporary directory renamed into place
+    whole: a process that finds the conversion complete uses it; two processes converting at
+    once each finish their own and the second rename loses to the first, harmlessly.
+    MtkitError when neither place is writable."""
+    require("ctranslate2")
+    name = CT2_PREFIX + _ct2_key(loaded)
+    checkpoint = Path(loaded.path).resolve()
+    # One cache folder per checkpoint path, so that pruning stale conversions stays within it.
+    folder = hashlib.blake2b(str(checkpoint).encode(), digest_size=8).hexdigest()
+    places = [checkpoint, mtkit_cache_dir() / "ctranslate2" / folder]
+    problems = []
+    for number, parent in enumerate(places):
+        target = parent / name
+        if (target / "model.bin").is_file():
+            return target
+        try:
+            _convert_into(loaded, target)
+        except OSError as err:
+            problems.append(f"{parent}: {err.strerror or err}")
+            continue
+        if number:
+            warn(f"{places[0]}: not writable; the CTranslate2 model is in {target}")
+        return target
+    raise MtkitError("cannot store the CTranslate2 model: " + "; ".join(problems))
+
+
+def mtkit_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/mtkit`` (default ``~/.cache/mtkit``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "mtkit"
+
+
+def _ct2_key(loaded: Loaded) -> str:
+    ctranslate2 = require("ctranslate2")
+    digest = hashlib.blake2b(digest_size=8)
+    header = {"converter": _CT2_CONVERTER_VERSION, "ctranslate2": ctranslate2.__version__,
+              "model": loaded.config.model.model_dump(mode="json")}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for path in [Path(loaded.path) / "model.safetensors", *loaded.tokenizers.model_files()]:
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_into(loaded: Loaded, target: Path) -> None:
+    """Convert into a temporary directory beside ``target`` and rename it to ``target``
+    (never over an existing one: a concurrent conversion that got there first wins)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        CTranslate2Exporter().write(loaded, tmp)
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model.bin").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for stale in target.parent.glob(CT2_PREFIX + "*"):
+        if stale.name != target.name and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 _CT2_ACTIVATIONS = {"relu": "RELU", "gelu": "GELU"}
 
 
@@ -482,13 +566,23 @@ def _ct2_ffn(spec: Any, layer: EncoderLayer | DecoderLayer | Block) -> None:
 
 class CT2Translator:
     """Text in, text out through a CTranslate2 model exported by mtkit, decoding as mtkit
-    does: same beam size and minimum length, PAD and BOS never generated, at most
-    ``floor(max_len_a * (source_length + 1) + max_len_b)`` tokens (the source length counts
-    its EOS, as in ``mtkit.search``). CTranslate2 takes one length limit per call, so with
-    ``exact_lengths`` sentences with different limits go in separate calls (exact, for parity
-    checks); without it a batch uses its longest sentence's limit (fast, for benchmarks).
-    CTranslate2's length penalty divides by ``length ** lenpen``; mtkit's by GNMT's
-    ``((5 + length) / 6) ** lenpen``, so beam outputs may differ where candidates are close."""
+    does (``search`` is the CTranslate2 backend of ``mtkit.translate.Translator``): same beam
+    size, n-best, minimum length, length penalty (``length`` form: CTranslate2 divides by
+    length ** lenpen, the EOS counted as mtkit counts it), sampling settings and prefixes, PAD
+    and BOS never generated, at most ``floor(max_len_a * (source_length + 1) + max_len_b)``
+    tokens (the source length counts its EOS, as in ``mtkit.search``). CTranslate2 takes one
+    length limit per call, so with ``exact_lengths`` sentences with different limits go in
+    separate calls (exact); without it a batch uses its longest sentence's limit (for the
+    benchmark's bare baseline). Calls of ``search`` run concurrently on ``inter_threads``
+    threads of ``intra_threads`` each.
+
+    Scores are mtkit's: where CTranslate2 leaves out a prefix's tokens, or the EOS that mtkit
+    forces at the maximum length, the hypothesis is scored again whole (``score_batch``). Both
+    end a sentence's beam search once ``beam`` hypotheses have finished (``mtkit.search`` under
+    the length form). One difference remains: CTranslate2 renormalises the probabilities over
+    the tokens it allows (no PAD, BOS, nor EOS before the minimum length), mtkit does not, so
+    scores differ by the probability the model gives those, and where candidates are that close
+    the two can pick different translations."""
 
     def __init__(
         self,
@@ -496,21 +590,32 @@ class CT2Translator:
         tokenizers: Any,
         decode: DecodeConfig,
         *,
+        device: str = "cpu",
+        device_index: int = 0,
         compute_type: str = "default",
         intra_threads: int = 0,
+        inter_threads: int = 1,
         exact_lengths: bool = True,
+        max_positions: int | None = None,
     ):
         ctranslate2 = require("ctranslate2")
         self.translator = ctranslate2.Translator(
-            str(model_dir), device="cpu", compute_type=compute_type, intra_threads=intra_threads, inter_threads=1
+            str(model_dir), device=device, device_index=device_index, compute_type=compute_type,
+            intra_threads=intra_threads, inter_threads=inter_threads,
         )
         self.tokenizers, self.decode, self.exact_lengths = tokenizers, decode, exact_lengths
+        self.max_positions = max_positions
         self.src_pieces = _pieces(tokenizers.src.path)
-        self.tgt_ids = {piece: i for i, piece in enumerate(_pieces(tokenizers.tgt.path))}
+        self.tgt_pieces = _pieces(tokenizers.tgt.path)
+        self.tgt_ids = {piece: i for i, piece in enumerate(self.tgt_pieces)}
 
-    def max_length(self, source_length: int) -> int:
-        """mtkit's output limit (tokens before EOS) for a source of ``source_length`` subwords."""
-        return int(math.floor(self.decode.max_len_a * (source_length + 1) + self.decode.max_len_b))
+    def max_length(self, source_length: int, floor: int = 0, decode: DecodeConfig | None = None) -> int:
+        """mtkit's output limit (tokens before EOS) for a source of ``source_length`` subwords:
+        at least ``floor`` (the prefix length, the minimum length), at most what the model's
+        positions allow (as ``mtkit.search.max_lengths``)."""
+        d = decode or self.decode
+        limit = max(int(math.floor(d.max_len_a * (source_length + 1) + d.max_len_b)), floor)
+        return limit if self.max_positions is None else min(limit, self.max_positions - 1)
 
     def translate_ids(self, batch: list[list[int]]) -> list[list[int]]:
         """Best hypothesis ids (no BOS/EOS) for non-empty source id lists (no BOS/EOS), in order."""
@@ -532,6 +637,84 @@ class CT2Translator:
             for r, result in zip(rows, results, strict=True):
                 out[r] = [self.tgt_ids[p] for p in result.hypotheses[0]]
         return out
+
+    def search(
+        self,
+        batches: list[list[list[int]]],
+        prefixes: list[list[list[int]]] | None = None,
+        decode: DecodeConfig | None = None,
+    ) -> list[list[Hypothesis]]:
+        """Per sentence of ``batches`` (each a list of non-empty source id lists, no EOS), its
+        n-best ``Hypothesis`` list, best first, as ``mtkit.search`` returns them; the sentences
+        in order, batch after batch. ``prefixes``: per batch, per sentence, target ids the
+        output starts with ([] for none). All batches are submitted at once, so that they run
+        concurrently on the translator's ``inter_threads``."""
+        d = decode or self.decode
+        sources = [ids for batch in batches for ids in batch]
+        forced = [ids for batch in prefixes for ids in batch] if prefixes is not None else [[] for _ in sources]
+        # A sentence's limit: CTranslate2 takes one per call, so each batch is cut into runs
+        # of equal limit (sorted batches hold few distinct lengths).
+        groups: dict[tuple[int, int], list[int]] = {}
+        start = 0
+        for number, batch in enumerate(batches):
+            for row in range(start, start + len(batch)):
+                limit = self.max_length(len(sources[row]), max(len(forced[row]), d.min_len), d)
+                groups.setdefault((number, limit), []).append(row)
+            start += len(batch)
+        # Prefix tokens count in mtkit's score but not in CTranslate2's: the beam's candidates
+        # are the same (every one holds the prefix), but ranking them with the prefix's log-
+        # probability added needs them all.
+        rescore = any(forced) and d.lenpen != 0 and not d.sampling and d.nbest < d.beam
+        options: dict[str, Any] = dict(
+            beam_size=1 if d.sampling else d.beam,
+            num_hypotheses=d.beam if rescore else d.nbest,
+            length_penalty=d.lenpen,
+            min_decoding_length=d.min_len,
+            suppress_sequences=[[SPECIAL_PIECES[PAD_ID]], [SPECIAL_PIECES[BOS_ID]]],
+            disable_unk=not d.allow_unk,
+            return_end_token=True,  # the length that the penalty divides by counts the EOS
+            return_scores=True,
+            max_input_length=0,  # mtkit.translate already truncated the source
+        )
+        if d.sampling:
+            options.update(sampling_topk=d.top_k, sampling_topp=d.top_p, sampling_temperature=d.temperature)
+        pending = []
+        for (_, limit), rows in groups.items():
+            target_prefix = [[self.tgt_pieces[i] for i in forced[r]] or None for r in rows]
+            pending.append((rows, self.translator.translate_batch(
+                [[self.src_pieces[i] for i in sources[r]] for r in rows],
+                target_prefix=target_prefix if any(target_prefix) else None,
+                max_decoding_length=limit, asynchronous=True, **options,
+            )))
+        found: list[list[tuple[list[str], float]]] = [[] for _ in sources]
+        for rows, results in pending:
+            for row, result in zip(rows, results, strict=True):
+                found[row] = list(zip(result.result().hypotheses, result.result().scores, strict=True))
+        # mtkit's score counts what CTranslate2's leaves out: a prefix's tokens, and the EOS that
+        # mtkit forces at the maximum length. Those hypotheses are scored again, whole.
+        eos = SPECIAL_PIECES[EOS_ID]
+        redo = [(row, k) for row, hyps in enumerate(found) for k, (pieces, _) in enumerate(hyps)
+                if forced[row] or not pieces or pieces[-1] != eos]
+        rescored = self._logprobs([sources[row] for row, _ in redo],
+                                  [found[row][k][0] for row, k in redo]) if redo else []
+        exact = dict(zip(redo, rescored, strict=True))
+        out: list[list[Hypothesis]] = [[] for _ in sources]
+        for row, hyps in enumerate(found):
+            mine = []
+            for k, (pieces, score) in enumerate(hyps):
+                ended = bool(pieces) and pieces[-1] == eos
+                tokens = [self.tgt_ids[p] for p in (pieces[:-1] if ended else pieces)]
+                logprob = exact.get((row, k), score * len(pieces) ** d.lenpen)
+                mine.append(Hypothesis(tokens, logprob / (len(tokens) + 1) ** d.lenpen))
+            out[row] = sorted(mine, key=lambda h: -h.score)[: d.nbest]
+        return out
+
+    def _logprobs(self, sources: list[list[int]], targets: list[list[str]]) -> list[float]:
+        """The log-probability of each target (pieces, an EOS at the end or not) followed by EOS."""
+        eos = SPECIAL_PIECES[EOS_ID]
+        bare = [t[:-1] if t and t[-1] == eos else t for t in targets]
+        scored = self.translator.score_batch([[self.src_pieces[i] for i in ids] for ids in sources], bare)
+        return [float(sum(result.log_probs)) for result in scored]  # its last is the EOS's
 
     def translate(self, lines: list[str], batch_size: int = 32) -> list[str]:
         """The best translation of each line, in input order (empty lines stay empty)."""

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -289,7 +290,9 @@ class _ValidationScorer:
 
 
 def translate_test_set(config: Config) -> Path:
-    """Translate the prepared test split with the best checkpoint; write hypotheses and references."""
+    """Translate the prepared test split with the best checkpoint, with the backend that
+    ``mtkit translate`` would use (named on stderr); write hypotheses and references."""
+    from mtkit.backend import open_backend
     from mtkit.checkpoint import load_for_inference
     from mtkit.data import load_split
     from mtkit.translate import Translator
@@ -297,12 +300,18 @@ def translate_test_set(config: Config) -> Path:
     exp = ExperimentDir(config.experiment.dir)
     test = load_split(exp.root, "test")
     loaded = load_for_inference(exp.root, device=_device(config))
-    translator = Translator(loaded.model, loaded.tokenizers, config.decode, device=_device(config))
+    engine = open_backend(loaded, config.decode, _device(config), threads=config.train.threads,
+                          seed=config.experiment.seed, say=_say, warn=lambda m: _say(f"warning: {m}"))
+    translator = Translator(loaded.model, loaded.tokenizers, config.decode, device=_device(config), backend=engine)
     hyps = translator.translate(list(test["src"]))
     lang = config.data.tgt_lang
     atomic_write_text(exp.test_references(lang), "".join(line + "\n" for line in test["tgt"]))
     atomic_write_text(exp.test_hypotheses(lang), "".join(line + "\n" for line in hyps))
     return exp.test_hypotheses(lang)
+
+
+def _say(message: str) -> None:
+    print(f"mtkit: {message}", file=sys.stderr, flush=True)
 
 
 def _device(config: Config) -> str:

@@ -9,23 +9,26 @@ Conventions. Source rows are ids followed by EOS, right-padded with PAD (as in t
 every row holds at least one token. Output tokens exclude BOS and EOS. PAD and BOS are never
 generated; nor is UNK under ``allow_unk=False`` (except inside a forced prefix), so that an
 output never shows SentencePiece's `` ⁇ `` (Marian's default; ``decode.allow_unk``). A
-hypothesis of ``n`` tokens is scored by its log-probability (the EOS included) divided by the
-GNMT length penalty ``((5 + n + 1) / 6) ** lenpen``.
+hypothesis of ``n`` tokens is scored by its log-probability (the EOS included) divided by a
+length penalty of ``n + 1``: GNMT's ``((5 + n + 1) / 6) ** lenpen`` (``lenpen_form`` "gnmt",
+this module's default) or ``(n + 1) ** lenpen`` ("length", as fairseq and CTranslate2).
 
 Beam search, per sentence and step: the ``2 * beam`` best extensions of the live beams are
 taken; those that end in EOS *and* rank among the ``beam`` best finish (they enter an n-best
 pool of size ``nbest``); the ``beam`` best that do not end in EOS stay live, so the beam is
 always full. A sentence is done when its pool is full and no live beam can still beat the
 pool's worst hypothesis: log-probabilities only fall as a hypothesis grows, so the best a
-live beam with log-probability ``s <= 0`` can reach is ``s / lp(max_len + 1)``. With one
-beam the first EOS ends the sentence, which is greedy search. Done sentences leave the
-batch (their rows are selected out of the cache), so they cost nothing afterwards.
+live beam with log-probability ``s <= 0`` can reach is ``s / lp(max_len + 1)``. Under the
+"length" form with ``lenpen > 0`` that bound holds nearly every sentence to its maximum length,
+so there a sentence is done once ``beam`` hypotheses have finished (CTranslate2's and fairseq's
+rule). With one beam the first EOS ends the sentence, which is greedy search. Done sentences
+leave the batch (their rows are selected out of the cache), so they cost nothing afterwards.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ from mtkit.architectures import Model
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 NEG_INF = float("-inf")
+LengthPenaltyForm = Literal["gnmt", "length"]
 
 
 @dataclass
@@ -46,11 +50,15 @@ class Hypothesis:
 
 
 @overload
-def length_penalty(length: Tensor, alpha: float) -> Tensor: ...
+def length_penalty(length: Tensor, alpha: float, form: LengthPenaltyForm = "gnmt") -> Tensor: ...
 @overload
-def length_penalty(length: float, alpha: float) -> float: ...
-def length_penalty(length: Tensor | float, alpha: float) -> Tensor | float:
-    """GNMT length penalty ``((5 + length) / 6) ** alpha``; ``length`` counts the EOS."""
+def length_penalty(length: float, alpha: float, form: LengthPenaltyForm = "gnmt") -> float: ...
+def length_penalty(length: Tensor | float, alpha: float, form: LengthPenaltyForm = "gnmt") -> Tensor | float:
+    """GNMT length penalty ``((5 + length) / 6) ** alpha`` or (``form="length"``) plain
+    ``length ** alpha``; ``length`` counts the EOS. Both grow with ``length`` (the early stop
+    of beam search relies on it)."""
+    if form == "length":
+        return length**alpha
     return ((5.0 + length) / 6.0) ** alpha
 
 
@@ -232,6 +240,7 @@ def beam_search(
     nbest: int = 1,
     prefix: list[list[int]] | None = None,
     allow_unk: bool = True,
+    lenpen_form: LengthPenaltyForm = "gnmt",
 ) -> list[list[Hypothesis]]:
     """Beam search for every row of ``src`` ``(B, S)`` at once (see the module docstring).
 
@@ -245,7 +254,12 @@ def beam_search(
     batch, device, k = src.shape[0], src.device, beam
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     # The best score a live beam may still reach needs lp at the longest possible length.
-    best_lp = length_penalty(cons.max_len.double() + 1, lenpen)
+    best_lp = length_penalty(cons.max_len.double() + 1, lenpen, lenpen_form)
+    # Under length ** lenpen that bound is so loose that nearly every sentence would search to
+    # its maximum length: a sentence ends instead once ``beam`` hypotheses have finished, as in
+    # CTranslate2 and fairseq.
+    count_finished = lenpen_form == "length" and lenpen != 0
+    finished_count = torch.zeros(batch, dtype=torch.long, device=device)
     # The model's own state type (DecoderState or DecoderOnlyState), which its decode_step takes.
     state: Any = model.encode(src)
     state = state.select(torch.arange(batch, device=device).repeat_interleave(k))
@@ -265,11 +279,12 @@ def beam_search(
         log_probs = _constrain(torch.log_softmax(logits.float(), dim=-1), step, min_len, cons, k, allow_unk)
         values, origin, token, finishing = beam_step(scores, log_probs.view(n, k, -1), beam)
 
+        finished_count += finishing.sum(dim=1)
         if bool(finishing.any()):
             # Candidates that end here have ``step`` tokens (their beam's history).
             rows = (torch.arange(n, device=device) * k).unsqueeze(1) + origin
             ended = history[rows.view(-1)].view(n, rows.shape[1], step)
-            pool.add(torch.where(finishing, values / length_penalty(step + 1.0, lenpen), NEG_INF), ended)
+            pool.add(torch.where(finishing, values / length_penalty(step + 1.0, lenpen, lenpen_form), NEG_INF), ended)
 
         scores, origin, token = next_beams(values, origin, token, beam)
         rows = ((torch.arange(n, device=device) * k).unsqueeze(1) + origin).view(-1)
@@ -282,6 +297,8 @@ def beam_search(
         worst_kept = pool.scores[:, -1]
         if k == 1:  # greedy: the first EOS ends the sentence
             done = worst_kept > NEG_INF
+        elif count_finished:
+            done = finished_count >= k
         else:
             done = (worst_kept > NEG_INF) & (worst_kept.double() >= best_live.double() / best_lp)
         done |= best_live == NEG_INF
@@ -291,6 +308,7 @@ def beam_search(
                 results[index] = hyps
             keep = (~done).nonzero().view(-1)
             sentence, scores, best_lp = sentence[keep], scores[keep], best_lp[keep]
+            finished_count = finished_count[keep]
             cons, pool = cons.select(keep), pool.select(keep)
             beam_rows = ((keep * k).unsqueeze(1) + torch.arange(k, device=device)).view(-1)
             history, last = history[beam_rows], last[beam_rows]
@@ -309,11 +327,12 @@ def greedy_search(
     min_len: int = 1,
     prefix: list[list[int]] | None = None,
     allow_unk: bool = True,
+    lenpen_form: LengthPenaltyForm = "gnmt",
 ) -> list[list[Hypothesis]]:
     """The most likely token at each step: beam search with one beam (``lenpen`` only
     scales the reported score)."""
     return beam_search(model, src, beam=1, lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b,
-                       min_len=min_len, nbest=1, prefix=prefix, allow_unk=allow_unk)
+                       min_len=min_len, nbest=1, prefix=prefix, allow_unk=allow_unk, lenpen_form=lenpen_form)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -352,6 +371,7 @@ def sample(
     prefix: list[list[int]] | None = None,
     generator: torch.Generator | None = None,
     allow_unk: bool = True,
+    lenpen_form: LengthPenaltyForm = "gnmt",
 ) -> list[list[Hypothesis]]:
     """``nbest`` independent samples per sentence, best score first. Scores are the model's
     log-probabilities (before temperature and filtering), length-penalised as in beam search."""
@@ -379,7 +399,7 @@ def sample(
         step += 1
         if bool(ended.any()):
             done = ended.nonzero().view(-1)
-            final = scores[done] / length_penalty(float(step), lenpen)
+            final = scores[done] / length_penalty(float(step), lenpen, lenpen_form)
             for sent, score, toks in zip(owner[done].tolist(), final.tolist(), history[done, :-1].tolist(),
                                          strict=True):
                 results[sent].append(Hypothesis(toks, score))

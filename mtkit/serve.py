@@ -244,7 +244,7 @@ class Engine:
                 base = self.translator
                 decode = base.decode.model_copy(update={"nbest": nbest})
                 self._translators[nbest] = Translator(base.model, base.tokenizers, decode, base.device,
-                                                      warn=base.warn)
+                                                      warn=base.warn, backend=base.backend)
             return self._translators[nbest]
 
     def _translate(self, pieces: list[tuple[_Job, int, int]]) -> None:

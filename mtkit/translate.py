@@ -1,7 +1,9 @@
 """Text in, text out: SentencePiece + a model + ``mtkit.search``.
 
 ``Translator.translate(lines)`` is what training's validation and ``mtkit translate`` both
-use, so a validation BLEU is the BLEU that ``mtkit translate | mtkit score`` would give.
+use, so a validation BLEU is the BLEU that ``mtkit translate | mtkit score`` would give (with
+the PyTorch backend; ``mtkit.backend`` chooses the one that ``mtkit translate``, the pipeline's
+test translation and ``mtkit serve`` use, and says which).
 
 Input lines (and prefixes) are normalised as ``mtkit prepare`` normalises corpora
 (``mtkit.corpus.normalize``: control characters out, whitespace runs to one space), so the
@@ -22,7 +24,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -65,6 +67,16 @@ class Translation:
 OUTPUT_FORMATS = ("text", "jsonl")
 
 
+class SearchBackend(Protocol):
+    """Another engine for ``Translator``'s search (``mtkit.export.CT2Translator``)."""
+
+    def search(
+        self, batches: list[list[list[int]]], prefixes: list[list[list[int]]] | None, decode: DecodeConfig
+    ) -> list[list[Hypothesis]]:
+        """Per sentence of ``batches`` (in order, batch after batch), its n-best hypotheses."""
+        ...
+
+
 def format_translations(translations: list[Translation], output_format: str = "text") -> str:
     """The output records of ``translations``, each ending in a newline: ``text``, the best
     translation; ``jsonl``, a JSON object with ``translation``, ``score`` and ``nbest`` (a list
@@ -87,6 +99,8 @@ class Translator:
 
     warn: called with a one-line message for each truncated line (default: logging).
     seed: seeds sampling (only used with ``decode.sampling``).
+    backend: runs the search instead of mtkit's own search on ``model`` (None); built by
+    ``mtkit.backend.open_backend``, which also seeds its sampling.
     """
 
     def __init__(
@@ -98,8 +112,10 @@ class Translator:
         *,
         seed: int = 1,
         warn: Callable[[str], None] | None = None,
+        backend: SearchBackend | None = None,
     ):
         self.model = model
+        self.backend = backend
         self.tokenizers = tokenizers
         self.decode = decode
         self.device = torch.device(device)
@@ -137,8 +153,16 @@ class Translator:
         todo = [i for i, ids in enumerate(src_ids) if ids]
         lengths = np.array([len(src_ids[i]) + 1 for i in todo], dtype=np.int64)
         order = np.argsort(lengths, kind="stable")  # stable: equal lengths keep input order
-        for batch in pack(lengths, order, self.decode.batch_tokens, oversized="alone"):
-            rows = [todo[i] for i in batch]
+        batches = [[todo[i] for i in batch] for batch in pack(lengths, order, self.decode.batch_tokens,
+                                                              oversized="alone")]
+        if self.backend is not None:  # every batch at once: a backend may run them concurrently
+            hyps = self.backend.search([[src_ids[r] for r in rows] for rows in batches],
+                                       [[prefix_ids[r] for r in rows] for rows in batches] if prefix_ids else None,
+                                       self.decode)
+            for row, nbest in zip([r for rows in batches for r in rows], hyps, strict=True):
+                results[row] = self._to_text(nbest)
+            return results
+        for rows in batches:
             hyps = self.search([src_ids[r] for r in rows], [prefix_ids[r] for r in rows] if prefix_ids else None)
             for row, nbest in zip(rows, hyps, strict=True):
                 results[row] = self._to_text(nbest)
@@ -191,6 +215,8 @@ class Translator:
 
     def search(self, src_ids: list[list[int]], prefix_ids: list[list[int]] | None = None) -> list[list[Hypothesis]]:
         """Run the configured search on sentences of subword ids (no EOS, none empty)."""
+        if self.backend is not None:
+            return self.backend.search([src_ids], [prefix_ids] if prefix_ids is not None else None, self.decode)
         width = max(len(ids) for ids in src_ids) + 1
         src = torch.full((len(src_ids), width), PAD_ID, dtype=torch.long)
         for row, ids in enumerate(src_ids):
@@ -199,7 +225,7 @@ class Translator:
         src = src.to(self.device)
         d = self.decode
         common: dict[str, Any] = dict(lenpen=d.lenpen, max_len_a=d.max_len_a, max_len_b=d.max_len_b, min_len=d.min_len,
-                      prefix=prefix_ids, allow_unk=d.allow_unk)
+                      prefix=prefix_ids, allow_unk=d.allow_unk, lenpen_form=d.length_penalty_form)
         if d.sampling:
             return sample(self.model, src, nbest=d.nbest, temperature=d.temperature, top_k=d.top_k,
                           top_p=d.top_p, generator=self.generator, **common)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from helpers.backends import BACKENDS
 from helpers.data import copy_experiment, prepared_experiment, tokdata_experiment
 
 
@@ -34,3 +35,10 @@ def trainkit_experiment(trainkit_prepared, tmp_path):
         return copy_experiment(trainkit_prepared, tmp_path / name, tmp_path / f"{name}.yaml", **sections)
 
     return make
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Each test that takes it runs with mtkit's own search (torch) and with CTranslate2
+    (skipped where ctranslate2 is not installed)."""
+    return request.param

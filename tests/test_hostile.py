@@ -286,10 +286,10 @@ def test_init_from_a_checkpoint_of_another_tokenizer_is_refused(trained_copy, tm
 # --------------------------------------------------------------------------- hostile text through translate
 
 
-def translate_bytes(model_run: Path, raw: bytes, tmp_path: Path, *extra: str):
+def translate_bytes(model_run: Path, raw: bytes, tmp_path: Path, *extra: str, backend: str = "torch"):
     source = tmp_path / "in.txt"
     source.write_bytes(raw)
-    return invoke("translate", "-m", str(model_run), "-i", str(source), *TRANSLATE_FAST, *extra)
+    return invoke("translate", "-m", str(model_run), "-i", str(source), *TRANSLATE_FAST, "--backend", backend, *extra)
 
 
 def expected_lines(raw: bytes) -> int:
@@ -307,26 +307,26 @@ def expected_lines(raw: bytes) -> int:
     ],
     ids=["bidi", "control", "invisible", "astral"],
 )
-def test_hostile_characters_keep_one_output_line_per_input_line(model_run, tmp_path, text):
+def test_hostile_characters_keep_one_output_line_per_input_line(model_run, tmp_path, text, backend):
     raw = text.encode("utf-8")
-    result = translate_bytes(model_run, raw, tmp_path)
+    result = translate_bytes(model_run, raw, tmp_path, backend=backend)
     assert result.exit_code == 0, result.stderr
     assert result.stdout_bytes.count(b"\n") == expected_lines(raw)
     assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("line", ["kato rimu sena " * 70_000, "katorimusena" * 90_000], ids=["words", "no_spaces"])
-def test_one_mebibyte_line_is_truncated_not_dropped(model_run, tmp_path, line):
+def test_one_mebibyte_line_is_truncated_not_dropped(model_run, tmp_path, line, backend):
     raw = ("kato\n" + line[: 1 << 20] + "\nrimu\n").encode()
-    result = translate_bytes(model_run, raw, tmp_path)
+    result = translate_bytes(model_run, raw, tmp_path, backend=backend)
     assert result.exit_code == 0, result.stderr
     assert result.stdout_bytes.count(b"\n") == 3
     assert "mtkit: warning: line 2: " in result.stderr and "truncated to 1023" in result.stderr
 
 
-def test_hundred_thousand_empty_lines(model_run, tmp_path):
+def test_hundred_thousand_empty_lines(model_run, tmp_path, backend):
     raw = b"\n" * 50_000 + b"kato rimu\n" + b"\n" * 49_999 + b"sena"
-    result = translate_bytes(model_run, raw, tmp_path, "-o", str(tmp_path / "out.txt"))
+    result = translate_bytes(model_run, raw, tmp_path, "-o", str(tmp_path / "out.txt"), backend=backend)
     assert result.exit_code == 0, result.stderr
     out = (tmp_path / "out.txt").read_bytes().split(b"\n")
     assert len(out) == 100_002 and out[-1] == b""
@@ -334,31 +334,33 @@ def test_hundred_thousand_empty_lines(model_run, tmp_path):
     assert out[:50_000] == [b""] * 50_000
 
 
-def test_mixed_line_endings_translate_like_lf(model_run, tmp_path):
+def test_mixed_line_endings_translate_like_lf(model_run, tmp_path, backend):
     lines = ["kato rimu", "sena", "", "lo pe shi", "ka to"]
     lf = "\n".join(lines).encode() + b"\n"
     mixed = b"kato rimu\r\nsena\n\r\nlo pe shi\r\nka to"  # CRLF, LF, empty CRLF, no final newline
-    a, b = translate_bytes(model_run, lf, tmp_path), translate_bytes(model_run, mixed, tmp_path)
+    a, b = translate_bytes(model_run, lf, tmp_path, backend=backend), translate_bytes(model_run, mixed, tmp_path,
+                                                                                       backend=backend)
     assert a.exit_code == b.exit_code == 0
     assert a.stdout == b.stdout and a.stdout.count("\n") == 5
     # A lone CR is not a line break (translate splits on LF only): one line in, one line out.
-    lone = translate_bytes(model_run, b"kato\rrimu\nsena\n", tmp_path)
+    lone = translate_bytes(model_run, b"kato\rrimu\nsena\n", tmp_path, backend=backend)
     assert lone.stdout.count("\n") == 2 and "\r" not in lone.stdout
 
 
-def test_binary_garbage_keeps_line_count(model_run, tmp_path):
+def test_binary_garbage_keeps_line_count(model_run, tmp_path, backend):
     raw = bytes(range(256)) * 64 + b"\n" + os.urandom(4096).replace(b"\n", b"") + b"\n\xff\xfe\x00\n"
-    result = translate_bytes(model_run, raw, tmp_path)
+    result = translate_bytes(model_run, raw, tmp_path, backend=backend)
     assert result.exit_code == 0, result.stderr
     assert result.stdout_bytes.count(b"\n") == expected_lines(raw)
     assert "invalid UTF-8" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_truncated_gzip_input_is_one_line_and_leaves_no_output(model_run, tmp_path):
+def test_truncated_gzip_input_is_one_line_and_leaves_no_output(model_run, tmp_path, backend):
     source = tmp_path / "in.txt.gz"
     source.write_bytes(gzip.compress(b"kato rimu\n" * 5000)[:-40])
     out = tmp_path / "out.txt"
-    result = invoke("translate", "-m", str(model_run), "-i", str(source), "-o", str(out), *TRANSLATE_FAST)
+    result = invoke("translate", "-m", str(model_run), "-i", str(source), "-o", str(out), *TRANSLATE_FAST,
+                    "--backend", backend)
     one_line_error(result, str(source), "unreadable input after line")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt.gz"]
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers.backends import make_translator
 from helpers.data import random_checkpoint
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
@@ -57,16 +58,16 @@ class Gate:
         self.used = False
 
 
-def translator(loaded, beam: int = 3) -> Translator:
+def translator(loaded, beam: int = 3, backend: str = "torch") -> Translator:
     decode = loaded.config.decode.model_copy(update={"beam": beam})
-    return Translator(loaded.model, loaded.tokenizers, decode)
+    return make_translator(loaded, backend, decode)
 
 
 def make_app(loaded, *, beam: int = 3, gate: Gate | None = None, settings: ServeSettings | None = None,
-             **engine_options: Any) -> tuple[Any, Engine, list[list[str]]]:
+             backend: str = "torch", **engine_options: Any) -> tuple[Any, Engine, list[list[str]]]:
     """An app over one spied engine; returns it, the engine and the lines of each
     ``translate_lines`` call."""
-    spied = translator(loaded, beam)
+    spied = translator(loaded, beam, backend)
     calls: list[list[str]] = []
     original = spied.translate_lines
 
@@ -84,12 +85,12 @@ def make_app(loaded, *, beam: int = 3, gate: Gate | None = None, settings: Serve
     return app, engine, calls
 
 
-def offline(loaded, texts: list[str], beam: int = 3) -> list[str]:
+def offline(loaded, texts: list[str], beam: int = 3, backend: str = "torch") -> list[str]:
     """What the server should answer for ``texts``: each split and translated by ``Translator``."""
     results = []
     for text in texts:
         layout = split_text(text)
-        results.append(layout.join(translator(loaded, beam).translate(layout.sentences)))
+        results.append(layout.join(translator(loaded, beam, backend).translate(layout.sentences)))
     return results
 
 
@@ -140,9 +141,9 @@ def test_split_text_cuts_sentences_and_joins_back_exactly(text, sentences):
 # --------------------------------------------------------------------------- the API
 
 
-def test_translate_json_form_and_multipart_agree_with_offline(loaded):
-    app, _, _ = make_app(loaded)
-    expected = offline(loaded, ["ka to ri", "se na"])
+def test_translate_json_form_and_multipart_agree_with_offline(loaded, backend):
+    app, _, _ = make_app(loaded, backend=backend)
+    expected = offline(loaded, ["ka to ri", "se na"], backend=backend)
     with TestClient(app) as client:
         as_json = client.post("/translate", json=body("ka to ri"))
         as_form = client.post("/translate", data=body("ka to ri"))
@@ -157,25 +158,25 @@ def test_translate_json_form_and_multipart_agree_with_offline(loaded):
     assert form_list.json() == {"translatedText": expected}
 
 
-def test_multi_line_text_keeps_its_line_breaks_and_empty_text_stays_empty(loaded):
-    app, _, _ = make_app(loaded)
+def test_multi_line_text_keeps_its_line_breaks_and_empty_text_stays_empty(loaded, backend):
+    app, _, _ = make_app(loaded, backend=backend)
     text = "ka to ri. Se na lo!\n\n  dra fen\r\nbor wix\n"
     with TestClient(app) as client:
         response = client.post("/translate", json=body([text, "", " \n "]))
     assert response.status_code == 200
     got = response.json()["translatedText"]
-    assert got == offline(loaded, [text, "", " \n "])
+    assert got == offline(loaded, [text, "", " \n "], backend=backend)
     assert re.sub(r"[^\r\n]", "", got[0]) == "\n\n\r\n\n"  # the same breaks, in order
     assert got[1:] == ["", " \n "]
 
 
-def test_alternatives_are_other_hypotheses_shaped_like_q(loaded):
-    app, _, _ = make_app(loaded, beam=4)
+def test_alternatives_are_other_hypotheses_shaped_like_q(loaded, backend):
+    app, _, _ = make_app(loaded, beam=4, backend=backend)
     with TestClient(app) as client:
         one = client.post("/translate", json=body("ka to ri", alternatives=2)).json()
         many = client.post("/translate", json=body(["ka to ri", "se na"], alternatives="3")).json()
         none = client.post("/translate", json=body("ka to ri", alternatives=0)).json()
-    assert one["translatedText"] == offline(loaded, ["ka to ri"], beam=4)[0]
+    assert one["translatedText"] == offline(loaded, ["ka to ri"], beam=4, backend=backend)[0]
     assert isinstance(one["alternatives"], list) and 1 <= len(one["alternatives"]) <= 2
     assert one["translatedText"] not in one["alternatives"]
     assert len(set(one["alternatives"])) == len(one["alternatives"])
@@ -512,10 +513,11 @@ def post(port: int, payload: dict[str, Any], timeout: float = 30) -> tuple[int, 
 
 
 @pytest.mark.slow
-def test_serve_end_to_end_and_sigterm_finishes_requests_in_flight(run_dir, loaded):
+def test_serve_end_to_end_and_sigterm_finishes_requests_in_flight(run_dir, loaded, backend):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "mtkit", "serve", "-m", str(run_dir), "--port", "0",
-                                "--beam", "2", "--threads", "1", "--max-wait-ms", "500"],
+                                "--beam", "2", "--threads", "1", "--max-wait-ms", "500", "--set",
+                                f"decode.backend={backend}"],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
         assert process.stderr is not None
@@ -523,7 +525,8 @@ def test_serve_end_to_end_and_sigterm_finishes_requests_in_flight(run_dir, loade
         match = re.fullmatch(r"mtkit: serving src->tgt on http://127\.0\.0\.1:(\d+)\n", ready)
         assert match, ready
         port = int(match.group(1))
-        assert post(port, body("ka to ri")) == (200, {"translatedText": offline(loaded, ["ka to ri"], beam=2)[0]})
+        expected = offline(loaded, ["ka to ri"], beam=2, backend=backend)[0]
+        assert post(port, body("ka to ri")) == (200, {"translatedText": expected})
 
         # A client that connects, sends half a request and hangs up breaks nothing.
         with socket.create_connection(("127.0.0.1", port)) as rude:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.backends import make_translator
 from typer.testing import CliRunner
 
 from mtkit.batching import pack
@@ -99,11 +100,11 @@ def test_one_line():
     assert one_line("tab\tand\x00nul") == "tab\tand\x00nul"
 
 
-def test_translate_matches_search_and_handles_empty_lines(loaded):
+def test_translate_matches_search_and_handles_empty_lines(loaded, backend):
     lines = corpus(12, seed=1)
     lines[3] = ""
     lines[7] = "   "
-    translator = Translator(loaded.model, loaded.tokenizers, loaded.config.decode)
+    translator = make_translator(loaded, backend)
     out = translator.translate(lines)
     assert len(out) == len(lines) and out[3] == "" and out[7] == ""
     one_by_one = [translator.translate([line])[0] for line in lines]
@@ -122,17 +123,17 @@ def test_input_is_normalised_as_prepare_normalises(loaded):
     assert translator.translate(["\x00\x1b", "\t"]) == ["", ""]
 
 
-def test_stream_in_chunks_equals_whole(loaded):
+def test_stream_in_chunks_equals_whole(loaded, backend):
     lines = corpus(25, seed=2)
-    translator = Translator(loaded.model, loaded.tokenizers, loaded.config.decode)
+    translator = make_translator(loaded, backend)
     chunks = list(translator.translate_stream(iter(lines), chunk_lines=4))
     assert [len(c) for c in chunks] == [4] * 6 + [1]
     assert [t.text for c in chunks for t in c] == translator.translate(lines)
 
 
-def test_stream_cut_where_the_input_pauses(loaded):
+def test_stream_cut_where_the_input_pauses(loaded, backend):
     lines = corpus(12, seed=9)
-    translator = Translator(loaded.model, loaded.tokenizers, loaded.config.decode)
+    translator = make_translator(loaded, backend)
     paused = list(translator.translate_stream(lines, chunk_lines=5, ready=lambda: False))
     assert [len(c) for c in paused] == [1] * 12
     steady = list(translator.translate_stream(lines, chunk_lines=5, ready=lambda: True))
@@ -140,28 +141,28 @@ def test_stream_cut_where_the_input_pauses(loaded):
     assert [t.text for c in paused for t in c] == [t.text for c in steady for t in c] == translator.translate(lines)
 
 
-def test_long_line_is_truncated_with_warning(loaded):
+def test_long_line_is_truncated_with_warning(loaded, backend):
     warnings = []
-    translator = Translator(loaded.model, loaded.tokenizers, loaded.config.decode, warn=warnings.append)
+    translator = make_translator(loaded, backend, warn=warnings.append)
     long = " ".join(WORDS * 3)
     out = translator.translate(["the cat", long])
     assert len(out) == 2
     assert len(warnings) == 1 and warnings[0].startswith("line 2: ") and "truncated to 23" in warnings[0]
 
 
-def test_prefix(loaded):
+def test_prefix(loaded, backend):
     decode = loaded.config.decode.model_copy(update={"max_len_b": 8})
-    translator = Translator(loaded.model, loaded.tokenizers, decode)
+    translator = make_translator(loaded, backend, decode)
     out = translator.translate_lines(["the cat sat", "a dog"], prefixes=["red house", ""])
     assert out[0].text.startswith("red house")
 
 
-def test_sampling_is_seeded(loaded):
+def test_sampling_is_seeded(loaded, backend):
     decode = loaded.config.decode.model_copy(update={"sampling": True, "nbest": 2})
     lines = corpus(6, seed=3)
 
     def run(seed):
-        return [t.nbest for t in Translator(loaded.model, loaded.tokenizers, decode, seed=seed).translate_lines(lines)]
+        return [t.nbest for t in make_translator(loaded, backend, decode, seed=seed).translate_lines(lines)]
 
     assert run(5) == run(5)
     assert all(len(n) == 2 for n in run(5))
@@ -178,42 +179,42 @@ def test_resolve_decode_order(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_file_to_stdout_equals_library(run_dir, loaded, tmp_path):
+def test_cli_file_to_stdout_equals_library(run_dir, loaded, tmp_path, backend):
     lines = corpus(15, seed=4)
     src = write(tmp_path / "in.txt", lines)
-    result = invoke(["translate", "-m", str(run_dir), "-i", str(src)])
+    result = invoke(["translate", "-m", str(run_dir), "-i", str(src), "--backend", backend])
     assert result.exit_code == 0, result.output
-    expected = Translator(loaded.model, loaded.tokenizers, loaded.config.decode).translate(lines)
+    expected = make_translator(loaded, backend).translate(lines)
     assert result.stdout.split("\n")[:-1] == expected
 
 
-def test_cli_line_alignment_on_awkward_input(run_dir, tmp_path):
+def test_cli_line_alignment_on_awkward_input(run_dir, tmp_path, backend):
     raw = (b"the cat\n\nred dog\r\n\xff\xfe bad bytes\n"
            b"nul\x00inside\n" + "line\u2028sep and \x0b tab".encode() + b"\n" + b"a\rb\n" + b"last no newline")
-    result = CliRunner().invoke(app, ["translate", "-m", str(run_dir)], input=raw)
+    result = CliRunner().invoke(app, ["translate", "-m", str(run_dir), "--backend", backend], input=raw)
     assert result.exit_code == 0, result.output
     out = result.stdout_bytes.split(b"\n")
     assert len(out) == 9 and out[-1] == b""  # 8 inputs, 8 lines
     assert out[1] == b""
     assert "<stdin>:4: invalid UTF-8" in result.stderr and "Traceback" not in result.stderr
-    crlf = invoke(["translate", "-m", str(run_dir)], input=b"the cat\r\nred dog\r\n")
-    lf = invoke(["translate", "-m", str(run_dir)], input=b"the cat\nred dog\n")
+    crlf = invoke(["translate", "-m", str(run_dir), "--backend", backend], input=b"the cat\r\nred dog\r\n")
+    lf = invoke(["translate", "-m", str(run_dir), "--backend", backend], input=b"the cat\nred dog\n")
     assert crlf.stdout == lf.stdout
 
 
-def test_cli_long_line_warns_and_keeps_line(run_dir):
+def test_cli_long_line_warns_and_keeps_line(run_dir, backend):
     text = "the cat\n" + " ".join(WORDS * 3) + "\nred dog\n"
-    result = invoke(["translate", "-m", str(run_dir)], input=text)
+    result = invoke(["translate", "-m", str(run_dir), "--backend", backend], input=text)
     assert result.exit_code == 0
     assert len(result.stdout.split("\n")) == 4
     assert "mtkit: warning: line 2:" in result.stderr
 
 
-def test_cli_output_file_jsonl_nbest(run_dir, tmp_path):
+def test_cli_output_file_jsonl_nbest(run_dir, tmp_path, backend):
     src = write(tmp_path / "in.txt", ["the cat", "", "a big dog runs"])
     out = tmp_path / "sub" / "out.jsonl"
     result = invoke(["translate", "-m", str(run_dir), "-i", str(src), "-o", str(out), "--nbest", "2", "--output-format",
-                     "jsonl", "--beam", "4"])
+                     "jsonl", "--beam", "4", "--backend", backend])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3 and result.stdout == ""
@@ -221,14 +222,14 @@ def test_cli_output_file_jsonl_nbest(run_dir, tmp_path):
     assert len(records[0]["nbest"]) == 2 and records[0]["nbest"][0]["translation"] == records[0]["translation"]
     assert records[0]["nbest"][0]["score"] >= records[0]["nbest"][1]["score"]
     assert [p.name for p in out.parent.iterdir()] == ["out.jsonl"]  # no temporary left
-    into_dir = invoke(["translate", "-m", str(run_dir), "-i", str(src), "-o", str(out.parent)])
+    into_dir = invoke(["translate", "-m", str(run_dir), "-i", str(src), "-o", str(out.parent), "--backend", backend])
     assert into_dir.exit_code == 1 and into_dir.stderr.startswith(f"mtkit: error: {out.parent}: cannot write")
     assert [p.name for p in out.parent.iterdir()] == ["out.jsonl"]
 
 
-def test_cli_options_and_errors(run_dir, tmp_path):
+def test_cli_options_and_errors(run_dir, tmp_path, backend):
     src = write(tmp_path / "in.txt", corpus(5, seed=5))
-    base = ["translate", "-m", str(run_dir), "-i", str(src)]
+    base = ["translate", "-m", str(run_dir), "-i", str(src), "--backend", backend]
     greedy = invoke(base + ["--beam", "1"])
     assert greedy.exit_code == 0
     assert invoke(base + ["--set", "decode.beam=1"]).stdout == greedy.stdout
@@ -256,20 +257,21 @@ def test_cli_ref_prints_scores_on_stderr(run_dir, tmp_path):
     assert missing.exit_code == 1 and "file not found" in missing.stderr
 
 
-def test_cli_prefix_file(run_dir, tmp_path):
+def test_cli_prefix_file(run_dir, tmp_path, backend):
     src = write(tmp_path / "in.txt", ["the cat", "a dog"])
     prefix = write(tmp_path / "prefix.txt", ["red house", ""])
-    result = invoke(["translate", "-m", str(run_dir), "-i", str(src), "--prefix", str(prefix), "--max-len-b", "8"])
+    result = invoke(["translate", "-m", str(run_dir), "-i", str(src), "--prefix", str(prefix), "--max-len-b", "8",
+                     "--backend", backend])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0].startswith("red house")
     short = write(tmp_path / "short.txt", ["red"])
-    few = invoke(["translate", "-m", str(run_dir), "-i", str(src), "--prefix", str(short)])
+    few = invoke(["translate", "-m", str(run_dir), "-i", str(src), "--prefix", str(short), "--backend", backend])
     assert few.exit_code == 1 and few.stderr.startswith("mtkit: error: prefixes: fewer lines than the input")
-    many = invoke(["translate", "-m", str(run_dir), "-i", str(short), "--prefix", str(prefix)])
+    many = invoke(["translate", "-m", str(run_dir), "-i", str(short), "--prefix", str(prefix), "--backend", backend])
     assert many.exit_code == 1 and "more lines than the input" in many.stderr
 
 
-def test_cli_never_outputs_unk_unless_allowed(loaded, tmp_path):
+def test_cli_never_outputs_unk_unless_allowed(loaded, tmp_path, backend):
     """A model that puts almost all its mass on UNK at every step: by default the translation
     holds no `` ⁇ ``; with ``decode.allow_unk=true`` it does."""
     config = loaded.config.model_copy(update={"model": ModelConfig(size="tiny", dropout=0.0, tie_output=False)})
@@ -283,11 +285,11 @@ def test_cli_never_outputs_unk_unless_allowed(loaded, tmp_path):
                     tokenizers=loaded.tokenizers, metrics={}, trainer_state={}, best=True, keep_last=1)
     src = write(tmp_path / "in.txt", corpus(6, seed=7))
     for options in ([], ["--beam", "1"], ["--sampling", "--seed", "2"]):
-        default = invoke(["translate", "-m", str(tmp_path / "unk"), "-i", str(src), *options])
+        default = invoke(["translate", "-m", str(tmp_path / "unk"), "-i", str(src), "--backend", backend, *options])
         assert default.exit_code == 0, default.output
         assert len(default.stdout.splitlines()) == 6 and "\u2047" not in default.stdout
         allowed = invoke(["translate", "-m", str(tmp_path / "unk"), "-i", str(src), "--set", "decode.allow_unk=true",
-                          *options])
+                          "--backend", backend, *options])
         assert allowed.exit_code == 0 and "\u2047" in allowed.stdout
 
 
@@ -310,9 +312,10 @@ def test_cli_bad_checkpoints_give_one_line_errors(run_dir, tmp_path):
     assert not out.exists()
 
 
-def test_cli_stops_quietly_when_the_reader_goes_away(run_dir, tmp_path):
+def test_cli_stops_quietly_when_the_reader_goes_away(run_dir, tmp_path, backend):
     src = write(tmp_path / "in.txt", corpus(400, seed=7))
-    translate = f"{sys.executable} -m mtkit translate -m {run_dir} -i {src} --chunk-lines 20 --beam 1 --threads 1"
+    translate = (f"{sys.executable} -m mtkit translate -m {run_dir} -i {src} --chunk-lines 20 --beam 1 --threads 1"
+                 f" --backend {backend}")
     command = f"{translate} | head -n 3"
     done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
     assert done.stdout.count("\n") == 3
@@ -339,16 +342,16 @@ def read_line_within(stream, seconds: float) -> bytes:
 
 
 @pytest.mark.parametrize("terminal", [False, True])
-def test_cli_translates_each_line_as_it_arrives(run_dir, loaded, terminal):
+def test_cli_translates_each_line_as_it_arrives(run_dir, loaded, terminal, backend):
     """Lines written one at a time to a pipe (or typed at a terminal) are translated and written
     before the next one is written and before the input ends."""
     import os
     import pty
 
     lines = ["the cat sat on the mat", "a big dog runs", "", "red tree"]
-    expected = Translator(loaded.model, loaded.tokenizers, loaded.config.decode).translate(lines)
+    expected = make_translator(loaded, backend).translate(lines)
     command = [sys.executable, "-m", "mtkit", "translate", "-m", str(run_dir), "--threads", "1",
-               "--flush-wait", "0.1"]
+               "--flush-wait", "0.1", "--backend", backend]
     if terminal:
         writer, stdin = pty.openpty()  # stdin a terminal: no wait at all
     else:
@@ -375,9 +378,9 @@ def test_cli_translates_each_line_as_it_arrives(run_dir, loaded, terminal):
             proc.wait()
 
 
-def test_cli_fast_pipe_equals_file(run_dir, tmp_path):
+def test_cli_fast_pipe_equals_file(run_dir, tmp_path, backend):
     src = write(tmp_path / "in.txt", corpus(60, seed=10) + ["", "red dog"])
-    base = [sys.executable, "-m", "mtkit", "translate", "-m", str(run_dir), "--threads", "1"]
+    base = [sys.executable, "-m", "mtkit", "translate", "-m", str(run_dir), "--threads", "1", "--backend", backend]
     from_file = subprocess.run([*base, "-i", str(src)], capture_output=True, timeout=120)
     piped = subprocess.run(["bash", "-c", f"cat {src} | {' '.join(base)}"], capture_output=True, timeout=120)
     assert from_file.returncode == piped.returncode == 0

@@ -9,6 +9,7 @@ flight finish (at most ``--timeout`` seconds more) and exits 0.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -130,6 +131,7 @@ def serve(
 def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, flags: dict[str, Any],
                 **engine_options: Any) -> list[Pair]:
     """Load every run and start an engine for its language pair (one model per pair)."""
+    from mtkit.backend import open_backend
     from mtkit.checkpoint import load_for_inference
     from mtkit.config import resolve_decode
     from mtkit.serve import Engine, Pair
@@ -143,8 +145,10 @@ def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, fl
         for other, pair in zip(models, pairs, strict=False):
             if (pair.source, pair.target) == (source, target):
                 raise MtkitError(f"{model}: translates {source}->{target}, like {other}; serve one model per pair")
+        search_backend = open_backend(run, decode, device, seed=run.config.experiment.seed,
+                                      say=functools.partial(_say, model), warn=_warn)
         translator = Translator(run.model, run.tokenizers, decode, device, seed=run.config.experiment.seed,
-                                warn=_warn)
+                                warn=_warn, backend=search_backend)
         info = {"checkpoint": str(run.path), "step": run.meta.get("step"), "device": device,
                 "model": run.config.model.model_dump(), "tokenizer": run.config.tokenizer.model_dump(),
                 "trained_with": run.meta.get("mtkit_version")}
@@ -155,3 +159,7 @@ def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, fl
 
 def _warn(message: str) -> None:
     typer.echo(f"mtkit: warning: {message}", err=True)
+
+
+def _say(model: Path, message: str) -> None:
+    typer.echo(f"mtkit: {model}: {message}", err=True)

@@ -1,7 +1,8 @@
 """``mtkit translate``: translate text with a trained checkpoint, streaming in bounded memory.
 
 Decoding settings: the checkpoint's, then ``-c CONFIG``'s decode section, then ``--set
-decode.KEY=VALUE``, then the flags (``mtkit.config.resolve_decode``). One output line per input
+decode.KEY=VALUE``, then the flags (``mtkit.config.resolve_decode``). The search runs in PyTorch
+or CTranslate2 (``--backend``, ``mtkit.backend``); one line on stderr says which. One output line per input
 line, in order (``mtkit.translate``): input is read as ``mtkit.fileio.read_lines`` reads it
 (split on ``\\n`` only, CRLF like LF, invalid UTF-8 replaced with U+FFFD and warned about),
 ``--chunk-lines`` lines at a time, each chunk translated, written and flushed, so
@@ -34,6 +35,17 @@ class OutputFormat(str, Enum):
     jsonl = "jsonl"
 
 
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    ctranslate2 = "ctranslate2"
+
+
+class LengthPenaltyForm(str, Enum):
+    length = "length"
+    gnmt = "gnmt"
+
+
 def _flag(*names: str, help: str) -> Any:
     """An option without a shown default (None: keep the configured value)."""
     return typer.Option(*names, help=help, show_default=False)
@@ -48,7 +60,11 @@ def translate(
     config: OptionalConfigOption = None,
     overrides: SetOption = None,
     beam: Annotated[int | None, _flag("--beam", help="Beam size (1: greedy).")] = None,
-    lenpen: Annotated[float | None, _flag("--lenpen", help="GNMT length-penalty alpha.")] = None,
+    lenpen: Annotated[float | None, _flag("--lenpen", help="Length-penalty alpha.")] = None,
+    length_penalty_form: Annotated[
+        LengthPenaltyForm | None,
+        _flag("--length-penalty-form", help="length: divide by length ** alpha; gnmt: by ((5 + length) / 6) ** alpha."),
+    ] = None,
     max_len_a: Annotated[float | None, _flag("--max-len-a", help="Max output length = a * source length + b.")] = None,
     max_len_b: Annotated[int | None, _flag("--max-len-b", help="See --max-len-a.")] = None,
     min_len: Annotated[int | None, _flag("--min-len", help="Minimum output length in subwords.")] = None,
@@ -58,6 +74,12 @@ def translate(
     temperature: Annotated[float | None, _flag("--temperature", help="Sampling temperature.")] = None,
     top_k: Annotated[int | None, _flag("--top-k", help="Sample from the k most likely tokens (0: all).")] = None,
     top_p: Annotated[float | None, _flag("--top-p", help="Nucleus sampling threshold.")] = None,
+    backend: Annotated[
+        Backend | None, _flag("--backend", help="auto: CTranslate2 when it can honour every setting, else torch.")
+    ] = None,
+    compute_type: Annotated[
+        str | None, _flag("--compute-type", help="CTranslate2 precision: auto, float32, int8, int8_float32, int16, ...")
+    ] = None,
     seed: Annotated[int | None, _flag("--seed", help="Sampling seed (default: experiment.seed).")] = None,
     prefix: Annotated[Path | None, _flag("--prefix", help="Target prefixes, one per input line (empty: none).")] = None,
     output_format: Annotated[
@@ -80,6 +102,7 @@ def translate(
     """Translate text with a trained model: one output line per input line."""
     import torch
 
+    from mtkit.backend import open_backend
     from mtkit.checkpoint import load_for_inference
     from mtkit.config import resolve_decode
     from mtkit.fileio import STDIN, open_output, read_lines
@@ -89,7 +112,9 @@ def translate(
     from mtkit.translate import Translator, format_translations
 
     flags = dict(beam=beam, lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len, nbest=nbest,
-                 batch_tokens=batch_tokens, sampling=sampling, temperature=temperature, top_k=top_k, top_p=top_p)
+                 batch_tokens=batch_tokens, sampling=sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                 length_penalty_form=length_penalty_form.value if length_penalty_form else None,
+                 backend=backend.value if backend else None, compute_type=compute_type)
     if nbest is not None and nbest > 1 and output_format is OutputFormat.text:
         raise MtkitError("--nbest > 1 needs --output-format jsonl (text output has one line per input line)")
     if threads is not None:
@@ -108,8 +133,11 @@ def translate(
         ready = functools.partial(lines.ready, 0.0 if typed else flush_wait)
     loaded = load_for_inference(model, device=device)
     decode = resolve_decode(loaded.config.decode, config, overrides, flags)
-    translator = Translator(loaded.model, loaded.tokenizers, decode, device,
-                            seed=loaded.config.experiment.seed if seed is None else seed, warn=_warn)
+    seed = loaded.config.experiment.seed if seed is None else seed
+    search_backend = open_backend(loaded, decode, device, threads=threads, seed=seed, say=_say if leader else _quiet,
+                                  warn=_warn)
+    translator = Translator(loaded.model, loaded.tokenizers, decode, device, seed=seed, warn=_warn,
+                            backend=search_backend)
 
     hyps: list[str] = []  # kept only to score them: memory stays bounded otherwise
     count = 0
@@ -140,4 +168,12 @@ def translate(
 
 def _warn(message: str) -> None:
     typer.echo(f"mtkit: warning: {message}", err=True)
+
+
+def _say(message: str) -> None:
+    typer.echo(f"mtkit: {message}", err=True)
+
+
+def _quiet(message: str) -> None:
+    """Other ranks under torchrun: rank 0 says it."""
 

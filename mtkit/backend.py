@@ -108,6 +108,11 @@ def ct2_problems(loaded: Loaded, decode: DecodeConfig, device: torch.device) -> 
         return [f"CTranslate2 runs on CPUs and CUDA GPUs, not {device.type}"]
     if device.type == "cuda" and ctranslate2.get_cuda_device_count() == 0:
         return ["this ctranslate2 has no CUDA device"]
+    if loaded.config.model.arch == "decoder_only":
+        # Exported, it is a CTranslate2 Generator (mtkit export ctranslate2); this backend
+        # drives a Translator.
+        return ["the model: decoder-only models translate with PyTorch (the CTranslate2 backend runs "
+                "encoder-decoder models)"]
     problems = [f"the model: {problem}" for problem in CTranslate2Exporter().problems(loaded)]
     if decode.length_penalty_form == "gnmt" and decode.lenpen != 0:
         problems.append("decode.length_penalty_form=gnmt: CTranslate2 divides by length ** lenpen only "

@@ -749,6 +749,7 @@ class CT2Generator(CT2Translator):
             str(model_dir), device="cpu", compute_type=compute_type, intra_threads=intra_threads, inter_threads=1
         )
         self.tokenizers, self.decode, self.exact_lengths = tokenizers, decode, exact_lengths
+        self.max_positions = None  # the prompt shares the positions: CTranslate2 stops at the end
         self.src_pieces = _pieces(tokenizers.src.path)
         self.tgt_ids = {piece: i for i, piece in enumerate(_pieces(tokenizers.tgt.path))}
 

@@ -68,6 +68,7 @@ import psutil
 import torch
 from benchlib import MTKIT, MULTI30K, ROOT, print_result, rss_mib
 
+from mtkit.backend import open_backend
 from mtkit.checkpoint import Loaded, load_for_inference
 from mtkit.config import DecodeConfig
 from mtkit.fileio import read_lines
@@ -167,7 +168,10 @@ class Reference:
         self.loaded = loaded
         self.decode = decode
         self.tie = tie
-        translator = Translator(loaded.model, loaded.tokenizers, decode, warn=lambda _: None)
+        # The search backend that the server opens under the same decode settings.
+        backend = open_backend(loaded, decode, say=lambda line: print(f"offline reference: {line}", file=sys.stderr),
+                               warn=lambda _: None)
+        translator = Translator(loaded.model, loaded.tokenizers, decode, warn=lambda _: None, backend=backend)
         with torch.inference_mode():
             self.alone = {s: t for s in pool for t in [translator.translate_lines([s])[0]]}
             together = translator.translate_lines(pool)
@@ -210,7 +214,7 @@ class Reference:
         with torch.inference_mode():
             log_probs = torch.log_softmax(model(src, tgt_in).float(), dim=-1)[0]
         total = log_probs.gather(1, torch.tensor([*tgt_ids, EOS_ID])[:, None]).sum().item()
-        return total / length_penalty(len(tgt_ids) + 1.0, self.decode.lenpen)
+        return total / length_penalty(len(tgt_ids) + 1.0, self.decode.lenpen, self.decode.length_penalty_form)
 
 
 def batch_scaling(translator: Translator, pool: list[str], sentences: int = 64) -> dict[int, float]:
@@ -606,6 +610,8 @@ def main() -> None:
                         help="A differing line within this of the batch-1 best score is batching noise.")
     parser.add_argument("--threads", type=int, default=1,
                         help="Torch threads of the offline reference (1: no OpenMP waits on a busy machine).")
+    parser.add_argument("--backend", choices=["auto", "torch", "ctranslate2"], default="auto",
+                        help="decode.backend of the servers and of the offline reference.")
     parser.add_argument("--server-args", default="", help="Extra `mtkit serve` options, e.g. '--max-wait-ms 20'.")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--mtkit", help="The command that runs mtkit (default: this Python's `-m mtkit`), "
@@ -631,7 +637,7 @@ def main() -> None:
             else:
                 run = random_run(workdir)
         loaded = load_for_inference(run)
-        decode = loaded.config.decode.model_copy(update={"nbest": 1})
+        decode = loaded.config.decode.model_copy(update={"nbest": 1, "backend": args.backend})
         langs = (loaded.config.data.src_lang, loaded.config.data.tgt_lang)
         pool = sentence_pool(data if data.exists() else None, args.pool, args.seed)
         texts = request_texts(pool, max(args.max_requests, 1), args.long_share, args.seed + 1)
@@ -642,7 +648,8 @@ def main() -> None:
         print(f"offline reference: {len(pool)} sentences in {offline_s:.1f} s "
               f"({reference.batch_sensitive} differ between batch 1 and one batch)", file=sys.stderr)
 
-        extra = [*args.server_args.split(), "--char-limit", str(args.char_limit)]
+        extra = [*args.server_args.split(), "--char-limit", str(args.char_limit),
+                 "--set", f"decode.backend={args.backend}"]
         options = {"batched": extra, "unbatched": ["--no-batching", *extra]}
         results: dict[str, dict[str, Any]] = {}
         with ExitStack() as stack:

@@ -14,8 +14,9 @@ The main pair (encdec, prefix_lm) runs ``--seeds`` seeds, the others one. Two bu
 ``time`` (every arm trains ``--minutes`` of wall-clock time) and ``updates`` (every arm makes
 ``--steps`` updates; by default as many as the seed-1 encoder-decoder made in its time
 budget, so that the two budgets separate cost per update from what an update buys). Each
-budget ends with ``mtkit compare`` of its runs on the test set (markdown and JSON under
-``--out``), the encoder-decoder of seed 1 first, so every p-value is against it.
+budget ends with ``mtkit compare``'s report of its runs on the test set (``compare_BUDGET.md``
+and ``.json`` under ``--out``), the encoder-decoder of seed 1 first, so every p-value is
+against it.
 
 The arms share one tokenizer and one prepared corpus (made once, copied into each run). A
 run that finished before is kept (delete its directory to train it again), so an interrupted
@@ -32,6 +33,9 @@ import sys
 from pathlib import Path
 
 from benchlib import MTKIT, ROOT, print_result
+
+from mtkit.compare import Options, compare
+from mtkit.fileio import atomic_write_text
 
 ENCDEC = "configs/multi30k_en_de.yaml"
 DECODER_ONLY = "configs/multi30k_en_de_decoder_only.yaml"
@@ -94,6 +98,8 @@ def main() -> None:
     parser.add_argument("--test", nargs=2, metavar=("SRC", "REF"),
                         default=["../shared/data/multi30k/test_2016_flickr.en.gz",
                                  "../shared/data/multi30k/test_2016_flickr.de.gz"])
+    parser.add_argument("--speed-sentences", type=int, default=256,
+                        help="Test sentences whose decoding is timed per run (`mtkit compare --speed-sentences`).")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "architectures")
     parser.add_argument("--json", action="store_true", help="Print the comparisons as one JSON object.")
     args = parser.parse_args()
@@ -120,13 +126,13 @@ def main() -> None:
                 steps = updates_made(reference)
             budget = {"train.max_minutes": "null", "train.max_steps": steps}
         runs = [train_arm(arm, seed, budget, out / budget_name / f"{arm}_s{seed}", shared) for arm, seed in plan]
-        report = out / f"compare_{budget_name}"
-        common = [*(str(run) for run in runs), "--test", *args.test]
-        mtkit("compare", *common, "-o", f"{report}.md")
-        mtkit("compare", *common, "--json", "-o", f"{report}.json")
-        results[budget_name] = {"budget": {k: str(v) for k, v in budget.items()},
-                                "compare": json.loads(Path(f"{report}.json").read_text())}
-        print(Path(f"{report}.md").read_text(), file=sys.stderr)
+        report = compare([str(run) for run in runs], [(Path(args.test[0]), Path(args.test[1]))],
+                         Options(speed_sentences=args.speed_sentences), log=lambda line: print(line, file=sys.stderr))
+        stem = out / f"compare_{budget_name}"
+        atomic_write_text(stem.with_suffix(".md"), report.markdown())
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n")
+        results[budget_name] = {"budget": {k: str(v) for k, v in budget.items()}, "compare": report.to_json()}
+        print(f"## {budget_name} budget\n\n{report.markdown()}", file=sys.stderr)
     if args.json:
         print_result(results, as_json=True)
 

@@ -55,7 +55,7 @@ def serve(
                                              show_default=False)] = None,
     overrides: SetOption = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.", min=1,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads in all (default: torch's).", min=1,
                                                 show_default=False)] = None,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request on stderr.")] = False,
 ) -> None:
@@ -79,10 +79,10 @@ def serve(
             raise MtkitError(f"--api-keys {api_keys}: unreadable: {reason}") from None
         if not keys:
             raise MtkitError(f"--api-keys {api_keys}: no keys in the file (one a line)")
-    if threads is None and workers > 1 and batching:
-        threads = max(1, torch.get_num_threads() // workers)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    # The CPU threads in all: CTranslate2 runs its batches on them one thread each; torch's are
+    # shared out among the workers.
+    cpu_threads = threads or torch.get_num_threads()
+    torch.set_num_threads(max(1, cpu_threads // workers) if batching else cpu_threads)
     device = inference_device(device)
 
     # The port first: a clash is reported before minutes of loading. Clients that connect while
@@ -96,7 +96,7 @@ def serve(
     bound_port = sock.getsockname()[1]
 
     try:
-        pairs = _load_pairs(models, device, overrides, {"beam": beam, "batch_tokens": batch_tokens},
+        pairs = _load_pairs(models, device, overrides, {"beam": beam, "batch_tokens": batch_tokens}, cpu_threads,
                             max_wait=max_wait_ms / 1000, queue_size=queue_size, batching=batching,
                             workers=workers)
     except BaseException:
@@ -129,7 +129,7 @@ def serve(
 
 
 def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, flags: dict[str, Any],
-                **engine_options: Any) -> list[Pair]:
+                cpu_threads: int, **engine_options: Any) -> list[Pair]:
     """Load every run and start an engine for its language pair (one model per pair)."""
     from mtkit.backend import open_backend
     from mtkit.checkpoint import load_for_inference
@@ -145,7 +145,7 @@ def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, fl
         for other, pair in zip(models, pairs, strict=False):
             if (pair.source, pair.target) == (source, target):
                 raise MtkitError(f"{model}: translates {source}->{target}, like {other}; serve one model per pair")
-        search_backend = open_backend(run, decode, device, seed=run.config.experiment.seed,
+        search_backend = open_backend(run, decode, device, threads=cpu_threads, seed=run.config.experiment.seed,
                                       say=functools.partial(_say, model), warn=_warn)
         translator = Translator(run.model, run.tokenizers, decode, device, seed=run.config.experiment.seed,
                                 warn=_warn, backend=search_backend)

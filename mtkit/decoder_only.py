@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from mtkit.config import ModelConfig
-from mtkit.model import Attention, FeedForward, Positions, _residual, dropout
+from mtkit.model import Attention, FeedForward, Positions, _residual, dropout, init_parameters
 from mtkit.vocab import PAD_ID
 
 
@@ -119,15 +119,7 @@ class DecoderOnly(nn.Module):
             self.output_proj.weight = self.tgt_embed.weight
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for embed in {self.src_embed, self.tgt_embed}:
-            nn.init.normal_(embed.weight, std=self.cfg.d_model**-0.5)
-            with torch.no_grad():
-                embed.weight[PAD_ID].zero_()
+        init_parameters(self, [self.src_embed, self.tgt_embed], self.cfg.d_model)
 
     @property
     def num_parameters(self) -> int:

@@ -47,6 +47,20 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * keep.to(x.dtype).mul_(levels / (levels - drop))
 
 
+def init_parameters(model: nn.Module, embeddings: list[nn.Embedding], d_model: int) -> None:
+    """Xavier-uniform linear weights and zero biases; embeddings drawn from N(0, d_model^-0.5)
+    with the PAD row zero (a shared table once)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for embed in set(embeddings):
+        nn.init.normal_(embed.weight, std=d_model**-0.5)
+        with torch.no_grad():
+            embed.weight[PAD_ID].zero_()
+
+
 def sinusoidal_table(length: int, dim: int) -> Tensor:
     """``(length, dim)`` positions as in Marian: sines in the first half, cosines in the second."""
     half = dim // 2
@@ -285,15 +299,7 @@ class Transformer(nn.Module):
             self.output_proj.weight = self.tgt_embed.weight
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for embed in {self.src_embed, self.tgt_embed}:
-            nn.init.normal_(embed.weight, std=self.cfg.d_model**-0.5)
-            with torch.no_grad():
-                embed.weight[PAD_ID].zero_()
+        init_parameters(self, [self.src_embed, self.tgt_embed], self.cfg.d_model)
 
     @property
     def num_parameters(self) -> int:

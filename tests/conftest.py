@@ -42,3 +42,15 @@ def backend(request) -> str:
     """Each test that takes it runs with mtkit's own search (torch) and with CTranslate2
     (skipped where ctranslate2 is not installed)."""
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine threads only wait
+    (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -49,12 +49,7 @@ def hang_guard():
     signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args: str, input: bytes | str | None = None):

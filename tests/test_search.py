@@ -47,13 +47,7 @@ def make_src(rows: list[list[int]]) -> torch.Tensor:
     return src
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine threads only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sequence_logprobs(model, src_row: torch.Tensor, sequences: list[list[int]]) -> list[float]:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from mtkit.config import ModelConfig
-from mtkit.model import Attention, FeedForward, Positions, _residual, dropout, init_parameters
+from mtkit.model import Attention, FeedForward, Positions, _residual, dropout, init_parameters, make_embeddings
 from mtkit.vocab import PAD_ID
 
 
@@ -104,11 +104,7 @@ class DecoderOnly(nn.Module):
         self.dropout = cfg.dropout
         self.bidirectional = cfg.source_attention == "bidirectional"
         self.restart = cfg.target_positions == "restart"
-        self.src_embed = nn.Embedding(src_vocab_size, cfg.d_model, padding_idx=PAD_ID)
-        share = cfg.share_embeddings and joint_vocab and src_vocab_size == tgt_vocab_size
-        self.tgt_embed = (
-            self.src_embed if share else nn.Embedding(tgt_vocab_size, cfg.d_model, padding_idx=PAD_ID)
-        )
+        self.src_embed, self.tgt_embed = make_embeddings(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)
         self.positions = Positions(cfg)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
         # Pre-norm stacks end with a layer norm; post-norm layers are already normalised.

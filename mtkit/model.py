@@ -47,6 +47,15 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * keep.to(x.dtype).mul_(levels / (levels - drop))
 
 
+def make_embeddings(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int,
+                    joint_vocab: bool) -> tuple[nn.Embedding, nn.Embedding]:
+    """Source and target embedding tables: one table twice when ``share_embeddings`` is on and
+    both sides use one vocabulary."""
+    src = nn.Embedding(src_vocab_size, cfg.d_model, padding_idx=PAD_ID)
+    share = cfg.share_embeddings and joint_vocab and src_vocab_size == tgt_vocab_size
+    return src, src if share else nn.Embedding(tgt_vocab_size, cfg.d_model, padding_idx=PAD_ID)
+
+
 def init_parameters(model: nn.Module, embeddings: list[nn.Embedding], d_model: int) -> None:
     """Xavier-uniform linear weights and zero biases; embeddings drawn from N(0, d_model^-0.5)
     with the PAD row zero (a shared table once)."""
@@ -281,11 +290,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.scale = math.sqrt(cfg.d_model)
         self.dropout = cfg.dropout
-        self.src_embed = nn.Embedding(src_vocab_size, cfg.d_model, padding_idx=PAD_ID)
-        share = cfg.share_embeddings and joint_vocab and src_vocab_size == tgt_vocab_size
-        self.tgt_embed = (
-            self.src_embed if share else nn.Embedding(tgt_vocab_size, cfg.d_model, padding_idx=PAD_ID)
-        )
+        self.src_embed, self.tgt_embed = make_embeddings(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)
         self.positions = Positions(cfg)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))

@@ -304,7 +304,8 @@ def reference_length_form_beam(model, src_row, *, beam, lenpen, max_len, nbest):
 
 @pytest.mark.parametrize(("beam", "lenpen", "nbest"), [(3, 1.0, 1), (4, 0.6, 3)])
 def test_length_form_beam_search_ends_once_beam_hypotheses_have_finished(beam, lenpen, nbest):
-    from test_search import SOURCES, make_model, make_src
+    from helpers.search import SOURCES, make_src
+    from test_search import make_model
 
     from mtkit.search import beam_search
 

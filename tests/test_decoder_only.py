@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.data import copy_experiment
+from helpers.search import SOURCES, favour_eos, make_src
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
@@ -39,28 +40,11 @@ def tiny(**overrides) -> ModelConfig:
 
 
 def make_model(vocab: int = 30, seed: int = 0, eos_bias: float = 2.0, **overrides) -> DecoderOnly:
-    """A random tiny model whose output favours EOS a little, so outputs end at different lengths."""
+    """A random tiny model whose output favours EOS a little (``favour_eos``)."""
     torch.manual_seed(seed)
     model = DecoderOnly(tiny(tie_output=False, **overrides), vocab, vocab)
-    model.output_proj = nn.Linear(64, vocab, bias=True)
-    with torch.no_grad():
-        model.output_proj.weight.mul_(4.0)
-        model.output_proj.bias.zero_()
-        model.output_proj.bias[EOS_ID] = eos_bias
-    return model.eval()
-
-
-def make_src(rows: list[list[int]]) -> torch.Tensor:
-    """Rows of ids, each followed by EOS, right-padded."""
-    width = max(len(r) for r in rows) + 1
-    src = torch.full((len(rows), width), PAD_ID)
-    for i, r in enumerate(rows):
-        src[i, : len(r)] = torch.tensor(r)
-        src[i, len(r)] = EOS_ID
-    return src
-
-
-SOURCES = [[5, 9, 12, 7], [8, 4], [20, 21, 22, 23, 24, 25], [6]]
+    favour_eos(model, vocab, eos_bias)
+    return model
 
 
 def pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
+from helpers.search import SOURCES, favour_eos, make_src
 
 from mtkit.config import ModelConfig
 from mtkit.model import Transformer
@@ -25,26 +25,11 @@ NEG = float("-inf")
 
 
 def make_model(vocab: int, seed: int = 0, eos_bias: float = 2.0) -> Transformer:
-    """A random tiny model whose output layer favours EOS a little, so that hypotheses end
-    at different lengths instead of all running to the maximum."""
+    """A random tiny model whose output layer favours EOS a little (``favour_eos``)."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(size="tiny", dropout=0.0, tie_output=False), vocab, vocab)
-    model.output_proj = nn.Linear(64, vocab, bias=True)
-    with torch.no_grad():
-        model.output_proj.weight.mul_(4.0)
-        model.output_proj.bias.zero_()
-        model.output_proj.bias[EOS_ID] = eos_bias
-    return model.eval()
-
-
-def make_src(rows: list[list[int]]) -> torch.Tensor:
-    """Rows of ids, each followed by EOS, right-padded."""
-    width = max(len(r) for r in rows) + 1
-    src = torch.full((len(rows), width), PAD_ID)
-    for i, r in enumerate(rows):
-        src[i, : len(r)] = torch.tensor(r)
-        src[i, len(r)] = EOS_ID
-    return src
+    favour_eos(model, vocab, eos_bias)
+    return model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,9 +93,6 @@ def naive_greedy(model, src_row, max_len):
             break
         toks.append(token)
     return toks
-
-
-SOURCES = [[5, 9, 12, 7], [8, 4], [20, 21, 22, 23, 24, 25], [6]]
 
 
 # --------------------------------------------------------------------------- the pure step

@@ -88,6 +88,16 @@ class TokenizedCorpus:
 
         return cls(*flat(src), *flat(tgt))
 
+    @classmethod
+    def concatenate(cls, parts: list[TokenizedCorpus]) -> TokenizedCorpus:
+        """The pairs of ``parts``, one after another."""
+
+        def side(values: list[Tensor], lens: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            return torch.cat(values).numpy(), np.concatenate([[0], np.cumsum(np.concatenate(lens))])
+
+        return cls(*side([p.src_values for p in parts], [p.src_lens for p in parts]),
+                   *side([p.tgt_values for p in parts], [p.tgt_lens for p in parts]))
+
     def __len__(self) -> int:
         return len(self.src_lens)
 
@@ -95,6 +105,12 @@ class TokenizedCorpus:
     def sizes(self) -> np.ndarray:
         """``(N,)`` padded size of each pair: its longer side including BOS/EOS."""
         return np.maximum(self.src_lens, self.tgt_lens) + 1
+
+    def ids(self, row: int) -> tuple[list[int], list[int]]:
+        """The source and target ids of one pair."""
+        src = self.src_values[self.src_starts[row] : self.src_starts[row] + self.src_lens[row]]
+        tgt = self.tgt_values[self.tgt_starts[row] : self.tgt_starts[row] + self.tgt_lens[row]]
+        return src.tolist(), tgt.tolist()
 
     def batch(self, indices: np.ndarray) -> Batch:
         """Collate the pairs ``indices`` into padded tensors (one vectorised gather per side)."""

@@ -28,6 +28,7 @@ what ``trainer_state.pt`` holds (``TrainState``, ``pack_trainer_state``, ``rng_s
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -419,7 +420,7 @@ def resume_run(
     else:  # a different number of ranks cannot replay the same dropout masks
         warnings.warn(f"resuming {len(rngs)}-process training with {runtime.world}; random streams restart",
                       stacklevel=1)
-        torch.manual_seed(config.experiment.seed + state.step + runtime.rank)
+        torch.manual_seed(dropout_seed(config.experiment.seed, runtime.rank, state.step))
     return state, saved.get("model_weights")
 
 
@@ -458,6 +459,14 @@ def check_compatible(directory: Path, config: Config, tokenizers: Any) -> None:
     changed = [k for k in changed if "dropout" not in k]
     if changed:
         raise MtkitError(f"{directory}: checkpoint model differs from the config in model.{', model.'.join(changed)}")
+
+
+def dropout_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of one rank's training stream (dropout masks), from the experiment's seed.
+    Hashed rather than ``seed + rank``: the weights are initialised from ``seed`` itself, and
+    rank 0's first masks would otherwise replay the very numbers that drew them."""
+    digest = hashlib.blake2b(f"{seed}:dropout:{rank}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative int64
 
 
 def rng_state() -> dict[str, Any]:

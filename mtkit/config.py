@@ -281,6 +281,15 @@ class TrainConfig(Section):
     """AdamW weight decay."""
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     """Label smoothing of the cross-entropy."""
+    subword_alpha: float = Field(default=0.0, ge=0)
+    """Subword regularisation (0: off): each epoch sees the training text in new
+    segmentations, drawn by SentencePiece from the text prepare stored. For a unigram
+    tokenizer, the smoothing of the sampling distribution (smaller is more random: 0.5 resegments
+    about two sentences in five on Multi30k); for BPE, the BPE-dropout rate (0.1 is usual).
+    Validation and translation always use the best segmentation."""
+    subword_nbest: int = -1
+    """Unigram subword regularisation: sample among the ``subword_nbest`` best segmentations
+    (-1: all of them, from the lattice; must be -1 or above 1)."""
     clip_norm: float = Field(default=1.0, ge=0)
     """Clip the gradient norm to this (0 turns clipping off)."""
     ema_decay: float = Field(default=0.0, ge=0, lt=1)
@@ -330,6 +339,13 @@ class TrainConfig(Section):
     def _known_device(cls, value: str) -> str:
         if not DEVICE_NAME.fullmatch(value):
             raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {json.dumps(value)}")
+        return value
+
+    @field_validator("subword_nbest")
+    @classmethod
+    def _sampling_nbest(cls, value: int) -> int:
+        if value == 0 or value == 1 or value < -1:
+            raise ValueError(f"expected -1 (all segmentations) or a number above 1, got {value}")
         return value
 
 

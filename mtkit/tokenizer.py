@@ -57,6 +57,15 @@ class Tokenizer:
         """Subword ids of each text (no BOS/EOS)."""
         return self._sp.encode(texts, out_type=int, num_threads=self.num_threads)
 
+    def sample(self, texts: list[str], alpha: float, nbest: int, seed: int) -> list[list[int]]:
+        """Subword regularisation: ids of one segmentation of each text drawn at random
+        (unigram: among the ``nbest`` best, -1 for all, smoothed by ``alpha``; BPE: BPE-dropout
+        at rate ``alpha``). The same ``seed`` draws the same segmentations: SentencePiece keeps a
+        generator per thread, so this encodes on the calling thread, seeded first."""
+        spm.set_random_generator_seed(seed)
+        return self._sp.encode(texts, out_type=int, enable_sampling=True, alpha=alpha, nbest_size=nbest,
+                               num_threads=1)
+
     def encode_pieces(self, texts: list[str]) -> list[list[str]]:
         """Subword pieces of each text, for people and shell pipelines."""
         return self._sp.encode(texts, out_type=str, num_threads=self.num_threads)

@@ -40,6 +40,7 @@ from mtkit.batching import Batch, TokenizedCorpus, epoch_batches, padding_ratio,
 from mtkit.checkpoint import (
     TrainState,
     checkpoints_dir,
+    dropout_seed,
     init_weights_from,
     pack_trainer_state,
     refuse_existing_run,
@@ -235,6 +236,7 @@ class Experiment:
     train: TokenizedCorpus
     valid: TokenizedCorpus | None
     valid_text: tuple[list[str], list[str]] | None  # source lines, references
+    sampling: SubwordSampling | None = None  # train.subword_alpha > 0
 
 
 def load_experiment(config: Config) -> Experiment:
@@ -250,7 +252,8 @@ def load_experiment(config: Config) -> Experiment:
             f"{exp_dir / 'data'}: prepared with a different tokenizer than {tokenizer_dir(config)}; "
             "run `mtkit prepare -c CONFIG` again"
         )
-    train = TokenizedCorpus.from_dataset(load_split(exp_dir, "train"))
+    train_split = load_split(exp_dir, "train")
+    train = TokenizedCorpus.from_dataset(train_split)
     if len(train) == 0:
         raise MtkitError(f"{exp_dir / 'data' / 'train.arrow'}: no training pairs")
     longest = int(train.sizes.max())
@@ -280,7 +283,10 @@ def load_experiment(config: Config) -> Experiment:
                           f"{config.model.max_positions}; the validation loss leaves them out", stacklevel=1)
             split = split.select(fits)
         valid = TokenizedCorpus.from_dataset(split) if len(split) else None
-    return Experiment(config, tokenizers, train, valid, valid_text)
+    sampling = None
+    if config.train.subword_alpha > 0:
+        sampling = SubwordSampling(config, tokenizers, train_split, train)
+    return Experiment(config, tokenizers, train, valid, valid_text, sampling)
 
 
 def positions_needed(config: Config, src_lens: np.ndarray, tgt_lens: np.ndarray) -> np.ndarray:
@@ -291,6 +297,42 @@ def positions_needed(config: Config, src_lens: np.ndarray, tgt_lens: np.ndarray)
     if model.arch == "decoder_only" and model.target_positions == "continue":
         return src_lens + tgt_lens + 2
     return np.maximum(src_lens, tgt_lens) + 1
+
+
+class SubwordSampling:
+    """Subword regularisation (``train.subword_alpha``): each epoch's training corpus is the
+    text prepare stored, segmented anew by SentencePiece's sampling, seeded by the experiment's
+    seed and the epoch (so a resumed run, and every rank, draws the same segmentations). A pair
+    whose drawn segmentation no longer fits the model's positions or one batch keeps its
+    best segmentation (``best``, the corpus prepare encoded)."""
+
+    CHUNK = 10_000  # rows of text read and encoded at a time
+
+    def __init__(self, config: Config, tokenizers: Any, split: Any, best: TokenizedCorpus):
+        self.config, self.tokenizers, self.split, self.best = config, tokenizers, split, best
+
+    def corpus(self, epoch: int) -> TokenizedCorpus:
+        cfg = self.config.train
+        parts: list[TokenizedCorpus] = []
+        for number, start in enumerate(range(0, len(self.split), self.CHUNK)):
+            rows = self.split.table.slice(start, self.CHUNK)
+            # Seeded for each chunk, so that a chunk's draw follows from (seed, epoch, chunk).
+            seeds = np.random.SeedSequence([self.config.experiment.seed, epoch, number]).generate_state(2)
+            src, tgt = (tokenizer.sample(rows.column(side).to_pylist(), cfg.subword_alpha, cfg.subword_nbest,
+                                         int(seed))
+                        for tokenizer, side, seed in ((self.tokenizers.src, "src", seeds[0]),
+                                                      (self.tokenizers.tgt, "tgt", seeds[1])))
+            src_lens, tgt_lens = _lengths(src), _lengths(tgt)
+            too_big = ((positions_needed(self.config, src_lens, tgt_lens) > self.config.model.max_positions)
+                       | (np.maximum(src_lens, tgt_lens) + 1 > cfg.max_tokens))
+            for row in np.flatnonzero(too_big).tolist():
+                src[row], tgt[row] = self.best.ids(start + row)
+            parts.append(TokenizedCorpus.from_lists(src, tgt))
+        return TokenizedCorpus.concatenate(parts)
+
+
+def _lengths(rows: list[list[int]]) -> np.ndarray:
+    return np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -360,8 +402,9 @@ def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
         state, raw_weights = resume_run(root, config, exp.tokenizers, model, optimizer, scaler, runtime)
     else:
         refuse_existing_run(root)
-        # Dropout differs between ranks; initial weights do not (DDP broadcasts rank 0's).
-        torch.manual_seed(config.experiment.seed + runtime.rank)
+        # Dropout differs between ranks and from the initialisation; initial weights do not
+        # differ between ranks (DDP broadcasts rank 0's).
+        torch.manual_seed(dropout_seed(config.experiment.seed, runtime.rank))
         if init_from is not None:
             init_weights_from(init_from, model, config, exp.tokenizers, runtime.device)
     # A checkpoint's weights are the average when the run kept one; its raw weights, saved
@@ -385,7 +428,7 @@ def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
 def _loop(run: Run, signals: _StopSignals) -> TrainResult:
     """batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint."""
     cfg, state, runtime, reporter = run.cfg, run.state, run.runtime, run.reporter
-    plan = EpochPlan(run.exp.train, cfg, run.config.experiment.seed, runtime)
+    plan = EpochPlan(run.exp.train, cfg, run.config.experiment.seed, runtime, run.exp.sampling)
     reporter.say(f"{len(plan.batches_of(state.epoch)):,} batches per epoch, {plan.padding(state.epoch):.1%} padding")
     started = time.monotonic() - state.elapsed_s
     while True:
@@ -502,15 +545,19 @@ def _stop_reason(cfg: TrainConfig, state: TrainState, position: tuple[int, int],
 class EpochPlan:
     """The seeded batch order of each epoch and each rank's share of an update's batches:
     update k of an epoch uses batches ``[k*g, (k+1)*g)`` with ``g = world * update_freq``;
-    rank r takes every world-th of them from r. A last incomplete group is dropped."""
+    rank r takes every world-th of them from r. A last incomplete group is dropped. With
+    ``sampling``, each epoch has its own segmentation of the corpus, and so its own batches."""
 
-    def __init__(self, corpus: TokenizedCorpus, cfg: TrainConfig, seed: int, runtime: Runtime):
-        self.corpus, self.cfg, self.seed, self.runtime = corpus, cfg, seed, runtime
+    def __init__(self, corpus: TokenizedCorpus, cfg: TrainConfig, seed: int, runtime: Runtime,
+                 sampling: SubwordSampling | None = None):
+        self.corpus, self.cfg, self.seed, self.runtime, self.sampling = corpus, cfg, seed, runtime, sampling
         self.group = runtime.world * cfg.update_freq
         self.epoch, self.batches = -1, list[np.ndarray]()
 
     def batches_of(self, epoch: int) -> list[np.ndarray]:
         if epoch != self.epoch:
+            if self.sampling is not None:
+                self.corpus = self.sampling.corpus(epoch)
             self.epoch, self.batches = epoch, epoch_batches(self.corpus, self.cfg.max_tokens, self.seed, epoch)
             if len(self.batches) < self.group:
                 raise MtkitError(

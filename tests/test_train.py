@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import mtkit.runtime
 import mtkit.train
+from mtkit.checkpoint import dropout_seed
 from mtkit.cli import app
 from mtkit.config import TrainConfig, load_config
 from mtkit.model import Transformer
@@ -141,14 +142,19 @@ def test_train_logs_validates_and_checkpoints(trainkit_experiment):
     assert meta["step"] == 8 and "bleu" in meta["metrics"]
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_interrupted_and_resumed_run_equals_uninterrupted_run(trainkit_experiment, monkeypatch, ema_decay):
+@pytest.mark.parametrize("train", [{"ema_decay": 0.0}, {"ema_decay": 0.9},
+                                   {"ema_decay": 0.0, "subword_alpha": 0.3, "max_tokens": 2400}],
+                         ids=["plain", "ema", "subword_sampling"])
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(trainkit_experiment, monkeypatch, train):
     # Dropout is on (0.1): equality needs the RNG state and the data position restored; with a
-    # weight average, also the raw weights saved beside the averaged ones.
-    straight = trainkit_experiment("straight", train={"ema_decay": ema_decay})
+    # weight average, also the raw weights saved beside the averaged ones; with subword
+    # sampling (and batches large enough for 8 updates to cross into a second epoch), the
+    # segmentation of each epoch drawn again.
+    ema_decay = train["ema_decay"]
+    straight = trainkit_experiment("straight", train=train)
     assert run(straight).exit_code == 0
 
-    interrupted = trainkit_experiment("interrupted", train={"ema_decay": ema_decay})
+    interrupted = trainkit_experiment("interrupted", train=train)
     real_step, calls = mtkit.train.train_step, []
 
     def step_then_signal(*args, **kwargs):
@@ -326,3 +332,55 @@ def test_resume_with_other_batches_says_it_will_not_be_exact(trainkit_experiment
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same settings: no warning
         assert run(config, "--resume", "--set", "train.max_tokens=400", "--set", "train.max_steps=8").exit_code == 0
+
+
+def test_dropout_stream_does_not_replay_the_initialisation(trainkit_experiment, monkeypatch):
+    """The weights are drawn from the experiment's seed; the dropout masks come from a seed
+    derived from it (and from the rank), not from the same stream restarted."""
+    seeds: list[int] = []
+    manual_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: (seeds.append(seed), manual_seed(seed))[1])
+    config = trainkit_experiment()
+    assert run(config, "--set", "train.max_steps=2").exit_code == 0
+    seed = load_config(config).experiment.seed
+    assert seeds == [seed, dropout_seed(seed, rank=0)]
+    assert len({seed, *(dropout_seed(seed, rank) for rank in range(4)), dropout_seed(seed, 0, step=8)}) == 6
+
+
+def test_subword_sampling_draws_each_epoch_anew(trainkit_experiment):
+    """train.subword_alpha: every epoch a new segmentation of the same text, the same one for
+    the same (seed, epoch); pairs keep their lengths' order of magnitude and their text."""
+    config = load_config(trainkit_experiment(train={"subword_alpha": 0.3}))
+    exp = mtkit.train.load_experiment(config)
+    sampling = exp.sampling
+    assert sampling is not None
+    first, again, second = sampling.corpus(0), sampling.corpus(0), sampling.corpus(1)
+    rows = range(len(exp.train))
+    assert len(first) == len(exp.train)
+    assert [first.ids(r) for r in rows] == [again.ids(r) for r in rows]
+    changed = sum(first.ids(r) != exp.train.ids(r) for r in rows)
+    assert changed > len(exp.train) // 10
+    assert sum(first.ids(r) != second.ids(r) for r in rows) > len(exp.train) // 10
+    for r in rows:  # another segmentation of the same text
+        assert exp.tokenizers.src.decode([first.ids(r)[0]]) == exp.tokenizers.src.decode([exp.train.ids(r)[0]])
+        assert exp.tokenizers.tgt.decode([first.ids(r)[1]]) == exp.tokenizers.tgt.decode([exp.train.ids(r)[1]])
+    assert mtkit.train.load_experiment(load_config(trainkit_experiment("off"))).sampling is None
+
+
+def test_subword_sampling_keeps_pairs_within_the_model(trainkit_experiment):
+    """A drawn segmentation longer than the model's positions falls back to the best one."""
+    config = load_config(trainkit_experiment(train={"subword_alpha": 0.01}))
+    exp = mtkit.train.load_experiment(config)
+    assert exp.sampling is not None
+    longest = int(exp.train.sizes.max())
+    limited = config.model_copy(update={"model": config.model.model_copy(update={"max_positions": longest})})
+    exp.sampling.config = limited
+    corpus = exp.sampling.corpus(0)
+    assert int(corpus.sizes.max()) <= longest
+    assert any(corpus.ids(r) != exp.train.ids(r) for r in range(len(corpus)))  # still sampled
+
+
+@pytest.mark.parametrize("nbest", [0, 1, -2])
+def test_subword_nbest_is_checked(trainkit_experiment, nbest):
+    result = run(trainkit_experiment(), "--set", "train.subword_alpha=0.5", "--set", f"train.subword_nbest={nbest}")
+    assert result.exit_code == 2 and "train.subword_nbest" in result.stderr

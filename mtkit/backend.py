@@ -13,12 +13,18 @@ are stored beside the converted model (``compute_type.json``, one entry per devi
 a user can read why. On a CPU the threads go to concurrent batches (``inter_threads``, one
 thread each), which on few cores translates a file faster than threads within a batch.
 
+The PyTorch backend (``mtkit.torch_backend``) runs at float32, bfloat16 or float16; ``auto``
+checks bfloat16 the same way on a CPU that multiplies it in hardware (its record is
+``torch_compute_type.json`` beside the checkpoint's weights) and keeps float32 elsewhere. On a
+CPU it searches in ``workers`` processes.
+
 GPU: CTranslate2 runs on CUDA when the torch device is ``cuda[:N]`` and ctranslate2 sees a
 CUDA device; otherwise ``auto`` keeps PyTorch there.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -34,12 +40,16 @@ from mtkit.fileio import atomic_write_text
 if TYPE_CHECKING:
     from mtkit.checkpoint import Loaded
     from mtkit.export import CT2Translator
+    from mtkit.torch_backend import TorchBackend
+    from mtkit.translate import SearchBackend
 
 BLEU_TOLERANCE = 0.3
 """A reduced precision is chosen by ``compute_type: auto`` only if it loses less BLEU than this."""
 CHECK_SENTENCES = 500
 """Validation sentences that ``compute_type: auto`` translates with each precision (bounds its time)."""
 RECORD = "compute_type.json"
+TORCH_RECORD = "torch_compute_type.json"
+"""Beside a checkpoint's weights: the PyTorch backend's compute-type check."""
 _FAST_TYPE = {"cpu": "int8", "cuda": "float16"}
 
 
@@ -49,25 +59,26 @@ def open_backend(
     device: str | torch.device = "cpu",
     *,
     threads: int | None = None,
+    workers: int = 1,
     seed: int = 1,
     say: Callable[[str], None],
     warn: Callable[[str], None],
-) -> CT2Translator | None:
-    """The search backend for ``Translator(..., backend=...)`` under ``decode.backend``: None
-    for PyTorch. Under ``auto``, ``say`` gets the one line that names the choice and why (an
-    explicit choice is silent, but for the one-time compute-type check); ``warn`` what went
-    wrong on the way (a read-only checkpoint directory). threads: CPU threads for CTranslate2
-    (default: torch's). seed: seeds CTranslate2's sampling."""
+) -> SearchBackend:
+    """The search backend for ``Translator(..., backend=...)`` under ``decode.backend``. Under
+    ``auto``, ``say`` gets the one line that names the choice and why (an explicit choice is
+    silent, but for the one-time compute-type check); ``warn`` what went wrong on the way (a
+    read-only checkpoint directory). threads: CPU threads for CTranslate2 (default: torch's).
+    workers: processes the PyTorch backend searches batches in on a CPU (``TorchBackend``).
+    seed: seeds sampling."""
     device = torch.device(device)
     if decode.backend == "torch":
-        return None
+        return _open_torch(loaded, decode, device, workers, seed, say, why=None)
     explicit = decode.backend == "ctranslate2"
     problems = ct2_problems(loaded, decode, device)
     if problems:
         if explicit:
             raise MtkitError("decode.backend=ctranslate2: " + "; ".join(problems))
-        say(f"backend: torch ({problems[0]})")
-        return None
+        return _open_torch(loaded, decode, device, workers, seed, say, why=problems[0])
     from mtkit.export import CT2Translator, ct2_model_dir
 
     try:
@@ -76,8 +87,7 @@ def open_backend(
         if explicit:
             raise
         warn(f"{err}; translating with PyTorch")
-        say("backend: torch (no place to store the CTranslate2 model)")
-        return None
+        return _open_torch(loaded, decode, device, workers, seed, say, why="no place to store the CTranslate2 model")
     threads = threads or torch.get_num_threads()
 
     def build(compute_type: str) -> CT2Translator:
@@ -86,13 +96,51 @@ def open_backend(
                              compute_type=compute_type, intra_threads=1 if cpu else 0,
                              inter_threads=threads if cpu else 1, max_positions=loaded.config.model.max_positions)
 
-    compute_type, why = choose_compute_type(loaded, decode, device.type, model_dir, build)
     import ctranslate2
 
+    fast = _FAST_TYPE[device.type]
+    if decode.compute_type == "auto" and fast not in ctranslate2.get_supported_compute_types(device.type):
+        compute_type, why = "float32", f"{fast} is not supported on this {device.type}"
+    else:
+        compute_type, why = choose_compute_type(loaded, decode, device.type, fast, model_dir / RECORD, build)
     ctranslate2.set_random_seed(seed)
     if not explicit:
         say(f"backend: ctranslate2 {compute_type} on {device} ({why})")
     return build(compute_type)
+
+
+def _open_torch(loaded: Loaded, decode: DecodeConfig, device: torch.device, workers: int, seed: int,
+                say: Callable[[str], None], why: str | None) -> TorchBackend:
+    """The PyTorch backend at ``decode.compute_type``; under ``auto``, bfloat16 where the device
+    multiplies it in hardware (a CPU with AMX or AVX512-BF16) and it keeps validation BLEU (as
+    ``choose_compute_type``), else float32. ``why``: why ``backend: auto`` came to PyTorch
+    (None: ``decode.backend`` said so)."""
+    from mtkit.runtime import cpu_has_native_bf16
+    from mtkit.torch_backend import DTYPES, TorchBackend
+
+    if decode.compute_type not in ("auto", *DTYPES):
+        raise MtkitError(f"decode.compute_type={decode.compute_type}: the PyTorch backend runs "
+                         f"{', '.join(DTYPES)} (the others are CTranslate2's)")
+    built: dict[str, TorchBackend] = {}
+
+    def build(compute_type: str) -> TorchBackend:
+        if compute_type not in built:
+            model = loaded.model if compute_type == "float32" else copy.deepcopy(loaded.model).to(DTYPES[compute_type])
+            generator = torch.Generator(device=device).manual_seed(seed)
+            # The compute-type check searches in this process; the user's translation may fork workers.
+            built[compute_type] = TorchBackend(model, device, generator=generator)
+        return built[compute_type]
+
+    if decode.compute_type == "auto" and not (device.type == "cpu" and cpu_has_native_bf16()):
+        compute_type, checked = "float32", "bfloat16 is not native here"
+    else:
+        record = Path(loaded.path) / TORCH_RECORD
+        compute_type, checked = choose_compute_type(loaded, decode, f"torch {device.type}", "bfloat16", record, build)
+    chosen = build(compute_type)
+    backend = TorchBackend(chosen.model, device, workers=workers, generator=chosen.generator)
+    if why is not None:
+        say(f"backend: torch {compute_type} on {device} ({why}; {checked})")
+    return backend
 
 
 def ct2_problems(loaded: Loaded, decode: DecodeConfig, device: torch.device) -> list[str]:
@@ -127,23 +175,19 @@ def ct2_problems(loaded: Loaded, decode: DecodeConfig, device: torch.device) -> 
 def choose_compute_type(
     loaded: Loaded,
     decode: DecodeConfig,
-    device_type: str,
-    model_dir: Path,
-    build: Callable[[str], CT2Translator],
+    key: str,
+    fast: str,
+    path: Path,
+    build: Callable[[str], SearchBackend],
 ) -> tuple[str, str]:
-    """``decode.compute_type``, or for ``auto`` the fast type of ``device_type`` if it keeps
-    validation BLEU within ``BLEU_TOLERANCE`` of float32 (measured once with ``build``'s
-    translators, stored in ``model_dir/compute_type.json``), else float32; and why, in words."""
+    """``decode.compute_type``, or for ``auto`` the ``fast`` type if it keeps validation BLEU
+    within ``BLEU_TOLERANCE`` of float32 (measured once with ``build``'s backends, stored in
+    ``path`` under ``key``: the device, for the PyTorch backend prefixed by ``torch``), else
+    float32; and why, in words."""
     if decode.compute_type != "auto":
         return decode.compute_type, "decode.compute_type"
-    import ctranslate2
-
-    fast = _FAST_TYPE[device_type]
-    if fast not in ctranslate2.get_supported_compute_types(device_type):
-        return "float32", f"{fast} is not supported on this {device_type}"
-    path = model_dir / RECORD
     records = _read_records(path)
-    record = records.get(device_type)
+    record = records.get(key)
     when = "measured before"
     if record is None:
         valid = validation_set(loaded)
@@ -152,7 +196,7 @@ def choose_compute_type(
         sources, references, where = valid
         record = measure_compute_type(loaded, decode, build, fast, sources, references)
         record["validation_set"] = where
-        records[device_type] = record
+        records[key] = record
         when = f"measured now in {sum(record['seconds'].values()):.0f} s"
         try:
             atomic_write_text(path, json.dumps(records, indent=2) + "\n")
@@ -166,7 +210,7 @@ def choose_compute_type(
 def measure_compute_type(
     loaded: Loaded,
     decode: DecodeConfig,
-    build: Callable[[str], CT2Translator],
+    build: Callable[[str], SearchBackend],
     fast: str,
     sources: list[str],
     references: list[str],

@@ -389,9 +389,11 @@ class DecodeConfig(Section):
     compute_type: Literal[
         "auto", "float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16"
     ] = "auto"
-    """CTranslate2's weight and compute precision. auto: int8 on a CPU (float16 on a GPU) when
-    it keeps validation BLEU within 0.3 of float32, measured once per converted model and
-    stored beside it (compute_type.json), else float32."""
+    """The precision of the weights and of the computation: CTranslate2 runs every value here,
+    the PyTorch backend float32, bfloat16 and float16. auto: for CTranslate2, int8 on a CPU
+    (float16 on a GPU); for PyTorch, bfloat16 on a CPU that multiplies it in hardware (AMX,
+    AVX512-BF16); each only when it keeps validation BLEU within 0.3 of float32, measured once
+    per model and stored beside it (compute_type.json, torch_compute_type.json), else float32."""
 
     @model_validator(mode="after")
     def _nbest_fits(self) -> DecodeConfig:

@@ -609,6 +609,9 @@ class CT2Translator:
         self.tgt_pieces = _pieces(tokenizers.tgt.path)
         self.tgt_ids = {piece: i for i, piece in enumerate(self.tgt_pieces)}
 
+    def close(self) -> None:
+        """Nothing to release: CTranslate2's threads end with the translator."""
+
     def max_length(self, source_length: int, floor: int = 0, decode: DecodeConfig | None = None) -> int:
         """mtkit's output limit (tokens before EOS) for a source of ``source_length`` subwords:
         at least ``floor`` (the prefix length, the minimum length), at most what the model's

@@ -14,6 +14,7 @@ after it. A training run that was interrupted resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -292,6 +293,8 @@ class _ValidationScorer:
 def translate_test_set(config: Config) -> Path:
     """Translate the prepared test split with the best checkpoint, with the backend that
     ``mtkit translate`` would use (named on stderr); write hypotheses and references."""
+    import torch
+
     from mtkit.backend import open_backend
     from mtkit.checkpoint import load_for_inference
     from mtkit.data import load_split
@@ -301,9 +304,11 @@ def translate_test_set(config: Config) -> Path:
     test = load_split(exp.root, "test")
     loaded = load_for_inference(exp.root, device=_device(config))
     engine = open_backend(loaded, config.decode, _device(config), threads=config.train.threads,
-                          seed=config.experiment.seed, say=_say, warn=lambda m: _say(f"warning: {m}"))
+                          workers=config.train.threads or torch.get_num_threads(), seed=config.experiment.seed,
+                          say=_say, warn=lambda m: _say(f"warning: {m}"))
     translator = Translator(loaded.model, loaded.tokenizers, config.decode, device=_device(config), backend=engine)
-    hyps = translator.translate(list(test["src"]))
+    with contextlib.closing(engine):
+        hyps = translator.translate(list(test["src"]))
     lang = config.data.tgt_lang
     atomic_write_text(exp.test_references(lang), "".join(line + "\n" for line in test["tgt"]))
     atomic_write_text(exp.test_hypotheses(lang), "".join(line + "\n" for line in hyps))

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ from mtkit.corpus import normalize
 from mtkit.decoder_only import DecoderOnly
 from mtkit.errors import MtkitError
 from mtkit.runtime import Shard
-from mtkit.search import Hypothesis, beam_search, sample
-from mtkit.vocab import EOS_ID, PAD_ID
+from mtkit.search import Hypothesis
+from mtkit.torch_backend import TorchBackend
 
 if TYPE_CHECKING:
     from mtkit.tokenizer import Tokenizers
@@ -68,12 +68,17 @@ OUTPUT_FORMATS = ("text", "jsonl")
 
 
 class SearchBackend(Protocol):
-    """Another engine for ``Translator``'s search (``mtkit.export.CT2Translator``)."""
+    """The engine of ``Translator``'s search: ``mtkit.torch_backend.TorchBackend`` or
+    ``mtkit.export.CT2Translator``."""
 
     def search(
         self, batches: list[list[list[int]]], prefixes: list[list[list[int]]] | None, decode: DecodeConfig
     ) -> list[list[Hypothesis]]:
         """Per sentence of ``batches`` (in order, batch after batch), its n-best hypotheses."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend started (worker processes)."""
         ...
 
 
@@ -99,8 +104,8 @@ class Translator:
 
     warn: called with a one-line message for each truncated line (default: logging).
     seed: seeds sampling (only used with ``decode.sampling``).
-    backend: runs the search instead of mtkit's own search on ``model`` (None); built by
-    ``mtkit.backend.open_backend``, which also seeds its sampling.
+    backend: runs the search (default: mtkit's own search on ``model``, in this process, seeded
+    by ``seed``); built by ``mtkit.backend.open_backend``, which also seeds its sampling.
     """
 
     def __init__(
@@ -115,7 +120,6 @@ class Translator:
         backend: SearchBackend | None = None,
     ):
         self.model = model
-        self.backend = backend
         self.tokenizers = tokenizers
         self.decode = decode
         self.device = torch.device(device)
@@ -124,7 +128,8 @@ class Translator:
         # the source's, at least the target's BOS must fit after it.
         follows = isinstance(model, DecoderOnly) and model.cfg.target_positions == "continue"
         self.max_source = model.cfg.max_positions - 1 - int(follows)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.backend: SearchBackend = backend or TorchBackend(
+            model, self.device, generator=torch.Generator(device=self.device).manual_seed(seed))
 
     # ------------------------------------------------------------------ public
 
@@ -155,17 +160,12 @@ class Translator:
         order = np.argsort(lengths, kind="stable")  # stable: equal lengths keep input order
         batches = [[todo[i] for i in batch] for batch in pack(lengths, order, self.decode.batch_tokens,
                                                               oversized="alone")]
-        if self.backend is not None:  # every batch at once: a backend may run them concurrently
-            hyps = self.backend.search([[src_ids[r] for r in rows] for rows in batches],
-                                       [[prefix_ids[r] for r in rows] for rows in batches] if prefix_ids else None,
-                                       self.decode)
-            for row, nbest in zip([r for rows in batches for r in rows], hyps, strict=True):
-                results[row] = self._to_text(nbest)
-            return results
-        for rows in batches:
-            hyps = self.search([src_ids[r] for r in rows], [prefix_ids[r] for r in rows] if prefix_ids else None)
-            for row, nbest in zip(rows, hyps, strict=True):
-                results[row] = self._to_text(nbest)
+        # Every batch at once: a backend may run them concurrently.
+        hyps = self.backend.search([[src_ids[r] for r in rows] for rows in batches],
+                                   [[prefix_ids[r] for r in rows] for rows in batches] if prefix_ids else None,
+                                   self.decode)
+        for row, nbest in zip([r for rows in batches for r in rows], hyps, strict=True):
+            results[row] = self._to_text(nbest)
         return results
 
     def translate_stream(
@@ -215,21 +215,7 @@ class Translator:
 
     def search(self, src_ids: list[list[int]], prefix_ids: list[list[int]] | None = None) -> list[list[Hypothesis]]:
         """Run the configured search on sentences of subword ids (no EOS, none empty)."""
-        if self.backend is not None:
-            return self.backend.search([src_ids], [prefix_ids] if prefix_ids is not None else None, self.decode)
-        width = max(len(ids) for ids in src_ids) + 1
-        src = torch.full((len(src_ids), width), PAD_ID, dtype=torch.long)
-        for row, ids in enumerate(src_ids):
-            src[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            src[row, len(ids)] = EOS_ID
-        src = src.to(self.device)
-        d = self.decode
-        common: dict[str, Any] = dict(lenpen=d.lenpen, max_len_a=d.max_len_a, max_len_b=d.max_len_b, min_len=d.min_len,
-                      prefix=prefix_ids, allow_unk=d.allow_unk, lenpen_form=d.length_penalty_form)
-        if d.sampling:
-            return sample(self.model, src, nbest=d.nbest, temperature=d.temperature, top_k=d.top_k,
-                          top_p=d.top_p, generator=self.generator, **common)
-        return beam_search(self.model, src, beam=d.beam, nbest=d.nbest, **common)
+        return self.backend.search([src_ids], [prefix_ids] if prefix_ids is not None else None, self.decode)
 
     # ------------------------------------------------------------------ internals
 

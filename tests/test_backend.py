@@ -6,6 +6,7 @@ either backend are parametrized in test_translate.py, test_hostile.py and test_s
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from mtkit.config import Config, DecodeConfig, ModelConfig, TokenizerConfig
 from mtkit.errors import MtkitError
 from mtkit.model import Transformer
 from mtkit.tokenizer import train_tokenizers
+from mtkit.torch_backend import DTYPES, TorchBackend
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "red", "big", "small", "house", "tree", "runs", "walks"]
 WORDS += ["blue", "green", "man", "woman"]
@@ -67,11 +69,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def checkpoint(run_dir, tmp_path) -> Path:
-    """A fresh copy of the checkpoint directory (no conversion in it yet)."""
+    """A fresh copy of the checkpoint directory (no conversion or compute-type record in it yet)."""
     import shutil
 
     source = (run_dir / "checkpoints" / "best").resolve()
-    return Path(shutil.copytree(source, tmp_path / "ckpt", ignore=shutil.ignore_patterns("ctranslate2-*")))
+    return Path(shutil.copytree(source, tmp_path / "ckpt", ignore=shutil.ignore_patterns("ctranslate2-*", "torch_compute_type.json")))
 
 
 def invoke(args, input=None):
@@ -142,7 +144,9 @@ def test_a_read_only_checkpoint_converts_into_the_cache_then_falls_back_to_torch
     shutil.rmtree(cached)
     said: list[str] = []
     auto = open_backend(loaded, loaded.config.decode, say=said.append, warn=warnings.append)
-    assert auto is None and said == ["backend: torch (no place to store the CTranslate2 model)"]
+    assert isinstance(auto, TorchBackend) and len(said) == 1
+    assert re.fullmatch(r"backend: torch (float32|bfloat16) on cpu \(no place to store the CTranslate2 model; .*\)",
+                        said[0])
     assert "translating with PyTorch" in warnings[-1]
     explicit = loaded.config.decode.model_copy(update={"backend": "ctranslate2"})
     with pytest.raises(MtkitError, match="cannot store the CTranslate2 model"):
@@ -194,8 +198,9 @@ def test_gnmt_length_penalty_keeps_auto_on_torch_and_refuses_explicit_ctranslate
     base = ["translate", "-m", str(run_dir), "--length-penalty-form", "gnmt"]
     auto = invoke(base, input="the cat\n")
     assert auto.exit_code == 0
-    assert auto.stderr == ("mtkit: backend: torch (decode.length_penalty_form=gnmt: CTranslate2 divides by "
-                           "length ** lenpen only (set decode.length_penalty_form=length))\n")
+    assert re.fullmatch(r"mtkit: backend: torch \w+ on cpu \(decode\.length_penalty_form=gnmt: CTranslate2 divides "
+                        r"by length \*\* lenpen only \(set decode\.length_penalty_form=length\); [^\n]+\)\n",
+                        auto.stderr)
     explicit = invoke([*base, "--backend", "ctranslate2"], input="the cat\n")
     assert explicit.exit_code == 1
     assert explicit.stderr.startswith("mtkit: error: decode.backend=ctranslate2: decode.length_penalty_form=gnmt")
@@ -215,7 +220,8 @@ def test_mtkit_translates_without_ctranslate2(run_dir, tmp_path):
     command = [sys.executable, "-m", "mtkit", "translate", "-m", str(run_dir), "--threads", "1"]
     auto = subprocess.run(command, input="the cat\n", capture_output=True, text=True, timeout=120, env=env)
     assert auto.returncode == 0 and auto.stdout.count("\n") == 1
-    assert auto.stderr == "mtkit: backend: torch (ctranslate2 is not installed (pip install ctranslate2))\n"
+    assert re.fullmatch(r"mtkit: backend: torch \w+ on cpu \(ctranslate2 is not installed \(pip install "
+                        r"ctranslate2\); [^\n]+\)\n", auto.stderr)
     explicit = subprocess.run([*command, "--backend", "ctranslate2"], input="the cat\n", capture_output=True,
                               text=True, timeout=120, env=env)
     assert explicit.returncode == 1
@@ -318,3 +324,88 @@ def test_length_form_beam_search_ends_once_beam_hypotheses_have_finished(beam, l
                                               nbest=nbest)
         assert [h.tokens for h in out[row]] == [e[0] for e in expected]
         assert [h.score for h in out[row]] == pytest.approx([e[1] for e in expected], abs=1e-4)
+
+
+# --------------------------------------------------------------------------- the PyTorch backend
+
+
+def torch_decode(loaded, compute_type: str = "float32") -> DecodeConfig:
+    return loaded.config.decode.model_copy(update={"backend": "torch", "compute_type": compute_type})
+
+
+def test_torch_worker_processes_translate_as_this_process_does(checkpoint):
+    """Batches searched by two forked worker processes come back in order and equal to the
+    search in this process; sampling stays in this process (one seeded stream)."""
+    loaded = load_for_inference(checkpoint)
+    sources = [ids for ids in loaded.tokenizers.src.encode(corpus(40, seed=3)) if ids]
+    batches = [sources[i : i + 5] for i in range(0, len(sources), 5)]
+    decode = torch_decode(loaded)
+    alone = open_backend(loaded, decode, workers=1, say=print, warn=print)
+    workers = open_backend(loaded, decode, workers=2, say=print, warn=print)
+    try:
+        assert workers.search(batches, None, decode) == alone.search(batches, None, decode)
+        assert workers._pool is not None and alone._pool is None
+        sampling = decode.model_copy(update={"sampling": True})
+        first = open_backend(loaded, sampling, workers=2, seed=4, say=print, warn=print)
+        again = open_backend(loaded, sampling, workers=2, seed=4, say=print, warn=print)
+        assert first.search(batches, None, sampling) == again.search(batches, None, sampling)
+        assert first._pool is None
+    finally:
+        workers.close()
+
+
+def test_a_dead_torch_worker_is_a_clear_error(checkpoint, monkeypatch):
+    import mtkit.torch_backend
+
+    loaded = load_for_inference(checkpoint)
+    sources = [ids for ids in loaded.tokenizers.src.encode(corpus(20, seed=3)) if ids]
+    # Forked after the patch, the workers die on their first batch.
+    monkeypatch.setattr(mtkit.torch_backend.TorchBackend, "search_batch", lambda *args: os._exit(9))
+    backend = open_backend(loaded, torch_decode(loaded), workers=2, say=print, warn=print)
+    with pytest.raises(MtkitError, match="a PyTorch worker process died"):
+        backend.search([sources[:10], sources[10:]], None, torch_decode(loaded))
+    backend.close()
+
+
+def test_torch_compute_type(checkpoint, monkeypatch):
+    """Explicit bfloat16 runs the weights in bf16; auto checks bf16 on the validation set once
+    where the CPU multiplies it in hardware (and stores why), else stays float32; CTranslate2's
+    own types are refused in one line."""
+    import mtkit.runtime
+    from mtkit.backend import TORCH_RECORD
+
+    loaded = load_for_inference(checkpoint)
+    assert open_backend(loaded, torch_decode(loaded, "bfloat16"), say=print, warn=print).dtype == torch.bfloat16
+    assert next(loaded.model.parameters()).dtype == torch.float32  # converted on a copy
+    with pytest.raises(MtkitError, match=r"^decode.compute_type=int8: the PyTorch backend runs float32, bfloat16, "):
+        open_backend(loaded, torch_decode(loaded, "int8"), say=print, warn=print)
+
+    said: list[str] = []
+    # auto, with a setting CTranslate2 cannot honour: auto comes to PyTorch and says why.
+    auto = loaded.config.decode.model_copy(update={"compute_type": "auto", "length_penalty_form": "gnmt"})
+    monkeypatch.setattr(mtkit.runtime, "cpu_has_native_bf16", lambda: False)
+    assert open_backend(loaded, auto, say=said.append, warn=print).dtype == torch.float32
+    assert said[-1].startswith("backend: torch float32 on cpu (") and "bfloat16 is not native here" in said[-1]
+    assert not (checkpoint / TORCH_RECORD).exists()
+
+    monkeypatch.setattr(mtkit.runtime, "cpu_has_native_bf16", lambda: True)
+    chosen = open_backend(loaded, auto, say=said.append, warn=print)
+    record = json.loads((checkpoint / TORCH_RECORD).read_text())["torch cpu"]
+    assert set(record["bleu"]) == {"float32", "bfloat16"} and record["sentences"] == 30
+    assert chosen.dtype == DTYPES[record["choice"]]
+    assert "measured now" in said[-1] and str(checkpoint / TORCH_RECORD) in said[-1]
+    open_backend(loaded, auto, say=said.append, warn=print)
+    assert "measured before" in said[-1]
+
+
+def test_translate_threads_fork_torch_workers_through_the_cli(run_dir, tmp_path):
+    """`mtkit translate --threads 2` with the PyTorch backend: the same lines as one thread."""
+    source = write(tmp_path / "in.txt", corpus(60, seed=5) + ["", "the cat"])
+    outputs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"out{threads}.txt"
+        result = invoke(["translate", "-m", str(run_dir), "--backend", "torch", "--compute-type", "float32",
+                         "--threads", threads, "--batch-tokens", "16", "-i", str(source), "-o", str(out)])
+        assert result.exit_code == 0, result.stderr
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1] and outputs[0].count("\n") == 62

@@ -19,6 +19,7 @@ processes that all read FILE; each translates every N-th line of each chunk (on 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from enum import Enum
 from pathlib import Path
@@ -88,7 +89,9 @@ def translate(
     ] = OutputFormat.text,
     ref: Annotated[Path | None, _flag("--ref", help="Reference: print BLEU/chrF/TER on stderr at the end.")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    threads: Annotated[int | None, _flag("--threads", help="CPU threads for torch.")] = None,
+    threads: Annotated[int | None, _flag(
+        "--threads", help="CPU threads (default: torch's), each translating its own batches "
+        "(CTranslate2 threads or PyTorch worker processes).")] = None,
     chunk_lines: Annotated[
         int, typer.Option("--chunk-lines", help="Lines read, sorted and translated at a time.", min=1)
     ] = 10_000,
@@ -134,15 +137,18 @@ def translate(
     loaded = load_for_inference(model, device=device)
     decode = resolve_decode(loaded.config.decode, config, overrides, flags)
     seed = loaded.config.experiment.seed if seed is None else seed
-    search_backend = open_backend(loaded, decode, device, threads=threads, seed=seed, say=_say if leader else _quiet,
-                                  warn=_warn)
+    # On a CPU, threads go to concurrent batches: CTranslate2's inter_threads, or PyTorch worker
+    # processes of one thread each (one process per rank under torchrun).
+    workers = 1 if shard is not None else threads or torch.get_num_threads()
+    search_backend = open_backend(loaded, decode, device, threads=threads, workers=workers, seed=seed,
+                                  say=_say if leader else _quiet, warn=_warn)
     translator = Translator(loaded.model, loaded.tokenizers, decode, device, seed=seed, warn=_warn,
                             backend=search_backend)
 
     hyps: list[str] = []  # kept only to score them: memory stays bounded otherwise
     count = 0
     # Other ranks receive no chunks: they write nothing and show no progress.
-    with LineProgress() as progress:
+    with contextlib.closing(search_backend), LineProgress() as progress:
         with open_output(output if leader else None) as sink:
             for chunk in translator.translate_stream(lines, prefixes, chunk_lines=chunk_lines, shard=shard,
                                                      ready=ready):

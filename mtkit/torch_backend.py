@@ -71,8 +71,13 @@ class TorchBackend:
         jobs = [(batch, prefixes[number] if prefixes is not None else None)
                 for number, batch in enumerate(batches)]
         if self.workers > 1 and len(jobs) > 1 and not decode.sampling:
+            # The largest batches first, so that no worker is left with a long one at the end.
+            order = sorted(range(len(jobs)), key=lambda i: -sum(len(ids) + 1 for ids in jobs[i][0]))
+            found: list[list[list[Hypothesis]]] = [[] for _ in jobs]
             try:
-                found = list(self._start().map(_search_in_worker, [(*job, decode) for job in jobs]))
+                for i, result in zip(order, self._start().map(_search_in_worker, [(*jobs[i], decode) for i in order]),
+                                     strict=True):
+                    found[i] = result
             except BrokenProcessPool:
                 self.close()
                 raise MtkitError("a PyTorch worker process died (killed, or out of memory?); "

@@ -22,7 +22,8 @@ is CTranslate2's and Marian's), minimum and maximum lengths, on ``--threads`` CP
 Then mtkit end to end through its CLI (``mtkit translate -i FILE -o FILE``: reading,
 tokenizing, translating, detokenizing and writing) on a copy of the checkpoint: its default
 (``decode.backend: auto``, ``compute_type: auto``; the line it prints says what it picked), the
-PyTorch backend, and the CTranslate2 backend at float32 and int8. The CLI batches by its own
+PyTorch backend (at ``compute_type: auto``, bfloat16 where the CPU multiplies it natively, and at
+float32), and the CTranslate2 backend at float32 and int8. The CLI batches by its own
 token budget (``decode.batch_tokens``, the default) in the batch-32 rows, one sentence per batch
 (``--batch-tokens 1``) in the batch-1 rows. Each CLI run is timed net of the command's start-up
 (imports, loading the model): the same command on an empty file, after a warm-up run that also
@@ -31,9 +32,11 @@ makes the conversion and the int8 check, is subtracted.
 Reported per system: sentences/s, output tokens/s, peak resident memory while translating (in
 process), BLEU against the references, and the share of outputs identical to mtkit's. ``--json``
 adds ``default_vs_ct2_fp32`` (mtkit's default CLI over the fastest bare CTranslate2 float32
-setting), ``default_bleu_delta`` (its BLEU minus the PyTorch backend's), ``ct2_backend_overhead``
-(mtkit's CTranslate2 backend at float32 over the fastest bare float32), ``torch_vs_ct2_fp32``, and
-the same at batch 1 (``_b1``). Remaining differences between mtkit's beam search and
+setting), ``default_bleu_delta`` (its BLEU minus the PyTorch backend's at float32),
+``ct2_backend_overhead`` (mtkit's CTranslate2 backend at float32 over the fastest bare float32),
+``torch_vs_ct2_fp32`` (the PyTorch backend as ``auto`` sets it up: its worker processes, its
+compute type) with ``torch_bleu_delta``, ``torch_fp32_vs_ct2_fp32`` (the PyTorch backend at
+float32), and the same at batch 1 (``_b1``). Remaining differences between mtkit's beam search and
 CTranslate2's are in ``mtkit.export.CT2Translator``'s docstring. Bare CTranslate2 takes one
 maximum length per call, so it gets the batch's largest (mtkit: one per sentence).
 """
@@ -374,6 +377,7 @@ def main() -> None:
             backends = {
                 "mtkit_default": [],
                 "mtkit_torch": ["--backend=torch"],
+                "mtkit_torch_fp32": ["--backend=torch", "--compute-type=float32"],
                 "mtkit_ct2_fp32": ["--backend=ctranslate2", "--compute-type=float32"],
                 "mtkit_ct2_int8": ["--backend=ctranslate2", "--compute-type=int8"],
             }
@@ -432,7 +436,7 @@ def summary(runs: list[Run], args: argparse.Namespace, decode: DecodeConfig, run
         return round(run.sent_per_s / base.sent_per_s, 3) if run and base else None
 
     def delta(system: str, batch: int) -> float | None:
-        run, torch_run = by.get((system, batch)), by.get(("mtkit_torch", batch))
+        run, torch_run = by.get((system, batch)), by.get(("mtkit_torch_fp32", batch))
         if run is None or torch_run is None or run.bleu is None or torch_run.bleu is None:
             return None
         return round(run.bleu - torch_run.bleu, 2)
@@ -444,6 +448,8 @@ def summary(runs: list[Run], args: argparse.Namespace, decode: DecodeConfig, run
         keys[f"default_bleu_delta{suffix}"] = delta("mtkit_default", batch)
         keys[f"ct2_backend_overhead{suffix}"] = over("mtkit_ct2_fp32", base, batch)
         keys[f"torch_vs_ct2_fp32{suffix}"] = over("mtkit_torch", base, batch)
+        keys[f"torch_fp32_vs_ct2_fp32{suffix}"] = over("mtkit_torch_fp32", base, batch)
+        keys[f"torch_bleu_delta{suffix}"] = delta("mtkit_torch", batch)
         keys[f"ct2_fp32_baseline{suffix}"] = base.system if base else None
     return {
         **keys,
@@ -499,7 +505,8 @@ def print_table(runs: list[Run], report: dict) -> None:
     keys = ("speedup_vs_hf", "ratio_vs_ct2_fp32", "ratio_vs_ct2_int8")
     print("batch {}: ".format(report["settings"]["batch"]) + ", ".join(f"{k} {report[k]}" for k in keys))
     print("batch 1: " + ", ".join(f"{k} {report['batch1'][k]}" for k in keys))
-    issue = ("default_vs_ct2_fp32", "default_bleu_delta", "ct2_backend_overhead", "torch_vs_ct2_fp32")
+    issue = ("default_vs_ct2_fp32", "default_bleu_delta", "ct2_backend_overhead", "torch_vs_ct2_fp32",
+             "torch_bleu_delta", "torch_fp32_vs_ct2_fp32")
     for suffix in ("", "_b1"):
         print(", ".join(f"{k}{suffix} {report[k + suffix]}" for k in issue)
               + f" (baseline: {report['ct2_fp32_baseline' + suffix]})")

@@ -8,7 +8,9 @@ only in the model section):
 - ``encdec``: the encoder-decoder recipe (``small``, 3+3 layers);
 - ``prefix_lm``: the decoder-only prefix LM matched in non-embedding parameters (7 blocks);
 - ``causal_lm``: the same with causal attention over the source (a plain language model);
-- ``prefix_lm_layers``: the prefix LM matched in layers (6 blocks).
+- ``prefix_lm_layers``: the prefix LM matched in layers (6 blocks);
+- ``prefix_lm_restart``: the prefix LM with target positions restarting at 0
+  (``model.target_positions: restart``) instead of continuing after the source.
 
 The main pair (encdec, prefix_lm) runs ``--seeds`` seeds, the others one. Two budgets:
 ``time`` (every arm trains ``--minutes`` of wall-clock time) and ``updates`` (every arm makes
@@ -44,6 +46,7 @@ ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "prefix_lm": (DECODER_ONLY, {}),
     "causal_lm": (DECODER_ONLY, {"model.source_attention": "causal"}),
     "prefix_lm_layers": (DECODER_ONLY, {"model.size": "small_decoder_only_layers"}),
+    "prefix_lm_restart": (DECODER_ONLY, {"model.target_positions": "restart"}),
 }
 MAIN_PAIR = ("encdec", "prefix_lm")
 SHARED_DIRS = ("tokenizer", "data")

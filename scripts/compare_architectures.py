@@ -48,6 +48,7 @@ ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "prefix_lm_layers": (DECODER_ONLY, {"model.size": "small_decoder_only_layers"}),
     "prefix_lm_restart": (DECODER_ONLY, {"model.target_positions": "restart"}),
 }
+DEFAULT_ARMS = ("encdec", "prefix_lm", "causal_lm", "prefix_lm_layers")  # the positions arm on request
 MAIN_PAIR = ("encdec", "prefix_lm")
 SHARED_DIRS = ("tokenizer", "data")
 
@@ -97,7 +98,8 @@ def main() -> None:
                         help="Updates of the `updates` arms (default: what encdec seed 1 made in --minutes).")
     parser.add_argument("--seeds", type=int, default=2, help="Seeds of the main pair (encdec, prefix_lm).")
     parser.add_argument("--budgets", default="time,updates", help="Comma-separated: time, updates.")
-    parser.add_argument("--arms", default=",".join(ARMS), help="Comma-separated subset of: " + ", ".join(ARMS))
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help="Comma-separated subset of: " + ", ".join(ARMS) + " (default: all but the last)")
     parser.add_argument("--test", nargs=2, metavar=("SRC", "REF"),
                         default=["../shared/data/multi30k/test_2016_flickr.en.gz",
                                  "../shared/data/multi30k/test_2016_flickr.de.gz"])

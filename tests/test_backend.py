@@ -73,7 +73,8 @@ def checkpoint(run_dir, tmp_path) -> Path:
     import shutil
 
     source = (run_dir / "checkpoints" / "best").resolve()
-    return Path(shutil.copytree(source, tmp_path / "ckpt", ignore=shutil.ignore_patterns("ctranslate2-*", "torch_compute_type.json")))
+    ignore = shutil.ignore_patterns("ctranslate2-*", "torch_compute_type.json")
+    return Path(shutil.copytree(source, tmp_path / "ckpt", ignore=ignore))
 
 
 def invoke(args, input=None):

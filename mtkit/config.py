@@ -211,9 +211,11 @@ class ModelConfig(Section):
     position sees the whole source (a prefix LM); causal: only the positions before it (a plain
     GPT-style LM, exportable to CTranslate2). Target positions always see the whole source and
     the target so far."""
-    target_positions: Literal["continue", "restart"] = "continue"
-    """decoder_only: the position of the first target token (the BOS after the source): continue
-    after the source (as one sequence) or restart at 0 (as in an encoder-decoder)."""
+    target_positions: Literal["continue", "restart"] = "restart"
+    """decoder_only: the position of the first target token (the BOS after the source): restart
+    at 0 (as in an encoder-decoder; the better of the two for the Multi30k prefix LM,
+    docs/architectures.md) or continue after the source (one sequence, as a language model
+    reads it; what CTranslate2 needs to run an exported causal model)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -6,11 +6,12 @@ Arms (configs/multi30k_en_de.yaml and configs/multi30k_en_de_decoder_only.yaml, 
 only in the model section):
 
 - ``encdec``: the encoder-decoder recipe (``small``, 3+3 layers);
-- ``prefix_lm``: the decoder-only prefix LM matched in non-embedding parameters (7 blocks);
+- ``prefix_lm``: the decoder-only prefix LM matched in non-embedding parameters (7 blocks),
+  target positions continuing after the source;
 - ``causal_lm``: the same with causal attention over the source (a plain language model);
 - ``prefix_lm_layers``: the prefix LM matched in layers (6 blocks);
-- ``prefix_lm_restart``: the prefix LM with target positions restarting at 0
-  (``model.target_positions: restart``) instead of continuing after the source.
+- ``prefix_lm_restart`` (only when named in ``--arms``): the prefix LM with target positions
+  restarting at 0, the decoder-only recipe's layout.
 
 The main pair (encdec, prefix_lm) runs ``--seeds`` seeds, the others one. Two budgets:
 ``time`` (every arm trains ``--minutes`` of wall-clock time) and ``updates`` (every arm makes
@@ -41,11 +42,14 @@ from mtkit.fileio import atomic_write_text
 
 ENCDEC = "configs/multi30k_en_de.yaml"
 DECODER_ONLY = "configs/multi30k_en_de_decoder_only.yaml"
+# The decoder-only arms continue their target positions after the source (the default when
+# the experiment ran); prefix_lm_restart is the recipe's layout since (docs/architectures.md).
+CONTINUE = {"model.target_positions": "continue"}
 ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "encdec": (ENCDEC, {}),
-    "prefix_lm": (DECODER_ONLY, {}),
-    "causal_lm": (DECODER_ONLY, {"model.source_attention": "causal"}),
-    "prefix_lm_layers": (DECODER_ONLY, {"model.size": "small_decoder_only_layers"}),
+    "prefix_lm": (DECODER_ONLY, CONTINUE),
+    "causal_lm": (DECODER_ONLY, {"model.source_attention": "causal", **CONTINUE}),
+    "prefix_lm_layers": (DECODER_ONLY, {"model.size": "small_decoder_only_layers", **CONTINUE}),
     "prefix_lm_restart": (DECODER_ONLY, {"model.target_positions": "restart"}),
 }
 DEFAULT_ARMS = ("encdec", "prefix_lm", "causal_lm", "prefix_lm_layers")  # the positions arm on request

@@ -223,14 +223,16 @@ def test_scores_prefixes_and_sampling():
 
 def test_output_stops_where_positions_run_out():
     torch.manual_seed(0)
-    model = DecoderOnly(tiny(max_positions=16), 30, 30).eval()
+    model = DecoderOnly(tiny(max_positions=16, target_positions="continue"), 30, 30).eval()
     out = beam_search(model, make_src([[5] * 9]), beam=2, max_len_a=3, max_len_b=50, min_len=0)
     assert len(out[0][0].tokens) <= 16 - 10 - 1  # source + EOS, then BOS and the output
 
 
 # --------------------------------------------------------------------------- through the CLI
 
-DECODER_ONLY = {"arch": "decoder_only", "size": "tiny_decoder_only", "dropout": 0.1, "source_attention": "causal"}
+# Causal with continuing positions: the variant CTranslate2 can run.
+DECODER_ONLY = {"arch": "decoder_only", "size": "tiny_decoder_only", "dropout": 0.1, "source_attention": "causal",
+                "target_positions": "continue"}
 
 
 def train(config: Path, *args: str):

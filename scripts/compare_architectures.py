@@ -13,7 +13,7 @@ only in the model section):
 - ``prefix_lm_restart`` (only when named in ``--arms``): the prefix LM with target positions
   restarting at 0, the decoder-only recipe's layout.
 
-The main pair (encdec, prefix_lm) runs ``--seeds`` seeds, the others one. Two budgets:
+The main pair (encdec, prefix_lm) and prefix_lm_restart run ``--seeds`` seeds, the others one. Two budgets:
 ``time`` (every arm trains ``--minutes`` of wall-clock time) and ``updates`` (every arm makes
 ``--steps`` updates; by default as many as the seed-1 encoder-decoder made in its time
 budget, so that the two budgets separate cost per update from what an update buys). Each
@@ -53,7 +53,7 @@ ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "prefix_lm_restart": (DECODER_ONLY, {"model.target_positions": "restart"}),
 }
 DEFAULT_ARMS = ("encdec", "prefix_lm", "causal_lm", "prefix_lm_layers")  # the positions arm on request
-MAIN_PAIR = ("encdec", "prefix_lm")
+SEEDED = ("encdec", "prefix_lm", "prefix_lm_restart")  # the main pair and the positions arm
 SHARED_DIRS = ("tokenizer", "data")
 
 
@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="Training budget of the `time` arms.")
     parser.add_argument("--steps", type=int, default=None,
                         help="Updates of the `updates` arms (default: what encdec seed 1 made in --minutes).")
-    parser.add_argument("--seeds", type=int, default=2, help="Seeds of the main pair (encdec, prefix_lm).")
+    parser.add_argument("--seeds", type=int, default=2,
+                        help="Seeds of the main pair (encdec, prefix_lm) and of prefix_lm_restart.")
     parser.add_argument("--budgets", default="time,updates", help="Comma-separated: time, updates.")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help="Comma-separated subset of: " + ", ".join(ARMS) + " (default: all but the last)")
@@ -120,7 +121,7 @@ def main() -> None:
         parser.error(f"--arms from {', '.join(ARMS)}; --budgets from time, updates")
     out = args.out.resolve()
     shared = prepare_once(out)
-    plan = [(arm, seed) for arm in arms for seed in range(1, (args.seeds if arm in MAIN_PAIR else 1) + 1)]
+    plan = [(arm, seed) for arm in arms for seed in range(1, (args.seeds if arm in SEEDED else 1) + 1)]
 
     results = {}
     steps = args.steps

@@ -137,11 +137,13 @@ def _gather(values: Tensor, starts: np.ndarray, lens: Tensor, width: int) -> Ten
 
 
 def pack(
-    sizes: np.ndarray, order: np.ndarray, max_tokens: int, *, oversized: Literal["error", "alone"] = "error"
+    sizes: np.ndarray, order: np.ndarray, max_tokens: int, *, oversized: Literal["error", "alone"] = "error",
+    max_items: int | None = None,
 ) -> list[np.ndarray]:
     """Split ``order`` (indices sorted by ascending ``sizes``) into consecutive batches whose
-    count times largest size stays within ``max_tokens``: the one token batcher, used by
-    training (``epoch_batches``, ``sorted_batches``) and by translation.
+    count times largest size stays within ``max_tokens`` (and whose count within
+    ``max_items``, if given): the one token batcher, used by training (``epoch_batches``,
+    ``sorted_batches``) and by translation.
 
     oversized: what a single item larger than ``max_tokens`` does: ``error`` raises ValueError
     (training checks its pairs first), ``alone`` gets a batch of its own (translation, where
@@ -158,7 +160,7 @@ def pack(
             batches.append(order[start : start + 1])
             start += 1
             continue
-        window = min(n - start, max_tokens // int(ordered[start]))
+        window = min(n - start, max_tokens // int(ordered[start]), max_items or n)
         # Sizes ascend, so "count * size of the last one fits" is true then false: find the edge.
         fits = np.arange(1, window + 1) * ordered[start : start + window] <= max_tokens
         count = window if fits.all() else int(np.argmin(fits))

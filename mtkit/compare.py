@@ -43,7 +43,7 @@ DEFAULT_SPEED_BEAM = 5
 TEST_PLACEHOLDER = "{test}"
 """In a hypothesis file's name, replaced by each test set's name (several --test sets)."""
 _ONE_BATCH = 1 << 30
-"""``decode.batch_tokens`` that puts every line of a call into one batch."""
+"""``decode.batch_tokens`` and ``batch_sentences`` that put every line of a call into one batch."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -447,7 +447,8 @@ def measure_decoding(loaded: Loaded, sources: list[str],
     from mtkit.translate import Translator
 
     decode = DecodeConfig.model_validate({**loaded.config.decode.model_dump(), "beam": options.speed_beam,
-                                          "nbest": 1, "sampling": False, "batch_tokens": _ONE_BATCH})
+                                          "nbest": 1, "sampling": False, "batch_tokens": _ONE_BATCH,
+                                          "batch_sentences": _ONE_BATCH})
     translator = Translator(loaded.model, loaded.tokenizers, decode, options.device, warn=lambda message: None)
     sample, singles = speed_samples(sources, options.speed_sentences)
     if not sample:

@@ -371,6 +371,10 @@ class DecodeConfig(Section):
     """Hypotheses returned per sentence; at most the beam size."""
     batch_tokens: int = Field(default=4096, ge=1)
     """Source tokens per translation batch."""
+    batch_sentences: int = Field(default=64, ge=1)
+    """Most sentences per translation batch (fairseq's ``--batch-size``, CTranslate2's
+    ``max_batch_size``): short sentences would otherwise fill one huge batch, which beam
+    search runs no faster per sentence and which leaves concurrent workers idle."""
     sampling: bool = False
     """Sample instead of searching (uses temperature, top_k, top_p)."""
     temperature: float = Field(default=1.0, gt=0)

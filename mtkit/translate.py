@@ -159,7 +159,7 @@ class Translator:
         lengths = np.array([len(src_ids[i]) + 1 for i in todo], dtype=np.int64)
         order = np.argsort(lengths, kind="stable")  # stable: equal lengths keep input order
         batches = [[todo[i] for i in batch] for batch in pack(lengths, order, self.decode.batch_tokens,
-                                                              oversized="alone")]
+                                                              oversized="alone", max_items=self.decode.batch_sentences)]
         # Every batch at once: a backend may run them concurrently.
         hyps = self.backend.search([[src_ids[r] for r in rows] for rows in batches],
                                    [[prefix_ids[r] for r in rows] for rows in batches] if prefix_ids else None,

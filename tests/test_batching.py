@@ -25,18 +25,20 @@ def test_collate_places_bos_eos_and_padding():
     assert batch.real_tokens == 5 + 6 and batch.padded_tokens == 8 + 6
 
 
-@given(st.lists(st.integers(1, 50), min_size=1, max_size=200), st.integers(50, 400))
-@settings(max_examples=60, deadline=None)
-def test_pack_covers_everything_once_within_budget(sizes, max_tokens):
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=200), st.integers(50, 400),
+       st.none() | st.integers(1, 40))
+@settings(max_examples=80, deadline=None)
+def test_pack_covers_everything_once_within_budget(sizes, max_tokens, max_items):
     sizes = np.array(sizes)
     order = np.argsort(sizes, kind="stable")
-    batches = pack(sizes, order, max_tokens)
+    batches = pack(sizes, order, max_tokens, max_items=max_items)
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(sizes)))
     for ids in batches:
         assert len(ids) * sizes[ids].max() <= max_tokens
-    # Greedy: adding the next pair to a batch would have broken the budget.
+        assert max_items is None or len(ids) <= max_items
+    # Greedy: adding the next pair to a batch would have broken a limit.
     for ids, following in zip(batches, batches[1:], strict=False):
-        assert (len(ids) + 1) * sizes[following[0]] > max_tokens
+        assert (len(ids) + 1) * sizes[following[0]] > max_tokens or len(ids) == max_items
 
 
 def test_pack_refuses_a_pair_larger_than_the_budget():

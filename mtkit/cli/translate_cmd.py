@@ -71,6 +71,7 @@ def translate(
     min_len: Annotated[int | None, _flag("--min-len", help="Minimum output length in subwords.")] = None,
     nbest: Annotated[int | None, _flag("--nbest", help="Hypotheses per line (needs --output-format jsonl).")] = None,
     batch_tokens: Annotated[int | None, _flag("--batch-tokens", help="Source tokens per batch.")] = None,
+    batch_sentences: Annotated[int | None, _flag("--batch-sentences", help="Most sentences per batch.")] = None,
     sampling: Annotated[bool | None, _flag("--sampling/--no-sampling", help="Sample instead of beam search.")] = None,
     temperature: Annotated[float | None, _flag("--temperature", help="Sampling temperature.")] = None,
     top_k: Annotated[int | None, _flag("--top-k", help="Sample from the k most likely tokens (0: all).")] = None,
@@ -115,7 +116,8 @@ def translate(
     from mtkit.translate import Translator, format_translations
 
     flags = dict(beam=beam, lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len, nbest=nbest,
-                 batch_tokens=batch_tokens, sampling=sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                 batch_tokens=batch_tokens, batch_sentences=batch_sentences, sampling=sampling,
+                 temperature=temperature, top_k=top_k, top_p=top_p,
                  length_penalty_form=length_penalty_form.value if length_penalty_form else None,
                  backend=backend.value if backend else None, compute_type=compute_type)
     if nbest is not None and nbest > 1 and output_format is OutputFormat.text:

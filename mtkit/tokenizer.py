@@ -72,10 +72,10 @@ class Tokenizer:
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Text of each id sequence; padding, BOS and EOS are dropped."""
-        return self._sp.decode([[i for i in seq if i not in SPECIAL_IDS] for seq in ids])
+        return self._sp.decode([[i for i in seq if i not in SPECIAL_IDS] for seq in ids], num_threads=self.num_threads)
 
     def decode_pieces(self, pieces: list[list[str]]) -> list[str]:
-        return self._sp.decode_pieces(pieces)
+        return self._sp.decode_pieces(pieces, num_threads=self.num_threads)
 
     def piece_to_id(self, piece: str) -> int:
         """The id of a piece (UNK_ID when the vocabulary lacks it)."""

@@ -164,8 +164,12 @@ class Translator:
         hyps = self.backend.search([[src_ids[r] for r in rows] for rows in batches],
                                    [[prefix_ids[r] for r in rows] for rows in batches] if prefix_ids else None,
                                    self.decode)
+        # One call decodes every hypothesis: SentencePiece's batch API has a cost per call.
+        texts = iter(self.tokenizers.tgt.decode([h.tokens for nbest in hyps for h in nbest]))
         for row, nbest in zip([r for rows in batches for r in rows], hyps, strict=True):
-            results[row] = self._to_text(nbest)
+            pairs = [(one_line(next(texts)), h.score) for h in nbest]
+            if pairs:
+                results[row] = Translation(pairs[0][0], pairs[0][1], pairs)
         return results
 
     def translate_stream(
@@ -227,13 +231,6 @@ class Translator:
                 self.warn(f"prefix line {number}: longer than the model accepts; truncated to {limit}")
                 del ids[limit:]
         return encoded
-
-    def _to_text(self, nbest: list[Hypothesis]) -> Translation:
-        texts = [one_line(t) for t in self.tokenizers.tgt.decode([h.tokens for h in nbest])]
-        pairs = [(text, h.score) for text, h in zip(texts, nbest, strict=True)]
-        if not pairs:
-            return Translation("")
-        return Translation(pairs[0][0], pairs[0][1], pairs)
 
 
 def _chunks(lines: Iterator[str], size: int, ready: Callable[[], bool] | None) -> Iterator[list[str]]:

@@ -3,7 +3,7 @@ them, so that training, checkpoints and translation never choose a class themsel
 
 Both architectures share the interface training and search use: ``cfg``, ``features(src,
 tgt_in)``, ``output_proj``, ``encode(src)`` returning a state with ``select``,
-``reorder_self`` and ``nbytes``, ``decode_step(tokens, state)`` and ``positions_left(src)``.
+``repeat``, ``reorder_self`` and ``nbytes``, ``decode_step(tokens, state)`` and ``positions_left(src)``.
 """
 
 from __future__ import annotations

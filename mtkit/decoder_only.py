@@ -81,6 +81,11 @@ class DecoderOnlyState:
             length=self.length,
         )
 
+    def repeat(self, beams: int) -> DecoderOnlyState:
+        """Each row as ``beams`` rows (beam search)."""
+        return self.select(torch.arange(self.source_len.shape[0], device=self.source_len.device)
+                           .repeat_interleave(beams))
+
     def reorder_self(self, rows: Tensor) -> None:
         """Reorder the key/value cache among the beams of each sentence (beams of one sentence
         share their source, so its mask and length stay)."""

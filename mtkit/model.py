@@ -142,10 +142,17 @@ class Attention(nn.Module):
         kv: precomputed cross-attention keys/values (required when ``cross``).
         cache: self-attention keys/values of earlier steps ``[k, v]``, extended in place.
         """
+        rows, length = x.shape[0], x.shape[1]
         if self.cross:
             assert kv is not None
             query = self.split_heads(self.q_proj(x))
             key, value = kv
+            if key.shape[0] != rows:
+                # The beams of a sentence share its encoder keys and values (``DecoderState.beams``):
+                # their queries become more query positions of that sentence.
+                group = rows // key.shape[0]
+                query = query.reshape(key.shape[0], group, self.heads, length, self.head_dim).transpose(1, 2)
+                query = query.reshape(key.shape[0], self.heads, group * length, self.head_dim)
         else:
             query, key, value = (self.split_heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
             if cache is not None:
@@ -153,7 +160,7 @@ class Attention(nn.Module):
                     key = torch.cat([cache[0], key], dim=2)
                     value = torch.cat([cache[1], value], dim=2)
                 cache[:] = [key, value]
-        if query.shape[2] == 1 and not self.training and query.device.type == "cpu":
+        if length == 1 and not self.training and query.device.type == "cpu":
             # One query per row (incremental decoding): two small matmuls beat the CPU kernel
             # of scaled_dot_product_attention, whose set-up dominates at this size.
             weights = (query @ key.transpose(-1, -2)) * self.head_dim**-0.5
@@ -167,8 +174,10 @@ class Attention(nn.Module):
                 out = self._attend(query.float(), key.float(), value.float(), mask, causal)
         else:
             out = self._attend(query, key, value, mask, causal)
-        batch, _, length, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        if out.shape[0] != rows:  # shared keys and values: back to one row per beam
+            out = out.view(out.shape[0], self.heads, rows // out.shape[0], length, self.head_dim).transpose(1, 2)
+        out = out.reshape(rows, self.heads, length, self.head_dim)
+        return self.out_proj(out.transpose(1, 2).reshape(rows, length, -1))
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """``scaled_dot_product_attention`` with this layer's dropout while training."""
@@ -250,25 +259,38 @@ def _residual(x: Tensor, norm: nn.LayerNorm, pre_norm: bool, rate: float, traini
 class DecoderState:
     """What incremental decoding carries between steps, for a batch of B rows.
 
-    memory_mask: ``(B, 1, 1, S)`` source padding mask.
-    cross_kv: per decoder layer, encoder keys/values ``(B, H, S, D/H)``, computed once.
+    memory_mask: ``(B / beams, 1, 1, S)`` source padding mask.
+    cross_kv: per decoder layer, encoder keys/values ``(B / beams, H, S, D/H)``, computed once.
     self_kv: per decoder layer, ``[k, v]`` of the target prefix ``(B, H, t, D/H)``.
     length: target positions decoded so far.
+    beams: rows per sentence: the ``beams`` consecutive rows of a sentence share its source
+    mask and encoder keys/values, which are kept once.
     """
 
     memory_mask: Tensor
     cross_kv: list[tuple[Tensor, Tensor]]
     self_kv: list[list[Tensor]]
     length: int = 0
+    beams: int = 1
 
     def select(self, rows: Tensor) -> DecoderState:
-        """Keep (and reorder or repeat) batch rows, e.g. beams that survived a search step."""
+        """Keep (and reorder or repeat) batch rows, e.g. sentences still searched. With
+        ``beams`` > 1, ``rows`` keeps whole sentences: groups of ``beams`` consecutive rows."""
+        sources = rows if self.beams == 1 else rows[:: self.beams] // self.beams
         return DecoderState(
-            memory_mask=self.memory_mask.index_select(0, rows),
-            cross_kv=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_kv],
+            memory_mask=self.memory_mask.index_select(0, sources),
+            cross_kv=[(k.index_select(0, sources), v.index_select(0, sources)) for k, v in self.cross_kv],
             self_kv=[[t.index_select(0, rows) for t in kv] for kv in self.self_kv],
             length=self.length,
+            beams=self.beams,
         )
+
+    def repeat(self, beams: int) -> DecoderState:
+        """Each row as ``beams`` rows (beam search), its encoder keys and values shared."""
+        assert self.beams == 1
+        return DecoderState(memory_mask=self.memory_mask, cross_kv=self.cross_kv,
+                            self_kv=[[t.repeat_interleave(beams, dim=0) for t in kv] for kv in self.self_kv],
+                            length=self.length, beams=beams)
 
     def reorder_self(self, rows: Tensor) -> None:
         """Reorder only the self-attention cache (cross-attention rows stay, as beams of one

@@ -262,7 +262,7 @@ def beam_search(
     finished_count = torch.zeros(batch, dtype=torch.long, device=device)
     # The model's own state type (DecoderState or DecoderOnlyState), which its decode_step takes.
     state: Any = model.encode(src)
-    state = state.select(torch.arange(batch, device=device).repeat_interleave(k))
+    state = state.repeat(k)
 
     sentence = torch.arange(batch, device=device)  # original index of each live sentence
     scores = torch.full((batch, k), NEG_INF, device=device)

@@ -262,13 +262,14 @@ def beam_search(
     finished_count = torch.zeros(batch, dtype=torch.long, device=device)
     # The model's own state type (DecoderState or DecoderOnlyState), which its decode_step takes.
     state: Any = model.encode(src)
-    state = state.repeat(k)
+    # Live beams per sentence: one (its BOS) for the first step, so that it runs on one row per
+    # sentence instead of ``k`` equal ones; then ``k``.
+    width = 1
 
     sentence = torch.arange(batch, device=device)  # original index of each live sentence
-    scores = torch.full((batch, k), NEG_INF, device=device)
-    scores[:, 0] = 0.0
-    history = torch.empty((batch * k, 0), dtype=torch.long, device=device)
-    last = torch.full((batch * k, 1), BOS_ID, dtype=torch.long, device=device)
+    scores = torch.zeros((batch, 1), device=device)
+    history = torch.empty((batch, 0), dtype=torch.long, device=device)
+    last = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=device)
     pool = _Pool.empty(batch, nbest, int(cons.max_len.max()) + 1, device)
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
 
@@ -276,20 +277,24 @@ def beam_search(
     while sentence.numel():
         n = sentence.numel()
         logits = model.decode_step(last, state)
-        log_probs = _constrain(torch.log_softmax(logits.float(), dim=-1), step, min_len, cons, k, allow_unk)
-        values, origin, token, finishing = beam_step(scores, log_probs.view(n, k, -1), beam)
+        log_probs = _constrain(torch.log_softmax(logits.float(), dim=-1), step, min_len, cons, width, allow_unk)
+        values, origin, token, finishing = beam_step(scores, log_probs.view(n, width, -1), beam)
 
         finished_count += finishing.sum(dim=1)
         if bool(finishing.any()):
             # Candidates that end here have ``step`` tokens (their beam's history).
-            rows = (torch.arange(n, device=device) * k).unsqueeze(1) + origin
+            rows = (torch.arange(n, device=device) * width).unsqueeze(1) + origin
             ended = history[rows.view(-1)].view(n, rows.shape[1], step)
             pool.add(torch.where(finishing, values / length_penalty(step + 1.0, lenpen, lenpen_form), NEG_INF), ended)
 
         scores, origin, token = next_beams(values, origin, token, beam)
-        rows = ((torch.arange(n, device=device) * k).unsqueeze(1) + origin).view(-1)
+        rows = ((torch.arange(n, device=device) * width).unsqueeze(1) + origin).view(-1)
         history = torch.cat([history[rows], token.view(-1, 1)], dim=1)
-        state.reorder_self(rows)
+        if width == 1 and k > 1:
+            state = state.repeat(k)  # every new beam extends the sentence's one row
+        else:
+            state.reorder_self(rows)
+        width = k
         last = token.view(-1, 1)
         step += 1
 

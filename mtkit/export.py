@@ -691,8 +691,9 @@ class CT2Translator:
             )))
         found: list[list[tuple[list[str], float]]] = [[] for _ in sources]
         for rows, results in pending:
-            for row, result in zip(rows, results, strict=True):
-                found[row] = list(zip(result.result().hypotheses, result.result().scores, strict=True))
+            for row, pending_result in zip(rows, results, strict=True):
+                result = pending_result.result()
+                found[row] = list(zip(result.hypotheses, result.scores, strict=True))
         # mtkit's score counts what CTranslate2's leaves out: a prefix's tokens, and the EOS that
         # mtkit forces at the maximum length. Those hypotheses are scored again, whole.
         eos = SPECIAL_PIECES[EOS_ID]

@@ -34,6 +34,11 @@ MTKIT = [sys.executable, "-m", "mtkit"]
 """The mtkit CLI in a fresh interpreter of this environment."""
 
 
+def sets(overrides: dict[str, Any]) -> list[str]:
+    """``--set key=value`` arguments of the mtkit CLI for ``overrides``."""
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+
+
 def single_thread_env() -> dict[str, str]:
     """This environment with one OpenMP/MKL thread (for tiny models in a subprocess)."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

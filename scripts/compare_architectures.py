@@ -35,7 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchlib import MTKIT, ROOT, print_result
+from benchlib import MTKIT, ROOT, print_result, sets
 
 from mtkit.compare import Options, compare
 from mtkit.fileio import atomic_write_text
@@ -62,9 +62,6 @@ def mtkit(*args: str) -> None:
     print("compare_architectures: " + " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
-
-def sets(overrides: dict[str, object]) -> list[str]:
-    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
 
 
 def prepare_once(out: Path) -> Path:

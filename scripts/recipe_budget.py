@@ -27,7 +27,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchlib import MTKIT, ROOT, print_result
+from benchlib import MTKIT, ROOT, print_result, sets
 
 from mtkit.fileio import atomic_write_text
 
@@ -42,9 +42,6 @@ def mtkit(args: list[str], log: Path | None = None) -> None:
     with open(log or "/dev/null", "w") as out:
         subprocess.run([*MTKIT, *args], check=True, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
-
-def sets(overrides: dict[str, str]) -> list[str]:
-    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, str]]:

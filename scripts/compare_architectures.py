@@ -63,7 +63,6 @@ def mtkit(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
-
 def prepare_once(out: Path) -> Path:
     """Tokenizer and prepared corpus, made once from the encoder-decoder config."""
     shared = out / "shared"

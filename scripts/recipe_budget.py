@@ -43,7 +43,6 @@ def mtkit(args: list[str], log: Path | None = None) -> None:
         subprocess.run([*MTKIT, *args], check=True, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
 
-
 def parse_arm(text: str) -> tuple[str, dict[str, str]]:
     """``NAME`` or ``NAME:key=value,key=value``."""
     name, _, rest = text.partition(":")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """``mtkit serve`` under load and faults: dynamic batching against one request at a time.
 
-    .venv/bin/python scripts/bench_serve.py [--run RUN] [--clients 16] [--seconds 30] [--json]
+    .venv/bin/python scripts/bench_serve.py [--run RUN] [--clients 16] [--seconds 30] [--device cuda] [--json]
 
 Starts ``mtkit serve -m RUN`` as a subprocess on a free 127.0.0.1 port and runs ``--clients``
 concurrent HTTP clients (threads, one ``httpx.Client`` each) against it for ``--seconds``
@@ -168,8 +168,10 @@ class Reference:
         self.loaded = loaded
         self.decode = decode
         self.tie = tie
+        self.device = next(loaded.model.parameters()).device
         # The search backend that the server opens under the same decode settings.
-        backend = open_backend(loaded, decode, say=lambda line: print(f"offline reference: {line}", file=sys.stderr),
+        backend = open_backend(loaded, decode, self.device,
+                               say=lambda line: print(f"offline reference: {line}", file=sys.stderr),
                                warn=lambda _: None)
         translator = Translator(loaded.model, loaded.tokenizers, decode, warn=lambda _: None, backend=backend)
         with torch.inference_mode():
@@ -209,11 +211,12 @@ class Reference:
         tgt_ids = tok.tgt.encode([target])[0]
         if not src_ids or len(tgt_ids) + 1 > model.cfg.max_positions:
             return None
-        src = torch.tensor([[*src_ids, EOS_ID]])
-        tgt_in = torch.tensor([[BOS_ID, *tgt_ids]])
+        src = torch.tensor([[*src_ids, EOS_ID]], device=self.device)
+        tgt_in = torch.tensor([[BOS_ID, *tgt_ids]], device=self.device)
         with torch.inference_mode():
             log_probs = torch.log_softmax(model(src, tgt_in).float(), dim=-1)[0]
-        total = log_probs.gather(1, torch.tensor([*tgt_ids, EOS_ID])[:, None]).sum().item()
+        gold = torch.tensor([*tgt_ids, EOS_ID], device=self.device)
+        total = log_probs.gather(1, gold[:, None]).sum().item()
         return total / length_penalty(len(tgt_ids) + 1.0, self.decode.lenpen, self.decode.length_penalty_form)
 
 
@@ -612,6 +615,8 @@ def main() -> None:
                         help="Torch threads of the offline reference (1: no OpenMP waits on a busy machine).")
     parser.add_argument("--backend", choices=["auto", "torch", "ctranslate2"], default="auto",
                         help="decode.backend of the servers and of the offline reference.")
+    parser.add_argument("--device", default="cpu",
+                        help="Where the server and the offline reference translate: cpu, cuda or cuda:N.")
     parser.add_argument("--server-args", default="", help="Extra `mtkit serve` options, e.g. '--max-wait-ms 20'.")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--mtkit", help="The command that runs mtkit (default: this Python's `-m mtkit`), "
@@ -636,7 +641,7 @@ def main() -> None:
                     train_quick_model(run, args.minutes)
             else:
                 run = random_run(workdir)
-        loaded = load_for_inference(run)
+        loaded = load_for_inference(run, args.device)
         decode = loaded.config.decode.model_copy(update={"nbest": 1, "backend": args.backend})
         langs = (loaded.config.data.src_lang, loaded.config.data.tgt_lang)
         pool = sentence_pool(data if data.exists() else None, args.pool, args.seed)
@@ -648,7 +653,7 @@ def main() -> None:
         print(f"offline reference: {len(pool)} sentences in {offline_s:.1f} s "
               f"({reference.batch_sensitive} differ between batch 1 and one batch)", file=sys.stderr)
 
-        extra = [*args.server_args.split(), "--char-limit", str(args.char_limit),
+        extra = [*args.server_args.split(), "--char-limit", str(args.char_limit), "--device", args.device,
                  "--set", f"decode.backend={args.backend}"]
         options = {"batched": extra, "unbatched": ["--no-batching", *extra]}
         results: dict[str, dict[str, Any]] = {}
@@ -744,6 +749,8 @@ def summary(results: dict[str, dict[str, Any]], args: argparse.Namespace, run: P
             # translate alike: the closer this is to the pool size, the sharper the check.
             "offline_distinct_translations": len({t.text for t in reference.alone.values()}),
             "offline_ms_per_sentence_by_batch": reference.scaling,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
             "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
         },
     }

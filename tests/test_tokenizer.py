@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import sentencepiece as spm
 from typer.testing import CliRunner
 
 from mtkit.cli import app
@@ -36,6 +37,7 @@ def test_train_writes_models_meta_and_config(tokdata_experiment, kind, joint):
     meta = json.loads((run / "tokenizer" / "meta.json").read_text())
     assert meta["joint"] is joint and meta["type"] == kind
     assert meta["vocab_size"] == {"src": 100, "tgt": 100}
+    assert meta["sentencepiece"] == spm.__version__
 
     tok = Tokenizers.load(run / "tokenizer")
     assert tok.joint is joint and (tok.src is tok.tgt) is joint

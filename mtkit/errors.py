@@ -12,6 +12,19 @@ class MtkitError(Exception):
     exit_code = 1
 
 
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+"""The exit status of a command that SIGINT or SIGTERM stopped (128 + the signal's number)."""
+
+
+class Stopped(MtkitError):
+    """Work stopped on purpose by SIGINT or SIGTERM after saving what it had: not an error,
+    and not done either. The CLI prints ``mtkit: <message>`` and exits as the signal would."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.exit_code = SIGNAL_EXIT[signal_name]
+
+
 class ConfigError(MtkitError):
     """One or more problems in a config; each problem is one line naming its key path."""
 

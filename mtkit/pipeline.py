@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mtkit.config import Config, save_config
 from mtkit.corpus import corpus_files
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, Stopped
 from mtkit.fileio import atomic_write_bytes, atomic_write_text
 from mtkit.rundir import ExperimentDir
 
@@ -84,7 +84,11 @@ def _run_train(config: Config, resume: bool) -> None:
         for stale in (exp.checkpoints, exp.tensorboard):
             shutil.rmtree(stale, ignore_errors=True)
         exp.train_log.unlink(missing_ok=True)
-    train(config, resume=resume)
+    result = train(config, resume=resume)
+    if result.interrupted:
+        # Not done: no stamp, so that running the same command again resumes this run.
+        raise Stopped(result.reason, f"stopped by {result.reason} at step {result.state.step}; checkpoint saved "
+                      f"in {result.checkpoint}; run the same `mtkit pipeline` command again to resume")
 
 
 def _run_select(config: Config, resume: bool) -> None:

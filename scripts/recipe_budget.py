@@ -9,7 +9,9 @@ own directory under ``--out``: training with the given overrides, the select sta
 or the average, by chrF on the whole validation set), the test translation and its score. A
 budget is a number of updates (``--steps``: the schedule's cool-down then runs by updates, so
 the result does not depend on the machine's speed) or of minutes (``--minutes``). All runs share
-one tokenizer and one prepared corpus (made once). ``--jobs N`` trains N runs at once, one torch
+one tokenizer and one prepared corpus (made once into ``--out``/shared; each run's pipeline, which
+has no stamps for them, makes them again, identically: SentencePiece training is deterministic
+for one sentencepiece release). ``--jobs N`` trains N runs at once, one torch
 thread each (each run's result is the same as alone: only its duration changes). A finished run
 is kept, so an interrupted sweep goes on where it stopped.
 

@@ -70,6 +70,14 @@ def killed(trainkit_prepared, tmp_path_factory) -> dict[str, Scenario]:
         "translate_sigint": Scenario(place("r3", data=False), [*translate, "-o", "out.txt"],
                                      fault(lines, 3, action="SIGINT")),
     }
+    # `mtkit pipeline` stopped in its train stage (the tiny experiment with its validation split
+    # as the test set, which the pipeline needs).
+    config = place("t6")
+    sections = yaml.safe_load(config.read_text())
+    sections["data"]["test"] = sections["data"]["valid"]
+    config.write_text(yaml.safe_dump(sections))
+    scenarios["pipeline_sigterm"] = Scenario(config, ["pipeline", "-c", "config.yaml"],
+                                             fault("mtkit.train:train_step", 3, "after", "SIGTERM"))
     # An earlier complete output that a killed run must leave as it was.
     (scenarios["translate_mid_output"].config.parent / "out.txt").write_text("previous\n")
     for name in ("prepare_over_previous", "prepare_in_rename"):
@@ -165,6 +173,23 @@ def test_train_signal_saves_and_exits_with_message(killed, straight, name, code)
     assert _visible_checkpoints_are_complete(scenario.run) == [3]
     assert load_for_inference(scenario.run / "checkpoints" / "last").meta["step"] == 3
     _resume_equals_straight(scenario, straight)
+
+
+def test_pipeline_stopped_in_training_is_not_done_and_resumes(killed):
+    """A signal in the train stage saves and stops the whole pipeline, unstamped: the next
+    select, translate and report would otherwise take 3 updates for a finished run."""
+    scenario = killed["pipeline_sigterm"]
+    assert scenario.returncode == 143, scenario.stderr
+    assert "mtkit: stopped by SIGTERM at step 3; checkpoint saved" in scenario.stderr
+    assert "run the same `mtkit pipeline` command again to resume" in scenario.stderr
+    assert "Traceback" not in scenario.stderr and "pipeline: select" not in scenario.stderr
+    assert not (scenario.run / "stages" / "train.json").exists()
+    assert not (scenario.run / "report.json").exists()
+    result = CliRunner().invoke(app, ["pipeline", "-c", str(scenario.config)])
+    assert result.exit_code == 0, result.stderr
+    assert "pipeline: train: resuming the interrupted run" in result.stderr
+    assert load_for_inference(scenario.run / "checkpoints" / "last").meta["step"] == 8
+    assert (scenario.run / "report.json").is_file()
 
 
 # --------------------------------------------------------------------------- prepare

@@ -13,7 +13,7 @@ from types import FrameType
 import typer
 from typer.core import TyperGroup
 
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, Stopped
 
 
 class _Group(TyperGroup):
@@ -22,6 +22,9 @@ class _Group(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Stopped as err:
+            typer.echo(f"mtkit: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
         except MtkitError as err:
             for line in str(err).splitlines() or ["unknown error"]:
                 typer.echo(f"mtkit: error: {line}", err=True)

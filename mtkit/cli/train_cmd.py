@@ -10,7 +10,6 @@ import typer
 from mtkit.cli.options import ConfigOption, SetOption
 
 # Conventional shell exit codes for a run stopped by a signal (after saving a checkpoint).
-_SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def train(
@@ -32,7 +31,7 @@ def train(
     `torchrun --nproc_per_node N -m mtkit train ...` the batches are shared between N processes.
     """
     from mtkit.config import load_config
-    from mtkit.errors import MtkitError
+    from mtkit.errors import MtkitError, Stopped
     from mtkit.rundir import exclusive
     from mtkit.train import train as run_training
 
@@ -42,9 +41,5 @@ def train(
     with exclusive(cfg.experiment.dir):
         result = run_training(cfg, resume=resume, init_from=init_from)
     if result.interrupted:
-        typer.echo(
-            f"mtkit: stopped by {result.reason} at step {result.state.step}; checkpoint saved in "
-            f"{result.checkpoint}; continue with `mtkit train -c {config} --resume`",
-            err=True,
-        )
-        raise typer.Exit(_SIGNAL_EXIT[result.reason])
+        raise Stopped(result.reason, f"stopped by {result.reason} at step {result.state.step}; checkpoint saved in "
+                      f"{result.checkpoint}; continue with `mtkit train -c {config} --resume`")

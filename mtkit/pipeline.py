@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mtkit.config import Config, save_config
 from mtkit.corpus import corpus_files
-from mtkit.errors import MtkitError, Stopped
+from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_write_bytes, atomic_write_text
 from mtkit.rundir import ExperimentDir
 
@@ -87,8 +87,7 @@ def _run_train(config: Config, resume: bool) -> None:
     result = train(config, resume=resume)
     if result.interrupted:
         # Not done: no stamp, so that running the same command again resumes this run.
-        raise Stopped(result.reason, f"stopped by {result.reason} at step {result.state.step}; checkpoint saved "
-                      f"in {result.checkpoint}; run the same `mtkit pipeline` command again to resume")
+        raise result.stopped("run the same `mtkit pipeline` command again to resume")
 
 
 def _run_select(config: Config, resume: bool) -> None:

@@ -50,7 +50,7 @@ from mtkit.checkpoint import (
 )
 from mtkit.config import Config, TrainConfig
 from mtkit.decoder_only import DecoderOnly
-from mtkit.errors import MtkitError
+from mtkit.errors import MtkitError, Stopped
 from mtkit.progress import Reporter
 from mtkit.runtime import Runtime, setup_runtime
 from mtkit.vocab import PAD_ID
@@ -225,6 +225,11 @@ class TrainResult:
     @property
     def interrupted(self) -> bool:
         return self.reason in ("SIGINT", "SIGTERM")
+
+    def stopped(self, then: str) -> Stopped:
+        """The error that ends a command whose training a signal stopped; ``then``: how to go on."""
+        return Stopped(self.reason, f"stopped by {self.reason} at step {self.state.step}; checkpoint saved in "
+                                    f"{self.checkpoint}; {then}")
 
 
 @dataclass

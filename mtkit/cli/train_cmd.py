@@ -9,8 +9,6 @@ import typer
 
 from mtkit.cli.options import ConfigOption, SetOption
 
-# Conventional shell exit codes for a run stopped by a signal (after saving a checkpoint).
-
 
 def train(
     config: ConfigOption,
@@ -31,7 +29,7 @@ def train(
     `torchrun --nproc_per_node N -m mtkit train ...` the batches are shared between N processes.
     """
     from mtkit.config import load_config
-    from mtkit.errors import MtkitError, Stopped
+    from mtkit.errors import MtkitError
     from mtkit.rundir import exclusive
     from mtkit.train import train as run_training
 
@@ -41,5 +39,4 @@ def train(
     with exclusive(cfg.experiment.dir):
         result = run_training(cfg, resume=resume, init_from=init_from)
     if result.interrupted:
-        raise Stopped(result.reason, f"stopped by {result.reason} at step {result.state.step}; checkpoint saved in "
-                      f"{result.checkpoint}; continue with `mtkit train -c {config} --resume`")
+        raise result.stopped(f"continue with `mtkit train -c {config} --resume`")

@@ -301,7 +301,8 @@ class TrainConfig(Section):
     """auto: bf16 on GPUs that support it, else fp16 on CUDA; on CPUs bf16 where the CPU has
     native bf16 (AVX512-BF16, AMX, Arm BF16), else fp32."""
     compile: bool = False
-    """Compile the model with torch.compile."""
+    """Compile the model with torch.compile: about 20% more tokens a second on an H100, slower
+    than eager on CPU (docs/benchmarks.md)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     threads: int | None = Field(default=None, ge=1)

@@ -18,7 +18,7 @@ from mtkit.checkpoint import dropout_seed
 from mtkit.cli import app
 from mtkit.config import TrainConfig, load_config
 from mtkit.model import Transformer
-from mtkit.train import TranslationLoss, WeightAverage, label_smoothed_nll, learning_rate, run_progress
+from mtkit.train import TranslationLoss, WeightAverage, learning_rate, smoothed_nll, run_progress
 from mtkit.vocab import PAD_ID
 
 
@@ -88,21 +88,49 @@ def test_weight_average_follows_the_weights_and_swaps_back():
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_label_smoothed_loss_and_gradient_match_torch(smoothing):
+@pytest.mark.parametrize("chunk_elements", [33, 1 << 19])  # 3 rows a chunk, or all in one
+def test_smoothed_loss_and_gradients_match_torch(smoothing, chunk_elements, monkeypatch):
+    monkeypatch.setitem(mtkit.train._CHUNK_ELEMENTS, "cpu", chunk_elements)
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(7, 11, generator=gen) * 3
-    logits[0, 4] = -200.0  # a target whose probability underflows to 0 in fp32
+    hidden = torch.randn(7, 5, generator=gen)
+    weight = torch.randn(11, 5, generator=gen) * 3
+    hidden[0] = weight[4] * -20.0  # a target whose probability underflows to 0 in fp32
     target = torch.randint(0, 11, (7,), generator=gen)
     target[0] = 4
-    ours = logits.clone().requires_grad_()
-    theirs = logits.clone().requires_grad_()
-    loss, nll = label_smoothed_nll(ours, target, smoothing)
-    expected = F.cross_entropy(theirs, target, label_smoothing=smoothing, reduction="sum")
+    ours = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    theirs = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    loss, nll = smoothed_nll(*ours, target, smoothing)
+    logits = theirs[0] @ theirs[1].T
+    expected = F.cross_entropy(logits, target, label_smoothing=smoothing, reduction="sum")
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(nll, F.cross_entropy(logits, target, reduction="sum"))
     (loss * 0.5).backward()
     (expected * 0.5).backward()
-    torch.testing.assert_close(ours.grad, theirs.grad)
+    for mine, torchs in zip(ours, theirs):
+        torch.testing.assert_close(mine.grad, torchs.grad)
+    with torch.no_grad():  # validation: no gradient is computed or kept
+        torch.testing.assert_close(smoothed_nll(hidden, weight, target, smoothing)[0], expected.detach())
+
+
+def test_smoothed_loss_under_bf16_autocast_matches_torch(monkeypatch):
+    monkeypatch.setitem(mtkit.train._CHUNK_ELEMENTS, "cpu", 4000)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 64, generator=gen)
+    weight = torch.randn(1000, 64, generator=gen) * 0.3
+    target = torch.randint(0, 1000, (300,), generator=gen)
+    ours = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    theirs = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = smoothed_nll(*ours, target, 0.1)
+        logits = F.linear(theirs[0], theirs[1])
+    assert logits.dtype == torch.bfloat16
+    expected = F.cross_entropy(logits.float(), target, label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=0)
+    loss.backward()
+    expected.backward()
+    for mine, torchs in zip(ours, theirs):
+        assert mine.grad.dtype == torch.float32
+        torch.testing.assert_close(mine.grad, torchs.grad, rtol=0.02, atol=0.02 * float(torchs.grad.abs().max()))
 
 
 def test_training_loss_ignores_padding_and_equals_full_logits():
@@ -273,8 +301,8 @@ def test_patience_stops_early(trainkit_experiment, monkeypatch):
 
 
 def test_nonfinite_losses_skip_updates_then_stop(trainkit_experiment, monkeypatch):
-    real = mtkit.train.label_smoothed_nll
-    monkeypatch.setattr(mtkit.train, "label_smoothed_nll", lambda *a: tuple(x * math.nan for x in real(*a)))
+    real = mtkit.train.smoothed_nll
+    monkeypatch.setattr(mtkit.train, "smoothed_nll", lambda *a: tuple(x * math.nan for x in real(*a)))
     config = trainkit_experiment(train={"max_nonfinite": 3})
     result = run(config)
     assert result.exit_code == 1

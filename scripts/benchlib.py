@@ -8,6 +8,7 @@ so ``import benchlib`` finds this file, and mtkit is the installed package
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -18,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,6 +26,11 @@ from torch import Tensor
 from mtkit.batching import Batch
 from mtkit.config import ModelConfig
 from mtkit.vocab import EOS_ID, PAD_ID
+
+for _module in ("psutil", "transformers"):  # the bench extra: one line, not a traceback
+    if importlib.util.find_spec(_module) is None:
+        sys.exit(f"error: the benchmark scripts need {_module}, from the bench extra: pip install -e '.[bench]'")
+import psutil  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository: recipes are named relative to it, and runs go under ``ROOT/runs``."""

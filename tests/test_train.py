@@ -18,7 +18,7 @@ from mtkit.checkpoint import dropout_seed
 from mtkit.cli import app
 from mtkit.config import TrainConfig, load_config
 from mtkit.model import Transformer
-from mtkit.train import TranslationLoss, WeightAverage, learning_rate, smoothed_nll, run_progress
+from mtkit.train import TranslationLoss, WeightAverage, learning_rate, run_progress, smoothed_nll
 from mtkit.vocab import PAD_ID
 
 
@@ -106,7 +106,7 @@ def test_smoothed_loss_and_gradients_match_torch(smoothing, chunk_elements, monk
     torch.testing.assert_close(nll, F.cross_entropy(logits, target, reduction="sum"))
     (loss * 0.5).backward()
     (expected * 0.5).backward()
-    for mine, torchs in zip(ours, theirs):
+    for mine, torchs in zip(ours, theirs, strict=True):
         torch.testing.assert_close(mine.grad, torchs.grad)
     with torch.no_grad():  # validation: no gradient is computed or kept
         torch.testing.assert_close(smoothed_nll(hidden, weight, target, smoothing)[0], expected.detach())
@@ -128,7 +128,7 @@ def test_smoothed_loss_under_bf16_autocast_matches_torch(monkeypatch):
     torch.testing.assert_close(loss, expected, rtol=1e-3, atol=0)
     loss.backward()
     expected.backward()
-    for mine, torchs in zip(ours, theirs):
+    for mine, torchs in zip(ours, theirs, strict=True):
         assert mine.grad.dtype == torch.float32
         torch.testing.assert_close(mine.grad, torchs.grad, rtol=0.02, atol=0.02 * float(torchs.grad.abs().max()))
 

@@ -313,6 +313,12 @@ class TrainConfig(Section):
     """Updates between validations (and checkpoints)."""
     valid_bleu: bool = True
     """Decode the validation set and compute BLEU/chrF at each validation."""
+    valid_bleu_from: float = Field(default=0.0, ge=0, le=1)
+    """Decode for BLEU/chrF only at validations once this fraction of the run is done (counted
+    as the cool-down counts it: max_steps, or the max_minutes clock when nearer); earlier
+    validations compute the loss only. Decoding is most of a validation's time, and within a
+    max_minutes budget that time buys no updates; early checkpoints are never the chosen one
+    when the run cools down. The final validation always decodes. 0: every validation."""
     valid_max_sentences: int | None = Field(default=None, ge=1)
     """Decode at most this many validation sentences for BLEU/chrF (default: all; loss uses
     all). A subset makes selection noisier: see docs/selection.md."""

@@ -196,12 +196,14 @@ class Reporter:
             self._scalars("train", row, ("loss", "ppl", "lr", "grad_norm", "tgt_tok_per_s", "padding"), state.step)
         self._reset()
 
-    def validated(self, state: TrainState, metrics: dict[str, Any], improved: bool) -> None:
-        """Report a validation (rank 0): ``improved`` says whether it is the best so far."""
+    def validated(self, state: TrainState, metrics: dict[str, Any], improved: bool | None) -> None:
+        """Report a validation (rank 0): ``improved`` says whether it is the best so far (None:
+        it did not decode, and the best metric needs decoding)."""
         parts = [f"valid step {state.step:,} | loss {metrics['loss']:.3f} | ppl {metrics['ppl']:.2f}"]
         if "bleu" in metrics:
             parts.append(f"BLEU {metrics['bleu']:.2f} | chrF {metrics['chrf']:.2f} ({metrics['sentences']} sentences)")
-        gain = "new best" if improved else f"no gain for {state.bad_validations}"
+        gain = ("loss only" if improved is None else "new best" if improved
+                else f"no gain for {state.bad_validations}")
         parts.append(f"{metrics['valid_time_s']:.1f}s | {gain}")
         self.say(" | ".join(parts))
         if "bleu_signature" in metrics:

@@ -399,6 +399,8 @@ class Run:
     """The ``checkpoints/`` directory."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """The last validation's metrics."""
+    decoded_step: int | None = None
+    """The step of the last validation that decoded for BLEU/chrF."""
 
     @property
     def cfg(self) -> TrainConfig:
@@ -503,8 +505,8 @@ def _loop(run: Run, signals: _StopSignals) -> TrainResult:
     if reason in ("SIGINT", "SIGTERM"):
         saved = _checkpoint(run, validate=False)
     else:
-        if state.last_saved_step != state.step:
-            _checkpoint(run, validate=True)
+        if state.last_saved_step != state.step or (run.cfg.valid_bleu and run.decoded_step != state.step):
+            _checkpoint(run, validate=True, final=True)
         saved = (run.root / "last").resolve()
     reporter.finish(state, reason)
     return TrainResult(state=state, reason=reason, checkpoint=saved, metrics=run.metrics)
@@ -661,17 +663,20 @@ def validation_bleu(config: Config, exp: Experiment, model: Model, runtime: Runt
     return metrics
 
 
-def _checkpoint(run: Run, validate: bool) -> Path:
+def _checkpoint(run: Run, validate: bool, final: bool = False) -> Path:
     """Validate (if ``validate``) and save a checkpoint, with the weight average in the model
-    when the run keeps one. Every rank must call this; returns the checkpoint directory."""
+    when the run keeps one. Every rank must call this; returns the checkpoint directory.
+    ``final``: the run's last validation, which decodes whatever ``valid_bleu_from`` says."""
     with _averaged(run.average) as raw_weights:
-        metrics, improved = _validate(run) if validate else ({}, False)
+        metrics, improved = _validate(run, final) if validate else ({}, False)
         return _save(run, metrics, improved, raw_weights)
 
 
-def _validate(run: Run) -> tuple[dict[str, Any], bool]:
+def _validate(run: Run, final: bool) -> tuple[dict[str, Any], bool]:
     """Validate on rank 0 and update the best metric and the count of validations without a
-    gain; returns the metrics and whether they are the best so far."""
+    gain; returns the metrics and whether they are the best so far. A validation that does
+    not decode (``train.valid_bleu_from``) neither improves nor spends patience when the best
+    metric needs decoding."""
     cfg, state = run.cfg, run.state
     if not run.runtime.main:
         return {}, False
@@ -679,16 +684,21 @@ def _validate(run: Run) -> tuple[dict[str, Any], bool]:
         return {}, True  # without validation data the newest checkpoint is the best we know
     started = time.monotonic()
     metrics: dict[str, Any] = {**validation_loss(run.model, run.exp.valid, cfg.max_tokens, run.runtime)}
-    if cfg.valid_bleu:
+    decode = cfg.valid_bleu and (final or run_progress(cfg, state.step, state.elapsed_s) >= cfg.valid_bleu_from)
+    if decode:
         metrics.update(validation_bleu(run.config, run.exp, run.model, run.runtime))
+        run.decoded_step = state.step
     metrics["valid_time_s"] = time.monotonic() - started
+    run.metrics = metrics
+    if cfg.best_metric not in metrics:
+        run.reporter.validated(state, metrics, None)
+        return metrics, False
     value = metrics[cfg.best_metric]
     improved = state.best_metric is None or better(cfg.best_metric, value, state.best_metric)
     if improved:
         state.best_metric, state.best_step, state.bad_validations = value, state.step, 0
     else:
         state.bad_validations += 1
-    run.metrics = metrics
     run.reporter.validated(state, metrics, improved)
     return metrics, improved
 

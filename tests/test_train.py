@@ -170,6 +170,31 @@ def test_train_logs_validates_and_checkpoints(trainkit_experiment):
     assert meta["step"] == 8 and "bleu" in meta["metrics"]
 
 
+def test_valid_bleu_from_decodes_late_validations_only(trainkit_experiment):
+    # 8 updates, validations at 2, 4, 6, 8: 2 and 4 (25% and 50% of the run) compute the loss only.
+    config = trainkit_experiment(train={"valid_bleu": True, "best_metric": "chrf", "valid_max_sentences": 4,
+                                        "valid_every": 2, "valid_bleu_from": 0.6})
+    result = run(config)
+    assert result.exit_code == 0, result.stderr
+    valid_rows = log_rows(config, "valid")
+    assert [(r["step"], "chrf" in r, r["best"]) for r in valid_rows] == [
+        (2, False, None), (4, False, None), (6, True, True), (8, True, valid_rows[-1]["chrf"] > valid_rows[2]["chrf"])]
+    assert "loss only" in result.stderr
+    root = run_dir(config) / "checkpoints"
+    assert os.readlink(root / "best") in ("step_00000006", "step_00000008")
+    # A run that stops (max_epochs) before decoding began still decodes its last checkpoint.
+    early = trainkit_experiment("early", train={"valid_bleu": True, "best_metric": "chrf", "valid_max_sentences": 4,
+                                                "max_steps": 1000, "max_epochs": 1, "valid_every": 1,
+                                                "valid_bleu_from": 0.9})
+    result = run(early)
+    assert result.exit_code == 0, result.stderr
+    valid_rows = log_rows(early, "valid")
+    assert "chrf" in valid_rows[-1] and not any("chrf" in r for r in valid_rows[:-2])
+    last = os.readlink(run_dir(early) / "checkpoints" / "last")
+    assert os.readlink(run_dir(early) / "checkpoints" / "best") == last
+    assert valid_rows[-1]["step"] == int(last.split("_")[1])
+
+
 @pytest.mark.parametrize("train", [{"ema_decay": 0.0}, {"ema_decay": 0.9},
                                    {"ema_decay": 0.0, "subword_alpha": 0.3, "max_tokens": 2400}],
                          ids=["plain", "ema", "subword_sampling"])

@@ -505,7 +505,7 @@ def _loop(run: Run, signals: _StopSignals) -> TrainResult:
     if reason in ("SIGINT", "SIGTERM"):
         saved = _checkpoint(run, validate=False)
     else:
-        if state.last_saved_step != state.step or (run.cfg.valid_bleu and run.decoded_step != state.step):
+        if state.last_saved_step != state.step or _last_validation_undecoded(run):
             _checkpoint(run, validate=True, final=True)
         saved = (run.root / "last").resolve()
     reporter.finish(state, reason)
@@ -701,6 +701,14 @@ def _validate(run: Run, final: bool) -> tuple[dict[str, Any], bool]:
         state.bad_validations += 1
     run.reporter.validated(state, metrics, improved)
     return metrics, improved
+
+
+def _last_validation_undecoded(run: Run) -> bool:
+    """Whether the checkpoint of the current step was validated without decoding
+    (``train.valid_bleu_from``), as rank 0 knows it; every rank must call this."""
+    runtime, cfg = run.runtime, run.cfg
+    undecoded = runtime.main and cfg.valid_bleu and run.exp.valid is not None and run.decoded_step != run.state.step
+    return bool(runtime.all_sum([float(undecoded)])[0])
 
 
 def better(metric: str, value: float, than: float) -> bool:

@@ -61,3 +61,24 @@ def test_two_ranks_equal_one_rank_with_update_freq_two(trainkit_experiment):
         assert abs(x - y) < 1e-4
     trainer_state = torch.load(two / "checkpoints" / "last" / "trainer_state.pt", weights_only=True)
     assert len(trainer_state["rng"]) == 2 and trainer_state["world_size"] == 2
+
+
+def test_two_ranks_decode_the_last_validation_when_decoding_starts_late(trainkit_experiment):
+    # Every update validates (loss only before 90% of the run); max_epochs stops the run first,
+    # so its last checkpoint is validated again, decoded, on rank 0 while rank 1 waits.
+    config = trainkit_experiment("late", **SETTINGS, train={
+        "max_steps": 1000, "max_epochs": 1, "valid_every": 1, "valid_bleu": True, "best_metric": "chrf",
+        "valid_max_sentences": 4, "valid_bleu_from": 0.9})
+    result = torchrun(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = load_config(config).experiment.dir / "train_log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    valid = [row for row in rows if row["type"] == "valid"]
+    assert "chrf" in valid[-1] and valid[-1]["best"] and not any("chrf" in row for row in valid[:-1])
+    assert valid[-1]["step"] == valid[-2]["step"]
+    # A run that ends on a decoded validation does not validate again (on either rank).
+    decoded = trainkit_experiment("decoded", **SETTINGS, train={
+        "max_steps": 2, "valid_every": 2, "valid_bleu": True, "best_metric": "chrf", "valid_max_sentences": 4})
+    result = torchrun(decoded)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("valid step") == 1

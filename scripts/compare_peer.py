@@ -5,16 +5,23 @@ SentencePiece vocabulary, same token-based batch size) on this machine, one afte
 for the same number of minutes; both then translate test_2016_flickr with beam 5 and are
 scored with sacreBLEU against the same references.
 
-    python scripts/compare_peer.py --minutes 20 --json
+    python scripts/compare_peer.py --json                  # mtkit's recipe as it is; the peer
+                                                           # trains as long as mtkit's training took
+    python scripts/compare_peer.py --minutes 20 --json     # both train 20 minutes
+    python scripts/compare_peer.py --reuse-mtkit runs/multi30k_en_de --json   # after `make run`
 
-mtkit runs through its own CLI (`mtkit pipeline` with `train.max_minutes` set), with
-everything its recipe turns on (for example the time-based learning-rate cool-down). The peer is
+mtkit runs through its own CLI (`mtkit pipeline`), with everything its recipe turns on. Without
+`--minutes` it trains its recipe's own budget (4,000 updates for the main recipe) and the peer
+gets the wall-clock seconds that took (`train_seconds` in the report, validations included);
+with `--minutes M` mtkit trains by the clock (`train.max_minutes=M`, no step limit, the
+cool-down by the clock) and so does the peer. The peer is
 trained here with a plain loop: AdamW (0.9, 0.98), inverse-square-root warm-up (Marian's own
 schedule), label-smoothed cross-entropy, mtkit's own batches (`mtkit.batching.epoch_batches`:
 same `max_tokens`, same seed), fp32, 2 threads; its architecture is mtkit's
 (`mtkit.export.marian_model`), its peak learning rate and warm-up the recipe's unless
 `--peer-lr` / `--peer-warmup` say otherwise.
-`--reuse-mtkit` keeps an existing mtkit run in `--out` and trains only the peer.
+`--reuse-mtkit` keeps a finished mtkit run (the one in `--out`, or the run directory it names)
+and trains only the peer, on that run's tokenizer and prepared data.
 """
 
 from __future__ import annotations
@@ -31,12 +38,10 @@ from pathlib import Path
 from benchlib import MTKIT, ROOT, marian_loss, marian_peer, print_result, source_tensor
 
 
-def run_mtkit(config: str, minutes: float, run_dir: Path) -> dict:
-    cmd = [
-        *MTKIT, "pipeline", "-c", config,
-        "--set", f"experiment.dir={run_dir}",
-        "--set", f"train.max_minutes={minutes}",
-    ]
+def run_mtkit(config: str, minutes: float | None, run_dir: Path) -> dict:
+    cmd = [*MTKIT, "pipeline", "-c", config, "--set", f"experiment.dir={run_dir}"]
+    if minutes is not None:
+        cmd += ["--set", f"train.max_minutes={minutes}", "--set", "train.max_steps=100000"]
     print("compare: " + " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((run_dir / "report.json").read_text())
@@ -113,12 +118,14 @@ def translate_peer(model, tokenizers, run_dir: Path, config, batch_size: int = 3
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/multi30k_en_de.yaml")
-    parser.add_argument("--minutes", type=float, default=20.0, help="training budget for each system")
+    parser.add_argument("--minutes", type=float, help="training minutes for each system (default: "
+                        "mtkit's recipe as it is, and the peer as long as mtkit's training took)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/compare_peer", help="working directory")
     parser.add_argument("--peer-lr", type=float, help="the peer's peak learning rate (default: the recipe's)")
     parser.add_argument("--peer-warmup", type=int, help="the peer's warm-up updates (default: the recipe's)")
-    parser.add_argument("--reuse-mtkit", action="store_true", help="keep the mtkit run already in --out")
+    parser.add_argument("--reuse-mtkit", nargs="?", const="", metavar="RUN",
+                        help="keep a finished mtkit run: the one in --out, or RUN (e.g. runs/multi30k_en_de)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
@@ -127,21 +134,28 @@ def main() -> None:
     from mtkit.config import load_config
 
     out = (ROOT / args.out).resolve()
-    run_dir = out / "mtkit"
-    config = load_config(ROOT / args.config, [f"experiment.dir={run_dir}"])
-    if args.reuse_mtkit and (run_dir / "report.json").exists():
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = (ROOT / args.reuse_mtkit).resolve() if args.reuse_mtkit else out / "mtkit"
+    if args.reuse_mtkit and not (run_dir / "report.json").exists():
+        sys.exit(f"compare_peer: {run_dir} has no report.json: not a finished mtkit pipeline run")
+    if args.reuse_mtkit is not None and (run_dir / "report.json").exists():
         report = json.loads((run_dir / "report.json").read_text())
     else:
         report = run_mtkit(args.config, args.minutes, run_dir)
+    config = load_config(run_dir / "config.yaml", [f"experiment.dir={run_dir}"])  # the config it ran
+    if args.minutes is None and not report.get("train_seconds"):
+        sys.exit(f"compare_peer: {run_dir}'s report does not say how long training took: give --minutes")
+    minutes = args.minutes if args.minutes is not None else report["train_seconds"] / 60
     peer_lr = args.peer_lr if args.peer_lr is not None else config.train.lr
     peer_warmup = args.peer_warmup if args.peer_warmup is not None else config.train.warmup_steps
-    model, tokenizers, stats = train_peer(run_dir, config, args.minutes, args.threads, peer_lr, peer_warmup)
+    model, tokenizers, stats = train_peer(run_dir, config, minutes, args.threads, peer_lr, peer_warmup)
     hyps = translate_peer(model, tokenizers, run_dir, config)
     refs = (run_dir / "translations" / f"test.ref.{config.data.tgt_lang}").read_text().splitlines()
     peer = sacrebleu.BLEU().corpus_score(hyps, [refs])
     (out / "peer.hyp").write_text("".join(h + "\n" for h in hyps))
     result = {
-        "minutes": args.minutes,
+        "minutes": round(minutes, 2),
+        "mtkit_train_minutes": round((report.get("train_seconds") or 0) / 60, 2),
         "bleu": report["test"]["bleu"],
         "peer_bleu": round(peer.score, 2),
         "delta": round(report["test"]["bleu"] - peer.score, 2),

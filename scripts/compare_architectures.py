@@ -123,7 +123,7 @@ def main() -> None:
     steps = args.steps
     for budget_name in budgets:
         if budget_name == "time":
-            budget: dict[str, object] = {"train.max_minutes": args.minutes}
+            budget: dict[str, object] = {"train.max_minutes": args.minutes, "train.max_steps": 100000}
         else:
             if steps is None:
                 reference = out / "time" / "encdec_s1"

@@ -90,7 +90,8 @@ def main() -> None:
         budgets = [(f"{int(s)}u", {"train.max_steps": str(int(s)), "train.max_minutes": "null"})
                    for s in args.steps.split(",")]
     else:
-        budgets = [(f"{float(m):g}min", {"train.max_minutes": str(float(m))}) for m in args.minutes.split(",")]
+        budgets = [(f"{float(m):g}min", {"train.max_minutes": str(float(m)), "train.max_steps": "100000"})
+                   for m in args.minutes.split(",")]
     out = args.out.resolve()
     shared = out / "shared"
     if not (shared / "data" / "report.json").exists():

@@ -136,12 +136,11 @@ def main() -> None:
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     run_dir = (ROOT / args.reuse_mtkit).resolve() if args.reuse_mtkit else out / "mtkit"
-    if args.reuse_mtkit and not (run_dir / "report.json").exists():
+    report_file = run_dir / "report.json"
+    reuse = args.reuse_mtkit is not None and report_file.exists()
+    if args.reuse_mtkit and not reuse:  # a named run must be a finished one
         sys.exit(f"compare_peer: {run_dir} has no report.json: not a finished mtkit pipeline run")
-    if args.reuse_mtkit is not None and (run_dir / "report.json").exists():
-        report = json.loads((run_dir / "report.json").read_text())
-    else:
-        report = run_mtkit(args.config, args.minutes, run_dir)
+    report = json.loads(report_file.read_text()) if reuse else run_mtkit(args.config, args.minutes, run_dir)
     config = load_config(run_dir / "config.yaml", [f"experiment.dir={run_dir}"])  # the config it ran
     if args.minutes is None and not report.get("train_seconds"):
         sys.exit(f"compare_peer: {run_dir}'s report does not say how long training took: give --minutes")

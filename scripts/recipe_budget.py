@@ -13,7 +13,8 @@ one tokenizer and one prepared corpus (made once into ``--out``/shared; each run
 has no stamps for them, makes them again, identically: SentencePiece training is deterministic
 for one sentencepiece release). ``--jobs N`` trains N runs at once, one torch
 thread each (each run's result is the same as alone: only its duration changes). A finished run
-is kept, so an interrupted sweep goes on where it stopped.
+is kept and an interrupted one resumes (the pipeline's own resume: exact, from its last
+checkpoint), so an interrupted sweep goes on where it stopped.
 
 Choose between arms on the validation columns; the test columns are for reporting afterwards.
 Prints a Markdown table (also written to ``--out``/budget.md and .json).
@@ -41,7 +42,7 @@ FIXED_DECODE = {"decode.backend": "torch", "decode.compute_type": "float32"}
 
 def mtkit(args: list[str], log: Path | None = None) -> None:
     print("recipe_budget: " + " ".join(["mtkit", *args]), file=sys.stderr)
-    with open(log or "/dev/null", "w") as out:
+    with open(log or "/dev/null", "a") as out:
         subprocess.run([*MTKIT, *args], check=True, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -55,10 +56,11 @@ def parse_arm(text: str) -> tuple[str, dict[str, str]]:
 def run_one(config: str, run: Path, shared: Path, overrides: dict[str, str]) -> dict:
     report = run / "report.json"
     if not report.exists():
-        shutil.rmtree(run, ignore_errors=True)
-        run.mkdir(parents=True)
-        for sub in SHARED_DIRS:
-            shutil.copytree(shared / sub, run / sub)
+        if not (run / "stages").exists():  # a new run; a started one resumes where it stopped
+            shutil.rmtree(run, ignore_errors=True)
+            run.mkdir(parents=True)
+            for sub in SHARED_DIRS:
+                shutil.copytree(shared / sub, run / sub)
         mtkit(["pipeline", "-c", config, *sets({"experiment.dir": str(run), **overrides})], run / "pipeline.log")
     data = json.loads(report.read_text())
     sel = data["selection"]

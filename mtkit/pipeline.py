@@ -331,6 +331,7 @@ def _device(config: Config) -> str:
 def write_report(config: Config) -> dict:
     """Score the test translations and write report.json, report.md and a training plot."""
     from mtkit.checkpoint import META
+    from mtkit.compare import training_record
     from mtkit.score import score
 
     exp = ExperimentDir(config.experiment.dir)
@@ -350,6 +351,8 @@ def write_report(config: Config) -> dict:
                 {})
     last = _read_stamp(exp.checkpoint_link("last") / META)
     stages = {name: _read_stamp(_stamp_path(config, name)).get("seconds") for name in STAGES[:-1]}
+    # The trainer's own clock counts every attempt of a resumed run; the stage's, the last one only.
+    _, train_seconds, _ = training_record(exp.checkpoint_link("last"))
     report = {
         "experiment": config.experiment.name or exp.root.name,
         "data": {
@@ -360,7 +363,7 @@ def write_report(config: Config) -> dict:
         "model": {"size": config.model.size, "parameters": _count_parameters(exp), "step": meta.get("step"),
                   "updates": last.get("step"), "selected": _describe_selection(selection)},
         "selection": selection,
-        "train_seconds": stages.get("train"),
+        "train_seconds": train_seconds or stages.get("train"),
         "valid": {
             k: round(v, 3) if isinstance(v, float) else v
             for k, v in best_valid.items()

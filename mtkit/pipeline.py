@@ -349,10 +349,9 @@ def write_report(config: Config) -> dict:
     data_report = _read_stamp(exp.data_report)
     meta = next((m for m in (_read_stamp(exp.checkpoint_link(link) / META) for link in ("final", "best", "last")) if m),
                 {})
-    last = _read_stamp(exp.checkpoint_link("last") / META)
     stages = {name: _read_stamp(_stamp_path(config, name)).get("seconds") for name in STAGES[:-1]}
     # The trainer's own clock counts every attempt of a resumed run; the stage's, the last one only.
-    _, train_seconds, _ = training_record(exp.checkpoint_link("last"))
+    updates, train_seconds, _ = training_record(exp.checkpoint_link("last"))
     report = {
         "experiment": config.experiment.name or exp.root.name,
         "data": {
@@ -361,7 +360,7 @@ def write_report(config: Config) -> dict:
             if isinstance(counts, dict)
         },
         "model": {"size": config.model.size, "parameters": _count_parameters(exp), "step": meta.get("step"),
-                  "updates": last.get("step"), "selected": _describe_selection(selection)},
+                  "updates": updates, "selected": _describe_selection(selection)},
         "selection": selection,
         "train_seconds": train_seconds or stages.get("train"),
         "valid": {

@@ -17,7 +17,9 @@ is kept and an interrupted one resumes (the pipeline's own resume: exact, from i
 checkpoint), so an interrupted sweep goes on where it stopped.
 
 Choose between arms on the validation columns; the test columns are for reporting afterwards.
-Prints a Markdown table (also written to ``--out``/budget.md and .json).
+With two or more budgets, each run's test BLEU is also set against the next-shorter budget of its
+arm in sacrebleu's paired bootstrap (the difference and its p-value): does more compute score
+lower by more than the test set's sampling noise? Prints a Markdown table (also written to ``--out``/budget.md and .json).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from benchlib import MTKIT, ROOT, print_result, sets
 
 from mtkit.fileio import atomic_write_text
+from mtkit.score import compare, read_text
 
 RECIPE = "configs/multi30k_en_de.yaml"
 SHARED_DIRS = ("tokenizer", "data")
@@ -73,6 +76,29 @@ def run_one(config: str, run: Path, shared: Path, overrides: dict[str, str]) -> 
     }
 
 
+def against_shorter(rows: list[dict], out: Path) -> None:
+    """Each row's test BLEU against the previous budget of its arm (paired bootstrap): the columns
+    ``test_delta`` and ``test_p`` (None for an arm's first budget)."""
+    previous: dict[str, dict] = {}
+    for row in rows:
+        row["test_delta"] = row["test_p"] = None
+        prev = previous.get(row["arm"])
+        previous[row["arm"]] = row
+        if prev is None:
+            continue
+        [a_hyp], [b_hyp] = (sorted((out / f"{r['arm']}_{r['budget']}" / "translations").glob("test.hyp.*"))
+                            for r in (prev, row))
+        [ref] = sorted(a_hyp.parent.glob("test.ref.*"))
+        result = compare([(prev["budget"], read_text(a_hyp)), (row["budget"], read_text(b_hyp))],
+                         [read_text(ref)], ["bleu"])
+        (_, base, *_), (_, score, _, _, p) = result.rows["BLEU"]
+        row["test_delta"], row["test_p"] = round(score - base, 2), p
+
+
+def vs_shorter(row: dict) -> str:
+    return "" if row["test_p"] is None else f"{row['test_delta']:+.2f} ({row['test_p']:.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group(required=True)
@@ -107,11 +133,12 @@ def main() -> None:
         results = list(pool.map(lambda p: run_one(args.config, out / f"{p[0]}_{p[1]}", shared, p[2]), plan))
 
     rows = [{"arm": arm, "budget": budget, **r} for (arm, budget, _), r in zip(plan, results, strict=True)]
+    against_shorter(rows, out)
     lines = ["| arm | budget | updates | chosen (step) | train min | valid BLEU | valid chrF | valid loss "
-             "| test BLEU | test chrF |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| test BLEU | test chrF | test BLEU vs shorter (p) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['arm']} | {r['budget']} | {r['updates']} | {r['chosen']} ({r['step']}) | {r['train_minutes']} "
-              f"| {r['valid_bleu']} | {r['valid_chrf']} | {r['valid_loss']} | {r['test_bleu']} | {r['test_chrf']} |"
-              for r in rows]
+              f"| {r['valid_bleu']} | {r['valid_chrf']} | {r['valid_loss']} | {r['test_bleu']} | {r['test_chrf']} "
+              f"| {vs_shorter(r)} |" for r in rows]
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "budget.md", table)
     atomic_write_text(out / "budget.json", json.dumps({"rows": rows}, indent=2) + "\n")

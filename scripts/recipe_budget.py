@@ -19,7 +19,8 @@ checkpoint), so an interrupted sweep goes on where it stopped.
 Choose between arms on the validation columns; the test columns are for reporting afterwards.
 With two or more budgets, each run's test BLEU is also set against the next-shorter budget of its
 arm in sacrebleu's paired bootstrap (the difference and its p-value): does more compute score
-lower by more than the test set's sampling noise? Prints a Markdown table (also written to ``--out``/budget.md and .json).
+lower by more than the test set's sampling noise? Prints a Markdown table (also written to
+``--out``/budget.md and .json).
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
 """mtkit: an encoder-decoder Transformer toolkit for machine translation."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

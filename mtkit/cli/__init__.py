@@ -93,15 +93,22 @@ def _register() -> None:
 _register()
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the mtkit version and exit."),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from mtkit import __version__
 
-        typer.echo(__version__)
+        typer.echo(f"mtkit {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    # Eager, so it answers before Click asks for the missing command.
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the mtkit version and exit."
+    ),
+) -> None:
+    pass
 
 
 class _Terminated(KeyboardInterrupt):

@@ -6,7 +6,7 @@
 #   torch, installs torch==2.13.0: on CPU-only machines here that is the CPU wheel lying on
 #   disk; an unpinned torch would pull a multi-GB CUDA build.
 # - Installs mtkit itself (editable) with the extras named in $MTKIT_EXTRAS (default: dev),
-#   skipping the install when pyproject.toml has not changed since the last one.
+#   skipping the install when pyproject.toml and the version have not changed since the last one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +29,7 @@ fi
 
 extras=${MTKIT_EXTRAS:-dev}
 stamp="$venv/.mtkit-installed-${extras//,/-}"
-want="$(sha256sum pyproject.toml | cut -c1-16) $extras $(pwd)"
+want="$(cat pyproject.toml mtkit/__init__.py | sha256sum | cut -c1-16) $extras $(pwd)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$py" -c "import mtkit" 2>/dev/null; then
     echo "setup: installing mtkit[$extras] into $venv" >&2
     "${pip[@]}" install -e ".[$extras]"

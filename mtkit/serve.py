@@ -11,14 +11,20 @@ event loop never runs the model: it only splits text, queues it and awaits the r
 ``create_app`` builds the LibreTranslate-compatible API (docs/serving.md): ``POST /translate``,
 ``GET /languages``, ``/health``, ``/frontend/settings``, ``/info`` and the page at ``/``.
 Bodies are parsed here, not by the framework, so that every error is ``{"error": "..."}``
-with the status an operator of LibreTranslate expects.
+with the status an operator of LibreTranslate expects. The defaults are those of a public
+service: a Host that is neither localhost nor the server's own address is refused (DNS
+rebinding), JSON must come as ``application/json``, a body must arrive within a deadline,
+``/info`` wants the API key, and keys are compared in constant time (``ServeSettings``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import importlib.resources
+import ipaddress
 import json
 import logging
 import re
@@ -294,10 +300,12 @@ def _call_in_loop(job: _Job, callback: Callable[..., None], value: Any) -> None:
 # The line breaks str.splitlines() knows, CRLF as one.
 _LINE_BREAK = re.compile("(\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029])")
 # A sentence ends at . ! ? ... (with closing quotes or brackets) before whitespace, or at a
-# CJK full stop; the separator (whitespace) is kept to rejoin the translations.
+# CJK full stop (with closing quotes or brackets) before anything but another closer; the
+# separator (whitespace, or none in Chinese and Japanese) is kept to rejoin the translations.
+_CJK_CLOSERS = "\"'\u201d\u2019\u300d\u300f\uff09\u3011\u300b\u3009)\\]"  # quotes, brackets
 _SENTENCE_END = re.compile(
     "[.!?\u2026]+[\"'\u201d\u2019\u00bb)\\]]*(?P<a>\\s+)(?=\\S)"  # Latin: . ! ? \u2026, then whitespace
-    "|[\u3002\uff01\uff1f]+(?P<b>\\s*)(?=\\S)"  # CJK: \u3002 \uff01 \uff1f, whitespace or not
+    f"|[\u3002\uff01\uff1f]+[{_CJK_CLOSERS}]*(?P<b>\\s*)(?=[^\\s{_CJK_CLOSERS}])"  # CJK: \u3002 \uff01 \uff1f
 )
 
 
@@ -376,12 +384,22 @@ class Pair:
 
 @dataclass
 class ServeSettings:
-    """Limits of the service (see ``mtkit serve --help``)."""
+    """Limits and guards of the service (see ``mtkit serve --help``); the defaults are the safe ones."""
 
     char_limit: int = 5000
     timeout: float = 30.0
     api_keys: frozenset[str] | None = None
     retry_after: int = 1
+    # Host names accepted besides localhost names and the address a connection came in on
+    # (``host_allowed``); None accepts any Host.
+    allowed_hosts: frozenset[str] | None = frozenset()
+    # Seconds a client may take to send a request body (408 beyond); None: no limit.
+    body_timeout: float | None = 10.0
+    # A JSON body must say ``Content-Type: application/json``, which a browser sends cross-site
+    # only after a CORS preflight that this server never answers.
+    json_content_type: bool = True
+    # ``/info`` (engine statistics, paths) wants an API key when keys are on.
+    info_needs_key: bool = True
 
 
 class HTTPError(Exception):
@@ -389,6 +407,69 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.headers = headers or {}
+
+
+def host_allowed(host: str | None, local_address: str | None, allowed: frozenset[str] | None) -> bool:
+    """Whether a request with this ``Host`` header is served. A web page whose own name has been
+    made to resolve to this machine (DNS rebinding) would otherwise reach a server on localhost
+    from the visitor's browser; such a request carries the page's name as Host. Accepted: a
+    loopback address, ``localhost`` and ``*.localhost``, ``local_address`` (the address the
+    connection came in on, so that ``--host 0.0.0.0`` answers on every address of the machine)
+    and the names in ``allowed`` (None: any). A request without Host (HTTP/1.0) is not a
+    browser's and is accepted."""
+    if host is None or allowed is None:
+        return True
+    name = _host_name(host)
+    if name in ("localhost", local_address) or name.endswith(".localhost") or name in allowed:
+        return True
+    address, local = _ip_address(name), _ip_address(local_address)
+    return address is not None and (address.is_loopback or address == local)
+
+
+def _ip_address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``text`` spells, an IPv4 one for an IPv4-mapped IPv6 one (``--host ::``
+    sees IPv4 clients so); None for a name."""
+    try:
+        address = ipaddress.ip_address(text or "")
+    except ValueError:
+        return None
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
+def _host_name(host: str) -> str:
+    """``Example.COM.:5000`` -> ``example.com``, ``[::1]:5000`` -> ``::1``."""
+    host = host.strip().lower()
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    return name.rstrip(".")
+
+
+def parse_allowed_hosts(text: str) -> frozenset[str] | None:
+    """``--allowed-hosts``: comma-separated names (a port or brackets are ignored); ``*``: any (None)."""
+    names = {_host_name(part) for part in text.split(",") if part.strip()}
+    return None if "*" in names else frozenset(names)
+
+
+class HostGuard:
+    """ASGI middleware: a request whose Host is not allowed (``host_allowed``) gets a 400."""
+
+    def __init__(self, app: Any, allowed: frozenset[str] | None):
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            from starlette.datastructures import Headers
+            from starlette.responses import JSONResponse
+
+            host = Headers(scope=scope).get("host")
+            server = scope.get("server")
+            if not host_allowed(host, server[0] if server else None, self.allowed):
+                message = (f"Host {(host or '').strip()!r} is not served here (a guard against DNS rebinding); "
+                           f"the operator can allow it with mtkit serve --allowed-hosts {_host_name(host or '')}")
+                await JSONResponse({"error": message}, status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def read_api_keys(text: str) -> frozenset[str]:
@@ -402,6 +483,7 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
     ``on_ready`` is called once the app has started (``mtkit serve`` prints its line then)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import ClientDisconnect
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
@@ -457,6 +539,11 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
                              "languages": languages()})
 
     async def get_info(request: Request) -> Response:
+        if settings.info_needs_key and settings.api_keys is not None:
+            key = request.query_params.get("api_key")
+            if not key:
+                raise HTTPError(403, "missing api_key: this server's /info needs ?api_key=KEY")
+            check_key({"api_key": key}, settings.api_keys)
         models = []
         for (source, target), pair in by_pair.items():
             engine = pair.engine
@@ -479,7 +566,7 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
 
     async def post_translate(request: Request) -> Response:
         try:
-            fields = await read_fields(request, settings.char_limit)
+            fields = await read_fields(request, settings)
         except ClientDisconnect:  # gone before sending the whole body: nothing to do
             return Response(status_code=499)
         check_key(fields, settings.api_keys)
@@ -518,7 +605,8 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
         Route("/info", get_info, methods=["GET"]),
     ]
     handlers = {StarletteHTTPException: http_exception, HTTPError: mtkit_http_error, Exception: internal_error}
-    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan,
+                     middleware=[Middleware(HostGuard, allowed=settings.allowed_hosts)])
 
 
 async def _disconnected(request: Request) -> None:
@@ -537,37 +625,65 @@ def _body_limit(char_limit: int) -> int:
     return char_limit * 12 + 65536
 
 
-async def read_fields(request: Request, char_limit: int) -> dict[str, Any]:
+# Digits of the longest integer a JSON body may hold: Python parses longer ones in quadratic
+# time, and refuses (ValueError) those past sys.get_int_max_str_digits().
+_MAX_INT_DIGITS = 100
+
+
+async def read_fields(request: Request, settings: ServeSettings) -> dict[str, Any]:
     """The fields of a JSON, urlencoded or multipart body (a repeated form field becomes a
-    list). HTTPError 400 for malformed bodies or invalid UTF-8, 413 for an oversized one."""
-    limit = _body_limit(char_limit)
+    list). HTTPError 400 for malformed bodies or invalid UTF-8, 408 for a body that took over
+    ``settings.body_timeout`` to arrive, 413 for an oversized one, 415 for JSON sent without
+    ``Content-Type: application/json`` (unless ``settings.json_content_type`` is off)."""
+    limit = _body_limit(settings.char_limit)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body over {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body over {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+
+    async def receive() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body over {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # The deadline holds for the whole body, so that a client trickling a byte at a time
+    # (slowloris) cannot hold a connection open for long.
+    try:
+        body = await asyncio.wait_for(receive(), settings.body_timeout)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within {settings.body_timeout:g} s",
+                        {"Connection": "close"}) from None
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
         if content_type == "application/x-www-form-urlencoded":
             return _group(_urlencoded(body))
         if content_type == "multipart/form-data":
             return _group(_multipart(body, request.headers.get("content-type", "")))
+        if settings.json_content_type and content_type != "application/json":
+            sent = f"Content-Type {content_type}" if content_type else "no Content-Type"
+            raise HTTPError(415, f"a JSON body needs Content-Type: application/json (got {sent}); forms may be "
+                                 "application/x-www-form-urlencoded or multipart/form-data")
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise HTTPError(400, "the body is not valid UTF-8") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_int=_json_int)
     except (json.JSONDecodeError, RecursionError) as err:
         message = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
         raise HTTPError(400, f"malformed JSON: {message}") from None
     if not isinstance(data, dict):
         raise HTTPError(400, "malformed request: expected a JSON object")
     return data
+
+
+def _json_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        raise HTTPError(400, f"malformed JSON: an integer of {digits} digits (at most {_MAX_INT_DIGITS})")
+    return int(text)
 
 
 def _urlencoded(body: bytes) -> list[tuple[str, str]]:
@@ -619,8 +735,22 @@ def check_key(fields: dict[str, Any], keys: frozenset[str] | None) -> None:
     key = fields.get("api_key")
     if not key:
         raise HTTPError(403, "missing api_key: this server requires an API key")
-    if not isinstance(key, str) or key not in keys:
+    if not isinstance(key, str) or not _known_key(key, keys):
         raise HTTPError(403, "invalid api_key")
+
+
+def _known_key(key: str, keys: frozenset[str]) -> bool:
+    """Whether ``key`` is one of ``keys``, in a time that tells nothing of how much of it is
+    right: every key is compared, each as a SHA-256 digest (equal lengths) in constant time."""
+
+    def digest(text: str) -> bytes:
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+    wanted = digest(key)
+    found = False
+    for known in keys:
+        found |= hmac.compare_digest(wanted, digest(known))
+    return found
 
 
 def parse_request(fields: dict[str, Any], pairs: dict[tuple[str, str], Pair],
@@ -653,7 +783,7 @@ def parse_request(fields: dict[str, Any], pairs: dict[tuple[str, str], Pair],
     if text_format != "text":
         raise HTTPError(400, f"format: {text_format!r} is not a format; use text")
     alternatives = fields.get("alternatives", 0)
-    if isinstance(alternatives, str) and alternatives.strip().isdigit():
+    if isinstance(alternatives, str) and re.fullmatch("[0-9]{1,9}", alternatives.strip()):
         alternatives = int(alternatives)
     if isinstance(alternatives, bool) or not isinstance(alternatives, int) or alternatives < 0:
         raise HTTPError(400, "alternatives: expected a whole number >= 0")

@@ -128,6 +128,8 @@ async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
     ("e.g. this is one. Two", ["e.g. this is one.", "Two"]),
     ('He said "stop." Then he left!', ['He said "stop."', "Then he left!"]),
     ("\u4f60\u597d\u3002\u518d\u89c1\uff01", ["\u4f60\u597d\u3002", "\u518d\u89c1\uff01"]),
+    ("他说：\u201c好。\u201d再见。", ["他说：\u201c好。\u201d", "再见。"]),
+    ("「はい。」次？ 終わり。", ["「はい。」", "次？", "終わり。"]),
     ("a\u2028b", ["a", "b"]),
     ("3.14 is pi", ["3.14 is pi"]),
 ])
@@ -136,6 +138,18 @@ def test_split_text_cuts_sentences_and_joins_back_exactly(text, sentences):
     assert layout.sentences == sentences
     assert layout.join(layout.sentences) == text
     assert layout.join(["X"] * len(sentences)).count("X") == len(sentences)
+
+
+def test_chinese_and_japanese_sentences_are_joined_as_they_stood(loaded, backend):
+    # No space between CJK sentences unless the text had one; a closing quote stays with its sentence.
+    app, _, calls = make_app(loaded, backend=backend)
+    text = "你好。再见！他说：\u201c好。\u201d\n次？ 終わり。"
+    sentences = ["你好。", "再见！", "他说：\u201c好。\u201d", "次？", "終わり。"]
+    with TestClient(app) as client:
+        response = client.post("/translate", json=body(text))
+    assert calls == [sentences]
+    one, two, three, four, five = translator(loaded, 3, backend).translate(sentences)
+    assert response.json() == {"translatedText": f"{one}{two}{three}\n{four} {five}"}
 
 
 # --------------------------------------------------------------------------- the API

@@ -58,6 +58,21 @@ def serve(
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads in all (default: torch's).", min=1,
                                                 show_default=False)] = None,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request on stderr.")] = False,
+    allowed_hosts: Annotated[str, typer.Option(
+        "--allowed-hosts", help="Host names, comma-separated, that requests may name besides localhost and the "
+        "address they reach (a guard against DNS rebinding; 400 otherwise), e.g. a reverse proxy's public "
+        "name; '*': any.")] = "",
+    body_timeout: Annotated[float, typer.Option(
+        "--body-timeout", help="Seconds a client may take to send a request body (408 and the connection "
+        "closed beyond); 0: no limit.", min=0)] = 10.0,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", help="Most open connections; a request beyond gets 503. 0: no limit.",
+        min=0)] = 512,
+    strict_json: Annotated[bool, typer.Option(
+        "--strict-json/--lenient-json", help="A JSON body must say Content-Type: application/json (415 "
+        "otherwise; forms are unaffected). Lenient: parse any other body as JSON.")] = True,
+    private_info: Annotated[bool, typer.Option(
+        "--private-info/--public-info", help="With --api-keys, /info wants ?api_key= too.")] = True,
 ) -> None:
     """Serve trained models over HTTP (LibreTranslate-compatible API and a web page at /)."""
     import errno
@@ -68,7 +83,7 @@ def serve(
     import uvicorn
 
     from mtkit.runtime import inference_device
-    from mtkit.serve import ServeSettings, create_app, read_api_keys
+    from mtkit.serve import ServeSettings, create_app, parse_allowed_hosts, read_api_keys
 
     keys = None
     if api_keys is not None:
@@ -109,10 +124,14 @@ def serve(
     def ready() -> None:
         typer.echo(f"mtkit: serving {names} on http://{url_host}:{bound_port}", err=True)
 
-    settings = ServeSettings(char_limit=char_limit, timeout=timeout, api_keys=keys)
+    settings = ServeSettings(char_limit=char_limit, timeout=timeout, api_keys=keys,
+                             allowed_hosts=parse_allowed_hosts(allowed_hosts), body_timeout=body_timeout or None,
+                             json_content_type=strict_json, info_needs_key=private_info)
     app = create_app(pairs, settings, on_ready=ready)
+    # uvicorn counts the connection asking among the open ones: one more lets --max-connections be open.
     config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log,
-                            timeout_graceful_shutdown=int(timeout) + 5, lifespan="on")
+                            timeout_graceful_shutdown=int(timeout) + 5, lifespan="on",
+                            limit_concurrency=max_connections + 1 if max_connections else None)
     server = uvicorn.Server(config)
     # uvicorn handles SIGTERM and SIGINT while it serves (a graceful stop) and raises the
     # signal again when done; ignored by then, so a graceful stop exits 0.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mtkit.errors import ConfigError, MtkitError
 
@@ -64,10 +64,18 @@ class CorpusConfig(Section):
     """hub: dataset name, for example ``wmt14``."""
     subset: str | None = None
     """hub: dataset configuration, for example ``de-en``."""
-    split: str = "train"
-    """hub: split to read."""
+    split: str = Field(default=None, validate_default=True)  # None is filled in before validation
+    """hub: split to read; a training corpus reads ``train`` unless told. A valid or test corpus
+    must name its split (hub datasets call them ``validation``, ``test``, ``dev``...), so that a
+    config never evaluates on training data by default."""
     limit: int | None = Field(default=None, ge=1)
     """Read at most this many pairs (for quick runs and tests)."""
+
+    # Non-hub corpora hold "train" too, as they always have: the pipeline's stage hashes include it.
+    @field_validator("split", mode="before")
+    @classmethod
+    def _default_split(cls, value: Any, info: ValidationInfo) -> Any:
+        return "train" if value is None else value
 
     @model_validator(mode="after")
     def _needs_inputs(self) -> CorpusConfig:
@@ -79,7 +87,30 @@ class CorpusConfig(Section):
         }[self.format]
         if missing:
             raise ValueError(f"format '{self.format}' needs {', '.join(missing)}")
+        if self.format == "tsv" and not self.header:
+            named = [f"{key} {getattr(self, key)!r}" for key in ("src_field", "tgt_field")
+                     if not is_column_index(getattr(self, key))]
+            if named:
+                raise ValueError(f"format 'tsv' without a header needs 0-based column numbers, not "
+                                 f"{' and '.join(named)} (give numbers, or set header: true to use column names)")
         return self
+
+
+def is_column_index(spec: str) -> bool:
+    """A TSV column given by its 0-based number rather than by its header name."""
+    return spec.isascii() and spec.isdigit()
+
+
+class EvalCorpusConfig(CorpusConfig):
+    """A valid or test corpus: like a training corpus, but a hub one names its split."""
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _default_split(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.data.get("format") == "hub":
+            raise ValueError("required for a hub corpus outside training (the dataset's evaluation split, "
+                             "e.g. validation or test); only training corpora default to train")
+        return "train" if value is None else value
 
 
 class DataConfig(Section):
@@ -89,9 +120,9 @@ class DataConfig(Section):
     """Target language code."""
     train: list[CorpusConfig] = Field(default_factory=list)
     """Training corpora, concatenated in order. A single mapping is accepted too."""
-    valid: CorpusConfig | None = None
+    valid: EvalCorpusConfig | None = None
     """Validation corpus (loss, BLEU and checkpoint selection during training)."""
-    test: CorpusConfig | None = None
+    test: EvalCorpusConfig | None = None
     """Test corpus (translated and scored by the pipeline)."""
     max_len: int = Field(default=250, ge=1)
     """Drop training pairs with more subword tokens than this on either side."""

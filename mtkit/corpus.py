@@ -21,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from mtkit.config import CorpusConfig, DataConfig
+from mtkit.config import CorpusConfig, DataConfig, is_column_index
 from mtkit.errors import MtkitError
 from mtkit.fileio import read_lines
 
@@ -40,6 +40,36 @@ def corpus_files(corpora: Iterable[CorpusConfig | None]) -> list[Path]:
         if corpus is not None:
             files.extend(p for p in (corpus.src, corpus.tgt, corpus.path) if p is not None)
     return files
+
+
+def input_problems(data: DataConfig) -> list[str]:
+    """What a valid config's corpora would fail on once read, one line each naming the key: no
+    training corpus, a local file that is missing, a TSV header without a named column. Hub
+    corpora are not opened (that needs the network)."""
+    problems = [] if data.train else ["data.train: no training corpora: tokenizer training and prepare need one"]
+    named = [(f"data.train.{i}", corpus) for i, corpus in enumerate(data.train)]
+    named += [(f"data.{split}", corpus) for split, corpus in (("valid", data.valid), ("test", data.test)) if corpus]
+    for key, corpus in named:
+        for field in ("src", "tgt", "path"):
+            path = getattr(corpus, field)
+            if path is not None and not path.is_file():
+                problems.append(f"{key}.{field}: {path}: {'not a regular file' if path.exists() else 'no such file'}")
+        if corpus.format == "tsv" and corpus.header and corpus.path is not None and corpus.path.is_file():
+            problems += _header_problems(key, corpus, corpus.path)
+    return problems
+
+
+def _header_problems(key: str, corpus: CorpusConfig, path: Path) -> list[str]:
+    try:
+        first = next(read_lines(path), None)
+    except MtkitError as err:
+        return [f"{key}.path: {err}"]
+    if first is None:
+        return [f"{key}.path: {path}: empty, but header is true"]
+    names = first.split("\t")
+    return [f"{key}.{field}: no column named '{spec}' in the header of {path} ({', '.join(names)})"
+            for field, spec in (("src_field", corpus.src_field), ("tgt_field", corpus.tgt_field))
+            if not is_column_index(spec) and spec not in names]
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -147,7 +177,7 @@ def _read_tsv(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Itera
 
 def _tsv_column(path: Path, spec: str, names: list[str], header: bool) -> tuple[int, str]:
     """(0-based index, description) of a TSV column given by index or header name."""
-    if spec.isascii() and spec.isdigit():
+    if is_column_index(spec):
         return int(spec), spec
     if not header:
         raise MtkitError(

@@ -2,18 +2,27 @@
 
 Scores equal the ``sacrebleu`` command's on the same files: lines are read as it reads them
 (split on ``\\n`` only, trailing whitespace removed) and the metrics are built with the same
-arguments. ``tgt_lang`` picks sacrebleu's BLEU tokenizer for zh, ja and ko (``13a``
-otherwise); ``tokenize`` overrides it.
+arguments. Every metric is built with the target language's settings: ``tgt_lang`` picks
+sacrebleu's BLEU tokenizer for zh, ja and ko (``13a`` otherwise; ``tokenize`` overrides it),
+and for zh and ja TER splits CJK characters as sacrebleu's ``--ter-asian-support
+--ter-normalized`` do. chrF counts characters, the same for every language. sacrebleu's
+tokenizers for ja and ko need MeCab (``pip install 'sacrebleu[ja]'``); without it BLEU
+falls back to ``char`` for ja (``13a`` would count a sentence as one word) and ``13a`` for ko,
+says so once on stderr, and the signature's ``tok:`` shows it.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mtkit.errors import MtkitError
 from mtkit.fileio import SKIP_HINT, STDIN, read_lines
+
+log = logging.getLogger(__name__)
 
 METRICS = ("bleu", "chrf", "ter")
 BOOTSTRAP_SAMPLES = 1000
@@ -38,22 +47,57 @@ class MetricScore:
                 "verbose_score": self.verbose}
 
 
+UNSPACED = frozenset({"zh", "ja"})
+"""Languages written without spaces between words: left as is, TER counts a whole sentence as one word."""
+_ALIASES = {"zho": "zh", "cmn": "zh", "jpn": "ja", "kor": "ko"}
+"""Three-letter codes (FLORES' ``zho_Hans``, ``jpn_Jpan``) for the languages with settings of their own."""
+_MECAB_EXTRAS = {"ja-mecab": "sacrebleu[ja]", "ko-mecab": "sacrebleu[ko]"}
+_MECAB_FALLBACK = {"ja-mecab": "char", "ko-mecab": "13a"}
+
+
+def language(tgt_lang: str | None) -> str:
+    """The language a metric's settings go by: ``zh-Hans``, ``zh_CN``, ``zho_Hans`` -> ``zh``; ``""`` for None."""
+    primary = (tgt_lang or "").replace("_", "-").split("-")[0].lower()
+    return _ALIASES.get(primary, primary)
+
+
 def _bleu(tgt_lang: str | None, tokenize: str | None, nrefs: int):
     from sacrebleu.metrics import BLEU
 
-    return BLEU(tokenize=tokenize, trg_lang=tgt_lang or "")
+    lang = language(tgt_lang)
+    try:
+        return BLEU(tokenize=tokenize, trg_lang=lang)
+    except RuntimeError:
+        # sacrebleu's ja-mecab / ko-mecab without MeCab: it fails, over several lines.
+        chosen = tokenize or BLEU._TOKENIZER_MAP.get(lang, "")
+        if chosen not in _MECAB_EXTRAS:
+            raise
+        if tokenize is not None:
+            raise MtkitError(f"BLEU: the {chosen} tokenizer needs MeCab: pip install "
+                             f"'{_MECAB_EXTRAS[chosen]}'") from None
+    fallback = _MECAB_FALLBACK[chosen]
+    _say_fallback(lang, chosen, fallback)
+    return BLEU(tokenize=fallback)  # no trg_lang: sacrebleu would warn about the choice again
+
+
+@functools.cache  # once per process: validation and compare score again and again
+def _say_fallback(lang: str, chosen: str, fallback: str) -> None:
+    log.warning(f"mtkit: warning: BLEU for {lang}: sacrebleu's {chosen} tokenizer needs MeCab "
+                f"(pip install '{_MECAB_EXTRAS[chosen]}'); tokenizing with {fallback} instead")
 
 
 def _chrf(tgt_lang: str | None, tokenize: str | None, nrefs: int):
     from sacrebleu.metrics import CHRF
 
-    return CHRF()
+    return CHRF()  # characters with spaces removed: right for every language as it is
 
 
 def _ter(tgt_lang: str | None, tokenize: str | None, nrefs: int):
     from sacrebleu.metrics import TER
 
-    return TER()
+    # asian_support splits CJK characters, but only together with normalized.
+    unspaced = language(tgt_lang) in UNSPACED
+    return TER(normalized=unspaced, asian_support=unspaced)
 
 
 # name -> factory(tgt_lang, tokenize, nrefs); sacrebleu's metric modules load lazily.
@@ -73,7 +117,7 @@ def make_metric(name: str, tgt_lang: str | None = None, tokenize: str | None = N
 
         if tokenize is not None and tokenize not in _TOKENIZERS:
             raise MtkitError(f"unknown BLEU tokenizer {tokenize!r}; choose from {', '.join(_TOKENIZERS)}") from None
-        raise MtkitError(f"{name}: {err}") from None
+        raise MtkitError(f"{name}: {' '.join(str(err).split())}") from None
 
 
 def _check(hyps: Sequence[str], refs: Sequence[Sequence[str]], names: tuple[str, list[str]] | None) -> None:

@@ -62,6 +62,61 @@ def test_all_problems_reported_at_once_with_exit_code_2(tmp_path):
     assert "Traceback" not in result.output
 
 
+HUB = ("format: hub\n    name: wmt/wmt14\n    subset: de-en\n"
+       "    src_field: translation.en\n    tgt_field: translation.de\n")
+
+
+def test_hub_evaluation_corpora_name_their_split(tmp_path):
+    """Defaulting valid/test to the train split would evaluate on training data."""
+    text = f"data:\n  train:\n    {HUB}  valid:\n    {HUB}  test:\n    {HUB}    split: test\n"
+    result = runner.invoke(app, ["config", "check", "-c", str(write(tmp_path, text))])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("mtkit: error: data.valid.split: required for a hub corpus outside training")
+    assert len(result.stderr.splitlines()) == 1  # train defaults to its train split, test names its own
+    config = load_config(write(tmp_path, text.replace("valid:\n    ", "valid:\n    split: validation\n    ")))
+    assert [config.data.train[0].split, config.data.valid.split, config.data.test.split] == ["train", "validation",
+                                                                                                "test"]
+
+
+def test_check_finds_what_would_fail_later(tmp_path):
+    (tmp_path / "a.en").write_text("x\n")
+    (tmp_path / "named.tsv").write_text("en\tde\nx\ty\n")
+    text = (f"data:\n  train:\n    - src: {tmp_path}/a.en\n      tgt: {tmp_path}/missing.de\n"
+            f"    - format: tsv\n      path: {tmp_path}/named.tsv\n      header: true\n      tgt_field: fr\n"
+            f"  valid:\n    format: tsv\n    path: {tmp_path}/a.en\n"
+            f"  test:\n    format: tsv\n    path: {tmp_path}\n    src_field: '0'\n    tgt_field: '1'\n")
+    path = write(tmp_path, text)
+    result = runner.invoke(app, ["config", "check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert "config OK" not in result.output
+    assert result.stderr.splitlines() == [  # the columns first: a config that does not load has no files to check
+        "mtkit: error: data.valid: format 'tsv' without a header needs 0-based column numbers, not src_field 'src' "
+        "and tgt_field 'tgt' (give numbers, or set header: true to use column names)"]
+    path.write_text(text.replace("  valid:\n    format: tsv\n", "  valid:\n    format: tsv\n    header: true\n"))
+    result = runner.invoke(app, ["config", "check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"mtkit: error: data.train.0.tgt: {tmp_path}/missing.de: no such file",
+        f"mtkit: error: data.train.1.src_field: no column named 'src' in the header of {tmp_path}/named.tsv (en, de)",
+        f"mtkit: error: data.train.1.tgt_field: no column named 'fr' in the header of {tmp_path}/named.tsv (en, de)",
+        f"mtkit: error: data.valid.src_field: no column named 'src' in the header of {tmp_path}/a.en (x)",
+        f"mtkit: error: data.valid.tgt_field: no column named 'tgt' in the header of {tmp_path}/a.en (x)",
+        f"mtkit: error: data.test.path: {tmp_path}: not a regular file",
+    ]
+
+
+def test_check_needs_a_config(tmp_path):
+    result = runner.invoke(app, ["config", "check"])
+    assert result.exit_code == 2
+    assert result.stderr == ("mtkit: error: config check: no config given; pass -c FILE "
+                             "(and --set KEY=VALUE to override)\n")
+    path = write(tmp_path, f"data:\n  train:\n    src: {ROOT}/pyproject.toml\n    tgt: {ROOT}/pyproject.toml\n")
+    result = runner.invoke(app, ["config", "check", "-c", str(path)])
+    assert result.exit_code == 0 and result.stderr == f"{path}: config OK\n"
+    result = runner.invoke(app, ["config", "check", "-c", str(path), "--set", "data.train=[]"])
+    assert result.exit_code == 2 and "data.train: no training corpora" in result.stderr
+
+
 def test_override_errors_through_cli(tmp_path):
     result = runner.invoke(app, ["config", "show", "--set", "tokenizer.vocab_size=big", "--set", "nokey"])
     assert result.exit_code == 2

@@ -336,7 +336,8 @@ def test_bad_input_is_a_one_line_error(trained):
     _edit(trained, data={"train": {"format": "tsv", "path": str(tmp / "bad.tsv"), "src_field": "0", "tgt_field": "1"}})
     assert _fail(trained) == f"{tmp / 'bad.tsv'}:2: 1 column(s), column 1 is missing"
     _edit(trained, data={"train": {"format": "tsv", "path": str(tmp / "bad.tsv")}})
-    assert "column 'src' is not a 0-based index and the corpus has no header" in _fail(trained)
+    result = runner.invoke(app, ["prepare", "-c", str(trained)])  # a config error now, before anything is read
+    assert result.exit_code == 2 and "data.train.0: format 'tsv' without a header needs 0-based column" in result.stderr
 
     (tmp / "bad.jsonl").write_text('{"src": "a", "tgt": "b"}\n{"src": "a"\n')
     _edit(trained, data={"train": {"format": "jsonl", "path": str(tmp / "bad.jsonl")}})

@@ -96,6 +96,51 @@ def test_language_and_tokenizer_choice():
     assert result.exit_code != 0  # '-' is not a reference file
 
 
+ZH_HYPS = ["我喜欢吃苹果和香蕉。", "今天天气很好，我们去公园散步吧。", "他昨天买了一本新书。"]
+ZH_REFS = ["我喜欢吃香蕉和苹果。", "今天天气不错，我们去公园走走吧。", "他昨天买了一本书。"]
+
+
+def test_chinese_target_is_scored_with_its_own_settings(tmp_path):
+    """Without asian_support TER counts each unspaced sentence as one word (100.0 here)."""
+    hyp, ref = tmp_path / "hyp.zh", tmp_path / "ref.zh"
+    hyp.write_text("".join(line + "\n" for line in ZH_HYPS), encoding="utf-8")
+    ref.write_text("".join(line + "\n" for line in ZH_REFS), encoding="utf-8")
+    expected = sacrebleu_json(str(ref), "-i", str(hyp), "-l", "en-zh", "--ter-asian-support", "--ter-normalized")
+    result = invoke(["score", str(ref), "-i", str(hyp), "-l", "zh", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    for g, e in zip(got, expected, strict=True):
+        assert g["signature"] == e["signature"]
+        assert round(g["score"], 4) == pytest.approx(e["score"], abs=1e-4)
+    assert "asian:yes" in got[2]["signature"] and got[2]["score"] == pytest.approx(20.0)
+    # Region and script subtags and three-letter codes name the same language.
+    for lang in ("zh-CN", "zh_Hant", "zho_Hans"):
+        bleu, _, ter = score(ZH_HYPS, [ZH_REFS], tgt_lang=lang)
+        assert "tok:zh" in bleu.signature and ter.score == pytest.approx(20.0)
+    assert "asian:no" in score(["a b"], [["a c"]], ["ter"], tgt_lang="de")[0].signature
+
+
+def test_japanese_target(caplog):
+    hyps, refs = ["私は猫が好きです。"], [["私は犬が好きです。"]]
+    assert "asian:yes" in score(hyps, refs, ["ter"], tgt_lang="ja")[0].signature
+    try:
+        import MeCab  # noqa: F401
+    except ImportError:  # sacrebleu's ja-mecab needs it: char, said once, rather than a failed validation
+        from mtkit.score import _say_fallback
+
+        _say_fallback.cache_clear()
+        assert "tok:char" in score(hyps, refs, ["bleu"], tgt_lang="jpn_Jpan")[0].signature
+        assert "tok:char" in score(hyps, refs, ["bleu"], tgt_lang="ja-JP")[0].signature
+        assert [r.message for r in caplog.records] == [
+            "mtkit: warning: BLEU for ja: sacrebleu's ja-mecab tokenizer needs MeCab (pip install 'sacrebleu[ja]'); "
+            "tokenizing with char instead"]
+        with pytest.raises(MtkitError, match=r"^BLEU: the ja-mecab tokenizer needs MeCab: pip install '.*\[ja\]'$"):
+            score(hyps, refs, ["bleu"], tokenize="ja-mecab")
+    else:
+        assert "tok:ja-mecab" in score(hyps, refs, ["bleu"], tgt_lang="ja")[0].signature
+    assert "tok:char" in score(hyps, refs, ["bleu"], tgt_lang="ja", tokenize="char")[0].signature
+
+
 def test_line_count_mismatch_names_both(files, tmp_path):
     short = tmp_path / "short.de"
     short.write_text("a\nb\n")

@@ -124,6 +124,23 @@ def test_bad_corpus_fails_training_without_output(tokdata_experiment):
     assert not (config.parent / "run" / "tokenizer").exists()
 
 
+def test_failed_training_leaves_no_new_experiment_directory(tokdata_experiment):
+    config = tokdata_experiment()
+    (config.parent / "train.src").unlink()
+    result = _train(config, f"experiment.dir={config.parent / 'new' / 'run'}")
+    assert result.exit_code == 1 and "train.src: file not found" in result.stderr
+    assert not (config.parent / "new").exists()
+    # A directory that was there before stays, with whatever it held.
+    (config.parent / "run").mkdir()
+    (config.parent / "run" / "notes.txt").write_text("mine\n")
+    assert _train(config).exit_code == 1
+    assert [p.name for p in (config.parent / "run").iterdir() if p.name != ".lock"] == ["notes.txt"]
+    empty = config.parent / "empty"
+    empty.mkdir()
+    assert _train(config, f"experiment.dir={empty}").exit_code == 1
+    assert empty.is_dir()
+
+
 def test_load_rejects_changed_model(tokdata_experiment):
     config = tokdata_experiment()
     assert _train(config).exit_code == 0

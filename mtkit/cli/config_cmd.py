@@ -29,8 +29,14 @@ def show(
 
 @app.command("check")
 def check(config: OptionalConfigOption = None, overrides: SetOption = None) -> None:
-    """Validate a config; report every problem at once."""
+    """Validate a config and the local corpora it names; report every problem at once."""
     from mtkit.config import load_config
+    from mtkit.corpus import input_problems
+    from mtkit.errors import ConfigError
 
-    load_config(config, overrides)
-    typer.echo("config OK", err=True)
+    if config is None:  # the defaults alone name no corpora: there would be nothing to run
+        raise ConfigError(["config check: no config given; pass -c FILE (and --set KEY=VALUE to override)"])
+    problems = input_problems(load_config(config, overrides).data)
+    if problems:
+        raise ConfigError(problems)
+    typer.echo(f"{config}: config OK", err=True)

@@ -3,7 +3,8 @@
 The hypothesis comes from stdin unless ``-i`` names a file, so a pipeline reads
 ``mtkit translate -m RUN < test.en | mtkit score test.de``. Several references: repeat
 ``REF`` (``mtkit score ref1.de ref2.de -i hyp.de``). Files may be gzip. The numbers and
-signatures equal ``sacrebleu REF... -i HYP -m bleu chrf ter``.
+signatures equal ``sacrebleu REF... -i HYP -m bleu chrf ter``; with ``-l zh`` (or ja), those of
+``sacrebleu -l en-zh --ter-asian-support --ter-normalized``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def score(
     metrics: Annotated[str, typer.Option("--metrics", "-m", help="Comma-separated list.")] = "bleu,chrf,ter",
     lang: Annotated[
         str | None,
-        typer.Option("--lang", "-l", help="Target language (zh, ja, ko pick BLEU's tokenizer).", show_default=False),
+        typer.Option("--lang", "-l", show_default=False,
+                     help="Target language, e.g. zh: zh, ja, ko pick BLEU's tokenizer; zh, ja make TER split "
+                          "CJK characters (sacrebleu's --ter-asian-support --ter-normalized)."),
     ] = None,
     tokenize: Annotated[
         str | None,

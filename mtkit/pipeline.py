@@ -5,28 +5,37 @@ average of the newest ``train.average_last`` step checkpoints, by ``train.best_m
 whole validation set; ``checkpoints/final`` points at it and ``selection.json`` says why.
 
 Each stage, when it finishes, writes a stamp ``{dir}/stages/{stage}.json`` (every path in the
-experiment directory comes from ``mtkit.rundir.ExperimentDir``) holding a hash of
-what its outputs depend on: the config sections it reads, its input files (size and mtime) and
-the stamp of the stage before it. A stage whose stamp matches is skipped, so re-running after a
-crash or an edit does only what is needed; changing a stage's inputs re-runs it and everything
-after it. A training run that was interrupted resumes from its last checkpoint.
+experiment directory comes from ``mtkit.rundir.ExperimentDir``) holding its key: a hash of
+what its outputs depend on and of nothing else. That is the config keys that change them (not
+threads, devices, logging, chunk sizes or process counts), its input files (size and mtime),
+and the content of the earlier stages' outputs that it reads: the tokenizer's fingerprint,
+the rows of the prepared splits, the checkpoints. A stage whose key matches is skipped, so
+re-running after a crash or an edit does only what is needed; a stage after one that ran runs
+only if what it reads changed (a new test split re-runs translate and score, not training).
+
+Training's key leaves out its budget (``train.max_steps``, ``max_epochs``, ``max_minutes``),
+which the stamp records apart: a larger budget resumes the finished run from its last
+checkpoint, as an interrupted run resumes. A run that the config no longer describes (other
+weights, or a run gone past a smaller budget), or that ``--from train`` replaces, is moved
+aside to ``checkpoints.{key}/`` with its logs, never deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mtkit.config import Config, save_config
+from mtkit.config import Config, CorpusConfig, save_config
 from mtkit.corpus import corpus_files
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_write_bytes, atomic_write_text
@@ -36,29 +45,77 @@ STAGES = ("tokenizer", "prepare", "train", "select", "translate", "score")
 
 
 @dataclass
+class Attempt:
+    """A stage about to run, and what the pipeline knows of the outputs it finds there."""
+
+    stage: str
+    key: str
+    """The stage's key under this config."""
+    previous: str | None
+    """The key its stamps give the outputs there now (the last attempt's); None without a stamp
+    of this mtkit."""
+    stamped: bool
+    """Whether the pipeline made those outputs (a stamp of any mtkit exists)."""
+    interrupted: bool
+    """Whether the last attempt began and did not finish."""
+    forced: bool
+    """``--from`` named this stage or an earlier one: start afresh."""
+    log: Callable[[str], None]
+    command: str
+    """The command that continues this pipeline, for the line that ends an interrupted run."""
+    resume: bool = False
+    """Set by the stage's ``decide``: continue the outputs there rather than start afresh."""
+
+    def say(self, words: str) -> None:
+        self.log(f"pipeline: {self.stage}: {words}")
+
+
+def _start_afresh(config: Config, attempt: Attempt) -> bool:
+    attempt.say("running")
+    return False
+
+
+@dataclass
 class Stage:
     name: str
     sections: tuple[str, ...]
-    """Config sections (or ``section.key``) whose values the stage's outputs depend on."""
-    run: Callable[[Config, bool], None]
-    """Runs the stage; the flag says whether an interrupted run of the same inputs may resume."""
-    inputs: Callable[[Config], list[Path]] = lambda config: []
-    """Files read by the stage (their size and mtime enter the hash)."""
+    """Config sections (or ``section.key``) whose values change the stage's outputs."""
+    run: Callable[[Config, Attempt], None]
+    reads: Callable[[Config], dict[str, Any]] = lambda config: {}
+    """What else the outputs follow, by name: input files (size and mtime) and the content of
+    the earlier stages' outputs the stage reads (fingerprints)."""
     readable: Callable[[Config], bool] = lambda config: True
-    """Whether this mtkit can read the stage's outputs. When not (outputs removed, or written
-    in a format of an older mtkit), an up-to-date stage runs again; its hash is unchanged, so
-    the stages after it, whose inputs are the same, stay up to date."""
+    """Whether the stage's outputs are there and fit for this mtkit and config (not removed,
+    not in an older format, a tokenizer of the configured normalisation). When not, the stage
+    runs again though its key matches; the stages after it follow what it makes."""
     ignores: tuple[str, ...] = ()
-    """Keys inside ``sections`` that the stage's outputs do not depend on."""
+    """Keys inside ``sections`` that do not change the outputs (threads, devices, logging)."""
+    budget: Callable[[Config], dict[str, Any]] = lambda config: {}
+    """Keys left out of the key that bound the stage's work rather than change it (training's
+    ``max_steps``, ...): the stamp records them; a change runs the stage again, which may
+    continue its outputs."""
+    decide: Callable[[Config, Attempt], bool] = _start_afresh
+    """Called before the stage runs: deals with the outputs there, says in one line what the
+    stage will do and whether it continues them (``Attempt.resume``)."""
 
 
-def _run_tokenizer(config: Config, resume: bool) -> None:
+def _run_tokenizer(config: Config, attempt: Attempt) -> None:
     from mtkit.data import train_tokenizer
 
     train_tokenizer(config)
 
 
-def _run_prepare(config: Config, resume: bool) -> None:
+def _tokenizer_readable(config: Config) -> bool:
+    """A tokenizer trained with another normalisation than the config's is never reused."""
+    from mtkit.tokenizer import tokenizer_dir, trained_normalization
+
+    try:
+        return trained_normalization(tokenizer_dir(config)) == config.tokenizer.normalization
+    except MtkitError:
+        return False
+
+
+def _run_prepare(config: Config, attempt: Attempt) -> None:
     from mtkit.data import prepare
 
     prepare(config)
@@ -74,88 +131,375 @@ def _data_readable(config: Config) -> bool:
     return True
 
 
-def _run_train(config: Config, resume: bool) -> None:
+def _run_train(config: Config, attempt: Attempt) -> None:
     from mtkit.train import train
 
-    exp = ExperimentDir(config.experiment.dir)
-    resume = resume and exp.checkpoint_link("last").exists()
-    if not resume:
-        # The outputs of a training run on other inputs are stale: start afresh.
-        for stale in (exp.checkpoints, exp.tensorboard):
-            shutil.rmtree(stale, ignore_errors=True)
-        exp.train_log.unlink(missing_ok=True)
-    result = train(config, resume=resume)
+    result = train(config, resume=attempt.resume)
     if result.interrupted:
-        # Not done: no stamp, so that running the same command again resumes this run.
-        raise result.stopped("run the same `mtkit pipeline` command again to resume")
+        # Not done: no stamp, so that running the pipeline again resumes this run.
+        raise result.stopped(f"resume with `{attempt.command}`")
 
 
-def _run_select(config: Config, resume: bool) -> None:
+def _run_select(config: Config, attempt: Attempt) -> None:
     select_final_model(config)
 
 
-def _run_translate(config: Config, resume: bool) -> None:
+def _run_translate(config: Config, attempt: Attempt) -> None:
     translate_test_set(config)
 
 
-def _run_score(config: Config, resume: bool) -> None:
+def _run_score(config: Config, attempt: Attempt) -> None:
     write_report(config)
 
 
-PIPELINE = [
-    Stage(
-        "tokenizer",
-        ("tokenizer", "data.train"),
-        _run_tokenizer,
-        lambda c: corpus_files(c.data.train),
-    ),
-    Stage(
-        "prepare",
-        ("data",),
-        _run_prepare,
-        lambda c: corpus_files([*c.data.train, c.data.valid, c.data.test]),
-        _data_readable,
-    ),
-    # Validation decodes with the decode section, but a new beam size should not mean retraining.
-    Stage("train", ("model", "train", "experiment.seed"), _run_train, ignores=("train.average_last",)),
-    Stage("select", ("train.best_metric", "train.average_last", "decode"), _run_select),
-    Stage("translate", ("decode",), _run_translate),
-    Stage("score", ("data.tgt_lang",), _run_score),
-]
+# --------------------------------------------------------------------------- what each stage reads
 
 
-# Keys added to the config after experiments were stamped, each with the value at which it is
-# left out of the stage hashes: at that value the stamps of those experiments stay valid. (A
-# tokenizer keeps the normalisation rule it was trained with: it is stored in the model file.)
-ADDED_KEYS: dict[str, object] = {"tokenizer.normalization": "identity"}
-
-
-def stage_hash(config: Config, stage: Stage, previous: str) -> str:
-    data = config.to_dict()
-    for key, neutral in ADDED_KEYS.items():
-        section, name = key.split(".")
-        if data[section].get(name) == neutral:
-            del data[section][name]
-    picked = {}
-    for key in stage.sections:
-        node = data
-        for part in key.split("."):
-            node = node[part]
-        picked[key] = node
-    for key in stage.ignores:
-        *parents, last = key.split(".")
-        node = picked
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(last, None)
+def _files(paths: list[Path]) -> list[list]:
+    """Each input file's path, size and mtime (None for a missing file)."""
     files = []
-    for path in stage.inputs(config):
+    for path in paths:
         try:
             stat = Path(path).stat()
             files.append([str(path), stat.st_size, stat.st_mtime_ns])
         except OSError:
             files.append([str(path), None, None])
-    blob = json.dumps({"sections": picked, "files": files, "previous": previous}, sort_keys=True, default=str)
+    return files
+
+
+def _tokenizer_fingerprint(config: Config) -> str | None:
+    from mtkit.tokenizer import read_meta, tokenizer_dir
+
+    try:
+        return str(read_meta(tokenizer_dir(config))["fingerprint"])
+    except (MtkitError, KeyError):
+        return None
+
+
+def _split_digest(config: Config, split: str) -> str | None:
+    """A hash of the rows of a prepared split, not of its file's bytes (where the record batches
+    split follows ``data.chunk_size``); None when the split is missing or unreadable."""
+    import pyarrow as pa
+
+    from mtkit.data import data_dir, split_file
+
+    streams: dict[str, Any] = {}
+    try:
+        with pa.memory_map(str(split_file(data_dir(config.experiment.dir), split))) as source:
+            reader = pa.ipc.open_file(source)
+            for index in range(reader.num_record_batches):
+                batch = reader.get_batch(index)
+                for name, column in zip(batch.schema.names, batch.columns, strict=True):
+                    _feed(streams, name, column)
+    except (OSError, pa.ArrowException):
+        return None
+    return hashlib.sha256("".join(f"{n}:{h.hexdigest()}" for n, h in sorted(streams.items())).encode()).hexdigest()
+
+
+def _feed(streams: dict[str, Any], name: str, column: Any) -> None:
+    """Add a column's values, and the length of each row of a string or list column, each to a
+    hash of its own: fed in pieces, a hash equals the hash of the whole."""
+    import numpy as np
+    import pyarrow as pa
+
+    def stream(part: str) -> Any:
+        return streams.setdefault(f"{name}.{part}", hashlib.sha256())
+
+    if pa.types.is_list(column.type):
+        stream("lengths").update(np.diff(column.offsets.to_numpy()).tobytes())
+        stream("values").update(column.flatten().to_numpy().tobytes())
+    elif pa.types.is_string(column.type):
+        offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+        stream("lengths").update(np.diff(offsets).tobytes())
+        stream("values").update(memoryview(column.buffers()[2])[offsets[0] : offsets[-1]])
+    else:
+        stream("values").update(column.to_numpy().tobytes())
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _checkpoints_read(exp: ExperimentDir, links: tuple[str, ...]) -> dict[str, list]:
+    """The checkpoint each link names and a hash of its meta.json (its step, metrics and sizes)."""
+    from mtkit.checkpoint import META
+
+    return {link: [exp.checkpoint_link(link).resolve().name, _file_digest(exp.checkpoint_link(link) / META)]
+            for link in links if exp.checkpoint_link(link).exists()}
+
+
+def _tokenizer_reads(config: Config) -> dict[str, Any]:
+    return {"files": _files(corpus_files(config.data.train))}
+
+
+def _prepare_reads(config: Config) -> dict[str, Any]:
+    return {"tokenizer": _tokenizer_fingerprint(config),
+            "files": _files(corpus_files([*config.data.train, config.data.valid, config.data.test]))}
+
+
+def _train_reads(config: Config) -> dict[str, Any]:
+    return {"tokenizer": _tokenizer_fingerprint(config), "train": _split_digest(config, "train"),
+            "valid": _split_digest(config, "valid")}
+
+
+def _select_reads(config: Config) -> dict[str, Any]:
+    exp = ExperimentDir(config.experiment.dir)
+    return {"checkpoints": _checkpoints_read(exp, ("last", "best")), "valid": _split_digest(config, "valid")}
+
+
+def _translate_reads(config: Config) -> dict[str, Any]:
+    exp = ExperimentDir(config.experiment.dir)
+    return {"final": _checkpoints_read(exp, ("final",)), "test": _split_digest(config, "test")}
+
+
+def _score_reads(config: Config) -> dict[str, Any]:
+    """Everything the report shows: the scored translations, the data's counts, the model."""
+    exp, lang = ExperimentDir(config.experiment.dir), config.data.tgt_lang
+    return {"checkpoints": _checkpoints_read(exp, ("last", "final")),
+            "data": _read_stamp(exp.data_report).get("splits"),
+            **{name: _file_digest(path) for name, path in (
+                ("hypotheses", exp.test_hypotheses(lang)), ("references", exp.test_references(lang)),
+                ("selection", exp.selection))}}
+
+
+# --------------------------------------------------------------------------- training's run
+
+
+TRAIN_BUDGET = ("max_steps", "max_epochs", "max_minutes")
+"""Training's bounds: a larger one continues a finished run."""
+
+TRAIN_OPERATIONAL = ("threads", "device", "log_every", "compile", "max_nonfinite")
+"""Train keys that change how a run goes, not its weights or its checkpoints (a run that
+``max_nonfinite`` would stop ends in an error, not in other weights)."""
+
+
+def _train_budget(config: Config) -> dict[str, Any]:
+    return {key: getattr(config.train, key) for key in TRAIN_BUDGET}
+
+
+def _holds_run(exp: ExperimentDir) -> bool:
+    return exp.checkpoint_link("last").is_symlink() or any(exp.checkpoints.glob("step_*"))
+
+
+def _decide_training(config: Config, attempt: Attempt) -> bool:
+    """Continue the run in ``checkpoints/`` if this config describes it (an interrupted run, or
+    a finished one that a larger budget extends); else move it aside, never delete it. A run
+    that no pipeline made (``mtkit train``'s) is continued or refused, as ``mtkit train`` does."""
+    exp = ExperimentDir(config.experiment.dir)
+    if not _holds_run(exp):
+        # A fresh run would append to the logs of an attempt killed before its first checkpoint.
+        if attempt.stamped and (exp.train_log.exists() or exp.tensorboard.exists()):
+            attempt.say(f"moved the logs of the last attempt aside to {_set_aside(exp, attempt.previous or 'logs')}; "
+                        "running")
+        else:
+            attempt.say("running")
+        return False
+    last = exp.checkpoint_link("last")
+    held = attempt.previous or _held_key(config, exp)
+    why: str | None
+    if attempt.forced:
+        why = "asked by --from"
+    elif not last.exists():
+        why = "it has no complete checkpoint"
+    elif held != attempt.key:
+        why = _changed(config, last) or ("the tokenizer or the prepared data changed" if held else
+                                         "its checkpoint cannot be read")
+    else:
+        why = _past_budget(config, last)
+    if why is None:
+        attempt.say(_resuming(config, last, attempt))
+        return True
+    if not attempt.stamped and not attempt.forced:
+        train = attempt.command.replace("mtkit pipeline", "mtkit train", 1)
+        raise MtkitError(
+            f"{exp.checkpoints}: holds a run of `mtkit train` that this config does not continue ({why}); "
+            f"continue it with `{train} --resume`, or move it aside and train afresh with "
+            f"`{attempt.command} --from train`")
+    aside = _set_aside(exp, held or attempt.key)
+    attempt.say(f"moved the previous run aside to {aside} ({why}); running")
+    return False
+
+
+def _held_key(config: Config, exp: ExperimentDir) -> str | None:
+    """The key of a run that no stamp of this mtkit describes (made by `mtkit train` or an older
+    pipeline): from its checkpoint's config and tokenizer, its data taken to be this
+    experiment's when its data settings are this config's."""
+    from mtkit.checkpoint import read_checkpoint_config, read_meta
+
+    last = exp.checkpoint_link("last")
+    try:
+        saved, meta = read_checkpoint_config(last), read_meta(last)
+    except MtkitError:
+        return None
+    reads = {**_train_reads(config), "tokenizer": meta.get("tokenizer_fingerprint")}
+    if _training_data(saved) != _training_data(config):
+        reads.update(train=None, valid=None)
+    return stage_key(saved, _stage("train"), reads)
+
+
+def _training_data(config: Config) -> dict[str, Any]:
+    """The data settings that shape the train and valid splits."""
+    data = config.to_dict()["data"]
+    for key in ("num_proc", "chunk_size", *(() if config.data.remove_eval_overlap else ("test",))):
+        data.pop(key)
+    return data
+
+
+def _changed(config: Config, last: Path) -> str | None:
+    """The keys of training's key in which the run's checkpoint differs from ``config``."""
+    from mtkit.checkpoint import read_checkpoint_config
+
+    try:
+        saved = read_checkpoint_config(last)
+    except MtkitError:
+        return None
+    stage = _stage("train")
+    return _differences(_pick(saved.to_dict(), stage.sections, stage.ignores),
+                        _pick(config.to_dict(), stage.sections, stage.ignores))
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> str | None:
+    """``key old -> new`` for each leaf that differs, comma-separated (None if none does)."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.append(_differences(a, b, f"{path}.") or "")
+        elif a != b:
+            changes.append(f"{path} {a} -> {b}")
+    return ", ".join(c for c in changes if c) or None
+
+
+def _past_budget(config: Config, last: Path) -> str | None:
+    """Why the run in ``last`` went further than ``config``'s budget allows, if it did: a run
+    trained to that budget would have stopped before it."""
+    from mtkit.checkpoint import load_trainer_state, read_checkpoint_config, read_meta
+
+    cfg, meta = config.train, read_meta(last)
+    if meta["step"] > cfg.max_steps:
+        return f"it has {meta['step']} updates, train.max_steps is {cfg.max_steps}"
+    if cfg.max_epochs is not None and meta["epoch"] > cfg.max_epochs:
+        return f"it reached epoch {meta['epoch']}, train.max_epochs is {cfg.max_epochs}"
+    ran_to = read_checkpoint_config(last).train.max_minutes
+    if cfg.max_minutes is not None and (ran_to is None or cfg.max_minutes < ran_to):
+        # Under a budget no smaller than the one it ran to, the run took no update too late.
+        minutes = (load_trainer_state(last).get("state") or {}).get("elapsed_s", 0.0) / 60
+        if minutes > cfg.max_minutes:
+            return f"it trained {minutes:.1f} minutes, train.max_minutes is {cfg.max_minutes:g}"
+    return None
+
+
+def _resuming(config: Config, last: Path, attempt: Attempt) -> str:
+    from mtkit.checkpoint import read_checkpoint_config, read_meta
+
+    if attempt.interrupted:
+        return "resuming the interrupted run"
+    changes = _differences(_train_budget(read_checkpoint_config(last)), _train_budget(config), "train.")
+    line = f"resuming the run at step {read_meta(last)['step']}" + (f" ({changes})" if changes else "")
+    if config.train.schedule == "cosine" or config.train.cooldown > 0:
+        line += ("; its learning rate follows the new budget from here, so it will differ from a run "
+                 "trained to it from the start (--from train trains afresh)")
+    return line
+
+
+def _set_aside(exp: ExperimentDir, key: str) -> Path:
+    """Move the run in ``checkpoints/``, with its train log and TensorBoard logs, to a new
+    ``checkpoints.{key}/`` (numbered if that exists); return it."""
+    aside = exp.root / f"{exp.checkpoints.name}.{key}"
+    number = 2
+    while aside.exists() or aside.is_symlink():
+        aside, number = exp.root / f"{exp.checkpoints.name}.{key}-{number}", number + 1
+    if exp.checkpoints.exists():
+        exp.checkpoints.rename(aside)
+    else:
+        aside.mkdir()
+    for path in (exp.train_log, exp.tensorboard):
+        if path.exists():
+            path.rename(aside / path.name)
+    return aside
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+PIPELINE = [
+    # SentencePiece's vocabulary differs a little with tokenizer.num_threads (the threads share
+    # out its work), as weights do in their last bits with train.threads: neither retrains.
+    Stage("tokenizer", ("tokenizer", "data.train", "experiment.seed"), _run_tokenizer, _tokenizer_reads,
+          _tokenizer_readable, ignores=("tokenizer.num_threads",)),
+    Stage("prepare", ("data",), _run_prepare, _prepare_reads, _data_readable,
+          ignores=("data.num_proc", "data.chunk_size")),
+    # Validation decodes with the decode section, but a new beam size should not mean retraining.
+    Stage("train", ("model", "train", "experiment.seed"), _run_train, _train_reads,
+          lambda c: ExperimentDir(c.experiment.dir).checkpoint_link("last").exists(),
+          ignores=tuple(f"train.{key}" for key in (*TRAIN_OPERATIONAL, *TRAIN_BUDGET, "average_last")),
+          budget=_train_budget, decide=_decide_training),
+    Stage("select", ("train.best_metric", "train.average_last", "decode"), _run_select, _select_reads,
+          lambda c: ExperimentDir(c.experiment.dir).checkpoint_link("final").exists()),
+    Stage("translate", ("decode",), _run_translate, _translate_reads,
+          lambda c: ExperimentDir(c.experiment.dir).test_hypotheses(c.data.tgt_lang).exists()),
+    Stage("score", ("data.tgt_lang", "experiment.name"), _run_score, _score_reads,
+          lambda c: ExperimentDir(c.experiment.dir).report_json.exists()),
+]
+
+
+def _stage(name: str) -> Stage:
+    return next(stage for stage in PIPELINE if stage.name == name)
+
+
+def stage_key(config: Config, stage: Stage, reads: dict[str, Any] | None = None) -> str:
+    """A hash of what ``stage``'s outputs depend on under ``config``: its config keys and what
+    it reads (``reads``, by default ``stage.reads(config)``)."""
+    picked = _pick(config.to_dict(), stage.sections, stage.ignores)
+    reads = stage.reads(config) if reads is None else reads
+    blob = json.dumps({"sections": picked, "reads": reads}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _pick(data: dict, sections: tuple[str, ...], ignores: tuple[str, ...]) -> dict:
+    """The values of ``sections`` (dotted keys) in the config dict ``data``, less ``ignores``."""
+    picked = {}
+    for key in sections:
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        picked[key] = copy.deepcopy(node)
+    for key in ignores:
+        *parents, last = key.split(".")
+        node = picked
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    return picked
+
+
+# mtkit 0.2 stamped each stage with a hash of its config sections and input files chained
+# through the hash of the stage before, leaving tokenizer.normalization out at identity. Such a
+# stamp still says its stage is up to date where that hash matches (and the stage's outputs are
+# readable: a tokenizer's recorded normalisation is checked as any other's); it is then
+# rewritten with the stage's key.
+_LEGACY = {
+    "tokenizer": (("tokenizer", "data.train"), ()),
+    "prepare": (("data",), ()),
+    "train": (("model", "train", "experiment.seed"), ("train.average_last",)),
+    "select": (("train.best_metric", "train.average_last", "decode"), ()),
+    "translate": (("decode",), ()),
+    "score": (("data.tgt_lang",), ()),
+}
+
+
+def _legacy_hash(config: Config, name: str, previous: str) -> str:
+    data = config.to_dict()
+    if data["tokenizer"]["normalization"] == "identity":
+        del data["tokenizer"]["normalization"]
+    corpora: dict[str, list[CorpusConfig | None]] = {
+        "tokenizer": [*config.data.train], "prepare": [*config.data.train, config.data.valid, config.data.test]}
+    blob = json.dumps({"sections": _pick(data, *_LEGACY[name]), "files": _files(corpus_files(corpora.get(name, []))),
+                       "previous": previous}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -165,44 +509,47 @@ def _stamp_path(config: Config, name: str, suffix: str = "") -> Path:
 
 def _read_stamp(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        stamp = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return stamp if isinstance(stamp, dict) else {}
 
 
-def run_pipeline(config: Config, start: str | None = None, log: Callable[[str], None] = print) -> dict:
+def run_pipeline(config: Config, start: str | None = None, log: Callable[[str], None] = print,
+                 command: str = "mtkit pipeline -c CONFIG") -> dict:
     """Run every stage that is not up to date (and every stage from ``start`` on); return the
-    report written by the last stage."""
+    report written by the last stage. ``command`` continues the pipeline (said when a signal
+    stops training)."""
     if start is not None and start not in STAGES:
         raise MtkitError(f"--from {start}: unknown stage; choose one of {', '.join(STAGES)}")
     exp = ExperimentDir(config.experiment.dir)
     save_config(config, exp.config)
-    previous, forced = "", False
+    legacy, forced = "", False
     for stage in PIPELINE:
         forced = forced or stage.name == start
-        digest = stage_hash(config, stage, previous)
-        done = _read_stamp(_stamp_path(config, stage.name))
-        if not forced and done.get("hash") == digest and stage.readable(config):
+        key, budget = stage_key(config, stage), stage.budget(config)
+        legacy = _legacy_hash(config, stage.name, legacy)
+        stamp, started = _stamp_path(config, stage.name), _stamp_path(config, stage.name, ".started")
+        done, began = _read_stamp(stamp), _read_stamp(started)
+        if not forced and "key" not in done and done.get("hash") == legacy and stage.readable(config):
+            done = {**done, "key": key, **({"budget": budget} if budget else {})}
+            atomic_write_text(stamp, json.dumps(done))
+        if not forced and done.get("key") == key and done.get("budget", {}) == budget and stage.readable(config):
             log(f"pipeline: {stage.name}: up to date, skipped")
-            previous = digest
             continue
-        # A stage that started on these very inputs and did not finish may resume (training
-        # continues from its last checkpoint); anything else starts afresh.
-        started = _stamp_path(config, stage.name, ".started")
-        resume = not forced and _read_stamp(started).get("hash") == digest
-        atomic_write_text(started, json.dumps({"hash": digest}))
-        action = "resuming the interrupted run" if resume and stage.name == "train" else "running"
-        log(f"pipeline: {stage.name}: {action}")
-        began = time.time()
-        stage.run(config, resume)
-        seconds = time.time() - began
-        atomic_write_text(
-            _stamp_path(config, stage.name),
-            json.dumps({"hash": digest, "seconds": round(seconds, 1), "finished": time.time()}),
-        )
+        attempt = Attempt(stage.name, key, began.get("key") if began else done.get("key"), bool(done or began),
+                          bool(began), forced, log, command)
+        attempt.resume = stage.decide(config, attempt)
+        # Whatever the old stamp said no longer holds once the stage starts changing its outputs.
+        atomic_write_text(started, json.dumps({"key": key}))
+        stamp.unlink(missing_ok=True)
+        clock = time.time()
+        stage.run(config, attempt)
+        seconds = time.time() - clock
+        atomic_write_text(stamp, json.dumps({"key": key, **({"budget": budget} if budget else {}),
+                                             "seconds": round(seconds, 1), "finished": time.time()}))
         started.unlink(missing_ok=True)
         log(f"pipeline: {stage.name}: done in {seconds:.0f} s")
-        previous = digest
     return json.loads(exp.report_json.read_text())
 
 

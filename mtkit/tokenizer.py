@@ -99,8 +99,8 @@ class Tokenizers:
         meta = read_meta(directory)
         try:
             files = meta["files"]
-            src = Tokenizer(directory / files["src"], num_threads)
-            tgt = src if meta["joint"] else Tokenizer(directory / files["tgt"], num_threads)
+            src = Tokenizer(_model_file(directory, files["src"]), num_threads)
+            tgt = src if meta["joint"] else Tokenizer(_model_file(directory, files["tgt"]), num_threads)
             expected = meta["fingerprint"]
         except (KeyError, TypeError):
             raise MtkitError(f"{directory / META_FILE}: malformed tokenizer meta; retrain the tokenizer") from None
@@ -133,6 +133,15 @@ class Tokenizers:
         shutil.copyfile(source / META_FILE, directory / META_FILE)
 
 
+def _model_file(directory: Path, name: str) -> Path:
+    """``directory/name``, which must lie in ``directory`` (links resolved): a tokenizer shipped
+    in a checkpoint is data, and its meta.json must not make mtkit read a file elsewhere."""
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise MtkitError(f"{directory / META_FILE}: names a model file outside {directory} ({name})")
+    return path
+
+
 def read_meta(directory: Path) -> dict:
     """The tokenizer's meta.json; MtkitError telling how to train one if there is none."""
     path = Path(directory) / META_FILE
@@ -145,6 +154,12 @@ def read_meta(directory: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise MtkitError(f"{path}: not an mtkit tokenizer meta (format {META_FORMAT}); retrain the tokenizer")
     return meta
+
+
+def trained_normalization(directory: Path) -> str:
+    """The normalisation rule the tokenizer in ``directory`` was trained with, as its meta
+    records it; one trained before mtkit recorded it has SentencePiece's default, nmt_nfkc."""
+    return str(read_meta(directory).get("normalization", "nmt_nfkc"))
 
 
 # --------------------------------------------------------------------------- training

@@ -183,7 +183,7 @@ def test_pipeline_stopped_in_training_is_not_done_and_resumes(killed):
     scenario = killed["pipeline_sigterm"]
     assert scenario.returncode == 143, scenario.stderr
     assert "mtkit: stopped by SIGTERM at step 3; checkpoint saved" in scenario.stderr
-    assert "run the same `mtkit pipeline` command again to resume" in scenario.stderr
+    assert "resume with `mtkit pipeline -c config.yaml`" in scenario.stderr
     assert "Traceback" not in scenario.stderr and "pipeline: select" not in scenario.stderr
     assert not (scenario.run / "stages" / "train.json").exists()
     assert not (scenario.run / "report.json").exists()

@@ -99,7 +99,7 @@ def test_rerun_skips_what_is_up_to_date(tmp_path, in_repo):
                                  "--set", f"experiment.dir={exp}", *sum((["--set", c] for c in CUT_DOWN), []),
                                  "--set", "decode.beam=1"])
     assert forced.exit_code == 0, forced.output
-    assert "pipeline: train: running" in forced.stderr
+    assert "pipeline: train: moved the previous run aside to " in forced.stderr
 
 
 def test_final_model_is_chosen_on_the_whole_validation_set(tmp_path, in_repo):

@@ -62,24 +62,3 @@ def test_pipeline_prepares_again_data_it_cannot_read_and_keeps_the_trained_model
     for stage in ("tokenizer", "train", "translate", "score"):
         assert f"pipeline: {stage}: up to date, skipped" in again.stderr
     assert "format" in json.loads(report.read_text())
-
-
-def test_a_tokenizer_trained_before_normalization_was_a_key_stays_up_to_date():
-    """``tokenizer.normalization`` at its default leaves the tokenizer stage's hash as an
-    mtkit without the key computed it, so an experiment stamped then is not retrained; the
-    rule its tokenizer was trained with is in its model file."""
-    import hashlib
-
-    from mtkit.config import validate_config
-    from mtkit.pipeline import PIPELINE, stage_hash
-
-    config = validate_config({"data": {"train": [{"src": "a.en", "tgt": "a.de"}]}})
-    stage = next(s for s in PIPELINE if s.name == "tokenizer")
-    before = config.to_dict()
-    del before["tokenizer"]["normalization"]
-    files = [["a.en", None, None], ["a.de", None, None]]
-    blob = json.dumps({"sections": {"tokenizer": before["tokenizer"], "data.train": before["data"]["train"]},
-                       "files": files, "previous": ""}, sort_keys=True, default=str)
-    assert stage_hash(config, stage, "") == hashlib.sha256(blob.encode()).hexdigest()[:16]
-    config.tokenizer.normalization = "nmt_nfkc"
-    assert stage_hash(config, stage, "") != hashlib.sha256(blob.encode()).hexdigest()[:16]

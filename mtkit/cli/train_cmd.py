@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -39,4 +40,7 @@ def train(
     with exclusive(cfg.experiment.dir):
         result = run_training(cfg, resume=resume, init_from=init_from)
     if result.interrupted:
-        raise result.stopped(f"continue with `mtkit train -c {config} --resume`")
+        # The whole command: another config or override would resume another run.
+        sets = [arg for item in overrides or [] for arg in ("--set", item)]
+        command = shlex.join(["mtkit", "train", "-c", str(config), *sets, "--resume"])
+        raise result.stopped(f"continue with `{command}`")

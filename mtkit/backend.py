@@ -5,7 +5,9 @@ is installed, runs on the device, can represent the model and can honour every d
 (``ct2_problems`` lists what stands in the way), else PyTorch; either way one line says which
 and why. An explicit ``ctranslate2`` that cannot be honoured is a one-line error instead.
 
-The CTranslate2 model is converted on first use (``mtkit.export.ct2_model_dir``). Its
+The CTranslate2 model is converted on first use (``mtkit.export.ct2_model_dir``); one whose
+files no longer match the checksums written with it is converted again under an explicit
+``ctranslate2``, and left for PyTorch, with one warning, under ``auto``. Its
 precision, ``decode.compute_type``: ``auto`` tries the fast one of the device (int8 on a CPU,
 float16 on a GPU) against float32 on at most ``CHECK_SENTENCES`` sentences of the run's
 validation set, once, and keeps it only if BLEU stays within ``BLEU_TOLERANCE``; the figures
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mtkit.config import DecodeConfig
+from mtkit.config import CorpusConfig, DecodeConfig
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_write_text
 
@@ -61,6 +63,7 @@ def open_backend(
     threads: int | None = None,
     workers: int = 1,
     seed: int = 1,
+    valid: CorpusConfig | None = None,
     say: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> SearchBackend:
@@ -69,25 +72,33 @@ def open_backend(
     silent, but for the one-time compute-type check); ``warn`` what went wrong on the way (a
     read-only checkpoint directory). threads: CPU threads for CTranslate2 (default: torch's).
     workers: processes the PyTorch backend searches batches in on a CPU (``TorchBackend``).
-    seed: seeds sampling."""
+    seed: seeds sampling. valid: a validation corpus the user named, for the compute-type check
+    (``validation_set``)."""
     device = torch.device(device)
     if decode.backend == "torch":
-        return _open_torch(loaded, decode, device, workers, seed, say, why=None)
+        return _open_torch(loaded, decode, device, workers, seed, valid, say, why=None)
     explicit = decode.backend == "ctranslate2"
     problems = ct2_problems(loaded, decode, device)
     if problems:
         if explicit:
             raise MtkitError("decode.backend=ctranslate2: " + "; ".join(problems))
-        return _open_torch(loaded, decode, device, workers, seed, say, why=problems[0])
-    from mtkit.export import CT2Translator, ct2_model_dir
+        return _open_torch(loaded, decode, device, workers, seed, valid, say, why=problems[0])
+    from mtkit.export import CT2Translator, DamagedConversion, ct2_model_dir
 
     try:
-        model_dir = ct2_model_dir(loaded, warn)
+        # Explicitly asked for, a damaged conversion is made again; under auto it is left as it
+        # is and PyTorch translates (decode.backend=ctranslate2 repairs it).
+        model_dir = ct2_model_dir(loaded, warn, repair=explicit)
     except MtkitError as err:
         if explicit:
             raise
-        warn(f"{err}; translating with PyTorch")
-        return _open_torch(loaded, decode, device, workers, seed, say, why="no place to store the CTranslate2 model")
+        if isinstance(err, DamagedConversion):
+            warn(f"{err}; translating with PyTorch (decode.backend=ctranslate2 converts it again)")
+            why = "the CTranslate2 model is damaged"
+        else:
+            warn(f"{err}; translating with PyTorch")
+            why = "no place to store the CTranslate2 model"
+        return _open_torch(loaded, decode, device, workers, seed, valid, say, why=why)
     threads = threads or torch.get_num_threads()
 
     def build(compute_type: str) -> CT2Translator:
@@ -102,7 +113,7 @@ def open_backend(
     if decode.compute_type == "auto" and fast not in ctranslate2.get_supported_compute_types(device.type):
         compute_type, why = "float32", f"{fast} is not supported on this {device.type}"
     else:
-        compute_type, why = choose_compute_type(loaded, decode, device.type, fast, model_dir / RECORD, build)
+        compute_type, why = choose_compute_type(loaded, decode, device.type, fast, model_dir / RECORD, build, valid)
     ctranslate2.set_random_seed(seed)
     if not explicit:
         say(f"backend: ctranslate2 {compute_type} on {device} ({why})")
@@ -110,7 +121,7 @@ def open_backend(
 
 
 def _open_torch(loaded: Loaded, decode: DecodeConfig, device: torch.device, workers: int, seed: int,
-                say: Callable[[str], None], why: str | None) -> TorchBackend:
+                valid: CorpusConfig | None, say: Callable[[str], None], why: str | None) -> TorchBackend:
     """The PyTorch backend at ``decode.compute_type``; under ``auto``, bfloat16 where the device
     multiplies it in hardware (a CPU with AMX or AVX512-BF16) and it keeps validation BLEU (as
     ``choose_compute_type``), else float32. ``why``: why ``backend: auto`` came to PyTorch
@@ -135,7 +146,8 @@ def _open_torch(loaded: Loaded, decode: DecodeConfig, device: torch.device, work
         compute_type, checked = "float32", "bfloat16 is not native here"
     else:
         record = Path(loaded.path) / TORCH_RECORD
-        compute_type, checked = choose_compute_type(loaded, decode, f"torch {device.type}", "bfloat16", record, build)
+        compute_type, checked = choose_compute_type(loaded, decode, f"torch {device.type}", "bfloat16", record, build,
+                                                    valid)
     chosen = build(compute_type)
     backend = TorchBackend(chosen.model, device, workers=workers, generator=chosen.generator)
     if why is not None:
@@ -179,21 +191,22 @@ def choose_compute_type(
     fast: str,
     path: Path,
     build: Callable[[str], SearchBackend],
+    valid: CorpusConfig | None = None,
 ) -> tuple[str, str]:
     """``decode.compute_type``, or for ``auto`` the ``fast`` type if it keeps validation BLEU
     within ``BLEU_TOLERANCE`` of float32 (measured once with ``build``'s backends, stored in
     ``path`` under ``key``: the device, for the PyTorch backend prefixed by ``torch``), else
-    float32; and why, in words."""
+    float32; and why, in words. ``valid``: see ``validation_set``."""
     if decode.compute_type != "auto":
         return decode.compute_type, "decode.compute_type"
     records = _read_records(path)
-    record = records.get(key)
+    record = _well_formed(records.get(key), fast)
     when = "measured before"
     if record is None:
-        valid = validation_set(loaded)
-        if valid is None:
+        found = validation_set(loaded, valid=valid)
+        if found is None:
             return "float32", f"no validation set to check {fast} against"
-        sources, references, where = valid
+        sources, references, where = found
         record = measure_compute_type(loaded, decode, build, fast, sources, references)
         record["validation_set"] = where
         records[key] = record
@@ -253,27 +266,32 @@ def measure_compute_type(
     }
 
 
-def validation_set(loaded: Loaded, limit: int = CHECK_SENTENCES) -> tuple[list[str], list[str], str] | None:
-    """Up to ``limit`` (source, reference) lines of the run's validation set: the prepared
-    split of the run that holds the checkpoint, else the config's ``data.valid`` files; and
-    where they came from. None when there is neither."""
+def validation_set(
+    loaded: Loaded, limit: int = CHECK_SENTENCES, valid: CorpusConfig | None = None
+) -> tuple[list[str], list[str], str] | None:
+    """Up to ``limit`` (source, reference) lines of a validation set, and where they came from:
+    the prepared split of the run that holds the checkpoint, else ``valid`` (a corpus the user
+    named); None when there is neither. Never a path from the checkpoint's own config: a
+    checkpoint is data, and its ``data.valid`` may name any file on this machine."""
+    from mtkit.checkpoint import refuse_links_out
     from mtkit.corpus import read_corpus
     from mtkit.data import load_split
+    from mtkit.rundir import ExperimentDir
 
     checkpoint = Path(loaded.path).resolve()
     if checkpoint.parent.name == "checkpoints":
         run = checkpoint.parent.parent
         try:
+            refuse_links_out(ExperimentDir(run).data, within=run)
             rows = load_split(run, "valid")[:limit]
             if rows["src"]:
                 return list(rows["src"]), list(rows["tgt"]), f"{run}/data (valid)"
         except MtkitError:
             pass
-    corpus = loaded.config.data.valid
-    if corpus is None:
+    if valid is None:
         return None
     try:
-        sources, references = next(iter(read_corpus(corpus, "skip", limit)), ([], []))
+        sources, references = next(iter(read_corpus(valid, "skip", limit)), ([], []))
     except (MtkitError, OSError):
         return None
     if not sources:
@@ -287,3 +305,15 @@ def _read_records(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return records if isinstance(records, dict) else {}
+
+
+def _well_formed(record: Any, fast: str) -> dict[str, Any] | None:
+    """``record`` if it has the shape ``measure_compute_type`` gives it, for ``fast``, else None:
+    the file lies in the checkpoint, which may come from anywhere, so its choice is checked."""
+    if not isinstance(record, dict) or record.get("choice") not in (fast, "float32"):
+        return None
+    bleu = record.get("bleu")
+    if (isinstance(bleu, dict) and all(isinstance(bleu.get(t), int | float) for t in (fast, "float32"))
+            and isinstance(record.get("sentences"), int)):
+        return record
+    return None

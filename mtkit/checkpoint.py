@@ -7,7 +7,9 @@ Layout under ``{experiment.dir}/checkpoints/``::
         config.yaml         the resolved experiment config
         tokenizer/          the SentencePiece model(s) (``Tokenizers.copy_to``)
         meta.json           mtkit_version, step, epoch, tokenizer_fingerprint, vocab sizes,
-                            metrics, and the byte size of every file (to detect truncation)
+                            metrics, and the byte size (to detect truncation) and checksum
+                            (``mtkit.integrity``: verified before the weights or the training
+                            state are read) of every file
         trainer_state.pt    optimizer, scaler, RNG states, data position, counters: plain
                             dicts/lists/tensors, read back with ``torch.load(weights_only=True)``
     last -> step_00001000   symlinks, each replaced atomically
@@ -48,7 +50,8 @@ from mtkit import __version__
 from mtkit.architectures import Model, build_model
 from mtkit.config import Config, save_config, validate_config
 from mtkit.errors import ConfigError, MtkitError
-from mtkit.fileio import atomic_dir, atomic_write_text, fsync_path, remove_stale_temporaries
+from mtkit.fileio import atomic_dir, atomic_write_text, fsync_path, refuse_overlap, remove_stale_temporaries
+from mtkit.integrity import file_checksum, verify_file, warn_unverified
 from mtkit.rundir import ExperimentDir
 
 if TYPE_CHECKING:
@@ -63,6 +66,10 @@ WEIGHTS, CONFIG, META, STATE, TOKENIZER = (
     "tokenizer",
 )
 STEP_PREFIX = "step_"
+PICK_ANOTHER = "pick another checkpoint (its run's checkpoints/ holds the others)"
+"""What to do about a damaged checkpoint file."""
+SAFE_TORCH = "2.6"
+"""Before torch 2.6 a crafted file could run code through ``torch.load(weights_only=True)``."""
 
 
 def checkpoints_dir(exp_dir: Path) -> Path:
@@ -118,7 +125,7 @@ def save_checkpoint(
                 "src_vocab_size": tokenizers.src.vocab_size,
                 "tgt_vocab_size": tokenizers.tgt.vocab_size,
                 "metrics": metrics,
-                "files": {name: (tmp / name).stat().st_size for name in (WEIGHTS, STATE, CONFIG)},
+                **_file_records(tmp, (WEIGHTS, STATE, CONFIG)),
             }
             for name in (WEIGHTS, STATE):
                 fsync_path(tmp / name)
@@ -129,6 +136,22 @@ def save_checkpoint(
         _point(root, "best", final.name)
     _prune(root, keep_last)
     return final
+
+
+def _file_records(directory: Path, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """meta.json's ``files`` (byte sizes) and ``checksums`` of ``names`` in ``directory``."""
+    return {"files": {name: (directory / name).stat().st_size for name in names},
+            "checksums": {name: file_checksum(directory / name) for name in names}}
+
+
+def _verify(directory: Path, name: str) -> None:
+    """MtkitError unless ``directory/name`` matches the checksum its meta.json records (a
+    checkpoint from before checksums: one warning line)."""
+    checksums = _read_meta(directory).get("checksums")
+    if checksums is None:
+        warn_unverified(directory)
+        return
+    verify_file(directory / name, checksums.get(name), remedy=PICK_ANOTHER)
 
 
 def _complete(directory: Path) -> bool:
@@ -195,10 +218,30 @@ def resolve(path: Path) -> Path:
     for root in (checkpoints_dir(path), path):
         for link in ("final", "best", "last"):
             if (root / link).exists():
-                return (root / link).resolve()
+                target = (root / link).resolve()
+                if target.parent != root.resolve():  # mtkit links only to its own step directories
+                    raise MtkitError(f"{root / link}: points outside {root}; a run's links name its own checkpoints")
+                return target
             if (root / link).is_symlink():
                 raise MtkitError(f"{root / link}: points to a missing checkpoint")
     raise MtkitError(f"{path}: no checkpoint found (no checkpoints/best or checkpoints/last); run `mtkit train` first")
+
+
+def refuse_links_out(directory: Path, within: Path | None = None) -> None:
+    """MtkitError if ``directory``, or a link in it at any depth, leads out of ``within``
+    (default: ``directory`` itself). A checkpoint or a run may come from anywhere (a download,
+    a colleague): it is data, and must not make mtkit read, or copy on, a file elsewhere."""
+    directory = Path(directory)
+    root = Path(within or directory).resolve()
+    top = directory.resolve()
+    if not top.is_relative_to(root):
+        raise MtkitError(f"{directory}: a link out of {within}; copy what it names into place instead")
+    for parent, dirs, files in os.walk(top):
+        for name in (*dirs, *files):
+            entry = Path(parent) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                raise MtkitError(f"{directory / entry.relative_to(top)}: a link out of {within or directory}; "
+                                 "copy the file it names into place instead")
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
@@ -213,13 +256,18 @@ def _read_meta(directory: Path) -> dict[str, Any]:
         raise MtkitError(f"{meta_path}: unreadable or truncated ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise MtkitError(f"{meta_path}: not an mtkit checkpoint (format is not {FORMAT})")
+    checksums = meta.get("checksums", {})  # absent in checkpoints written before checksums
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise MtkitError(f"{meta_path}: malformed checksums; {PICK_ANOTHER}")
     for name, size in meta["files"].items():
         file = directory / name
+        if not file.resolve().is_relative_to(directory.resolve()):  # meta.json is data: it names files inside
+            raise MtkitError(f"{meta_path}: names a file outside the checkpoint ({name})")
         if not file.is_file():
-            raise MtkitError(f"{file}: missing from the checkpoint")
+            raise MtkitError(f"{file}: missing from the checkpoint; {PICK_ANOTHER}")
         found = file.stat().st_size
         if found != size:
-            raise MtkitError(f"{file}: truncated or corrupt ({found} bytes, expected {size})")
+            raise MtkitError(f"{file}: truncated or corrupt ({found} bytes, expected {size}); {PICK_ANOTHER}")
     return meta
 
 
@@ -241,8 +289,10 @@ def read_checkpoint_config(directory: Path) -> Config:
 
 
 def load_weights(model: nn.Module, directory: Path, device: str | torch.device = "cpu") -> None:
-    """Load ``directory/model.safetensors`` into ``model`` (names and shapes must match)."""
+    """Load ``directory/model.safetensors`` into ``model`` (names and shapes must match),
+    after verifying its checksum."""
     path = directory / WEIGHTS
+    _verify(directory, WEIGHTS)
     try:
         load_model(model, str(path), strict=True, device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
@@ -257,6 +307,7 @@ def load_for_inference(path: Path, device: str = "cpu") -> Loaded:
     from mtkit.tokenizer import Tokenizers
 
     directory = resolve(path)
+    refuse_links_out(directory)
     meta = _read_meta(directory)
     config = read_checkpoint_config(directory)
     tokenizers = Tokenizers.load(directory / TOKENIZER)
@@ -270,7 +321,10 @@ def load_for_inference(path: Path, device: str = "cpu") -> Loaded:
 
 def load_trainer_state(directory: Path) -> dict[str, Any]:
     """The training state saved beside the weights (plain data, no arbitrary pickles)."""
-    _read_meta(directory)
+    if torch.__version__ < SAFE_TORCH:
+        raise MtkitError(f"torch {torch.__version__} cannot read {STATE} safely (a crafted one can run code "
+                         f"before torch {SAFE_TORCH}); upgrade: pip install 'torch>={SAFE_TORCH}'")
+    _verify(directory, STATE)
     path = directory / STATE
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
@@ -293,12 +347,17 @@ def step_checkpoints(path: Path) -> list[Path]:
 
 def average_checkpoints(directories: list[Path], out: Path) -> Path:
     """Write a checkpoint whose weights are the element-wise mean of ``directories``' weights
-    (same model and tokenizer required); config, tokenizer and meta come from the newest one.
+    (same model and tokenizer required); config, tokenizer and meta come from the newest one,
+    but for ``metrics``, which stay empty (the newest one's scores are not the average's), and
+    ``averaged_steps``. ``out`` must lie apart from every input (it is replaced whole).
     Averaging the last few checkpoints usually gains a little BLEU at no training cost."""
     from safetensors.torch import load_file, save_file
 
     if not directories:
         raise MtkitError("no checkpoints to average")
+    refuse_overlap(out, directories, "the checkpoint")
+    for directory in directories:
+        refuse_links_out(directory)  # its config and tokenizer are copied into the average
     metas = [_read_meta(d) for d in directories]
     newest = max(range(len(directories)), key=lambda i: metas[i]["step"])
     fingerprints = {m["tokenizer_fingerprint"] for m in metas}
@@ -306,6 +365,7 @@ def average_checkpoints(directories: list[Path], out: Path) -> Path:
         raise MtkitError(f"{', '.join(map(str, directories))}: checkpoints of different tokenizers cannot be averaged")
     total: dict[str, torch.Tensor] = {}
     for directory in directories:
+        _verify(directory, WEIGHTS)
         path = directory / WEIGHTS
         try:
             weights = load_file(str(path))
@@ -326,8 +386,9 @@ def average_checkpoints(directories: list[Path], out: Path) -> Path:
             raise OSError(errno.EIO, " ".join(str(err).split())) from None
         shutil.copy2(source / CONFIG, tmp / CONFIG)
         shutil.copytree(source / TOKENIZER, tmp / TOKENIZER)
-        meta = {**metas[newest], "averaged_from": [str(d) for d in directories],
-                "files": {name: (tmp / name).stat().st_size for name in (WEIGHTS, CONFIG)}}
+        meta = {**metas[newest], "metrics": {}, "averaged_steps": sorted(m["step"] for m in metas),
+                "averaged_from": [str(d) for d in directories],
+                **_file_records(tmp, (WEIGHTS, CONFIG))}
         atomic_write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -443,6 +504,7 @@ def init_weights_from(path: Path, model: nn.Module, config: Config, tokenizers: 
     """Fine-tuning: weights only, from a checkpoint (see ``resolve``) with the same model
     shape and tokenizer."""
     directory = resolve(path)
+    refuse_links_out(directory)
     check_compatible(directory, config, tokenizers)
     load_weights(model, directory, device)
 

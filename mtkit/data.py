@@ -4,13 +4,16 @@
 ``prepare(config)`` writes ``{experiment.dir}/data/``::
 
     train.arrow  valid.arrow  test.arrow   one Arrow IPC file per configured split
-    report.json  report.txt                counts, the tokenizer fingerprint, the format version
+    report.json  report.txt                counts, the tokenizer fingerprint and vocabulary sizes,
+                                           the format version, each split file's size and checksum
 
 Each ``.arrow`` file is an uncompressed Arrow IPC file (random-access format) of record
 batches with columns ``src``, ``tgt`` (cleaned text, string), ``src_ids``, ``tgt_ids``
 (subword ids without BOS/EOS, list<int32>) and ``src_len``, ``tgt_len`` (int32). ``load_split``
 reads one by memory map, without copying; so can plain pyarrow. docs/data-format.md has the
-details.
+details. Before pyarrow reads a split, ``load_split`` checks its size and checksum
+(``mtkit.integrity``); then the Arrow buffers are validated and every id checked against the
+vocabulary, so damaged data is a one-line error, never a crash or a silent load.
 
 Everything streams in chunks of ``data.chunk_size`` pairs: memory is bounded by the chunk
 and the de-duplication set (a 64-bit hash per kept pair, about 60 bytes in a Python set),
@@ -44,7 +47,8 @@ import pyarrow as pa
 from mtkit.config import Config, CorpusConfig, DataConfig, save_config
 from mtkit.corpus import normalize, read_corpus, training_text, utf8_pairs
 from mtkit.errors import MtkitError
-from mtkit.fileio import atomic_dir
+from mtkit.fileio import atomic_dir, fsync_path
+from mtkit.integrity import file_checksum, verify_file, warn_unverified
 from mtkit.rundir import ExperimentDir
 from mtkit.tokenizer import Tokenizers, tokenizer_dir, train_tokenizers
 
@@ -108,6 +112,9 @@ class SplitReport:
 class PrepareReport:
     tokenizer_fingerprint: str
     """sha256 of the tokenizer model(s) the ids come from (see ``Tokenizers.fingerprint``)."""
+    src_vocab_size: int = 0
+    tgt_vocab_size: int = 0
+    """Every id of the splits is below these (0 in reports written before they were recorded)."""
     format: int = FORMAT
     """Version of the layout of ``data/`` (see ``FORMAT``)."""
     splits: dict[str, SplitReport] = field(default_factory=dict)
@@ -115,6 +122,10 @@ class PrepareReport:
     """Wall-clock time of the whole prepare (after imports)."""
     cpu_seconds: float = 0.0
     """CPU time over the same span, of this process and its encoding workers."""
+    files: dict[str, int] = field(default_factory=dict)
+    """Byte size of each split file, by name (``train.arrow``)."""
+    checksums: dict[str, str] = field(default_factory=dict)
+    """Checksum of each split file (``mtkit.integrity``), verified by ``load_split``."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -152,17 +163,22 @@ def prepare(config: Config) -> PrepareReport:
     out = data_dir(exp_dir)
     for stale in exp_dir.glob(f".{out.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    report = PrepareReport(tokenizers.fingerprint())
+    report = PrepareReport(tokenizers.fingerprint(), tokenizers.src.vocab_size, tokenizers.tgt.vocab_size)
     with atomic_dir(out) as tmp:
         # Valid and test first: training pairs whose source they contain may be removed.
         eval_sources: set[int] = set()
-        splits = {"valid": [data.valid] if data.valid else [], "test": [data.test] if data.test else []}
+        splits: dict[str, list[CorpusConfig]] = {"valid": [data.valid] if data.valid else [],
+                                                 "test": [data.test] if data.test else []}
         splits["train"] = data.train
         for split, corpora in splits.items():
             if not corpora:
                 continue
             stats = _prepare_split(split, corpora, data, tokenizers, tmp, eval_sources)
             report.splits[split] = stats
+            written = split_file(tmp, split)
+            fsync_path(written)  # on disk before the directory's rename makes it current
+            report.files[written.name] = written.stat().st_size
+            report.checksums[written.name] = file_checksum(written)
             if stats.kept == 0:
                 raise MtkitError(f"data.{split}: no pairs left ({_drop_summary(stats)})")
         report.seconds = time.perf_counter() - start
@@ -436,24 +452,71 @@ class PreparedSplit:
         return self.table.to_pydict()
 
 
+PREPARE_AGAIN = "run `mtkit prepare` again"
+
+
 def load_split(exp_dir: Path, split: str) -> PreparedSplit:
-    """A prepared split, memory-mapped. MtkitError if it was not prepared (or by another mtkit)."""
+    """A prepared split, memory-mapped. MtkitError if it was not prepared (or by another mtkit),
+    or is damaged: its size or checksum differ from the report's, its Arrow buffers are invalid,
+    or an id lies outside the tokenizer's vocabulary."""
     if split not in SPLITS:
         raise MtkitError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
     directory = data_dir(exp_dir)
-    _read_report(directory)
+    report = _read_report(directory)
     path = split_file(directory, split)
     if not path.is_file():
         raise MtkitError(f"{directory}: no {split} split (data.{split} was not configured when preparing)")
+    if "checksums" in report:
+        verify_file(path, report["checksums"].get(path.name), size=report.get("files", {}).get(path.name),
+                    remedy=PREPARE_AGAIN)
+    else:
+        warn_unverified(directory)
     try:
         # The table's buffers point into the mapping and keep it alive after the file closes.
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_file(source).read_all()
-    except (OSError, ValueError) as err:
-        raise MtkitError(f"{path}: unreadable prepared data ({_one_line(err)}); run `mtkit prepare` again") from None
+        # Offsets within their buffers, valid UTF-8: what the readers below take for granted.
+        table.validate(full=True)
+    except (OSError, ValueError) as err:  # pa.ArrowInvalid is a ValueError
+        raise MtkitError(f"{path}: unreadable prepared data ({_one_line(err)}); {PREPARE_AGAIN}") from None
     if not table.schema.equals(SCHEMA):
-        raise MtkitError(f"{path}: unexpected columns ({', '.join(table.column_names)}); run `mtkit prepare` again")
+        raise MtkitError(f"{path}: unexpected columns ({', '.join(table.column_names)}); {PREPARE_AGAIN}")
+    _check_ids(path, table, _vocab_sizes(exp_dir, report))
     return PreparedSplit(table)
+
+
+def _check_ids(path: Path, table: pa.Table, vocab_sizes: tuple[int, int] | None) -> None:
+    """MtkitError for a null value, or an id outside ``[0, vocab size)`` (None: sizes unknown),
+    which would index past the embeddings in training."""
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if column.null_count:
+            raise MtkitError(f"{path}: {column.null_count} missing values in column {name}; {PREPARE_AGAIN}")
+    if vocab_sizes is None:
+        return
+    for name, size in zip(("src_ids", "tgt_ids"), vocab_sizes, strict=True):
+        for chunk in table.column(name).chunks:
+            ids = np.asarray(chunk.flatten())
+            low, high = (int(ids.min()), int(ids.max())) if len(ids) else (0, 0)
+            if low < 0 or high >= size:
+                bad = low if low < 0 else high
+                raise MtkitError(f"{path}: id {bad} in column {name} is outside the tokenizer's vocabulary "
+                                 f"(0 to {size - 1}); {PREPARE_AGAIN}")
+
+
+def _vocab_sizes(exp_dir: Path, report: dict[str, Any]) -> tuple[int, int] | None:
+    """The vocabulary sizes the report records; for a report from before they were recorded,
+    those of the experiment's tokenizer if it is the one the data was encoded with."""
+    if report.get("src_vocab_size") and report.get("tgt_vocab_size"):
+        return int(report["src_vocab_size"]), int(report["tgt_vocab_size"])
+    from mtkit.tokenizer import read_meta
+
+    try:
+        meta = read_meta(ExperimentDir(exp_dir).tokenizer)
+        if meta["fingerprint"] == report["tokenizer_fingerprint"]:
+            return int(meta["vocab_size"]["src"]), int(meta["vocab_size"]["tgt"])
+    except (MtkitError, KeyError, TypeError, ValueError):
+        pass
+    return None
 
 
 def prepared_fingerprint(exp_dir: Path) -> str:
@@ -470,6 +533,13 @@ def _read_report(directory: Path) -> dict[str, Any]:
         report = json.loads(path.read_text(encoding="utf-8"))
         report["tokenizer_fingerprint"]  # noqa: B018 - validates the shape
         version = report.get("format")
+        for key, kind in (("files", int), ("checksums", str)):  # absent in reports before checksums
+            entries = report.get(key, {})
+            if not isinstance(entries, dict) or not all(isinstance(v, kind) for v in entries.values()):
+                raise TypeError(f"'{key}' is not a mapping of file names to {kind.__name__}")
+        for key in ("src_vocab_size", "tgt_vocab_size"):
+            if not isinstance(report.get(key, 0), int):
+                raise TypeError(f"'{key}' is not an integer")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise MtkitError(f"{path}: unreadable report ({_one_line(err)}); run `mtkit prepare` again") from None
     if version != FORMAT:

@@ -27,6 +27,7 @@ when used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -48,7 +49,8 @@ from mtkit.checkpoint import Loaded, load_for_inference
 from mtkit.config import DecodeConfig, ModelConfig
 from mtkit.decoder_only import Block, DecoderOnly
 from mtkit.errors import MtkitError
-from mtkit.fileio import atomic_dir, atomic_write_text
+from mtkit.fileio import atomic_dir, atomic_write_text, fsync_path, refuse_overlap
+from mtkit.integrity import damage, file_checksum
 from mtkit.model import DecoderLayer, EncoderLayer, Transformer
 from mtkit.search import Hypothesis
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -92,20 +94,13 @@ def export(exporter: Exporter, source: Path | Loaded, out_dir: Path, force: bool
     if out_dir.exists() and not force:
         raise MtkitError(f"{out_dir}: already exists; pass --force to replace it")
     loaded = source if isinstance(source, Loaded) else load_for_inference(Path(source))
-    _refuse_overlap(out_dir, loaded.path)
+    refuse_overlap(out_dir, [loaded.path], "the checkpoint")
     problems = exporter.problems(loaded)
     if problems:
         raise MtkitError(f"cannot export to {exporter.name}: " + "; ".join(problems))
     with atomic_dir(out_dir) as tmp:
         exporter.write(loaded, tmp)
     return out_dir
-
-
-def _refuse_overlap(out_dir: Path, checkpoint: Path) -> None:
-    """--force replaces ``out_dir`` whole: never let that be the checkpoint or a parent of it."""
-    out, ckpt = out_dir.resolve(), Path(checkpoint).resolve()
-    if out == ckpt or out in ckpt.parents:
-        raise MtkitError(f"{out_dir}: would replace the checkpoint {checkpoint}; choose another output directory")
 
 
 def _pieces(path: Path) -> list[str]:
@@ -364,19 +359,29 @@ class CTranslate2Exporter(Exporter):
 
 CT2_PREFIX = "ctranslate2-"
 """Converted models live in ``{checkpoint}/ctranslate2-{key}/`` (or the cache directory)."""
-_CT2_CONVERTER_VERSION = 1  # bump when ctranslate2_spec changes what it writes
+CT2_MARKER = "complete.json"
+"""Written last into a conversion, after its other files are on disk: their sizes and checksums.
+A conversion without it is incomplete; one whose files differ from it is damaged."""
+_CT2_CONVERTER_VERSION = 2  # bump when ctranslate2_spec changes what it writes
 
 
-def ct2_model_dir(loaded: Loaded, warn: Callable[[str], None]) -> Path:
+class DamagedConversion(MtkitError):
+    """A complete CTranslate2 conversion whose files no longer match its marker."""
+
+
+def ct2_model_dir(loaded: Loaded, warn: Callable[[str], None], *, repair: bool = True) -> Path:
     """The CTranslate2 conversion of ``loaded``, made on first use and reused afterwards.
 
-    It is keyed by a hash of the weights, the model config, the tokenizers and the versions of
-    the converter and of ctranslate2, so a stale conversion is never used (it is replaced, and
-    removed). Written into the checkpoint directory, or where that is read-only into
-    ``mtkit_cache_dir()`` (``warn`` says so), through a temporary directory renamed into place
-    whole: a process that finds the conversion complete uses it; two processes converting at
-    once each finish their own and the second rename loses to the first, harmlessly.
-    MtkitError when neither place is writable."""
+    It is keyed by a hash of the weights ``loaded`` holds (not of the file, which may have
+    changed since), the model config, the tokenizers and the versions of the converter and of
+    ctranslate2, so a stale conversion is never used (it is replaced, and removed). Written
+    into the checkpoint directory, or where that is read-only into ``mtkit_cache_dir()``
+    (``warn`` says so), through a temporary directory renamed into place whole; it counts once
+    its marker (``CT2_MARKER``, written last) is there, and is used only while every file
+    matches the marker, which is checked on each call, before CTranslate2 reads a byte. A
+    damaged conversion is converted again, or with ``repair`` False raises DamagedConversion.
+    Two processes converting at once each finish their own and the second rename loses to the
+    first, harmlessly. MtkitError when neither place is writable."""
     require("ctranslate2")
     name = CT2_PREFIX + _ct2_key(loaded)
     checkpoint = Path(loaded.path).resolve()
@@ -386,8 +391,14 @@ def ct2_model_dir(loaded: Loaded, warn: Callable[[str], None]) -> Path:
     problems = []
     for number, parent in enumerate(places):
         target = parent / name
-        if (target / "model.bin").is_file():
-            return target
+        if target.is_dir():
+            problem = _conversion_damage(target)
+            if problem is None:
+                return target
+            if (target / CT2_MARKER).exists():
+                if not repair:
+                    raise DamagedConversion(f"{target}: damaged CTranslate2 model ({problem})")
+                warn(f"{target}: damaged CTranslate2 model ({problem}); converting it again")
         try:
             _convert_into(loaded, target)
         except OSError as err:
@@ -406,31 +417,71 @@ def mtkit_cache_dir() -> Path:
 
 
 def _ct2_key(loaded: Loaded) -> str:
+    """A hash of what the conversion is made from: the weights in memory (names, types, shapes,
+    bytes), the model config, the tokenizer files and the converter's and ctranslate2's versions."""
+    import xxhash
+
     ctranslate2 = require("ctranslate2")
-    digest = hashlib.blake2b(digest_size=8)
+    digest = xxhash.xxh3_64()
     header = {"converter": _CT2_CONVERTER_VERSION, "ctranslate2": ctranslate2.__version__,
               "model": loaded.config.model.model_dump(mode="json")}
     digest.update(json.dumps(header, sort_keys=True).encode())
-    for path in [Path(loaded.path) / "model.safetensors", *loaded.tokenizers.model_files()]:
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
+    for name, tensor in sorted(loaded.model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for path in loaded.tokenizers.model_files():
+        digest.update(file_checksum(path).encode())
     return digest.hexdigest()
 
 
+def _conversion_damage(directory: Path) -> str | None:
+    """None when ``directory`` holds a complete conversion whose files match its marker; else
+    what is wrong, in words."""
+    try:
+        marker = json.loads((directory / CT2_MARKER).read_text(encoding="utf-8"))
+        sizes, checksums = marker["files"], marker["checksums"]
+        if not isinstance(checksums, dict) or not isinstance(sizes, dict) or "model.bin" not in checksums:
+            raise TypeError
+    except FileNotFoundError:
+        return f"incomplete: no {CT2_MARKER}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {CT2_MARKER}"
+    for name, checksum in checksums.items():
+        size = sizes.get(name)
+        problem = damage(directory / name, size if isinstance(size, int) else None, str(checksum))
+        if problem is not None:
+            return f"{name} {problem}"
+    return None
+
+
 def _convert_into(loaded: Loaded, target: Path) -> None:
-    """Convert into a temporary directory beside ``target`` and rename it to ``target``
-    (never over an existing one: a concurrent conversion that got there first wins)."""
+    """Convert into a temporary directory beside ``target`` and rename it to ``target``,
+    replacing an incomplete or damaged one; a concurrent conversion that got there first wins."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         CTranslate2Exporter().write(loaded, tmp)
+        files = sorted(path.name for path in tmp.iterdir() if path.is_file())
+        for name in files:
+            fsync_path(tmp / name)
+        marker = {"files": {name: (tmp / name).stat().st_size for name in files},
+                  "checksums": {name: file_checksum(tmp / name) for name in files}}
+        # A plain write: the rename of the directory below is the atomic step.
+        (tmp / CT2_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        fsync_path(tmp / CT2_MARKER)
         tmp.chmod(0o755)
+        if target.exists() and _conversion_damage(target) is not None:
+            aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                os.replace(target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "model.bin").is_file():
+            if _conversion_damage(target) is not None:
                 raise
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+            fsync_path(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for stale in target.parent.glob(CT2_PREFIX + "*"):
@@ -574,7 +625,8 @@ class CT2Translator:
     length limit per call, so with ``exact_lengths`` sentences with different limits go in
     separate calls (exact); without it a batch uses its longest sentence's limit (for the
     benchmark's bare baseline). Calls of ``search`` run concurrently on ``inter_threads``
-    threads of ``intra_threads`` each.
+    threads of ``intra_threads`` each; with ``decode.sampling``, on one thread of
+    ``max(intra_threads, inter_threads)``, so that a seed gives the same samples every run.
 
     Scores are mtkit's: where CTranslate2 leaves out a prefix's tokens, or the EOS that mtkit
     forces at the maximum length, the hypothesis is scored again whole (``score_batch``). Both
@@ -599,6 +651,11 @@ class CT2Translator:
         max_positions: int | None = None,
     ):
         ctranslate2 = require("ctranslate2")
+        if decode.sampling and inter_threads > 1:
+            # Each inter thread draws from its own generator (seeded by ctranslate2.set_random_seed
+            # at its first draw) and takes whichever batch comes next: which batch gets which draws
+            # would change from run to run. One thread takes the batches in order instead.
+            intra_threads, inter_threads = max(intra_threads, inter_threads), 1
         self.translator = ctranslate2.Translator(
             str(model_dir), device=device, device_index=device_index, compute_type=compute_type,
             intra_threads=intra_threads, inter_threads=inter_threads,

@@ -229,6 +229,19 @@ def remove_stale_temporaries(directory: Path) -> None:
                 entry.unlink()
 
 
+def refuse_overlap(output: Path, inputs: Iterable[Path], what: str) -> None:
+    """MtkitError unless ``output`` lies apart from every one of ``inputs`` (links resolved):
+    ``atomic_dir`` replaces an output whole, so it must not be an input, hold one or lie in
+    one. ``what`` names the inputs in the message (``the checkpoint``)."""
+    out = Path(output).resolve()
+    for path in inputs:
+        source = Path(path).resolve()
+        if out == source or out in source.parents:
+            raise MtkitError(f"{output}: would replace {what} {path}; choose another output directory")
+        if source in out.parents:
+            raise MtkitError(f"{output}: lies inside {what} {path}; choose an output directory outside it")
+
+
 # --------------------------------------------------------------------------- reading
 
 

@@ -21,7 +21,7 @@ from mtkit import export
 from mtkit.backend import RECORD, open_backend
 from mtkit.checkpoint import load_for_inference, save_checkpoint
 from mtkit.cli import app
-from mtkit.config import Config, DecodeConfig, ModelConfig, TokenizerConfig
+from mtkit.config import Config, DecodeConfig, EvalCorpusConfig, ModelConfig, TokenizerConfig
 from mtkit.errors import MtkitError
 from mtkit.model import Transformer
 from mtkit.tokenizer import train_tokenizers
@@ -77,6 +77,12 @@ def checkpoint(run_dir, tmp_path) -> Path:
     return Path(shutil.copytree(source, tmp_path / "ckpt", ignore=ignore))
 
 
+def user_valid(run_dir: Path) -> dict[str, str]:
+    """The fixture's validation files, as a user names them (``-c CONFIG``'s ``data.valid``):
+    the compute-type check never reads the one a checkpoint's own config names."""
+    return {side: str(run_dir.parent / f"valid.{side}") for side in ("src", "tgt")}
+
+
 def invoke(args, input=None):
     return CliRunner().invoke(app, args, input=input)
 
@@ -89,8 +95,10 @@ def conversions(directory: Path) -> list[str]:
 
 
 @needs_ct2
-def test_auto_converts_once_measures_int8_once_and_says_so_in_one_line(checkpoint):
-    first = invoke(["translate", "-m", str(checkpoint)], input="the cat\n\nred dog\n")
+def test_auto_converts_once_measures_int8_once_and_says_so_in_one_line(checkpoint, run_dir, tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(json.dumps({"data": {"valid": user_valid(run_dir)}}))  # JSON is YAML
+    first = invoke(["translate", "-m", str(checkpoint), "-c", str(mine)], input="the cat\n\nred dog\n")
     assert first.exit_code == 0, first.output
     assert first.stdout.count("\n") == 3
     said = first.stderr.splitlines()
@@ -368,7 +376,7 @@ def test_a_dead_torch_worker_is_a_clear_error(checkpoint, monkeypatch):
     backend.close()
 
 
-def test_torch_compute_type(checkpoint, monkeypatch):
+def test_torch_compute_type(checkpoint, run_dir, monkeypatch):
     """Explicit bfloat16 runs the weights in bf16; auto checks bf16 on the validation set once
     where the CPU multiplies it in hardware (and stores why), else stays float32; CTranslate2's
     own types are refused in one line."""
@@ -390,7 +398,7 @@ def test_torch_compute_type(checkpoint, monkeypatch):
     assert not (checkpoint / TORCH_RECORD).exists()
 
     monkeypatch.setattr(mtkit.runtime, "cpu_has_native_bf16", lambda: True)
-    chosen = open_backend(loaded, auto, say=said.append, warn=print)
+    chosen = open_backend(loaded, auto, valid=EvalCorpusConfig(**user_valid(run_dir)), say=said.append, warn=print)
     record = json.loads((checkpoint / TORCH_RECORD).read_text())["torch cpu"]
     assert set(record["bleu"]) == {"float32", "bfloat16"} and record["sentences"] == 30
     assert chosen.dtype == DTYPES[record["choice"]]

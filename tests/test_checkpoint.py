@@ -94,7 +94,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(setup):
         (lambda d: (d / "meta.json").write_text('{"format": "something-else"}'), "not an mtkit checkpoint"),
         (lambda d: (d / "meta.json").unlink(), "incomplete checkpoint"),
         (lambda d: (d / "model.safetensors").write_bytes(b"\0" * (d / "model.safetensors").stat().st_size),
-         "unreadable weights"),
+         r"corrupt \(checksum mismatch\); pick another checkpoint"),
     ],
 )
 def test_damaged_checkpoints_are_refused_in_one_line(setup, damage, message):

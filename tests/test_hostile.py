@@ -31,6 +31,7 @@ from mtkit.checkpoint import load_trainer_state
 from mtkit.cli import app
 from mtkit.data import load_split
 from mtkit.errors import MtkitError
+from mtkit.integrity import file_checksum
 
 TRANSLATE_FAST = ["--beam", "1", "--max-len-a", "0", "--max-len-b", "2", "--threads", "1"]
 
@@ -100,9 +101,11 @@ def checkpoint_copy(model_run, tmp_path) -> Path:
 
 
 def refresh_sizes(directory: Path) -> None:
-    """Make meta.json agree with the files again, as a forger (or same-size bit rot) would."""
+    """Make meta.json agree with the files again (sizes and checksums), as a forger would: what
+    the loaders behind the checksum must still refuse cleanly."""
     meta = json.loads((directory / "meta.json").read_text())
     meta["files"] = {name: (directory / name).stat().st_size for name in meta["files"]}
+    meta["checksums"] = {name: file_checksum(directory / name) for name in meta["files"]}
     (directory / "meta.json").write_text(json.dumps(meta))
 
 

@@ -3,7 +3,7 @@
     mtkit export huggingface RUN_DIR OUT_DIR [--force]
     mtkit export ctranslate2 RUN_DIR OUT_DIR [--quantization int8] [--sample FILE] [--force]
 
-RUN_DIR is a run directory (its best, else last checkpoint) or a checkpoint directory.
+RUN_DIR is a run directory (its final, else best, else last checkpoint) or a checkpoint directory.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import typer
 
 app = typer.Typer(no_args_is_help=True)
 
-RunArg = Annotated[Path, typer.Argument(help="Run directory (uses its best, else last checkpoint) or checkpoint.")]
-OutArg = Annotated[Path, typer.Argument(help="Output directory (written whole, atomically).")]
+RunArg = Annotated[Path, typer.Argument(
+    metavar="RUN_DIR", help="Run directory (its final, else best, else last checkpoint) or checkpoint directory.")]
+OutArg = Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Output directory (written whole, atomically).")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")]
 
 
 @app.command("huggingface")
 def huggingface(run_dir: RunArg, out_dir: OutArg, force: ForceOption = False) -> None:
-    """A transformers MarianMTModel directory (post-norm models only), with a MarianTokenizer."""
+    """Write a transformers MarianMTModel directory (post-norm models only) with a MarianTokenizer."""
     from mtkit.export import HuggingFaceExporter, export
 
     export(HuggingFaceExporter(), run_dir, out_dir, force=force)
@@ -45,8 +46,8 @@ def ctranslate2(
     sample_lines: Annotated[int, typer.Option(min=0, help="Sentences to compare (0 skips the check).")] = 20,
     force: ForceOption = False,
 ) -> None:
-    """A CTranslate2 model directory, then a parity check: the share of sample sentences that
-    mtkit and CTranslate2 translate identically (greedy and beam)."""
+    """Write a CTranslate2 model directory, then check parity: the share of sample sentences
+    that mtkit and CTranslate2 translate identically (greedy and beam)."""
     from mtkit.checkpoint import load_for_inference
     from mtkit.export import CTranslate2Exporter, ct2_parity, export
 
@@ -55,7 +56,8 @@ def ctranslate2(
     typer.echo(f"exported {run_dir} -> {out_dir} (weights: {quantization or 'float32'})")
     if sample_lines == 0:
         return
-    lines, origin = _sample(run_dir, loaded.config.experiment.dir, sample, sample_lines)
+    holder = loaded.path.resolve().parent  # never the config's experiment.dir: a checkpoint is data
+    lines, origin = _sample(run_dir, holder.parent if holder.name == "checkpoints" else None, sample, sample_lines)
     parity = ct2_parity(loaded, out_dir, lines)
     typer.echo(
         f"parity on {parity.sentences} sentences from {origin}: greedy {parity.greedy_identical:.0%} identical, "
@@ -65,10 +67,10 @@ def ctranslate2(
         typer.echo(f"  src:         {source}\n  mtkit:       {ours}\n  ctranslate2: {theirs}")
 
 
-def _sample(run_dir: Path, loaded_exp_dir: Path | None, sample: Path | None, count: int) -> tuple[list[str], str]:
+def _sample(run_dir: Path, holder: Path | None, sample: Path | None, count: int) -> tuple[list[str], str]:
     """Up to ``count`` non-empty source lines and where they came from: ``sample``, else the
-    prepared valid split of the run (``run_dir`` or the experiment directory the checkpoint
-    was trained in), else built-in sentences."""
+    prepared valid split of the run (``run_dir`` or ``holder``, the run directory that holds
+    the checkpoint), else built-in sentences."""
     from itertools import islice
 
     from mtkit.export import SAMPLE_SENTENCES
@@ -77,7 +79,7 @@ def _sample(run_dir: Path, loaded_exp_dir: Path | None, sample: Path | None, cou
     if sample is not None:
         lines = [line for line in islice(read_lines(sample), count * 4) if line and line.strip()]
         return lines[:count], str(sample)
-    for exp_dir in (run_dir, loaded_exp_dir):
+    for exp_dir in (run_dir, holder):
         if exp_dir is not None and (exp_dir / "data" / "valid.arrow").is_file():
             from mtkit.data import load_split
 

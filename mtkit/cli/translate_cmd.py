@@ -2,9 +2,12 @@
 
 Decoding settings: the checkpoint's, then ``-c CONFIG``'s decode section, then ``--set
 decode.KEY=VALUE``, then the flags (``mtkit.config.resolve_decode``). The search runs in PyTorch
-or CTranslate2 (``--backend``, ``mtkit.backend``); one line on stderr says which. One output line per input
-line, in order (``mtkit.translate``): input is read as ``mtkit.fileio.read_lines`` reads it
-(split on ``\\n`` only, CRLF like LF, invalid UTF-8 replaced with U+FFFD and warned about),
+or CTranslate2 (``--backend``, ``mtkit.backend``); one line on stderr says which.
+``decode.compute_type: auto`` checks a faster precision on the prepared validation split of the
+run that holds the checkpoint, else on ``-c CONFIG``'s ``data.valid`` (never on the checkpoint's
+own config: a checkpoint is data). One output line per input line, in order
+(``mtkit.translate``): input is read as ``mtkit.fileio.read_lines`` reads it (split on
+``\\n`` only, CRLF like LF, invalid UTF-8 replaced with U+FFFD and warned about),
 ``--chunk-lines`` lines at a time, each chunk translated, written and flushed, so
 ``mtkit translate ... | head`` stops early and quietly; ``-o FILE`` appears only when complete.
 Input from a pipe that pauses for ``--flush-wait`` seconds, or typed at a terminal, is
@@ -54,7 +57,7 @@ def _flag(*names: str, help: str) -> Any:
 
 def translate(
     model: Annotated[
-        Path, _flag("--model", "-m", help="Run directory (its best, else last, checkpoint) or a checkpoint directory.")
+        Path, _flag("--model", "-m", help="Run directory (its final, else best, else last checkpoint) or checkpoint directory.")
     ],
     input: Annotated[str, typer.Option("--input", "-i", help="Source text (plain or .gz), or - for stdin.")] = "-",
     output: Annotated[str, typer.Option("--output", "-o", help="Output file (atomic), or - for stdout.")] = "-",
@@ -108,7 +111,7 @@ def translate(
 
     from mtkit.backend import open_backend
     from mtkit.checkpoint import load_for_inference
-    from mtkit.config import resolve_decode
+    from mtkit.config import load_config, resolve_decode
     from mtkit.fileio import STDIN, open_output, read_lines
     from mtkit.progress import LineProgress
     from mtkit.runtime import inference_device, join_torchrun
@@ -138,11 +141,13 @@ def translate(
         ready = functools.partial(lines.ready, 0.0 if typed else flush_wait)
     loaded = load_for_inference(model, device=device)
     decode = resolve_decode(loaded.config.decode, config, overrides, flags)
+    # The compute-type check reads validation text the user names, never the checkpoint's data.valid.
+    valid = load_config(config).data.valid if config is not None else None
     seed = loaded.config.experiment.seed if seed is None else seed
     # On a CPU, threads go to concurrent batches: CTranslate2's inter_threads, or PyTorch worker
     # processes of one thread each (one process per rank under torchrun).
     workers = 1 if shard is not None else threads or torch.get_num_threads()
-    search_backend = open_backend(loaded, decode, device, threads=threads, workers=workers, seed=seed,
+    search_backend = open_backend(loaded, decode, device, threads=threads, workers=workers, seed=seed, valid=valid,
                                   say=_say if leader else _quiet, warn=_warn)
     translator = Translator(loaded.model, loaded.tokenizers, decode, device, seed=seed, warn=_warn,
                             backend=search_backend)

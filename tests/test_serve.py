@@ -33,7 +33,8 @@ from typer.testing import CliRunner
 
 from mtkit.checkpoint import load_for_inference
 from mtkit.cli import app as cli_app
-from mtkit.serve import Engine, Pair, ServeSettings, create_app, split_text
+from mtkit.errors import MtkitError
+from mtkit.serve import Engine, Pair, ServeSettings, create_app, run_server, split_text
 from mtkit.translate import Translator
 
 TEXTS = ["ka to ri mu", "se na lo pe shi", "dra fen gul", "bor wix quo zat lem", "ka", "to ri"]
@@ -514,6 +515,20 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
     assert clash.exit_code == 1 and f"127.0.0.1:{port} is in use already" in clash.output
     for result in (missing, empty, unreadable, twice, clash):
         assert result.output.count("mtkit: error:") == 1
+
+
+def test_a_port_in_use_is_reported_before_any_model_loads():
+    loads: list[str] = []
+
+    def load() -> list[Pair]:
+        loads.append("load")
+        return []
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(MtkitError, match=f"--port {port}: 127.0.0.1:{port} is in use already"):
+            run_server(load, ServeSettings(), host="127.0.0.1", port=port)
+    assert loads == []
 
 
 def post(port: int, payload: dict[str, Any], timeout: float = 30) -> tuple[int, Any]:

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 def serve(
     models: Annotated[
         list[Path],
-        typer.Option("--model", "-m", help="Run directory or checkpoint directory (repeat: one per language pair).",
-                     show_default=False),
+        typer.Option("--model", "-m", show_default=False,
+                     help="Run directory (its final, else best, else last checkpoint) or checkpoint directory "
+                          "(repeat: one per language pair)."),
     ],
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).", min=0, max=65535)] = 5000,
@@ -75,15 +76,10 @@ def serve(
         "--private-info/--public-info", help="With --api-keys, /info wants ?api_key= too.")] = True,
 ) -> None:
     """Serve trained models over HTTP (LibreTranslate-compatible API and a web page at /)."""
-    import errno
-    import signal
-    import socket
-
     import torch
-    import uvicorn
 
     from mtkit.runtime import inference_device
-    from mtkit.serve import ServeSettings, create_app, parse_allowed_hosts, read_api_keys
+    from mtkit.serve import ServeSettings, parse_allowed_hosts, read_api_keys, run_server
 
     keys = None
     if api_keys is not None:
@@ -99,52 +95,14 @@ def serve(
     cpu_threads = threads or torch.get_num_threads()
     torch.set_num_threads(max(1, cpu_threads // workers) if batching else cpu_threads)
     device = inference_device(device)
-
-    # The port first: a clash is reported before minutes of loading. Clients that connect while
-    # the models load wait in the listen backlog.
-    try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    except OSError as err:
-        if err.errno == errno.EADDRINUSE:
-            raise MtkitError(f"--port {port}: {host}:{port} is in use already (pick another --port)") from None
-        raise MtkitError(f"--host {host} --port {port}: cannot listen: {err.strerror or err}") from None
-    bound_port = sock.getsockname()[1]
-
-    try:
-        pairs = _load_pairs(models, device, overrides, {"beam": beam, "batch_tokens": batch_tokens}, cpu_threads,
-                            max_wait=max_wait_ms / 1000, queue_size=queue_size, batching=batching,
-                            workers=workers)
-    except BaseException:
-        sock.close()
-        raise
-
-    names = ", ".join(f"{p.source}->{p.target}" for p in pairs)
-    url_host = f"[{host}]" if ":" in host else host
-
-    def ready() -> None:
-        typer.echo(f"mtkit: serving {names} on http://{url_host}:{bound_port}", err=True)
-
     settings = ServeSettings(char_limit=char_limit, timeout=timeout, api_keys=keys,
                              allowed_hosts=parse_allowed_hosts(allowed_hosts), body_timeout=body_timeout or None,
                              json_content_type=strict_json, info_needs_key=private_info)
-    app = create_app(pairs, settings, on_ready=ready)
-    # uvicorn counts the connection asking among the open ones: one more lets --max-connections be open.
-    config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log,
-                            timeout_graceful_shutdown=int(timeout) + 5, lifespan="on",
-                            limit_concurrency=max_connections + 1 if max_connections else None)
-    server = uvicorn.Server(config)
-    # uvicorn handles SIGTERM and SIGINT while it serves (a graceful stop) and raises the
-    # signal again when done; ignored by then, so a graceful stop exits 0.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.run(sockets=[sock])
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        sock.close()
-    if not server.started:
-        raise MtkitError("the server did not start (see the messages above)")
-    typer.echo("mtkit: stopped", err=True)
+    load = functools.partial(_load_pairs, models, device, overrides, {"beam": beam, "batch_tokens": batch_tokens},
+                             cpu_threads, max_wait=max_wait_ms / 1000, queue_size=queue_size, batching=batching,
+                             workers=workers)
+    run_server(load, settings, host=host, port=port, max_connections=max_connections, access_log=access_log,
+               say=lambda message: typer.echo(f"mtkit: {message}", err=True))
 
 
 def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, flags: dict[str, Any],

@@ -5,10 +5,10 @@ SentencePiece vocabulary, same token-based batch size) on this machine, one afte
 for the same number of minutes; both then translate test_2016_flickr with beam 5 and are
 scored with sacreBLEU against the same references.
 
-    python scripts/compare_peer.py --json                  # mtkit's recipe as it is; the peer
-                                                           # trains as long as mtkit's training took
-    python scripts/compare_peer.py --minutes 20 --json     # both train 20 minutes
-    python scripts/compare_peer.py --reuse-mtkit runs/multi30k_en_de --json   # after `make run`
+    python scripts/experiments/compare_peer.py --json                  # mtkit's recipe as it is; the peer
+                                                                       # trains as long as mtkit's training took
+    python scripts/experiments/compare_peer.py --minutes 20 --json     # both train 20 minutes
+    python scripts/experiments/compare_peer.py --reuse-mtkit runs/multi30k_en_de --json   # after `make run`
 
 mtkit runs through its own CLI (`mtkit pipeline`), with everything its recipe turns on. Without
 `--minutes` it trains its recipe's own budget (4,000 updates for the main recipe) and the peer
@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+# benchlib lives beside the benchmarks; this script runs as python scripts/experiments/NAME.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchlib import MTKIT, ROOT, marian_loss, marian_peer, print_result, source_tensor
 
 PEER_LR = 2e-3  # the peer's peak learning rate under Marian's inverse square root (module docstring)

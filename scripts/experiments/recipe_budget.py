@@ -1,7 +1,7 @@
 """The main recipe under several budgets and variants: does more compute ever score lower, and
 what does a change (subword regularisation, dropout, ...) buy?
 
-    python scripts/recipe_budget.py --steps 2000,4000,8000 \
+    python scripts/experiments/recipe_budget.py --steps 2000,4000,8000 \
         --arm base --arm sr0.5:train.subword_alpha=0.5 [--jobs 2]
 
 Each (arm, budget) is a whole ``mtkit pipeline`` run of ``configs/multi30k_en_de.yaml`` in its
@@ -33,6 +33,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# benchlib lives beside the benchmarks; this script runs as python scripts/experiments/NAME.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchlib import MTKIT, ROOT, print_result, sets
 
 from mtkit.fileio import atomic_write_text

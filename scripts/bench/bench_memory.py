@@ -2,7 +2,7 @@
 """Memory under load: ``mtkit translate`` on a 1,000,000-line file, and ``mtkit train`` for many
 steps, must run in bounded memory.
 
-    .venv/bin/python scripts/bench_memory.py [--lines 1000000] [--train-steps 0] [--json]
+    .venv/bin/python scripts/bench/bench_memory.py [--lines 1000000] [--train-steps 0] [--json]
 
 Builds a tiny experiment in ``--workdir`` (default: a temporary directory): synthetic sentence
 pairs, a 120-piece SentencePiece model, prepared data and a random-weight ``tiny`` checkpoint.
@@ -25,34 +25,25 @@ import random
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import yaml
-from benchlib import MTKIT, print_result, rss_mib, single_thread_env
+from benchlib import MTKIT, RssSampler, made_up_words, print_result, save_random_checkpoint, single_thread_env
 
-SYLLABLES = ["ka", "to", "ri", "mu", "se", "na", "lo", "pe", "shi", "dra", "fen", "gul", "bor", "wix", "quo", "zat"]
 WINDOW = 100_000
-
-
-def words(rng: random.Random, n: int) -> list[str]:
-    return ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n)]
 
 
 def build_experiment(workdir: Path, pairs: int = 3000) -> tuple[Path, Path]:
     """A tiny experiment (tokenizer, prepared data) and a random-weight checkpoint of it.
     Returns (config path, run directory of the checkpoint)."""
-    import torch
-
-    from mtkit.checkpoint import save_checkpoint
     from mtkit.config import validate_config
     from mtkit.corpus import training_text
     from mtkit.data import prepare
-    from mtkit.model import Transformer
-    from mtkit.tokenizer import tokenizer_dir, train_tokenizers
+    from mtkit.tokenizer import Tokenizers, tokenizer_dir, train_tokenizers
 
     rng = random.Random(0)
-    vocab = words(rng, 200)
+    vocab = made_up_words(rng, 200)
     data = {}
     for split, count in (("train", pairs), ("valid", 50)):
         lines = [" ".join(rng.choice(vocab) for _ in range(rng.randint(3, 12))) for _ in range(count)]
@@ -74,21 +65,12 @@ def build_experiment(workdir: Path, pairs: int = 3000) -> tuple[Path, Path]:
     prepare(cfg)
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-
-    from mtkit.tokenizer import Tokenizers
-
-    tokenizers = Tokenizers.load(tokenizer_dir(cfg))
-    torch.manual_seed(0)
-    model = Transformer(cfg.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size, tokenizers.joint)
-    model_run = workdir / "model"
-    save_checkpoint(model_run / "checkpoints", step=1, epoch=0, model=model, config=cfg, tokenizers=tokenizers,
-                    metrics={}, trainer_state={}, best=True, keep_last=1)
-    return path, model_run
+    return path, save_random_checkpoint(cfg, Tokenizers.load(tokenizer_dir(cfg)), workdir / "model")
 
 
 def bench_translate(model_run: Path, workdir: Path, lines: int, every: float) -> dict:
     rng = random.Random(1)
-    vocab = words(rng, 300)
+    vocab = made_up_words(rng, 300)
     source = workdir / "input.txt"
     with open(source, "w", encoding="utf-8") as handle:
         for start in range(0, lines, 100_000):
@@ -99,13 +81,11 @@ def bench_translate(model_run: Path, workdir: Path, lines: int, every: float) ->
     out.unlink(missing_ok=True)
     command = [*MTKIT, "translate", "-m", str(model_run), "-i", str(source), "-o", str(out),
                "--beam", "1", "--max-len-a", "0", "--max-len-b", "2", "--threads", "1", "--chunk-lines", "10000"]
-    started = time.monotonic()
-    proc = subprocess.Popen(command, env=single_thread_env(), stderr=subprocess.PIPE, text=True)
-    process = psutil.Process(proc.pid)
-    samples: list[tuple[float, float, int]] = []  # (seconds, rss MiB, lines written)
     written, offset, partial = 0, 0, None
-    while proc.poll() is None:
-        rss = rss_mib(process)
+
+    def lines_written() -> int:
+        """The lines in the growing temporary output so far, read on from where the last call ended."""
+        nonlocal written, offset, partial
         if partial is None or not partial.exists():
             found = list(workdir.glob(".output.txt.*.tmp"))
             partial, offset = (found[0], 0) if found else (None, 0)
@@ -118,13 +98,9 @@ def bench_translate(model_run: Path, workdir: Path, lines: int, every: float) ->
                 offset += len(chunk)
             except FileNotFoundError:  # renamed into place: finished
                 pass
-        if rss:
-            samples.append((time.monotonic() - started, rss, written))
-        time.sleep(every)
-    seconds = time.monotonic() - started
-    stderr = proc.stderr.read() if proc.stderr else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"mtkit translate failed ({proc.returncode}):\n{stderr}")
+        return written
+
+    samples, seconds = sampled_run(command, every, lines_written)
     with open(out, "rb") as handle:
         total = sum(1 for _ in handle)
     window = min(WINDOW, total // 2)
@@ -158,27 +134,21 @@ def bench_train(config: Path, workdir: Path, steps: int, every: float, precision
     train_config = workdir / "train.yaml"
     train_config.write_text(yaml.safe_dump(data), encoding="utf-8")
     log = run / "train_log.jsonl"
-    started = time.monotonic()
-    proc = subprocess.Popen([*MTKIT, "train", "-c", str(train_config)], env=single_thread_env(),
-                            stderr=subprocess.PIPE, text=True)
-    process = psutil.Process(proc.pid)
-    samples: list[tuple[float, int]] = []  # (rss MiB, step)
     step = 0
-    while proc.poll() is None:
-        rss = rss_mib(process)
+
+    def step_made() -> int:
+        """The last training step that ``train_log.jsonl`` records (0 before the first)."""
+        nonlocal step
         if log.exists():
             rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             step = max((row["step"] for row in rows if row.get("type") == "train"), default=step)
-        if rss and step:
-            samples.append((rss, step))
-        time.sleep(every)
-    seconds = time.monotonic() - started
-    stderr = proc.stderr.read() if proc.stderr else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"mtkit train failed ({proc.returncode}):\n{stderr}")
+        return step
+
+    samples, seconds = sampled_run([*MTKIT, "train", "-c", str(train_config)], every, step_made)
+    samples = [sample for sample in samples if sample[2]]  # from the first step on
     tenth = max(steps // 10, 1)
-    first = [rss for rss, s in samples if s <= tenth + max(steps // 50, 1)]
-    last = [rss for rss, s in samples if s >= steps - tenth]
+    first = [rss for _, rss, s in samples if s <= tenth + max(steps // 50, 1)]
+    last = [rss for _, rss, s in samples if s >= steps - tenth]
     first_peak, last_peak = max(first), max(last)
     return {
         "train_steps": steps,
@@ -187,6 +157,20 @@ def bench_train(config: Path, workdir: Path, steps: int, every: float, precision
         "train_rss_last_tenth_mib": round(last_peak, 1),
         "train_rss_growth_pct": round(100 * (last_peak - first_peak) / first_peak, 2),
     }
+
+
+def sampled_run(command: list[str], every: float, progress: Callable[[], int]
+                ) -> tuple[list[tuple[float, float, int]], float]:
+    """Run the mtkit ``command`` (one thread) with its resident memory and ``progress`` sampled
+    every ``every`` seconds: the samples (``RssSampler``'s) and the seconds it took; exits
+    with its error output when it fails."""
+    started = time.monotonic()
+    proc = subprocess.Popen(command, env=single_thread_env(), stderr=subprocess.PIPE, text=True)
+    with RssSampler(proc.pid, every, progress) as sampler:
+        _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command[2:4])} failed ({proc.returncode}):\n{stderr}")
+    return sampler.samples, time.monotonic() - started
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Benchmark ``mtkit prepare`` against bare SentencePiece batch encoding.
 
-    .venv/bin/python scripts/bench_prepare.py [--quick] [--json] [--threads N] [--pairs 1000000]
+    .venv/bin/python scripts/bench/bench_prepare.py [--quick] [--json] [--threads N] [--pairs 1000000]
 
 For Multi30k train (and, unless --quick, a corpus of ``--pairs`` pairs made by repeating it,
 each copy marked by a number appended to both sides so de-duplication keeps it), it measures:
@@ -19,7 +19,6 @@ each copy marked by a number appended to both sides so de-duplication keeps it),
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 import os
@@ -30,13 +29,9 @@ import time
 from itertools import islice
 from pathlib import Path
 
-import psutil
 import sentencepiece as spm
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
-MTKIT = [sys.executable, "-m", "mtkit"]
+from benchlib import MTKIT, MULTI30K, ROOT, RssSampler
 
 
 def run_measured(args: list[str]) -> tuple[float, float, float, float]:
@@ -46,24 +41,16 @@ def run_measured(args: list[str]) -> tuple[float, float, float, float]:
     workers are children, and rusage reports the largest process, not the sum)."""
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    tree_peak = 0
-    parent = psutil.Process(proc.pid)
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        with contextlib.suppress(psutil.Error):
-            members = [parent, *parent.children(recursive=True)]
-            tree_peak = max(tree_peak, sum(m.memory_info().rss for m in members))
-        time.sleep(0.05)
-    wall = time.perf_counter() - start
+    with RssSampler(proc.pid, every=0.05) as tree:
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"bench: {' '.join(args)} failed:\n{stderr}")
     cpu = usage.ru_utime + usage.ru_stime
     rss = usage.ru_maxrss / 1024  # KiB on Linux
-    return wall, cpu, rss, max(rss, tree_peak / 2**20)
+    return wall, cpu, rss, max([rss, *(mib for _, mib, _ in tree.samples)])
 
 
 def write_config(path: Path, exp_dir: Path, src: Path, tgt: Path, threads: int) -> None:

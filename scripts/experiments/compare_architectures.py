@@ -1,6 +1,6 @@
 """Encoder-decoder or decoder-only? Train the arms on one corpus and compare them with `mtkit compare`.
 
-    python scripts/compare_architectures.py [--minutes 10] [--seeds 2] [--budgets time,updates]
+    python scripts/experiments/compare_architectures.py [--minutes 10] [--seeds 2] [--budgets time,updates]
 
 Arms (configs/multi30k_en_de.yaml and configs/multi30k_en_de_decoder_only.yaml, which differ
 only in the model section):
@@ -35,6 +35,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+# benchlib lives beside the benchmarks; this script runs as python scripts/experiments/NAME.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchlib import MTKIT, ROOT, print_result, sets
 
 from mtkit.compare import Options, compare

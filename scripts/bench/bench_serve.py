@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""``mtkit serve`` under load and faults: dynamic batching against one request at a time.
+"""``mtkit serve`` under load: dynamic batching against one request at a time.
 
-    .venv/bin/python scripts/bench_serve.py [--run RUN] [--clients 16] [--seconds 30] [--device cuda] [--json]
+    .venv/bin/python scripts/bench/bench_serve.py [--run RUN] [--clients 16] [--seconds 30] [--device cuda] [--json]
 
 Starts ``mtkit serve -m RUN`` as a subprocess on a free 127.0.0.1 port and runs ``--clients``
 concurrent HTTP clients (threads, one ``httpx.Client`` each) against it for ``--seconds``
@@ -24,9 +24,8 @@ per mode: requests/s, p50/p90/p99 latency, ``errors`` (HTTP status other than 20
 ``lost`` (no HTTP response: connection error or client timeout), ``mismatched``, the
 exact-match rate against batch 1, and the server's resident memory (psutil, the process and
 its children): ``rss_growth_pct`` compares the peak over the first and the last fifth of
-the measured time. After the load, fault checks: malformed JSON (400), a text over the
-character limit (413), clients that disconnect mid-request (the server must go on answering
-correctly), and SIGTERM with requests in flight (they must all complete, exit status 0).
+the measured time. The server's behaviour under faults (bad requests, clients that go away,
+SIGTERM with requests in flight) is tests/test_serve.py's to check, not this benchmark's.
 
 Top-level keys: ``speedup_batched`` (batched requests/s over unbatched), ``errors``, ``lost``
 and ``mismatched`` (summed over both modes), ``p50_ms``, ``p99_ms`` and ``rss_growth_pct``
@@ -58,15 +57,23 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import torch
-from benchlib import MTKIT, MULTI30K, ROOT, print_result, rss_mib
+from benchlib import (
+    MTKIT,
+    MULTI30K,
+    ROOT,
+    RssSampler,
+    made_up_words,
+    print_result,
+    save_random_checkpoint,
+    train_with_cli,
+)
 
 from mtkit.backend import open_backend
 from mtkit.checkpoint import Loaded, load_for_inference
@@ -77,7 +84,6 @@ from mtkit.translate import Translator
 from mtkit.vocab import BOS_ID, EOS_ID
 
 HOST = "127.0.0.1"
-SYLLABLES = ["ka", "to", "ri", "mu", "se", "na", "lo", "pe", "shi", "dra", "fen", "gul", "bor", "wix", "quo", "zat"]
 
 
 # --------------------------------------------------------------------------- the model
@@ -89,19 +95,15 @@ def train_quick_model(run_dir: Path, minutes: float) -> None:
     translate alike ("Ein Mann mit einem."), which would blunt the check for swapped
     responses; after 300, 100 test sentences give 100 distinct translations of realistic
     length (9.6 words for 11.9)."""
-    args = [f"--set=experiment.dir={run_dir}", f"--set=train.max_minutes={minutes}"]
-    config = str(ROOT / "configs" / "tiny.yaml")
-    for stage in (["tokenizer", "train"], ["prepare"], ["train"]):
-        subprocess.run([*MTKIT, *stage, "-c", config, *args], check=True, cwd=ROOT, timeout=60 * (minutes + 5))
+    train_with_cli(ROOT / "configs" / "tiny.yaml", [f"experiment.dir={run_dir}", f"train.max_minutes={minutes}"],
+                   timeout=60 * (minutes + 5))
 
 
 def random_run(workdir: Path) -> Path:
     """A random-weight ``tiny`` model on a SentencePiece model of generated text (no data
     needed). Its outputs run to the maximum length: long, equal work per sentence."""
-    from mtkit.checkpoint import save_checkpoint
     from mtkit.config import validate_config
     from mtkit.corpus import training_text
-    from mtkit.model import Transformer
     from mtkit.tokenizer import train_tokenizers
 
     rng = random.Random(0)
@@ -116,17 +118,11 @@ def random_run(workdir: Path) -> Path:
     })
     tokenizers = train_tokenizers(config.tokenizer, workdir / "tokenizer",
                                   lambda sides: training_text(config.data, sides))
-    torch.manual_seed(0)
-    model = Transformer(config.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size, tokenizers.joint)
-    run = workdir / "random"
-    save_checkpoint(run / "checkpoints", step=1, epoch=0, model=model, config=config, tokenizers=tokenizers,
-                    metrics={}, trainer_state={}, best=True, keep_last=1)
-    return run
+    return save_random_checkpoint(config, tokenizers, workdir / "random")
 
 
 def generated_sentence(rng: random.Random) -> str:
-    words = ("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(3, 14)))
-    return " ".join(words).capitalize() + "."
+    return " ".join(made_up_words(rng, rng.randint(3, 14))).capitalize() + "."
 
 
 # --------------------------------------------------------------------------- the texts
@@ -376,37 +372,6 @@ def run_clients(url: str, load: Load, clients: int, langs: tuple[str, str], time
     return sorted(outcomes, key=lambda o: o.index)
 
 
-class RssSampler:
-    """The server's resident memory (with its children) every ``every`` seconds."""
-
-    def __init__(self, pid: int, every: float = 0.25):
-        self.process = psutil.Process(pid)
-        self.every = every
-        self.samples: list[tuple[float, float]] = []  # (monotonic seconds, MiB)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while True:
-            rss = rss_mib(self.process)
-            if rss:
-                self.samples.append((time.monotonic(), rss))
-            if self._stop.wait(self.every):
-                return
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def window_peak(self, start: float, end: float) -> float:
-        values = [rss for t, rss in self.samples if start <= t <= end]
-        return max(values) if values else float("nan")
-
-
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (``q`` in 0..100) of a non-empty list."""
     ordered = sorted(values)
@@ -502,7 +467,7 @@ def evaluate(mode: Mode, texts: list[str], reference: Reference) -> dict[str, An
         "status_counts": dict(Counter(str(o.status) for o in outcomes)),
         "rss_first_mib": round(first, 1),
         "rss_last_mib": round(last, 1),
-        "rss_peak_mib": round(max((r for _, r in rss.samples), default=float("nan")), 1),
+        "rss_peak_mib": round(rss.peak(), 1),
         "rss_growth_pct": round(100 * (last - first) / first, 2),
         "ready_s": server.ready_s,
         "engine": engine,
@@ -513,83 +478,6 @@ def evaluate(mode: Mode, texts: list[str], reference: Reference) -> dict[str, An
         print(f"  mismatched request {m['index']}: {json.dumps(m, ensure_ascii=False)[:800]}", file=sys.stderr)
     result["mismatch_examples"] = mismatches[:3]
     return result
-
-
-# --------------------------------------------------------------------------- faults
-
-
-def fault_checks(server: Server, reference: Reference, pool: list[str], langs: tuple[str, str],
-                 char_limit: int) -> dict[str, Any]:
-    """Bad requests, clients that hang up, and SIGTERM with requests in flight (this one
-    stops the server). Each check says whether the server behaved as the contract says."""
-    url = server.url
-    checks: dict[str, Any] = {}
-    long_text = "\n".join(pool[:8])
-    with httpx.Client(timeout=30.0) as client:
-        bad = client.post(f"{url}/translate", content=b'{"q": "a", ', headers={"content-type": "application/json"})
-        checks["malformed_json_400"] = bad.status_code == 400 and "error" in _json(bad)
-        big = client.post(f"{url}/translate", json=translate_body("a" * (char_limit + 1), *langs))
-        checks["over_char_limit_413"] = big.status_code == 413 and "error" in _json(big)
-        # Hang-ups: a client timeout far shorter than the translation closes the connection.
-        with httpx.Client(timeout=httpx.Timeout(0.005)) as impatient:
-            for _ in range(8):
-                with suppress(httpx.HTTPError):
-                    impatient.post(f"{url}/translate", json=translate_body(long_text, *langs))
-        after = client.post(f"{url}/translate", json=translate_body(pool[0], *langs))
-        served = _json(after).get("translatedText")
-        checks["serves_after_hangups"] = (after.status_code == 200 and isinstance(served, str)
-                                          and reference.judge(pool[0], served)[0] != "mismatched")
-        checks["alive_after_hangups"] = server.process.poll() is None
-
-    # SIGTERM while requests are in flight: all of them must still be answered correctly.
-    results: list[tuple[int | None, Any]] = []
-
-    def one(text: str) -> None:
-        try:
-            with httpx.Client(timeout=60.0) as c:
-                r = c.post(f"{url}/translate", json=translate_body(text, *langs))
-                results.append((r.status_code, _json(r).get("translatedText")))
-        except httpx.HTTPError as err:
-            results.append((None, f"{type(err).__name__}: {err}"))
-
-    texts = ["\n".join(pool[i : i + 8]) for i in range(0, 64, 8)]
-    queued = _stats(url).get("requests", 0) + len(texts)
-    threads = [threading.Thread(target=one, args=(t,), daemon=True) for t in texts]
-    for thread in threads:
-        thread.start()
-    waited = time.monotonic() + 10  # until the server has them all (or 10 s)
-    while _stats(url).get("requests", queued) < queued and time.monotonic() < waited:
-        time.sleep(0.02)
-    signalled = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
-    for thread in threads:
-        thread.join(70)
-    try:
-        code = server.process.wait(60)
-    except subprocess.TimeoutExpired:
-        code = None
-    server.stop()
-    answered = [s for s, _ in results if s == 200]
-    checks["sigterm_in_flight"] = len(texts)
-    checks["sigterm_answered_200"] = len(answered)
-    checks["sigterm_statuses"] = dict(Counter(str(s) for s, _ in results))
-    checks["sigterm_exit_code"] = code
-    checks["sigterm_exit_s"] = round(time.monotonic() - signalled, 2)
-    failures = [body for status, body in results if status != 200]
-    if failures:
-        checks["sigterm_failures"] = failures[:3]
-    checks["sigterm_ok"] = len(answered) == len(texts) and code == 0
-    checks["ok"] = all(checks[k] for k in ("malformed_json_400", "over_char_limit_413", "serves_after_hangups",
-                                           "alive_after_hangups", "sigterm_ok"))
-    return checks
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 # --------------------------------------------------------------------------- main
@@ -622,7 +510,6 @@ def main() -> None:
     parser.add_argument("--mtkit", help="The command that runs mtkit (default: this Python's `-m mtkit`), "
                                         "e.g. another checkout's or a patched engine's, to compare.")
     parser.add_argument("--char-limit", type=int, default=5000, help="The server's --char-limit.")
-    parser.add_argument("--no-faults", action="store_true", help="Skip the fault checks.")
     parser.add_argument("--only", choices=["batched", "unbatched"], help="Run one mode only.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
@@ -677,8 +564,6 @@ def main() -> None:
                 served_decode = models[0].get("decode") if isinstance(models, list) and models else None
                 result = evaluate(mode, texts, reference)
                 result["served_decode_matches"] = _decode_matches(served_decode, decode)
-                if not args.no_faults:
-                    result["faults"] = fault_checks(server, reference, pool, langs, args.char_limit)
                 server.stop()
                 result["exit_code"] = server.returncode
                 result["stop_s"] = server.stop_s
@@ -738,7 +623,6 @@ def summary(results: dict[str, dict[str, Any]], args: argparse.Namespace, run: P
         "rss_growth_pct": main_mode.get("rss_growth_pct"),
         "requests_per_s": main_mode.get("requests_per_s"),
         "exact_match_rate": main_mode.get("exact_match_rate"),
-        "faults_ok": all(r.get("faults", {}).get("ok", True) for r in results.values()),
         **results,
         "settings": {
             "run": str(run), "clients": args.clients, "seconds": args.seconds, "warmup": args.warmup,
@@ -760,13 +644,12 @@ def print_table(report: dict[str, Any]) -> None:
     columns = {"req/s": "requests_per_s", "p50 ms": "p50_ms", "p90 ms": "p90_ms", "p99 ms": "p99_ms",
                "errors": "errors", "lost": "lost", "mismatched": "mismatched", "exact": "exact_match_rate",
                "rss +%": "rss_growth_pct"}
-    print(f"{'mode':9s} " + " ".join(f"{c:>10s}" for c in columns) + f" {'sent/batch':>10s} {'faults ok':>9s}")
+    print(f"{'mode':9s} " + " ".join(f"{c:>10s}" for c in columns) + f" {'sent/batch':>10s}")
     for mode in ("batched", "unbatched"):
         if mode in report:
             row = report[mode]
-            faults = row.get("faults", {}).get("ok", "-")
             print(f"{mode:9s} " + " ".join(f"{row[c]!s:>10s}" for c in columns.values())
-                  + f" {row['engine'].get('sentences_per_batch', '-')!s:>10s} {faults!s:>9s}")
+                  + f" {row['engine'].get('sentences_per_batch', '-')!s:>10s}")
     print(f"speedup_batched {report['speedup_batched']}")
     print("settings: " + json.dumps(report["settings"]))
 

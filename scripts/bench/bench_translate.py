@@ -2,7 +2,7 @@
 """Translation speed and quality: mtkit against Hugging Face ``generate`` and CTranslate2,
 on the same weights, measured in one run.
 
-    .venv/bin/python scripts/bench_translate.py [--run RUN_DIR] [--json]
+    .venv/bin/python scripts/bench/bench_translate.py [--run RUN_DIR] [--json]
 
 Without ``--run`` a post-norm ``small`` model is trained for ``--minutes`` on Multi30k with
 the mtkit CLI (into runs/bench_translate). The model is exported to Marian
@@ -58,7 +58,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from benchlib import MTKIT, MULTI30K, ROOT, Clocks, PeakMemory, source_tensor
+from benchlib import MTKIT, MULTI30K, ROOT, Clocks, PeakMemory, source_tensor, train_with_cli
+from benchlib import random_model as random_transformer
 
 from mtkit.checkpoint import Loaded, load_for_inference, resolve
 from mtkit.config import DecodeConfig
@@ -87,13 +88,10 @@ def random_model(run_dir: Path, size: str) -> Loaded:
     """An untrained post-norm model of ``size`` on ``run_dir``'s tokenizer. Its outputs run to
     the maximum length in every system: equal work, a pure speed comparison (BLEU is ~0)."""
     from mtkit.config import validate_config
-    from mtkit.model import Transformer
 
     base = load_for_inference(run_dir)
     config = validate_config({**base.config.to_dict(), "model": {"size": size, "norm": "post", "dropout": 0.0}})
-    torch.manual_seed(0)
-    tok = base.tokenizers
-    model = Transformer(config.model, tok.src.vocab_size, tok.tgt.vocab_size, tok.joint).eval()
+    model = random_transformer(config.model, base.tokenizers).eval()
     return Loaded(model=model, config=config, tokenizers=base.tokenizers, meta={}, path=base.path)
 
 
@@ -106,10 +104,7 @@ def train_quick_model(run_dir: Path, minutes: float) -> None:
         "train.lr=0.0007", "train.warmup_steps=400", "train.max_tokens=2048",
         "train.valid_every=400", "train.valid_max_sentences=100",
     ]
-    args = [f"--set={s}" for s in settings]
-    config = str(ROOT / "configs" / "multi30k_en_de.yaml")
-    for stage in (["tokenizer", "train"], ["prepare"], ["train"]):
-        subprocess.run([*MTKIT, *stage, "-c", config, *args], check=True, cwd=ROOT)
+    train_with_cli(ROOT / "configs" / "multi30k_en_de.yaml", settings)
 
 
 # --------------------------------------------------------------------------- the systems

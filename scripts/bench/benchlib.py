@@ -1,9 +1,11 @@
-"""What the benchmark scripts share: paths, the mtkit command, clocks, resident memory, the
-Hugging Face Marian peer, and printing a result.
+"""What the benchmark scripts share: paths, the mtkit command, clocks, memory sampling, random
+models, the Hugging Face Marian peer, and printing a result.
 
-The scripts run as ``python scripts/NAME.py``: Python puts ``scripts/`` first on ``sys.path``,
-so ``import benchlib`` finds this file, and mtkit is the installed package
-(``pip install -e '.[bench]'``, which also brings psutil and the peers).
+The benchmarks run as ``python scripts/bench/NAME.py``: Python puts ``scripts/bench/`` first on
+``sys.path``, so ``import benchlib`` finds this file (the experiments in ``scripts/experiments/``
+put this folder there themselves), and mtkit is the installed package
+(``pip install -e '.[bench]'``, which also brings psutil and the peers). torch and mtkit's model
+are imported where they are used, so that a benchmark that only runs the CLI stays light.
 """
 
 from __future__ import annotations
@@ -11,28 +13,32 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-from mtkit.batching import Batch
-from mtkit.config import ModelConfig
 from mtkit.vocab import EOS_ID, PAD_ID
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from mtkit.batching import Batch
+    from mtkit.config import Config, ModelConfig
+    from mtkit.model import Transformer
+    from mtkit.tokenizer import Tokenizers
 
 for _module in ("psutil", "transformers"):  # the bench extra: one line, not a traceback
     if importlib.util.find_spec(_module) is None:
         sys.exit(f"error: the benchmark scripts need {_module}, from the bench extra: pip install -e '.[bench]'")
 import psutil  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 """The repository: recipes are named relative to it, and runs go under ``ROOT/runs``."""
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 MTKIT = [sys.executable, "-m", "mtkit"]
@@ -82,6 +88,45 @@ def rss_mib(process: psutil.Process) -> float:
         return 0.0
 
 
+class RssSampler:
+    """The resident memory of process ``pid`` and its children (``rss_mib``), sampled by a
+    thread every ``every`` seconds while the process lives: ``samples`` holds (monotonic
+    seconds, MiB, ``progress()``), where ``progress`` says how far the process has come
+    (lines written, steps made; 0 by default)."""
+
+    def __init__(self, pid: int, every: float = 0.25, progress: Callable[[], int] = lambda: 0):
+        self.process = psutil.Process(pid)
+        self.every = every
+        self.progress = progress
+        self.samples: list[tuple[float, float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            rss = rss_mib(self.process)
+            if rss:
+                self.samples.append((time.monotonic(), rss, self.progress()))
+            if self._stop.wait(self.every):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self) -> float:
+        """The highest sample, MiB (nan without samples)."""
+        return max((rss for _, rss, _ in self.samples), default=float("nan"))
+
+    def window_peak(self, start: float, end: float) -> float:
+        """The highest sample between the monotonic times ``start`` and ``end``, MiB (nan without one)."""
+        return max((rss for t, rss, _ in self.samples if start <= t <= end), default=float("nan"))
+
+
 class PeakMemory:
     """Peak resident memory of this process, per system: a thread samples every 10 ms and
     charges each sample to the system named in ``current`` (None: to nobody)."""
@@ -116,6 +161,46 @@ class PeakMemory:
         self._thread.join()
 
 
+# --------------------------------------------------------------------------- models
+
+SYLLABLES = ["ka", "to", "ri", "mu", "se", "na", "lo", "pe", "shi", "dra", "fen", "gul", "bor", "wix", "quo", "zat"]
+
+
+def made_up_words(rng: random.Random, n: int) -> list[str]:
+    """``n`` words of one to three made-up syllables: text for a tokenizer and a model where no
+    corpus is needed."""
+    return ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n)]
+
+
+def random_model(cfg: ModelConfig, tokenizers: Tokenizers) -> Transformer:
+    """An untrained ``Transformer`` of ``cfg`` on ``tokenizers``' vocabularies, the same weights
+    every time (seed 0)."""
+    import torch
+
+    from mtkit.model import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(cfg, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size, tokenizers.joint)
+
+
+def save_random_checkpoint(config: Config, tokenizers: Tokenizers, run: Path) -> Path:
+    """``random_model`` of ``config.model`` saved as the one checkpoint (step 1, the best) of
+    the run directory ``run``; returns ``run``."""
+    from mtkit.checkpoint import save_checkpoint
+
+    save_checkpoint(run / "checkpoints", step=1, epoch=0, model=random_model(config.model, tokenizers),
+                    config=config, tokenizers=tokenizers, metrics={}, trainer_state={}, best=True, keep_last=1)
+    return run
+
+
+def train_with_cli(config: Path, settings: list[str], timeout: float | None = None) -> None:
+    """The recipe ``config`` trained through the mtkit CLI (tokenizer, prepare, train), with
+    every ``KEY=VALUE`` of ``settings`` set at each stage (``experiment.dir`` says where)."""
+    args = [f"--set={setting}" for setting in settings]
+    for stage in (["tokenizer", "train"], ["prepare"], ["train"]):
+        subprocess.run([*MTKIT, *stage, "-c", str(config), *args], check=True, cwd=ROOT, timeout=timeout)
+
+
 # --------------------------------------------------------------------------- the Marian peer
 
 
@@ -134,6 +219,8 @@ def marian_peer(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, join
 def marian_loss(model: Any, batch: Batch, smoothing: float) -> Tensor:
     """The peer trained the way its users do: the model's logits at every position, then
     label-smoothed cross-entropy ignoring padding, summed over the target tokens."""
+    import torch.nn.functional as F
+
     src = batch.src
     logits = model(input_ids=src, attention_mask=src != PAD_ID, decoder_input_ids=batch.tgt_in).logits
     return F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
@@ -142,6 +229,8 @@ def marian_loss(model: Any, batch: Batch, smoothing: float) -> Tensor:
 
 def source_tensor(batch: list[list[int]]) -> Tensor:
     """``(B, S)`` source ids followed by EOS and right-padded, as mtkit feeds its encoder."""
+    import torch
+
     src = torch.full((len(batch), max(map(len, batch)) + 1), PAD_ID, dtype=torch.long)
     for row, ids in enumerate(batch):
         src[row, : len(ids) + 1] = torch.tensor([*ids, EOS_ID])

@@ -1,7 +1,7 @@
 """Benchmark the checksums of prepared splits and checkpoint weights (``mtkit.integrity``)
 against reading the same files.
 
-    .venv/bin/python scripts/bench_checksum.py [--json] [--pairs 1000000] [--vocab 32000] [--repeat 3]
+    .venv/bin/python scripts/bench/bench_checksum.py [--json] [--pairs 1000000] [--vocab 32000] [--repeat 3]
 
 It writes, into a temporary directory:
 

@@ -11,9 +11,9 @@ memory stays in the process), the peer with glibc's defaults, as each ships;
 ``--peer-same-allocator`` also times the peer under mtkit's policy. mtkit's update is
 ``mtkit.train.train_step`` itself; the peer is ``mtkit.export.marian_model`` (via ``benchlib``).
 
-    python scripts/bench_train.py                       # synthetic Multi30k-like lengths
-    python scripts/bench_train.py --run runs/multi30k   # the batches of a prepared experiment
-    python scripts/bench_train.py --json                # one JSON object on stdout
+    python scripts/bench/bench_train.py                       # synthetic Multi30k-like lengths
+    python scripts/bench/bench_train.py --run runs/multi30k   # the batches of a prepared experiment
+    python scripts/bench/bench_train.py --json                # one JSON object on stdout
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Two steps, so that the decoding can run where a GPU is and the analysis anywhere:
 
-    python scripts/selection_noise.py decode RUN_DIR stats.json [--average 2 3 4] [--device cuda]
-    python scripts/selection_noise.py analyse stats.json [--subset 300] [--samples 1000]
+    python scripts/experiments/selection_noise.py decode RUN_DIR stats.json [--average 2 3 4] [--device cuda]
+    python scripts/experiments/selection_noise.py analyse stats.json [--subset 300] [--samples 1000]
 
 ``decode`` translates the whole validation split of ``RUN_DIR`` (its prepared
 ``data/valid.arrow``) with every step checkpoint the run kept, and with the average of its

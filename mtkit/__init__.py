@@ -1,3 +1,3 @@
-"""mtkit: an encoder-decoder Transformer toolkit for machine translation."""
+"""mtkit: a machine translation toolkit for encoder-decoder and decoder-only Transformers."""
 
 __version__ = "0.2.0"

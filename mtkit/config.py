@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -169,15 +169,17 @@ class TokenizerConfig(Section):
     written, so a translation can hold every character of its references (full-width
     ``，？！：``, ``…``, ``²``, ligatures); nmt_nfkc (SentencePiece's own default) rewrites
     them (``, ? ! :``, ``...``, ``2``, ``fi``). mtkit's whitespace and control-character cleanup
-    comes first either way, in prepare and in translate alike. The rule is stored in the model
-    file: tokenizers trained before keep theirs."""
+    comes first either way, in prepare and in translate alike. The rule is stored with the
+    tokenizer; the pipeline trains it again when the config names another (one that recorded
+    none was trained with nmt_nfkc)."""
     byte_fallback: bool = False
     """Spell characters outside the vocabulary as their UTF-8 bytes (256 byte pieces) instead
     of <unk>, so that they can be read and produced. Use it for scripts with large alphabets
     (zh, ja, ko) together with character_coverage below 1, or for open-domain text whose rare
     characters the training data may lack; alphabetic scripts with full coverage do not need it."""
     num_threads: int = Field(default=2, ge=1)
-    """Threads for SentencePiece training."""
+    """Threads for SentencePiece training. SentencePiece's vocabulary can differ with the
+    thread count; the pipeline treats it as operational and keeps a trained tokenizer."""
 
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -660,12 +662,23 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _choices(annotation: Any) -> list[str]:
+    """The values a ``Literal`` annotation (or an optional one) allows; none for other types."""
+    if get_origin(annotation) is Literal:
+        return [str(value) for value in get_args(annotation)]
+    return [value for arg in get_args(annotation) for value in _choices(arg)]
+
+
 def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key path, default, doc) for every field, for ``mtkit config show --doc``."""
+    """(key path, default, doc) for every field, for ``mtkit config show --doc``; the doc of a
+    key with a fixed set of values starts with them, as in ``[pre|post]``."""
     rows = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         doc = " ".join((field.description or "").split())
+        choices = _choices(field.annotation)
+        if choices:
+            doc = f"[{'|'.join(choices)}] {doc}"
         sub = _section_type(field.annotation)
         if sub is not None:
             rows.append((path, "", doc))

@@ -2,18 +2,24 @@
 
 Heavy imports (torch, datasets) happen inside the commands, so ``mtkit --help`` is instant.
 A user mistake raises MtkitError, which is printed as one line (no traceback) with the
-error's exit code.
+error's exit code. Help is Click's plain text rather than Typer's rich panels: it wraps at the
+terminal, never cuts an option name, and shows no placeholder on a flag.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
 from typer.core import TyperGroup
 
 from mtkit.errors import MtkitError, Stopped
+
+if TYPE_CHECKING:
+    from typer import _click as click  # the copy of Click that Typer runs on
 
 
 class _Group(TyperGroup):
@@ -40,6 +46,31 @@ class _Group(TyperGroup):
             _silence_stdout()
             raise typer.Exit(0) from None
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Click would cut each command's first sentence to one line; show it whole, wrapped.
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                summary = inspect.cleandoc(command.help or "").split("\n\n")[0]
+                rows.append((name, " ".join(summary.split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+_COMMAND_ORDER = (
+    "tokenizer", "prepare", "train", "translate", "score", "compare", "pipeline", "average", "export", "serve", "config"
+)
+
+
+class _Main(_Group):
+    """The ``mtkit`` group: lists its commands in the order of the work (Typer lists groups last)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return [n for n in _COMMAND_ORDER if n in names] + [n for n in names if n not in _COMMAND_ORDER]
+
 
 def _silence_stdout() -> None:
     import os
@@ -52,13 +83,14 @@ def _silence_stdout() -> None:
 
 
 app = typer.Typer(
-    cls=_Group,
+    cls=_Main,
     name="mtkit",
-    help="Machine translation with encoder-decoder Transformers: one YAML config, one CLI.",
+    help="Machine translation with encoder-decoder and decoder-only Transformers: one YAML config, one CLI.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # sub-commands inherit it
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 
 

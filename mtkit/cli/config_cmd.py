@@ -15,7 +15,9 @@ app = typer.Typer(no_args_is_help=True)
 def show(
     config: OptionalConfigOption = None,
     overrides: SetOption = None,
-    doc: Annotated[bool, typer.Option("--doc", help="List every key with its default and meaning.")] = False,
+    doc: Annotated[
+        bool, typer.Option("--doc", help="List every key with its default, its allowed values and its meaning.")
+    ] = False,
 ) -> None:
     """Print the resolved config (defaults filled in, overrides applied) as YAML."""
     from mtkit.config import describe_fields, load_config

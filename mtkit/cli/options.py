@@ -18,6 +18,7 @@ SetOption = Annotated[
     typer.Option(
         "--set",
         "-s",
+        metavar="KEY=VALUE",
         help="Override a config key: --set tokenizer.vocab_size=16000 (repeatable).",
         show_default=False,
     ),

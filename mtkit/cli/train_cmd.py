@@ -19,8 +19,9 @@ def train(
     ] = False,
     init_from: Annotated[
         Path | None,
-        typer.Option("--init-from", help="Start from these weights (a checkpoint or run directory): fine-tuning.",
-                     show_default=False),
+        typer.Option("--init-from", show_default=False,
+                     help="Fine-tune: start from the weights of this checkpoint directory or run directory "
+                          "(its final, else best, else last checkpoint)."),
     ] = None,
 ) -> None:
     """Train on {experiment.dir}/data; checkpoints go to {experiment.dir}/checkpoints.

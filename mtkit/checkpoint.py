@@ -224,7 +224,7 @@ def resolve(path: Path) -> Path:
                 return target
             if (root / link).is_symlink():
                 raise MtkitError(f"{root / link}: points to a missing checkpoint")
-    raise MtkitError(f"{path}: no checkpoint found (no checkpoints/best or checkpoints/last); run `mtkit train` first")
+    raise MtkitError(f"{path}: no checkpoint found (no checkpoints/final, best or last); run `mtkit train` first")
 
 
 def refuse_links_out(directory: Path, within: Path | None = None) -> None:

@@ -3,9 +3,10 @@
 A system is a run directory (``RUN``, or one of its checkpoints: ``RUN/checkpoints/last``,
 ``RUN/checkpoints/step_00004000``, an averaged checkpoint), translated here with the
 checkpoint's own decode settings, or a hypothesis file (one line per test line). Runs go
-through the public path only (``mtkit.checkpoint.load_for_inference``, ``mtkit.translate.Translator``,
-and the search interface ``model.encode`` / ``model.decode_step`` / ``state.nbytes``), so any
-architecture that ``mtkit translate`` runs can be compared.
+through the public path only (``mtkit.engines.open_translator`` with the PyTorch engine at
+float32, ``mtkit.evaluate.translate_and_score``, and the search interface ``model.encode`` /
+``model.decode_step`` / ``state.nbytes``), so any architecture that ``mtkit translate`` runs can
+be compared, and a run scores as training's validation would score it.
 
 Per test set and system: BLEU and chrF (``mtkit.score``, with their signatures), sacrebleu's
 paired bootstrap resampling of every system against the first (95% interval and p-value), the
@@ -268,11 +269,11 @@ def compare(given: Sequence[str], tests: Sequence[tuple[Path, Path]], options: O
                                  for test in test_sets]
 
     reports = []
-    lang = options.lang
+    lang = options.lang or _run_lang(systems)
+    scored: dict[int, list[list[MetricScore]]] = {}
     for index, system in enumerate(systems):
         if system.is_run:
-            report, hypotheses[index], run_lang = _run_system(system, test_sets, options, log)
-            lang = lang or run_lang
+            report, hypotheses[index], scored[index] = _run_system(system, test_sets, options, lang, log)
         else:
             report = SystemReport(system.name, "hypotheses")
         reports.append(report)
@@ -281,7 +282,8 @@ def compare(given: Sequence[str], tests: Sequence[tuple[Path, Path]], options: O
     for t, test in enumerate(test_sets):
         log(f"compare: scoring {test.name}")
         outputs = [hypotheses[i][t] for i in range(len(systems))]
-        signatures.append(_score_test_set(test, reports, outputs, buckets, lang, options))
+        scores = [scored[i][t] if i in scored else None for i in range(len(systems))]
+        signatures.append(_score_test_set(test, reports, outputs, scores, buckets, lang, options))
     bootstrap = None
     if len(systems) > 1:  # sacrebleu seeds its resampling from SACREBLEU_SEED
         bootstrap = {"samples": options.samples, "seed": os.environ.get("SACREBLEU_SEED", "12345")}
@@ -304,38 +306,55 @@ def _read_hypotheses(path: Path, test: TestSet) -> list[str]:
     return hyps
 
 
-def _run_system(system: System, test_sets: list[TestSet], options: Options, log: Callable[[str], None]):
-    """Translate every test set with the run's decode settings, then measure it. Returns the
-    report, the translations per test set and the run's target language."""
+def _run_lang(systems: Sequence[System]) -> str | None:
+    """The first run's target language (BLEU's tokenizer follows it), if there is a run."""
+    from mtkit.checkpoint import read_checkpoint_config
+
+    runs = [s.checkpoint for s in systems if s.checkpoint is not None]
+    return read_checkpoint_config(runs[0]).data.tgt_lang if runs else None
+
+
+def _run_system(system: System, test_sets: list[TestSet], options: Options, lang: str | None,
+                log: Callable[[str], None]):
+    """Translate and score every test set with the run's decode settings, then measure it.
+    Returns the report, the translations and their BLEU and chrF, per test set."""
     from mtkit.checkpoint import load_for_inference
-    from mtkit.translate import Translator
+    from mtkit.engines import open_translator
+    from mtkit.evaluate import translate_and_score
 
     assert system.checkpoint is not None
     loaded = load_for_inference(system.checkpoint, device=options.device)
     config = loaded.config
-    translator = Translator(loaded.model, loaded.tokenizers, config.decode, options.device,
-                            seed=config.experiment.seed)
-    outputs = []
+    # The model as trained, whatever engine the run would translate with: the PyTorch engine at
+    # float32, in this process (``measure_decoding`` times it the same way).
+    decode = config.decode.model_copy(update={"backend": "torch", "compute_type": "float32"})
+    translator = open_translator(loaded, decode, options.device, say=log)
+    outputs, scores = [], []
     for test in test_sets:
         log(f"compare: {system.name}: translating {test.name} ({len(test.sources):,} sentences, "
             f"beam {config.decode.beam})")
-        outputs.append(translator.translate(test.sources))
+        found = translate_and_score(translator, test.sources, test.references, metrics=METRICS, tgt_lang=lang,
+                                    tokenize=options.tokenize)
+        outputs.append(found.hypotheses)
+        scores.append(found.scores)
     report = SystemReport(system.name, "run", str(loaded.path), params=count_parameters(loaded))
     report.updates, report.train_seconds, report.train_tgt_tok_per_s = training_record(loaded.path)
     if options.speed_sentences > 0:
         log(f"compare: {system.name}: timing beam {options.speed_beam} at batch {SPEED_BATCH} and 1")
         report.decode_sent_per_s, report.kv_cache_bytes = measure_decoding(loaded, test_sets[0].sources, options)
-    return report, outputs, config.data.tgt_lang
+    return report, outputs, scores
 
 
 def _score_test_set(test: TestSet, reports: list[SystemReport], outputs: list[list[str]],
-                    buckets: list[tuple[str, int, int | None]], lang: str | None, options: Options) -> dict[str, str]:
-    """Score every system on ``test`` into its report; returns the signatures."""
+                    scored: list[list[MetricScore] | None], buckets: list[tuple[str, int, int | None]],
+                    lang: str | None, options: Options) -> dict[str, str]:
+    """Score every system on ``test`` into its report (a run's BLEU and chrF are ``scored``
+    already, as it was translated); returns the signatures."""
     refs = [test.references]
     rows = _bucket_rows(test.sources, buckets)
     signatures: dict[str, str] = {}
-    for report, hyps in zip(reports, outputs, strict=True):
-        bleu, chrf = score(hyps, refs, METRICS, tgt_lang=lang, tokenize=options.tokenize)
+    for report, hyps, found in zip(reports, outputs, scored, strict=True):
+        bleu, chrf = found or score(hyps, refs, METRICS, tgt_lang=lang, tokenize=options.tokenize)
         signatures = {"bleu": bleu.signature, "chrf": chrf.signature}
         by_length = [
             score([hyps[i] for i in chosen], [[test.references[i] for i in chosen]], ("bleu",), tgt_lang=lang,
@@ -444,12 +463,13 @@ def measure_decoding(loaded: Loaded, sources: list[str],
     """Sentences per second at batch 32 and batch 1 (beam ``options.speed_beam``, text in,
     text out) on a sample of ``sources``, and the mean key/value-cache bytes per sentence."""
     from mtkit.config import DecodeConfig
-    from mtkit.translate import Translator
+    from mtkit.engines import open_translator
 
     decode = DecodeConfig.model_validate({**loaded.config.decode.model_dump(), "beam": options.speed_beam,
                                           "nbest": 1, "sampling": False, "batch_tokens": _ONE_BATCH,
-                                          "batch_sentences": _ONE_BATCH})
-    translator = Translator(loaded.model, loaded.tokenizers, decode, options.device, warn=lambda message: None)
+                                          "batch_sentences": _ONE_BATCH, "backend": "torch",
+                                          "compute_type": "float32"})
+    translator = open_translator(loaded, decode, options.device, warn=lambda message: None)
     sample, singles = speed_samples(sources, options.speed_sentences)
     if not sample:
         return None, None

@@ -20,6 +20,9 @@ projections are split (Marian) or kept fused (CTranslate2 fuses them the same wa
 Token ids are fixed by ``mtkit.vocab``: PAD 0 ``<pad>``, UNK 1 ``<unk>``, BOS 2 ``<s>``
 (the decoder's start token), EOS 3 ``</s>``.
 
+Converters only: running a converted CTranslate2 model, and the conversion cache that
+``mtkit translate`` keeps, are ``mtkit.engines.ctranslate2``'s.
+
 ``transformers`` is optional (``pip install 'mtkit[bench]'``); ``ctranslate2`` is a dependency
 of mtkit that may still be missing (mtkit then translates with PyTorch). Both are imported only
 when used.
@@ -27,17 +30,10 @@ when used.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib
 import json
-import math
-import os
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, cast
@@ -49,10 +45,8 @@ from mtkit.checkpoint import Loaded, load_for_inference
 from mtkit.config import DecodeConfig, ModelConfig
 from mtkit.decoder_only import Block, DecoderOnly
 from mtkit.errors import MtkitError
-from mtkit.fileio import atomic_dir, atomic_write_text, fsync_path, refuse_overlap
-from mtkit.integrity import damage, file_checksum
+from mtkit.fileio import atomic_dir, atomic_write_text, refuse_overlap
 from mtkit.model import DecoderLayer, EncoderLayer, Transformer
-from mtkit.search import Hypothesis
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
@@ -103,7 +97,7 @@ def export(exporter: Exporter, source: Path | Loaded, out_dir: Path, force: bool
     return out_dir
 
 
-def _pieces(path: Path) -> list[str]:
+def vocabulary_pieces(path: Path) -> list[str]:
     """The SentencePiece vocabulary in id order."""
     import sentencepiece as spm
 
@@ -114,7 +108,7 @@ def _pieces(path: Path) -> list[str]:
 def _special_problems(loaded: Loaded) -> list[str]:
     problems = []
     for side in ("src", "tgt"):
-        pieces = _pieces(getattr(loaded.tokenizers, side).path)
+        pieces = vocabulary_pieces(getattr(loaded.tokenizers, side).path)
         for token_id, piece in SPECIAL_PIECES.items():
             if token_id >= len(pieces) or pieces[token_id] != piece:
                 found = pieces[token_id] if token_id < len(pieces) else "nothing"
@@ -172,8 +166,8 @@ class HuggingFaceExporter(Exporter):
         tokenizers = loaded.tokenizers
         shutil.copyfile(tokenizers.src.path, directory / "source.spm")
         shutil.copyfile(tokenizers.tgt.path, directory / "target.spm")
-        src_vocab = {piece: i for i, piece in enumerate(_pieces(tokenizers.src.path))}
-        tgt_vocab = {piece: i for i, piece in enumerate(_pieces(tokenizers.tgt.path))}
+        src_vocab = {piece: i for i, piece in enumerate(vocabulary_pieces(tokenizers.src.path))}
+        tgt_vocab = {piece: i for i, piece in enumerate(vocabulary_pieces(tokenizers.tgt.path))}
         separate = src_vocab != tgt_vocab
         atomic_write_text(directory / "vocab.json", json.dumps(src_vocab, ensure_ascii=False, indent=1))
         if separate:
@@ -357,138 +351,6 @@ class CTranslate2Exporter(Exporter):
         shutil.copyfile(loaded.tokenizers.tgt.path, directory / "target.spm")
 
 
-CT2_PREFIX = "ctranslate2-"
-"""Converted models live in ``{checkpoint}/ctranslate2-{key}/`` (or the cache directory)."""
-CT2_MARKER = "complete.json"
-"""Written last into a conversion, after its other files are on disk: their sizes and checksums.
-A conversion without it is incomplete; one whose files differ from it is damaged."""
-_CT2_CONVERTER_VERSION = 2  # bump when ctranslate2_spec changes what it writes
-
-
-class DamagedConversion(MtkitError):
-    """A complete CTranslate2 conversion whose files no longer match its marker."""
-
-
-def ct2_model_dir(loaded: Loaded, warn: Callable[[str], None], *, repair: bool = True) -> Path:
-    """The CTranslate2 conversion of ``loaded``, made on first use and reused afterwards.
-
-    It is keyed by a hash of the weights ``loaded`` holds (not of the file, which may have
-    changed since), the model config, the tokenizers and the versions of the converter and of
-    ctranslate2, so a stale conversion is never used (it is replaced, and removed). Written
-    into the checkpoint directory, or where that is read-only into ``mtkit_cache_dir()``
-    (``warn`` says so), through a temporary directory renamed into place whole; it counts once
-    its marker (``CT2_MARKER``, written last) is there, and is used only while every file
-    matches the marker, which is checked on each call, before CTranslate2 reads a byte. A
-    damaged conversion is converted again, or with ``repair`` False raises DamagedConversion.
-    Two processes converting at once each finish their own and the second rename loses to the
-    first, harmlessly. MtkitError when neither place is writable."""
-    require("ctranslate2")
-    name = CT2_PREFIX + _ct2_key(loaded)
-    checkpoint = Path(loaded.path).resolve()
-    # One cache folder per checkpoint path, so that pruning stale conversions stays within it.
-    folder = hashlib.blake2b(str(checkpoint).encode(), digest_size=8).hexdigest()
-    places = [checkpoint, mtkit_cache_dir() / "ctranslate2" / folder]
-    problems = []
-    for number, parent in enumerate(places):
-        target = parent / name
-        if target.is_dir():
-            problem = _conversion_damage(target)
-            if problem is None:
-                return target
-            if (target / CT2_MARKER).exists():
-                if not repair:
-                    raise DamagedConversion(f"{target}: damaged CTranslate2 model ({problem})")
-                warn(f"{target}: damaged CTranslate2 model ({problem}); converting it again")
-        try:
-            _convert_into(loaded, target)
-        except OSError as err:
-            problems.append(f"{parent}: {err.strerror or err}")
-            continue
-        if number:
-            warn(f"{places[0]}: not writable; the CTranslate2 model is in {target}")
-        return target
-    raise MtkitError("cannot store the CTranslate2 model: " + "; ".join(problems))
-
-
-def mtkit_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/mtkit`` (default ``~/.cache/mtkit``)."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "mtkit"
-
-
-def _ct2_key(loaded: Loaded) -> str:
-    """A hash of what the conversion is made from: the weights in memory (names, types, shapes,
-    bytes), the model config, the tokenizer files and the converter's and ctranslate2's versions."""
-    import xxhash
-
-    ctranslate2 = require("ctranslate2")
-    digest = xxhash.xxh3_64()
-    header = {"converter": _CT2_CONVERTER_VERSION, "ctranslate2": ctranslate2.__version__,
-              "model": loaded.config.model.model_dump(mode="json")}
-    digest.update(json.dumps(header, sort_keys=True).encode())
-    for name, tensor in sorted(loaded.model.state_dict().items()):
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    for path in loaded.tokenizers.model_files():
-        digest.update(file_checksum(path).encode())
-    return digest.hexdigest()
-
-
-def _conversion_damage(directory: Path) -> str | None:
-    """None when ``directory`` holds a complete conversion whose files match its marker; else
-    what is wrong, in words."""
-    try:
-        marker = json.loads((directory / CT2_MARKER).read_text(encoding="utf-8"))
-        sizes, checksums = marker["files"], marker["checksums"]
-        if not isinstance(checksums, dict) or not isinstance(sizes, dict) or "model.bin" not in checksums:
-            raise TypeError
-    except FileNotFoundError:
-        return f"incomplete: no {CT2_MARKER}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"unreadable {CT2_MARKER}"
-    for name, checksum in checksums.items():
-        size = sizes.get(name)
-        problem = damage(directory / name, size if isinstance(size, int) else None, str(checksum))
-        if problem is not None:
-            return f"{name} {problem}"
-    return None
-
-
-def _convert_into(loaded: Loaded, target: Path) -> None:
-    """Convert into a temporary directory beside ``target`` and rename it to ``target``,
-    replacing an incomplete or damaged one; a concurrent conversion that got there first wins."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        CTranslate2Exporter().write(loaded, tmp)
-        files = sorted(path.name for path in tmp.iterdir() if path.is_file())
-        for name in files:
-            fsync_path(tmp / name)
-        marker = {"files": {name: (tmp / name).stat().st_size for name in files},
-                  "checksums": {name: file_checksum(tmp / name) for name in files}}
-        # A plain write: the rename of the directory below is the atomic step.
-        (tmp / CT2_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        fsync_path(tmp / CT2_MARKER)
-        tmp.chmod(0o755)
-        if target.exists() and _conversion_damage(target) is not None:
-            aside = target.with_name(f".{target.name}.old-{os.getpid()}")
-            with contextlib.suppress(FileNotFoundError):  # another process moved it first
-                os.replace(target, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if _conversion_damage(target) is not None:
-                raise
-        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-            fsync_path(target.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for stale in target.parent.glob(CT2_PREFIX + "*"):
-        if stale.name != target.name and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 _CT2_ACTIVATIONS = {"relu": "RELU", "gelu": "GELU"}
 
 
@@ -536,8 +398,8 @@ def ctranslate2_spec(loaded: Loaded) -> Any:
     spec.config.eos_token = SPECIAL_PIECES[EOS_ID]
     spec.config.decoder_start_token = SPECIAL_PIECES[BOS_ID]
     spec.config.add_source_eos = True  # mtkit's sources end with EOS (see mtkit.batching)
-    spec.register_source_vocabulary(_pieces(loaded.tokenizers.src.path))
-    spec.register_target_vocabulary(_pieces(loaded.tokenizers.tgt.path))
+    spec.register_source_vocabulary(vocabulary_pieces(loaded.tokenizers.src.path))
+    spec.register_target_vocabulary(vocabulary_pieces(loaded.tokenizers.tgt.path))
     return spec
 
 
@@ -586,7 +448,7 @@ def ctranslate2_generator_spec(loaded: Loaded, model: DecoderOnly) -> Any:
     spec.config.unk_token = SPECIAL_PIECES[UNK_ID]
     spec.config.bos_token = SPECIAL_PIECES[BOS_ID]
     spec.config.eos_token = SPECIAL_PIECES[EOS_ID]
-    spec.register_vocabulary(_pieces(loaded.tokenizers.tgt.path))
+    spec.register_vocabulary(vocabulary_pieces(loaded.tokenizers.tgt.path))
     return spec
 
 
@@ -612,270 +474,3 @@ def _ct2_ffn(spec: Any, layer: EncoderLayer | DecoderLayer | Block) -> None:
     _ct2_norm(spec.layer_norm, layer.final_layer_norm)
 
 
-# --------------------------------------------------------------------------- translating with CTranslate2
-
-
-class CT2Translator:
-    """Text in, text out through a CTranslate2 model exported by mtkit, decoding as mtkit
-    does (``search`` is the CTranslate2 backend of ``mtkit.translate.Translator``): same beam
-    size, n-best, minimum length, length penalty (``length`` form: CTranslate2 divides by
-    length ** lenpen, the EOS counted as mtkit counts it), sampling settings and prefixes, PAD
-    and BOS never generated, at most ``floor(max_len_a * (source_length + 1) + max_len_b)``
-    tokens (the source length counts its EOS, as in ``mtkit.search``). CTranslate2 takes one
-    length limit per call, so with ``exact_lengths`` sentences with different limits go in
-    separate calls (exact); without it a batch uses its longest sentence's limit (for the
-    benchmark's bare baseline). Calls of ``search`` run concurrently on ``inter_threads``
-    threads of ``intra_threads`` each; with ``decode.sampling``, on one thread of
-    ``max(intra_threads, inter_threads)``, so that a seed gives the same samples every run.
-
-    Scores are mtkit's: where CTranslate2 leaves out a prefix's tokens, or the EOS that mtkit
-    forces at the maximum length, the hypothesis is scored again whole (``score_batch``). Both
-    end a sentence's beam search once ``beam`` hypotheses have finished (``mtkit.search`` under
-    the length form). One difference remains: CTranslate2 renormalises the probabilities over
-    the tokens it allows (no PAD, BOS, nor EOS before the minimum length), mtkit does not, so
-    scores differ by the probability the model gives those, and where candidates are that close
-    the two can pick different translations."""
-
-    def __init__(
-        self,
-        model_dir: Path,
-        tokenizers: Any,
-        decode: DecodeConfig,
-        *,
-        device: str = "cpu",
-        device_index: int = 0,
-        compute_type: str = "default",
-        intra_threads: int = 0,
-        inter_threads: int = 1,
-        exact_lengths: bool = True,
-        max_positions: int | None = None,
-    ):
-        ctranslate2 = require("ctranslate2")
-        if decode.sampling and inter_threads > 1:
-            # Each inter thread draws from its own generator (seeded by ctranslate2.set_random_seed
-            # at its first draw) and takes whichever batch comes next: which batch gets which draws
-            # would change from run to run. One thread takes the batches in order instead.
-            intra_threads, inter_threads = max(intra_threads, inter_threads), 1
-        self.translator = ctranslate2.Translator(
-            str(model_dir), device=device, device_index=device_index, compute_type=compute_type,
-            intra_threads=intra_threads, inter_threads=inter_threads,
-        )
-        self.tokenizers, self.decode, self.exact_lengths = tokenizers, decode, exact_lengths
-        self.max_positions = max_positions
-        self.src_pieces = _pieces(tokenizers.src.path)
-        self.tgt_pieces = _pieces(tokenizers.tgt.path)
-        self.tgt_ids = {piece: i for i, piece in enumerate(self.tgt_pieces)}
-
-    def close(self) -> None:
-        """Nothing to release: CTranslate2's threads end with the translator."""
-
-    def max_length(self, source_length: int, floor: int = 0, decode: DecodeConfig | None = None) -> int:
-        """mtkit's output limit (tokens before EOS) for a source of ``source_length`` subwords:
-        at least ``floor`` (the prefix length, the minimum length), at most what the model's
-        positions allow (as ``mtkit.search.max_lengths``)."""
-        d = decode or self.decode
-        limit = max(int(math.floor(d.max_len_a * (source_length + 1) + d.max_len_b)), floor)
-        return limit if self.max_positions is None else min(limit, self.max_positions - 1)
-
-    def translate_ids(self, batch: list[list[int]]) -> list[list[int]]:
-        """Best hypothesis ids (no BOS/EOS) for non-empty source id lists (no BOS/EOS), in order."""
-        limits = [self.max_length(len(ids)) for ids in batch]
-        groups = [list(range(len(batch)))]
-        if self.exact_lengths:
-            groups = [[i for i, limit in enumerate(limits) if limit == value] for value in sorted(set(limits))]
-        out: list[list[int]] = [[] for _ in batch]
-        for rows in groups:
-            results = self.translator.translate_batch(
-                [[self.src_pieces[i] for i in batch[r]] for r in rows],
-                beam_size=self.decode.beam,
-                length_penalty=self.decode.lenpen,
-                max_decoding_length=max(limits[r] for r in rows),
-                min_decoding_length=self.decode.min_len,
-                suppress_sequences=[[SPECIAL_PIECES[PAD_ID]], [SPECIAL_PIECES[BOS_ID]]],
-                return_scores=False,
-            )
-            for r, result in zip(rows, results, strict=True):
-                out[r] = [self.tgt_ids[p] for p in result.hypotheses[0]]
-        return out
-
-    def search(
-        self,
-        batches: list[list[list[int]]],
-        prefixes: list[list[list[int]]] | None = None,
-        decode: DecodeConfig | None = None,
-    ) -> list[list[Hypothesis]]:
-        """Per sentence of ``batches`` (each a list of non-empty source id lists, no EOS), its
-        n-best ``Hypothesis`` list, best first, as ``mtkit.search`` returns them; the sentences
-        in order, batch after batch. ``prefixes``: per batch, per sentence, target ids the
-        output starts with ([] for none). All batches are submitted at once, so that they run
-        concurrently on the translator's ``inter_threads``."""
-        d = decode or self.decode
-        sources = [ids for batch in batches for ids in batch]
-        forced = [ids for batch in prefixes for ids in batch] if prefixes is not None else [[] for _ in sources]
-        # A sentence's limit: CTranslate2 takes one per call, so each batch is cut into runs
-        # of equal limit (sorted batches hold few distinct lengths).
-        groups: dict[tuple[int, int], list[int]] = {}
-        start = 0
-        for number, batch in enumerate(batches):
-            for row in range(start, start + len(batch)):
-                limit = self.max_length(len(sources[row]), max(len(forced[row]), d.min_len), d)
-                groups.setdefault((number, limit), []).append(row)
-            start += len(batch)
-        # Prefix tokens count in mtkit's score but not in CTranslate2's: the beam's candidates
-        # are the same (every one holds the prefix), but ranking them with the prefix's log-
-        # probability added needs them all.
-        rescore = any(forced) and d.lenpen != 0 and not d.sampling and d.nbest < d.beam
-        options: dict[str, Any] = dict(
-            beam_size=1 if d.sampling else d.beam,
-            num_hypotheses=d.beam if rescore else d.nbest,
-            length_penalty=d.lenpen,
-            min_decoding_length=d.min_len,
-            suppress_sequences=[[SPECIAL_PIECES[PAD_ID]], [SPECIAL_PIECES[BOS_ID]]],
-            disable_unk=not d.allow_unk,
-            return_end_token=True,  # the length that the penalty divides by counts the EOS
-            return_scores=True,
-            max_input_length=0,  # mtkit.translate already truncated the source
-        )
-        if d.sampling:
-            options.update(sampling_topk=d.top_k, sampling_topp=d.top_p, sampling_temperature=d.temperature)
-        pending = []
-        for (_, limit), rows in groups.items():
-            target_prefix = [[self.tgt_pieces[i] for i in forced[r]] or None for r in rows]
-            pending.append((rows, self.translator.translate_batch(
-                [[self.src_pieces[i] for i in sources[r]] for r in rows],
-                target_prefix=target_prefix if any(target_prefix) else None,
-                max_decoding_length=limit, asynchronous=True, **options,
-            )))
-        found: list[list[tuple[list[str], float]]] = [[] for _ in sources]
-        for rows, results in pending:
-            for row, pending_result in zip(rows, results, strict=True):
-                result = pending_result.result()
-                found[row] = list(zip(result.hypotheses, result.scores, strict=True))
-        # mtkit's score counts what CTranslate2's leaves out: a prefix's tokens, and the EOS that
-        # mtkit forces at the maximum length. Those hypotheses are scored again, whole.
-        eos = SPECIAL_PIECES[EOS_ID]
-        redo = [(row, k) for row, hyps in enumerate(found) for k, (pieces, _) in enumerate(hyps)
-                if forced[row] or not pieces or pieces[-1] != eos]
-        rescored = self._logprobs([sources[row] for row, _ in redo],
-                                  [found[row][k][0] for row, k in redo]) if redo else []
-        exact = dict(zip(redo, rescored, strict=True))
-        out: list[list[Hypothesis]] = [[] for _ in sources]
-        for row, hyps in enumerate(found):
-            mine = []
-            for k, (pieces, score) in enumerate(hyps):
-                ended = bool(pieces) and pieces[-1] == eos
-                tokens = [self.tgt_ids[p] for p in (pieces[:-1] if ended else pieces)]
-                logprob = exact.get((row, k), score * len(pieces) ** d.lenpen)
-                mine.append(Hypothesis(tokens, logprob / (len(tokens) + 1) ** d.lenpen))
-            out[row] = sorted(mine, key=lambda h: -h.score)[: d.nbest]
-        return out
-
-    def _logprobs(self, sources: list[list[int]], targets: list[list[str]]) -> list[float]:
-        """The log-probability of each target (pieces, an EOS at the end or not) followed by EOS."""
-        eos = SPECIAL_PIECES[EOS_ID]
-        bare = [t[:-1] if t and t[-1] == eos else t for t in targets]
-        scored = self.translator.score_batch([[self.src_pieces[i] for i in ids] for ids in sources], bare)
-        return [float(sum(result.log_probs)) for result in scored]  # its last is the EOS's
-
-    def translate(self, lines: list[str], batch_size: int = 32) -> list[str]:
-        """The best translation of each line, in input order (empty lines stay empty)."""
-        ids = self.tokenizers.src.encode(lines)
-        out: list[list[int]] = [[] for _ in ids]
-        todo = [i for i, x in enumerate(ids) if x]
-        for start in range(0, len(todo), batch_size):
-            rows = todo[start : start + batch_size]
-            for row, hyp in zip(rows, self.translate_ids([ids[r] for r in rows]), strict=True):
-                out[row] = hyp
-        return self.tokenizers.tgt.decode(out)
-
-
-class CT2Generator(CT2Translator):
-    """``CT2Translator`` for a decoder-only model exported as a CTranslate2 ``Generator``: each
-    source is the prompt ``source </s> <s>``, and generation continues after it. A batch holds
-    sources of one length with ``exact_lengths`` (CTranslate2 forwards a batch's prompts at
-    once only up to the shortest), else of any length under the longest one's limit."""
-
-    def __init__(
-        self,
-        model_dir: Path,
-        tokenizers: Any,
-        decode: DecodeConfig,
-        *,
-        compute_type: str = "default",
-        intra_threads: int = 0,
-        exact_lengths: bool = True,
-    ):
-        ctranslate2 = require("ctranslate2")
-        self.generator = ctranslate2.Generator(
-            str(model_dir), device="cpu", compute_type=compute_type, intra_threads=intra_threads, inter_threads=1
-        )
-        self.tokenizers, self.decode, self.exact_lengths = tokenizers, decode, exact_lengths
-        self.max_positions = None  # the prompt shares the positions: CTranslate2 stops at the end
-        self.src_pieces = _pieces(tokenizers.src.path)
-        self.tgt_ids = {piece: i for i, piece in enumerate(_pieces(tokenizers.tgt.path))}
-
-    def translate_ids(self, batch: list[list[int]]) -> list[list[int]]:
-        """Best hypothesis ids (no BOS/EOS) for non-empty source id lists (no BOS/EOS), in order."""
-        groups = [list(range(len(batch)))]
-        if self.exact_lengths:
-            groups = [[i for i, ids in enumerate(batch) if len(ids) == n] for n in sorted({len(ids) for ids in batch})]
-        prompt_end = [SPECIAL_PIECES[EOS_ID], SPECIAL_PIECES[BOS_ID]]
-        out: list[list[int]] = [[] for _ in batch]
-        for rows in groups:
-            results = self.generator.generate_batch(
-                [[self.src_pieces[i] for i in batch[r]] + prompt_end for r in rows],
-                beam_size=self.decode.beam,
-                length_penalty=self.decode.lenpen,
-                max_length=max(self.max_length(len(batch[r])) for r in rows),
-                min_length=self.decode.min_len,
-                suppress_sequences=[[SPECIAL_PIECES[PAD_ID]], [SPECIAL_PIECES[BOS_ID]]],
-                include_prompt_in_result=False,
-                return_scores=False,
-            )
-            for r, result in zip(rows, results, strict=True):
-                out[r] = [self.tgt_ids[p] for p in result.sequences[0]]
-        return out
-
-
-@dataclass
-class Parity:
-    """How often mtkit and CTranslate2 produce the same translation of the same lines."""
-
-    sentences: int
-    greedy_identical: float
-    beam: int
-    beam_identical: float
-    differences: list[tuple[str, str, str]] = field(default_factory=list)
-    """Up to three ``(source, mtkit, ctranslate2)`` beam-search examples that differ."""
-
-
-def ct2_parity(loaded: Loaded, model_dir: Path, lines: list[str], compute_type: str = "default") -> Parity:
-    """Translate ``lines`` with mtkit and with the CTranslate2 model in ``model_dir``, both
-    greedily and with the run's beam settings, and count identical outputs."""
-    from mtkit.translate import Translator
-
-    decode = loaded.config.decode.model_copy(update={"sampling": False, "nbest": 1})
-    greedy = decode.model_copy(update={"beam": 1})
-    shares, outputs = {}, {}
-    for name, settings in (("greedy", greedy), ("beam", decode)):
-        ours = Translator(loaded.model, loaded.tokenizers, settings).translate(lines)
-        runtime = CT2Generator if isinstance(loaded.model, DecoderOnly) else CT2Translator
-        theirs = runtime(model_dir, loaded.tokenizers, settings, compute_type=compute_type).translate(lines)
-        shares[name] = sum(a == b for a, b in zip(ours, theirs, strict=True)) / max(len(lines), 1)
-        outputs[name] = (ours, theirs)
-    ours, theirs = outputs["beam"]
-    differences = [(s, a, b) for s, a, b in zip(lines, ours, theirs, strict=True) if a != b][:3]
-    return Parity(len(lines), shares["greedy"], decode.beam, shares["beam"], differences)
-
-
-SAMPLE_SENTENCES = [
-    "A man in an orange hat starring at something.",
-    "Two young children are playing in the sand on a beach.",
-    "A group of people stand in front of an igloo.",
-    "A woman is riding a bicycle down a busy city street.",
-    "A black dog runs through the grass with a ball in its mouth.",
-    "Several men in hard hats are operating a giant pulley system.",
-    "A little girl climbs into a wooden playhouse.",
-    "People are walking along the beach at sunset.",
-]
-"""Default parity sample: short descriptive English (Multi30k-like) sentences."""

@@ -22,7 +22,6 @@ aside to ``checkpoints.{key}/`` with its logs, never deleted.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import io
@@ -612,11 +611,11 @@ def select_final_model(config: Config) -> dict:
 
 class _ValidationScorer:
     """Loss, BLEU and chrF of a checkpoint on the whole validation set, computed as training
-    validates (``mtkit.train.validation_loss`` and ``validation_bleu``)."""
+    validates (``mtkit.evaluate.validation_loss`` and ``validation_bleu``)."""
 
     def __init__(self, config: Config):
+        from mtkit.experiment import load_experiment
         from mtkit.runtime import setup_runtime
-        from mtkit.train import load_experiment
 
         self.config = config.model_copy(deep=True)
         self.config.train.valid_max_sentences = None
@@ -626,7 +625,7 @@ class _ValidationScorer:
 
     def __call__(self, directory: Path) -> dict:
         from mtkit.checkpoint import load_for_inference
-        from mtkit.train import validation_bleu, validation_loss
+        from mtkit.evaluate import validation_bleu, validation_loss
 
         model = load_for_inference(directory, device=str(self.runtime.device)).model
         metrics: dict = {}
@@ -645,19 +644,14 @@ def translate_test_set(config: Config) -> Path:
     ``mtkit translate`` would use (named on stderr); write hypotheses and references."""
     import torch
 
-    from mtkit.backend import open_backend
-    from mtkit.checkpoint import load_for_inference
     from mtkit.data import load_split
-    from mtkit.translate import Translator
+    from mtkit.engines import open_translator
 
     exp = ExperimentDir(config.experiment.dir)
     test = load_split(exp.root, "test")
-    loaded = load_for_inference(exp.root, device=_device(config))
-    engine = open_backend(loaded, config.decode, _device(config), threads=config.train.threads,
-                          workers=config.train.threads or torch.get_num_threads(), seed=config.experiment.seed,
-                          say=_say, warn=lambda m: _say(f"warning: {m}"))
-    translator = Translator(loaded.model, loaded.tokenizers, config.decode, device=_device(config), backend=engine)
-    with contextlib.closing(engine):
+    with open_translator(exp.root, config.decode, _device(config), threads=config.train.threads,
+                         workers=config.train.threads or torch.get_num_threads(), seed=config.experiment.seed,
+                         say=_say, warn=lambda m: _say(f"warning: {m}")) as translator:
         hyps = translator.translate(list(test["src"]))
     lang = config.data.tgt_lang
     atomic_write_text(exp.test_references(lang), "".join(line + "\n" for line in test["tgt"]))

@@ -1,4 +1,4 @@
-"""Training: the loop, its loss, optimiser, schedule, validation and progress reports.
+"""Training: the loop, its optimiser, schedule, validation and progress reports.
 
 ``train(config, resume=..., init_from=...)`` reads the prepared data and tokenizer of an
 experiment and trains until ``train.max_steps`` / ``max_epochs`` / ``max_minutes``, early
@@ -7,7 +7,9 @@ stopping, or a signal (SIGINT/SIGTERM save a checkpoint and return). The loop it
 one ``Run`` (config, data, model, optimizer, state, ...) that ``_start`` sets up. The trainer
 decides when to stop, early stopping included; progress reports (stderr, TensorBoard,
 train_log.jsonl) are ``mtkit.progress.Reporter``; the checkpoint directory, resuming and what
-a checkpoint's training state holds are ``mtkit.checkpoint``'s; the device is ``mtkit.runtime``'s.
+a checkpoint's training state holds are ``mtkit.checkpoint``'s; the device is ``mtkit.runtime``'s;
+the loss is ``mtkit.loss``'s, the prepared data ``mtkit.experiment``'s and validation's
+scores ``mtkit.evaluate``'s.
 
 Under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK in the environment) every rank builds the same
 seeded batch order and takes its share of each update's batches; gradients are summed over
@@ -25,7 +27,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mtkit.architectures import Model, build_model
-from mtkit.batching import Batch, TokenizedCorpus, epoch_batches, padding_ratio, sorted_batches
+from mtkit.batching import Batch, TokenizedCorpus, epoch_batches, padding_ratio
 from mtkit.checkpoint import (
     TrainState,
     checkpoints_dir,
@@ -49,11 +50,12 @@ from mtkit.checkpoint import (
     save_checkpoint,
 )
 from mtkit.config import Config, TrainConfig
-from mtkit.decoder_only import DecoderOnly
 from mtkit.errors import MtkitError, Stopped
+from mtkit.evaluate import validation_bleu, validation_loss
+from mtkit.experiment import Experiment, SubwordSampling, load_experiment
+from mtkit.loss import TranslationLoss
 from mtkit.progress import Reporter
 from mtkit.runtime import Runtime, setup_runtime
-from mtkit.vocab import PAD_ID
 
 # --------------------------------------------------------------------------- pieces with their own tests
 
@@ -88,106 +90,6 @@ def run_progress(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
     if cfg.max_minutes is not None:
         progress = max(progress, elapsed_s / (cfg.max_minutes * 60))
     return min(1.0, progress)
-
-
-@torch.compiler.disable  # the chunk loop's length follows the batch: compiling it would recompile each step
-def smoothed_nll(hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
-    """Summed label-smoothed cross-entropy and summed NLL of the logits ``hidden @ weight.T``
-    against ``target`` ``(N,)`` (``hidden`` ``(N, d)``: padding already removed; ``weight``
-    ``(V, d)``: the output projection). Smoothing spreads ``smoothing`` of the probability mass
-    uniformly over the vocabulary, as ``F.cross_entropy`` does. Only the first value carries a
-    gradient. The projection runs in the autocast dtype when autocast is on, the softmax in
-    float32, as ``F.cross_entropy`` on autocast logits would."""
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ProjectedCrossEntropy.apply(hidden, weight, target, smoothing, dtype, need_grad)
-
-
-# Rows of logits handled at once: on a CPU a chunk of float32 logits fits in the L2 cache (2 MiB),
-# so the softmax's passes over it run from cache; a GPU takes large chunks (fewer launches).
-_CHUNK_ELEMENTS = {"cpu": 1 << 19}
-_GPU_CHUNK_ELEMENTS = 1 << 25
-
-
-class _ProjectedCrossEntropy(torch.autograd.Function):
-    """The output projection and the loss, a chunk of rows at a time, never holding the
-    ``(N, V)`` float32 logits.
-
-    Forward computes each chunk's logits, its log-sum-exp and the gradient with respect to the
-    logits, ``softmax - (1 - s) * onehot(target) - s / V``, which it keeps in the projection's
-    dtype (the dtype the backward matrix products take anyway). Backward is then two matrix
-    products. The smoothing term needs each row's mean logit: ``hidden @ weight.mean(0)``.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float, dtype: torch.dtype,
-                need_grad: bool) -> tuple[Tensor, Tensor]:
-        with torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(dtype), weight.to(dtype)
-            n, vocab = h.shape[0], w.shape[0]
-            rows = max(1, _CHUNK_ELEMENTS.get(h.device.type, _GPU_CHUNK_ELEMENTS) // vocab)
-            grad = torch.empty(n, vocab, dtype=dtype, device=h.device) if need_grad else None
-            lse = torch.empty(n, dtype=torch.float32, device=h.device)
-            picked = torch.empty_like(lse)
-            for start in range(0, n, rows):
-                end = min(n, start + rows)
-                index = torch.arange(end - start, device=h.device)
-                tgt = target[start:end]
-                logits = torch.mm(h[start:end], w.t()).float()
-                picked[start:end] = logits[index, tgt]
-                top = logits.amax(dim=1, keepdim=True)
-                exp = logits.sub_(top).exp_()  # in place: the logits are not needed again
-                total = exp.sum(dim=1, keepdim=True)
-                lse[start:end] = (top + total.log()).squeeze(1)
-                if grad is not None:
-                    exp.mul_(total.reciprocal_()).sub_(smoothing / vocab)
-                    exp[index, tgt] -= 1.0 - smoothing  # in float32: p_t - (1 - s) can be small
-                    grad[start:end] = exp
-            mean_logit = h.float() @ weight.float().mean(dim=0)
-            nll = (lse - picked).sum()
-            uniform = (lse - mean_logit).sum()
-        ctx.save_for_backward(grad, h, w)
-        ctx.dtypes = hidden.dtype, weight.dtype
-        ctx.mark_non_differentiable(nll)
-        return (1.0 - smoothing) * nll + smoothing * uniform, nll
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_nll: Tensor) -> tuple[Tensor | None, ...]:
-        grad, h, w = ctx.saved_tensors
-        hidden_dtype, weight_dtype = ctx.dtypes
-        grad_hidden = torch.mm(grad, w).float().mul_(grad_loss).to(hidden_dtype)
-        grad_weight = torch.mm(grad.t(), h).float().mul_(grad_loss).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
-
-
-class TranslationLoss(nn.Module):
-    """The model plus its loss, so one module (what DDP and torch.compile wrap) maps a batch
-    to ``(loss_sum, nll_sum)``. Logits are computed only at non-padding target positions.
-
-    ``source_weight`` > 0 (a causal decoder-only model, ``train.source_loss_weight``) adds that
-    times the loss of predicting each source token from the ones before it; ``nll_sum`` stays
-    the target's, so validation loss and perplexity compare across architectures."""
-
-    def __init__(self, model: Model, smoothing: float, source_weight: float = 0.0):
-        super().__init__()
-        self.model, self.smoothing, self.source_weight = model, smoothing, source_weight
-
-    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> tuple[Tensor, Tensor]:
-        keep = tgt_out != PAD_ID
-        if not self.source_weight:
-            hidden = self.model.features(src, tgt_in)[keep]
-            return smoothed_nll(hidden, self.model.output_proj.weight, tgt_out[keep], self.smoothing)
-        model = cast(DecoderOnly, self.model)
-        sequence = model.sequence_features(src, tgt_in)
-        source_len = src.shape[1]
-        weight = model.output_proj.weight
-        loss, nll = smoothed_nll(sequence[:, source_len:][keep], weight, tgt_out[keep], self.smoothing)
-        # Source position i predicts source token i + 1 (the first has nothing before it).
-        predicts = src[:, 1:] != PAD_ID
-        source_loss, _ = smoothed_nll(sequence[:, : source_len - 1][predicts], weight, src[:, 1:][predicts],
-                                      self.smoothing)
-        return loss + self.source_weight * source_loss, nll
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -264,114 +166,6 @@ class TrainResult:
         """The error that ends a command whose training a signal stopped; ``then``: how to go on."""
         return Stopped(self.reason, f"stopped by {self.reason} at step {self.state.step}; checkpoint saved in "
                                     f"{self.checkpoint}; {then}")
-
-
-@dataclass
-class Experiment:
-    """What the loop works on, loaded and checked before the first step."""
-
-    config: Config
-    tokenizers: Any
-    train: TokenizedCorpus
-    valid: TokenizedCorpus | None
-    valid_text: tuple[list[str], list[str]] | None  # source lines, references
-    sampling: SubwordSampling | None = None  # train.subword_alpha > 0
-
-
-def load_experiment(config: Config) -> Experiment:
-    """Tokenizer and prepared data; refuses data prepared with another tokenizer and a
-    ``max_tokens`` too small for the longest training pair."""
-    from mtkit.data import load_split, prepared_fingerprint
-    from mtkit.tokenizer import Tokenizers, tokenizer_dir
-
-    exp_dir = config.experiment.dir
-    tokenizers = Tokenizers.load(tokenizer_dir(config))
-    if prepared_fingerprint(exp_dir) != tokenizers.fingerprint():
-        raise MtkitError(
-            f"{exp_dir / 'data'}: prepared with a different tokenizer than {tokenizer_dir(config)}; "
-            "run `mtkit prepare -c CONFIG` again"
-        )
-    train_split = load_split(exp_dir, "train")
-    train = TokenizedCorpus.from_dataset(train_split)
-    if len(train) == 0:
-        raise MtkitError(f"{exp_dir / 'data' / 'train.arrow'}: no training pairs")
-    longest = int(train.sizes.max())
-    if longest > config.train.max_tokens:
-        raise MtkitError(
-            f"train.max_tokens={config.train.max_tokens} is smaller than the longest training pair "
-            f"({longest} tokens with BOS/EOS); raise train.max_tokens or lower data.max_len and prepare again"
-        )
-    positions = positions_needed(config, train.src_lens, train.tgt_lens)
-    if int(positions.max()) > config.model.max_positions:
-        raise MtkitError(
-            f"model.max_positions={config.model.max_positions} is smaller than the longest training pair "
-            f"({int(positions.max())} positions); raise it or lower data.max_len and prepare again"
-        )
-    valid = valid_text = None
-    if config.data.valid is not None:
-        split = load_split(exp_dir, "valid")
-        if len(split) == 0:
-            raise MtkitError(f"{exp_dir / 'data' / 'valid.arrow'}: no validation pairs; fix data.valid or remove it")
-        valid_text = (list(split["src"]), list(split["tgt"]))
-        # Validation pairs are kept line-exact by prepare; the loss leaves out those the model
-        # cannot take (BLEU still translates them, truncated, as `mtkit translate` would).
-        needed = positions_needed(config, np.asarray(split["src_len"]), np.asarray(split["tgt_len"]))
-        fits = np.flatnonzero(needed <= config.model.max_positions).tolist()
-        if len(fits) < len(split):
-            warnings.warn(f"{len(split) - len(fits)} validation pairs exceed model.max_positions="
-                          f"{config.model.max_positions}; the validation loss leaves them out", stacklevel=1)
-            split = split.select(fits)
-        valid = TokenizedCorpus.from_dataset(split) if len(split) else None
-    sampling = None
-    if config.train.subword_alpha > 0:
-        sampling = SubwordSampling(config, tokenizers, train_split, train)
-    return Experiment(config, tokenizers, train, valid, valid_text, sampling)
-
-
-def positions_needed(config: Config, src_lens: np.ndarray, tgt_lens: np.ndarray) -> np.ndarray:
-    """``(N,)`` positions each pair takes in the model (lengths without BOS/EOS): its longer
-    side with BOS/EOS, or, in a decoder-only model whose target positions continue after the
-    source, both sides with theirs."""
-    model = config.model
-    if model.arch == "decoder_only" and model.target_positions == "continue":
-        return src_lens + tgt_lens + 2
-    return np.maximum(src_lens, tgt_lens) + 1
-
-
-class SubwordSampling:
-    """Subword regularisation (``train.subword_alpha``): each epoch's training corpus is the
-    text prepare stored, segmented anew by SentencePiece's sampling, seeded by the experiment's
-    seed and the epoch (so a resumed run, and every rank, draws the same segmentations). A pair
-    whose drawn segmentation no longer fits the model's positions or one batch keeps its
-    best segmentation (``best``, the corpus prepare encoded)."""
-
-    CHUNK = 10_000  # rows of text read and encoded at a time
-
-    def __init__(self, config: Config, tokenizers: Any, split: Any, best: TokenizedCorpus):
-        self.config, self.tokenizers, self.split, self.best = config, tokenizers, split, best
-
-    def corpus(self, epoch: int) -> TokenizedCorpus:
-        cfg = self.config.train
-        parts: list[TokenizedCorpus] = []
-        for number, start in enumerate(range(0, len(self.split), self.CHUNK)):
-            rows = self.split.table.slice(start, self.CHUNK)
-            # Seeded for each chunk, so that a chunk's draw follows from (seed, epoch, chunk).
-            seeds = np.random.SeedSequence([self.config.experiment.seed, epoch, number]).generate_state(2)
-            src, tgt = (tokenizer.sample(rows.column(side).to_pylist(), cfg.subword_alpha, cfg.subword_nbest,
-                                         int(seed))
-                        for tokenizer, side, seed in ((self.tokenizers.src, "src", seeds[0]),
-                                                      (self.tokenizers.tgt, "tgt", seeds[1])))
-            src_lens, tgt_lens = _lengths(src), _lengths(tgt)
-            too_big = ((positions_needed(self.config, src_lens, tgt_lens) > self.config.model.max_positions)
-                       | (np.maximum(src_lens, tgt_lens) + 1 > cfg.max_tokens))
-            for row in np.flatnonzero(too_big).tolist():
-                src[row], tgt[row] = self.best.ids(start + row)
-            parts.append(TokenizedCorpus.from_lists(src, tgt))
-        return TokenizedCorpus.concatenate(parts)
-
-
-def _lengths(rows: list[list[int]]) -> np.ndarray:
-    return np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -622,45 +416,6 @@ class EpochPlan:
 
 
 # --------------------------------------------------------------------------- validation and checkpoints
-
-
-@torch.no_grad()
-def validation_loss(model: Model, corpus: TokenizedCorpus, max_tokens: int, runtime: Runtime) -> dict[str, float]:
-    """Per-token NLL (``loss``) and perplexity of ``corpus``, without label smoothing."""
-    model.eval()
-    loss_fn = TranslationLoss(model, smoothing=0.0)
-    nll = tokens = 0.0
-    for ids in sorted_batches(corpus, max(max_tokens, int(corpus.sizes.max()))):
-        batch = corpus.batch(ids).to(runtime.device)
-        with torch.no_grad(), runtime.autocast():  # no graph: nothing is kept for a backward
-            _, batch_nll = loss_fn(batch.src, batch.tgt_in, batch.tgt_out)
-        nll += float(batch_nll)
-        tokens += batch.target_tokens
-    model.train()
-    loss = nll / max(tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 100.0))}
-
-
-def validation_bleu(config: Config, exp: Experiment, model: Model, runtime: Runtime) -> dict[str, Any]:
-    """BLEU and chrF of the validation set decoded exactly as ``mtkit translate`` would."""
-    from mtkit.score import score
-    from mtkit.translate import Translator
-
-    if exp.valid_text is None:
-        raise ValueError("validation_bleu needs an experiment with validation data")
-    sources, references = exp.valid_text
-    limit = config.train.valid_max_sentences or len(sources)
-    model.eval()
-    with torch.no_grad():
-        translator = Translator(model, exp.tokenizers, config.decode, runtime.device, seed=config.experiment.seed)
-        hyps = translator.translate(sources[:limit])
-    model.train()
-    results = score(hyps, [references[:limit]], metrics=("bleu", "chrf"), tgt_lang=config.data.tgt_lang)
-    metrics: dict[str, Any] = {"sentences": limit}
-    for key, metric in zip(("bleu", "chrf"), results, strict=True):
-        metrics[key] = metric.score
-        metrics[f"{key}_signature"] = metric.signature
-    return metrics
 
 
 def _checkpoint(run: Run, validate: bool, final: bool = False) -> Path:

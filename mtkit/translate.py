@@ -2,8 +2,9 @@
 
 ``Translator.translate(lines)`` is what training's validation and ``mtkit translate`` both
 use, so a validation BLEU is the BLEU that ``mtkit translate | mtkit score`` would give (with
-the PyTorch backend; ``mtkit.backend`` chooses the one that ``mtkit translate``, the pipeline's
-test translation and ``mtkit serve`` use, and says which).
+the PyTorch engine; ``mtkit.engines.open_translator`` builds the ``Translator`` that
+``mtkit translate``, the pipeline's test translation, ``mtkit serve`` and ``mtkit compare`` use,
+on the engine ``decode.backend`` picks, and says which).
 
 Input lines (and prefixes) are normalised as ``mtkit prepare`` normalises corpora
 (``mtkit.corpus.normalize``: control characters out, whitespace runs to one space), so the
@@ -34,10 +35,10 @@ from mtkit.batching import pack
 from mtkit.config import DecodeConfig
 from mtkit.corpus import normalize
 from mtkit.decoder_only import DecoderOnly
+from mtkit.engines.pytorch import TorchBackend
 from mtkit.errors import MtkitError
 from mtkit.runtime import Shard
 from mtkit.search import Hypothesis
-from mtkit.torch_backend import TorchBackend
 
 if TYPE_CHECKING:
     from mtkit.tokenizer import Tokenizers
@@ -68,8 +69,8 @@ OUTPUT_FORMATS = ("text", "jsonl")
 
 
 class SearchBackend(Protocol):
-    """The engine of ``Translator``'s search: ``mtkit.torch_backend.TorchBackend`` or
-    ``mtkit.export.CT2Translator``."""
+    """The engine of ``Translator``'s search: ``mtkit.engines.pytorch.TorchBackend`` or
+    ``mtkit.engines.ctranslate2.CT2Translator``."""
 
     def search(
         self, batches: list[list[list[int]]], prefixes: list[list[list[int]]] | None, decode: DecodeConfig
@@ -105,7 +106,8 @@ class Translator:
     warn: called with a one-line message for each truncated line (default: logging).
     seed: seeds sampling (only used with ``decode.sampling``).
     backend: runs the search (default: mtkit's own search on ``model``, in this process, seeded
-    by ``seed``); built by ``mtkit.backend.open_backend``, which also seeds its sampling.
+    by ``seed``); built by ``mtkit.engines.open_engine``, which also seeds its sampling.
+    ``mtkit.engines.open_translator`` builds the whole Translator for a run or checkpoint.
     """
 
     def __init__(
@@ -133,16 +135,18 @@ class Translator:
 
     # ------------------------------------------------------------------ public
 
-    def translate(self, lines: list[str]) -> list[str]:
+    def translate(self, lines: list[str], *, beam: int | None = None) -> list[str]:
         """The best translation of each line, in input order."""
-        return [t.text for t in self.translate_lines(lines)]
+        return [t.text for t in self.translate_lines(lines, beam=beam)]
 
     def translate_lines(
-        self, lines: list[str], prefixes: list[str] | None = None, first_line: int = 1, line_step: int = 1
+        self, lines: list[str], prefixes: list[str] | None = None, first_line: int = 1, line_step: int = 1, *,
+        nbest: int | None = None, beam: int | None = None,
     ) -> list[Translation]:
         """One ``Translation`` per line, in input order. ``prefixes``: per line, text the
         translation must start with ('' for none). Warnings number line ``i`` of ``lines`` as
-        ``first_line + i * line_step``."""
+        ``first_line + i * line_step``. ``nbest``, ``beam``: this call's, over ``decode``'s."""
+        decode = self._settings(nbest, beam)
         if prefixes is not None and len(prefixes) != len(lines):
             raise ValueError(f"{len(prefixes)} prefixes for {len(lines)} lines")
         numbers = range(first_line, first_line + len(lines) * line_step, line_step)
@@ -158,16 +162,16 @@ class Translator:
         todo = [i for i, ids in enumerate(src_ids) if ids]
         lengths = np.array([len(src_ids[i]) + 1 for i in todo], dtype=np.int64)
         order = np.argsort(lengths, kind="stable")  # stable: equal lengths keep input order
-        batches = [[todo[i] for i in batch] for batch in pack(lengths, order, self.decode.batch_tokens,
-                                                              oversized="alone", max_items=self.decode.batch_sentences)]
+        batches = [[todo[i] for i in batch] for batch in pack(lengths, order, decode.batch_tokens,
+                                                              oversized="alone", max_items=decode.batch_sentences)]
         # Every batch at once: a backend may run them concurrently.
         hyps = self.backend.search([[src_ids[r] for r in rows] for rows in batches],
                                    [[prefix_ids[r] for r in rows] for rows in batches] if prefix_ids else None,
-                                   self.decode)
+                                   decode)
         # One call decodes every hypothesis: SentencePiece's batch API has a cost per call.
-        texts = iter(self.tokenizers.tgt.decode([h.tokens for nbest in hyps for h in nbest]))
-        for row, nbest in zip([r for rows in batches for r in rows], hyps, strict=True):
-            pairs = [(one_line(next(texts)), h.score) for h in nbest]
+        texts = iter(self.tokenizers.tgt.decode([h.tokens for found in hyps for h in found]))
+        for row, found in zip([r for rows in batches for r in rows], hyps, strict=True):
+            pairs = [(one_line(next(texts)), h.score) for h in found]
             if pairs:
                 results[row] = Translation(pairs[0][0], pairs[0][1], pairs)
         return results
@@ -221,7 +225,25 @@ class Translator:
         """Run the configured search on sentences of subword ids (no EOS, none empty)."""
         return self.backend.search([src_ids], [prefix_ids] if prefix_ids is not None else None, self.decode)
 
+    def close(self) -> None:
+        """Stop what the engine started (worker processes)."""
+        self.backend.close()
+
+    def __enter__(self) -> Translator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ internals
+
+    def _settings(self, nbest: int | None, beam: int | None) -> DecodeConfig:
+        """``decode`` with this call's n-best and beam size (checked as the config checks them)."""
+        update = {key: value for key, value in (("nbest", nbest), ("beam", beam))
+                  if value is not None and value != getattr(self.decode, key)}
+        if not update:
+            return self.decode
+        return DecodeConfig.model_validate({**self.decode.model_dump(), **update})
 
     def _encode_prefixes(self, prefixes: list[str], numbers: Iterable[int]) -> list[list[int]]:
         limit = self.model.cfg.max_positions - 1

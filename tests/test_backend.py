@@ -1,4 +1,4 @@
-"""The search backends (mtkit.backend): what ``auto`` picks and says, the CTranslate2 conversion
+"""The search backends (mtkit.engines): what ``auto`` picks and says, the CTranslate2 conversion
 made on first use (reused, rebuilt when stale, written atomically, elsewhere when the checkpoint
 is read-only), ``compute_type: auto``'s stored measurement, the length-penalty forms, and the
 settings both backends must honour alike. The tests that translate text the same way with
@@ -17,15 +17,16 @@ import torch
 from helpers.backends import make_translator, needs_ct2
 from typer.testing import CliRunner
 
-from mtkit import export
-from mtkit.backend import RECORD, open_backend
 from mtkit.checkpoint import load_for_inference, save_checkpoint
 from mtkit.cli import app
 from mtkit.config import Config, DecodeConfig, EvalCorpusConfig, ModelConfig, TokenizerConfig
+from mtkit.engines import ctranslate2 as ct2engine
+from mtkit.engines import open_engine
+from mtkit.engines.precision import RECORD, TORCH_RECORD
+from mtkit.engines.pytorch import DTYPES, TorchBackend
 from mtkit.errors import MtkitError
 from mtkit.model import Transformer
 from mtkit.tokenizer import train_tokenizers
-from mtkit.torch_backend import DTYPES, TorchBackend
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "red", "big", "small", "house", "tree", "runs", "walks"]
 WORDS += ["blue", "green", "man", "woman"]
@@ -88,20 +89,24 @@ def invoke(args, input=None):
 
 
 def conversions(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith((export.CT2_PREFIX, ".")))
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith((ct2engine.CT2_PREFIX, ".")))
 
 
 # --------------------------------------------------------------------------- auto, conversion, compute type
 
 
 @needs_ct2
-def test_auto_converts_once_measures_int8_once_and_says_so_in_one_line(checkpoint, run_dir, tmp_path):
+def test_auto_converts_once_measures_int8_once_and_says_so(checkpoint, run_dir, tmp_path):
+    """The first translation says that it measures before it does, then the choice in one line;
+    int8 is kept only if it holds BLEU and is faster; later translations say the choice only."""
     mine = tmp_path / "mine.yaml"
     mine.write_text(json.dumps({"data": {"valid": user_valid(run_dir)}}))  # JSON is YAML
     first = invoke(["translate", "-m", str(checkpoint), "-c", str(mine)], input="the cat\n\nred dog\n")
     assert first.exit_code == 0, first.output
     assert first.stdout.count("\n") == 3
-    said = first.stderr.splitlines()
+    announced, said = first.stderr.splitlines()[:-1], first.stderr.splitlines()[-1:]
+    assert len(announced) == 1 and announced[0].startswith("mtkit: compute type: checking int8 against float32 on "
+                                                           "30 sentences of data.valid"), first.stderr
     assert len(said) == 1 and said[0].startswith("mtkit: backend: ctranslate2 "), first.stderr
     assert "on 30 validation sentences, measured now" in said[0]
     [name] = conversions(checkpoint)
@@ -109,7 +114,9 @@ def test_auto_converts_once_measures_int8_once_and_says_so_in_one_line(checkpoin
     assert (converted / "model.bin").is_file()
     record = json.loads((converted / RECORD).read_text())["cpu"]
     assert record["sentences"] == 30 and set(record["bleu"]) == {"float32", "int8"}
-    expected = "int8" if record["bleu"]["int8"] >= record["bleu"]["float32"] - 0.3 else "float32"
+    seconds = record["seconds"]
+    kept = record["bleu"]["int8"] >= record["bleu"]["float32"] - 0.3 and seconds["int8"] < seconds["float32"]
+    expected = "int8" if kept else "float32"
     assert record["choice"] == expected and f"ctranslate2 {expected} on cpu" in said[0]
 
     stamp = (converted / "model.bin").stat().st_mtime_ns
@@ -122,15 +129,15 @@ def test_auto_converts_once_measures_int8_once_and_says_so_in_one_line(checkpoin
 @needs_ct2
 def test_a_stale_conversion_is_replaced(checkpoint, monkeypatch):
     loaded = load_for_inference(checkpoint)
-    old = export.ct2_model_dir(loaded, warn=pytest.fail)
-    monkeypatch.setattr(export, "_CT2_CONVERTER_VERSION", 999)  # as after an upgrade of the converter
-    new = export.ct2_model_dir(loaded, warn=pytest.fail)
+    old = ct2engine.ct2_model_dir(loaded, warn=pytest.fail)
+    monkeypatch.setattr(ct2engine, "_CT2_CONVERTER_VERSION", 999)  # as after an upgrade of the converter
+    new = ct2engine.ct2_model_dir(loaded, warn=pytest.fail)
     assert new != old and conversions(checkpoint) == [new.name]
 
 
 @needs_ct2
 def test_a_read_only_checkpoint_converts_into_the_cache_then_falls_back_to_torch(checkpoint, tmp_path, monkeypatch):
-    real = export._convert_into
+    real = ct2engine._convert_into
     refused: set[Path] = {checkpoint.resolve()}
 
     def convert(loaded, target):
@@ -138,11 +145,11 @@ def test_a_read_only_checkpoint_converts_into_the_cache_then_falls_back_to_torch
             raise PermissionError(13, "Permission denied")
         real(loaded, target)
 
-    monkeypatch.setattr(export, "_convert_into", convert)
+    monkeypatch.setattr(ct2engine, "_convert_into", convert)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     loaded = load_for_inference(checkpoint)
     warnings: list[str] = []
-    cached = export.ct2_model_dir(loaded, warn=warnings.append)
+    cached = ct2engine.ct2_model_dir(loaded, warn=warnings.append)
     assert cached.is_relative_to(tmp_path / "cache" / "mtkit") and (cached / "model.bin").is_file()
     assert len(warnings) == 1 and "not writable" in warnings[0] and str(cached) in warnings[0]
     assert conversions(checkpoint) == []
@@ -152,14 +159,14 @@ def test_a_read_only_checkpoint_converts_into_the_cache_then_falls_back_to_torch
 
     shutil.rmtree(cached)
     said: list[str] = []
-    auto = open_backend(loaded, loaded.config.decode, say=said.append, warn=warnings.append)
+    auto = open_engine(loaded, loaded.config.decode, say=said.append, warn=warnings.append)
     assert isinstance(auto, TorchBackend) and len(said) == 1
     assert re.fullmatch(r"backend: torch (float32|bfloat16) on cpu \(no place to store the CTranslate2 model; .*\)",
                         said[0])
     assert "translating with PyTorch" in warnings[-1]
     explicit = loaded.config.decode.model_copy(update={"backend": "ctranslate2"})
     with pytest.raises(MtkitError, match="cannot store the CTranslate2 model"):
-        open_backend(loaded, explicit, say=said.append, warn=warnings.append)
+        open_engine(loaded, explicit, say=said.append, warn=warnings.append)
 
 
 @needs_ct2
@@ -179,16 +186,16 @@ def test_a_really_read_only_checkpoint_uses_the_cache(checkpoint, tmp_path):
 @needs_ct2
 def test_two_conversions_at_once_leave_one_complete_model(checkpoint, monkeypatch):
     barrier = threading.Barrier(2, timeout=60)
-    real_write = export.CTranslate2Exporter.write
+    real_write = ct2engine.CTranslate2Exporter.write
 
     def write_then_wait(self, loaded, directory):
         real_write(self, loaded, directory)
         barrier.wait()  # both have written their copy before either renames it into place
 
-    monkeypatch.setattr(export.CTranslate2Exporter, "write", write_then_wait)
+    monkeypatch.setattr(ct2engine.CTranslate2Exporter, "write", write_then_wait)
     loaded = load_for_inference(checkpoint)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(export.ct2_model_dir(loaded, warn=pytest.fail)))
+    threads = [threading.Thread(target=lambda: results.append(ct2engine.ct2_model_dir(loaded, warn=pytest.fail)))
                for _ in range(2)]
     for thread in threads:
         thread.start()
@@ -349,14 +356,14 @@ def test_torch_worker_processes_translate_as_this_process_does(checkpoint):
     sources = [ids for ids in loaded.tokenizers.src.encode(corpus(40, seed=3)) if ids]
     batches = [sources[i : i + 5] for i in range(0, len(sources), 5)]
     decode = torch_decode(loaded)
-    alone = open_backend(loaded, decode, workers=1, say=print, warn=print)
-    workers = open_backend(loaded, decode, workers=2, say=print, warn=print)
+    alone = open_engine(loaded, decode, workers=1, say=print, warn=print)
+    workers = open_engine(loaded, decode, workers=2, say=print, warn=print)
     try:
         assert workers.search(batches, None, decode) == alone.search(batches, None, decode)
         assert workers._pool is not None and alone._pool is None
         sampling = decode.model_copy(update={"sampling": True})
-        first = open_backend(loaded, sampling, workers=2, seed=4, say=print, warn=print)
-        again = open_backend(loaded, sampling, workers=2, seed=4, say=print, warn=print)
+        first = open_engine(loaded, sampling, workers=2, seed=4, say=print, warn=print)
+        again = open_engine(loaded, sampling, workers=2, seed=4, say=print, warn=print)
         assert first.search(batches, None, sampling) == again.search(batches, None, sampling)
         assert first._pool is None
     finally:
@@ -364,13 +371,13 @@ def test_torch_worker_processes_translate_as_this_process_does(checkpoint):
 
 
 def test_a_dead_torch_worker_is_a_clear_error(checkpoint, monkeypatch):
-    import mtkit.torch_backend
+    import mtkit.engines.pytorch
 
     loaded = load_for_inference(checkpoint)
     sources = [ids for ids in loaded.tokenizers.src.encode(corpus(20, seed=3)) if ids]
     # Forked after the patch, the workers die on their first batch.
-    monkeypatch.setattr(mtkit.torch_backend.TorchBackend, "search_batch", lambda *args: os._exit(9))
-    backend = open_backend(loaded, torch_decode(loaded), workers=2, say=print, warn=print)
+    monkeypatch.setattr(mtkit.engines.pytorch.TorchBackend, "search_batch", lambda *args: os._exit(9))
+    backend = open_engine(loaded, torch_decode(loaded), workers=2, say=print, warn=print)
     with pytest.raises(MtkitError, match="a PyTorch worker process died"):
         backend.search([sources[:10], sources[10:]], None, torch_decode(loaded))
     backend.close()
@@ -381,30 +388,63 @@ def test_torch_compute_type(checkpoint, run_dir, monkeypatch):
     where the CPU multiplies it in hardware (and stores why), else stays float32; CTranslate2's
     own types are refused in one line."""
     import mtkit.runtime
-    from mtkit.backend import TORCH_RECORD
 
     loaded = load_for_inference(checkpoint)
-    assert open_backend(loaded, torch_decode(loaded, "bfloat16"), say=print, warn=print).dtype == torch.bfloat16
+    assert open_engine(loaded, torch_decode(loaded, "bfloat16"), say=print, warn=print).dtype == torch.bfloat16
     assert next(loaded.model.parameters()).dtype == torch.float32  # converted on a copy
     with pytest.raises(MtkitError, match=r"^decode.compute_type=int8: the PyTorch backend runs float32, bfloat16, "):
-        open_backend(loaded, torch_decode(loaded, "int8"), say=print, warn=print)
+        open_engine(loaded, torch_decode(loaded, "int8"), say=print, warn=print)
 
     said: list[str] = []
     # auto, with a setting CTranslate2 cannot honour: auto comes to PyTorch and says why.
     auto = loaded.config.decode.model_copy(update={"compute_type": "auto", "length_penalty_form": "gnmt"})
     monkeypatch.setattr(mtkit.runtime, "cpu_has_native_bf16", lambda: False)
-    assert open_backend(loaded, auto, say=said.append, warn=print).dtype == torch.float32
+    assert open_engine(loaded, auto, say=said.append, warn=print).dtype == torch.float32
     assert said[-1].startswith("backend: torch float32 on cpu (") and "bfloat16 is not native here" in said[-1]
     assert not (checkpoint / TORCH_RECORD).exists()
 
     monkeypatch.setattr(mtkit.runtime, "cpu_has_native_bf16", lambda: True)
-    chosen = open_backend(loaded, auto, valid=EvalCorpusConfig(**user_valid(run_dir)), say=said.append, warn=print)
+    chosen = open_engine(loaded, auto, valid=EvalCorpusConfig(**user_valid(run_dir)), say=said.append, warn=print)
     record = json.loads((checkpoint / TORCH_RECORD).read_text())["torch cpu"]
     assert set(record["bleu"]) == {"float32", "bfloat16"} and record["sentences"] == 30
     assert chosen.dtype == DTYPES[record["choice"]]
     assert "measured now" in said[-1] and str(checkpoint / TORCH_RECORD) in said[-1]
-    open_backend(loaded, auto, say=said.append, warn=print)
+    open_engine(loaded, auto, say=said.append, warn=print)
     assert "measured before" in said[-1]
+
+
+def test_auto_keeps_the_faster_of_the_precisions_that_hold_bleu(checkpoint, monkeypatch):
+    """bfloat16 that holds BLEU but translates slower than float32 is not kept; a stored
+    record's choice is made again from its figures, not obeyed."""
+    import mtkit.runtime
+
+    monkeypatch.setattr(mtkit.runtime, "cpu_has_native_bf16", lambda: True)
+    # gnmt: auto comes to PyTorch (CTranslate2 cannot honour it) and says which precision.
+    command = ["translate", "-m", str(checkpoint), "--length-penalty-form", "gnmt"]
+    record = {"choice": "bfloat16", "bleu": {"float32": 20.0, "bfloat16": 20.0}, "sentences": 30}
+    for seconds, expected in (({"float32": 1.0, "bfloat16": 2.3}, "float32"),
+                              ({"float32": 2.3, "bfloat16": 1.0}, "bfloat16")):
+        (checkpoint / TORCH_RECORD).write_text(json.dumps({"torch cpu": {**record, "seconds": seconds}}))
+        result = invoke(command, input="the cat\n")
+        assert result.exit_code == 0, result.output
+        assert result.stderr.startswith(f"mtkit: backend: torch {expected} on cpu ("), result.stderr
+        assert "measured before" in result.stderr
+
+
+def test_the_precision_check_says_what_it_measures_before_it_starts(checkpoint, run_dir, tmp_path, monkeypatch):
+    import mtkit.runtime
+
+    monkeypatch.setattr(mtkit.runtime, "cpu_has_native_bf16", lambda: True)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(json.dumps({"data": {"valid": user_valid(run_dir)}}))  # JSON is YAML
+    result = invoke(["translate", "-m", str(checkpoint), "-c", str(mine), "--length-penalty-form", "gnmt"],
+                    input="the cat\n")
+    assert result.exit_code == 0, result.output
+    said = result.stderr.splitlines()
+    assert len(said) == 2, result.stderr
+    assert said[0] == (f"mtkit: compute type: checking bfloat16 against float32 on 30 sentences of data.valid "
+                       f"(once; stored in {checkpoint / TORCH_RECORD})")
+    assert said[1].startswith("mtkit: backend: torch ") and "measured now" in said[1]
 
 
 def test_translate_threads_fork_torch_workers_through_the_cli(run_dir, tmp_path):

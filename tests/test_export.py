@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from mtkit.checkpoint import Loaded, load_for_inference, save_checkpoint
 from mtkit.cli import app
 from mtkit.config import validate_config
+from mtkit.engines.ctranslate2 import CT2Translator
 from mtkit.errors import MtkitError
 from mtkit.export import (
-    CT2Translator,
     CTranslate2Exporter,
     HuggingFaceExporter,
     export,

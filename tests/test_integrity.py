@@ -340,32 +340,32 @@ def test_a_checksum_of_an_unknown_kind_is_named(tmp_path):
 
 @needs_ct2
 def test_a_conversion_counts_once_its_marker_is_written_last(checkpoint, monkeypatch):
-    from mtkit import export
+    from mtkit.engines import ctranslate2 as ct2engine
 
     synced: list[str] = []
-    real = export.fsync_path
-    monkeypatch.setattr(export, "fsync_path", lambda path: (synced.append(Path(path).name), real(path))[1])
+    real = ct2engine.fsync_path
+    monkeypatch.setattr(ct2engine, "fsync_path", lambda path: (synced.append(Path(path).name), real(path))[1])
     loaded = load_for_inference(checkpoint)
-    converted = export.ct2_model_dir(loaded, warn=pytest.fail)
-    marker = json.loads((converted / export.CT2_MARKER).read_text())
-    files = sorted(p.name for p in converted.iterdir() if p.name != export.CT2_MARKER)
+    converted = ct2engine.ct2_model_dir(loaded, warn=pytest.fail)
+    marker = json.loads((converted / ct2engine.CT2_MARKER).read_text())
+    files = sorted(p.name for p in converted.iterdir() if p.name != ct2engine.CT2_MARKER)
     assert sorted(marker["checksums"]) == files and "model.bin" in files
-    assert synced[-2] == export.CT2_MARKER and set(synced[:-2]) == set(files)  # then the parent directory
+    assert synced[-2] == ct2engine.CT2_MARKER and set(synced[:-2]) == set(files)  # then the parent directory
 
     # Without its marker (a killed or older conversion) it does not count: converted again,
     # even where a damaged one would be left alone.
-    (converted / export.CT2_MARKER).unlink()
+    (converted / ct2engine.CT2_MARKER).unlink()
     (converted / "model.bin").write_bytes(b"partial")
-    again = export.ct2_model_dir(loaded, warn=pytest.fail, repair=False)
-    assert again == converted and export._conversion_damage(converted) is None
+    again = ct2engine.ct2_model_dir(loaded, warn=pytest.fail, repair=False)
+    assert again == converted and ct2engine._conversion_damage(converted) is None
 
 
 @needs_ct2
 def test_every_flipped_bit_or_cut_in_a_conversion_is_caught(checkpoint):
-    from mtkit import export
+    from mtkit.engines import ctranslate2 as ct2engine
 
     loaded = load_for_inference(checkpoint)
-    converted = export.ct2_model_dir(loaded, warn=pytest.fail)
+    converted = ct2engine.ct2_model_dir(loaded, warn=pytest.fail)
     pristine = {p.name: p.read_bytes() for p in converted.iterdir()}
     cases = [(name, offset, "flip") for name, data in pristine.items()
              for offset in offsets(len(data), 12 if name == "model.bin" else 2)[:: 1 if name == "model.bin" else 6]]
@@ -374,15 +374,15 @@ def test_every_flipped_bit_or_cut_in_a_conversion_is_caught(checkpoint):
         path = converted / name
         path.write_bytes(flipped(pristine[name], offset) if kind == "flip" else pristine[name][:offset])
         try:
-            export.ct2_model_dir(loaded, warn=pytest.fail, repair=False)  # auto: left for PyTorch
-        except export.DamagedConversion as err:
+            ct2engine.ct2_model_dir(loaded, warn=pytest.fail, repair=False)  # auto: left for PyTorch
+        except ct2engine.DamagedConversion as err:
             assert str(err).startswith(f"{converted}: damaged CTranslate2 model ("), err
         else:  # only a change that leaves the marker saying the same (its last newline cut)
-            assert name == export.CT2_MARKER and json.loads(path.read_bytes()) == json.loads(pristine[name])
+            assert name == ct2engine.CT2_MARKER and json.loads(path.read_bytes()) == json.loads(pristine[name])
             path.write_bytes(pristine[name])
             continue
         said: list[str] = []
-        assert export.ct2_model_dir(loaded, warn=said.append) == converted  # explicit: converted again
+        assert ct2engine.ct2_model_dir(loaded, warn=said.append) == converted  # explicit: converted again
         assert len(said) == 1 and "converting it again" in said[0], (name, offset, kind, said)
         assert {p.name: p.read_bytes() for p in converted.iterdir()} == pristine, (name, offset, kind)
 
@@ -418,10 +418,10 @@ def test_the_conversion_key_comes_from_the_weights_loaded(checkpoint):
     import torch
     from safetensors.torch import save_model
 
-    from mtkit import export
+    from mtkit.engines import ctranslate2 as ct2engine
 
     first = load_for_inference(checkpoint)
-    key = export._ct2_key(first)
+    key = ct2engine._ct2_key(first)
     other = load_for_inference(checkpoint)
     with torch.no_grad():
         for parameter in other.model.parameters():
@@ -433,8 +433,8 @@ def test_the_conversion_key_comes_from_the_weights_loaded(checkpoint):
     meta.setdefault("checksums", {})["model.safetensors"] = file_checksum(weights)
     (checkpoint / "meta.json").write_text(json.dumps(meta))
 
-    assert export._ct2_key(first) == key  # the file changed, the weights in memory did not
+    assert ct2engine._ct2_key(first) == key  # the file changed, the weights in memory did not
     second = load_for_inference(checkpoint)
-    assert export._ct2_key(second) != key
-    assert export.ct2_model_dir(first, warn=pytest.fail).name == export.CT2_PREFIX + key
-    assert export.ct2_model_dir(second, warn=pytest.fail).name != export.CT2_PREFIX + key
+    assert ct2engine._ct2_key(second) != key
+    assert ct2engine.ct2_model_dir(first, warn=pytest.fail).name == ct2engine.CT2_PREFIX + key
+    assert ct2engine.ct2_model_dir(second, warn=pytest.fail).name != ct2engine.CT2_PREFIX + key

@@ -12,13 +12,16 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import mtkit.experiment
+import mtkit.loss
 import mtkit.runtime
 import mtkit.train
 from mtkit.checkpoint import dropout_seed
 from mtkit.cli import app
 from mtkit.config import TrainConfig, load_config
+from mtkit.loss import TranslationLoss, smoothed_nll
 from mtkit.model import Transformer
-from mtkit.train import TranslationLoss, WeightAverage, learning_rate, run_progress, smoothed_nll
+from mtkit.train import WeightAverage, learning_rate, run_progress
 from mtkit.vocab import PAD_ID
 
 
@@ -90,7 +93,7 @@ def test_weight_average_follows_the_weights_and_swaps_back():
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("chunk_elements", [33, 1 << 19])  # 3 rows a chunk, or all in one
 def test_smoothed_loss_and_gradients_match_torch(smoothing, chunk_elements, monkeypatch):
-    monkeypatch.setitem(mtkit.train._CHUNK_ELEMENTS, "cpu", chunk_elements)
+    monkeypatch.setitem(mtkit.loss._CHUNK_ELEMENTS, "cpu", chunk_elements)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(7, 5, generator=gen)
     weight = torch.randn(11, 5, generator=gen) * 3
@@ -113,7 +116,7 @@ def test_smoothed_loss_and_gradients_match_torch(smoothing, chunk_elements, monk
 
 
 def test_smoothed_loss_under_bf16_autocast_matches_torch(monkeypatch):
-    monkeypatch.setitem(mtkit.train._CHUNK_ELEMENTS, "cpu", 4000)
+    monkeypatch.setitem(mtkit.loss._CHUNK_ELEMENTS, "cpu", 4000)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 64, generator=gen)
     weight = torch.randn(1000, 64, generator=gen) * 0.3
@@ -326,8 +329,8 @@ def test_patience_stops_early(trainkit_experiment, monkeypatch):
 
 
 def test_nonfinite_losses_skip_updates_then_stop(trainkit_experiment, monkeypatch):
-    real = mtkit.train.smoothed_nll
-    monkeypatch.setattr(mtkit.train, "smoothed_nll", lambda *a: tuple(x * math.nan for x in real(*a)))
+    real = mtkit.loss.smoothed_nll
+    monkeypatch.setattr(mtkit.loss, "smoothed_nll", lambda *a: tuple(x * math.nan for x in real(*a)))
     config = trainkit_experiment(train={"max_nonfinite": 3})
     result = run(config)
     assert result.exit_code == 1
@@ -404,7 +407,7 @@ def test_subword_sampling_draws_each_epoch_anew(trainkit_experiment):
     """train.subword_alpha: every epoch a new segmentation of the same text, the same one for
     the same (seed, epoch); pairs keep their lengths' order of magnitude and their text."""
     config = load_config(trainkit_experiment(train={"subword_alpha": 0.3}))
-    exp = mtkit.train.load_experiment(config)
+    exp = mtkit.experiment.load_experiment(config)
     sampling = exp.sampling
     assert sampling is not None
     first, again, second = sampling.corpus(0), sampling.corpus(0), sampling.corpus(1)
@@ -417,13 +420,13 @@ def test_subword_sampling_draws_each_epoch_anew(trainkit_experiment):
     for r in rows:  # another segmentation of the same text
         assert exp.tokenizers.src.decode([first.ids(r)[0]]) == exp.tokenizers.src.decode([exp.train.ids(r)[0]])
         assert exp.tokenizers.tgt.decode([first.ids(r)[1]]) == exp.tokenizers.tgt.decode([exp.train.ids(r)[1]])
-    assert mtkit.train.load_experiment(load_config(trainkit_experiment("off"))).sampling is None
+    assert mtkit.experiment.load_experiment(load_config(trainkit_experiment("off"))).sampling is None
 
 
 def test_subword_sampling_keeps_pairs_within_the_model(trainkit_experiment):
     """A drawn segmentation longer than the model's positions falls back to the best one."""
     config = load_config(trainkit_experiment(train={"subword_alpha": 0.01}))
-    exp = mtkit.train.load_experiment(config)
+    exp = mtkit.experiment.load_experiment(config)
     assert exp.sampling is not None
     longest = int(exp.train.sizes.max())
     limited = config.model_copy(update={"model": config.model.model_copy(update={"max_positions": longest})})

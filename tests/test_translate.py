@@ -108,6 +108,30 @@ def test_translate_matches_search_and_handles_empty_lines(loaded, backend):
     assert all(t.score is not None and t.nbest[0] == (t.text, t.score) for i, t in enumerate(full) if i not in (3, 7))
 
 
+def test_per_call_nbest_and_beam_are_those_of_a_translator_built_with_them(loaded, backend):
+    """Settings that change from call to call (a server's n-best, a wider beam) are arguments of
+    the call, not another Translator; the translator's own settings are left as they were."""
+    lines = corpus(10, seed=5)
+    translator = make_translator(loaded, backend)
+    before = translator.translate_lines(lines)
+    wider = loaded.config.decode.model_copy(update={"beam": 5, "nbest": 4})
+    assert translator.translate_lines(lines, nbest=4, beam=5) == make_translator(loaded, backend,
+                                                                                 wider).translate_lines(lines)
+    assert max(len(t.nbest) for t in translator.translate_lines(lines, nbest=4, beam=5)) == 4
+    assert translator.translate_lines(lines) == before
+
+
+def test_open_translator_gives_a_library_user_what_mtkit_translate_gives(run_dir):
+    """``open_translator(RUN)`` picks the checkpoint, settings and engine as ``mtkit translate -m RUN``."""
+    from mtkit.engines import open_translator
+
+    lines = corpus(8, seed=6)
+    cli = CliRunner().invoke(app, ["translate", "-m", str(run_dir)], input="".join(line + "\n" for line in lines))
+    assert cli.exit_code == 0, cli.output
+    with open_translator(run_dir) as translator:
+        assert translator.translate(lines) == cli.stdout.splitlines()
+
+
 def test_input_is_normalised_as_prepare_normalises(loaded):
     """Training saw text after ``mtkit.corpus.normalize``; so does translation, whatever the
     tokenizer's own normalisation rule does with tabs, odd spaces and control characters."""

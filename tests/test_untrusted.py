@@ -15,11 +15,13 @@ from helpers.backends import needs_ct2
 from helpers.data import write_config, write_pairs
 from typer.testing import CliRunner
 
-from mtkit.backend import TORCH_RECORD, open_backend, validation_set
 from mtkit.checkpoint import SAFE_TORCH, load_for_inference, load_trainer_state, save_checkpoint
 from mtkit.cli import app
 from mtkit.config import validate_config
+from mtkit.engines import open_engine
+from mtkit.engines.precision import CHECK_SENTENCES, TORCH_RECORD
 from mtkit.errors import MtkitError
+from mtkit.evaluate import validation_set
 from mtkit.model import Transformer
 from mtkit.tokenizer import Tokenizer, Tokenizers, tokenizer_dir
 
@@ -115,13 +117,13 @@ def test_the_precision_check_never_reads_the_checkpoints_data_valid(trainkit_pre
     unless the run holding the checkpoint has one prepared or the user names one."""
     valid = write_pairs(tmp_path, "secret", 30, seed=3)
     directory = checkpoint(trainkit_prepared, tmp_path / "ckpts", valid=valid)
-    assert validation_set(load_for_inference(directory)) is None
+    assert validation_set(load_for_inference(directory), CHECK_SENTENCES) is None
 
     # The run the checkpoint lies in: its own prepared split.
     run = Path(trainkit_prepared["experiment"]["dir"])
     inside = checkpoint(trainkit_prepared, tmp_path / "copy" / "checkpoints", valid=valid)
     shutil.copytree(run / "data", tmp_path / "copy" / "data")
-    found = validation_set(load_for_inference(inside))
+    found = validation_set(load_for_inference(inside), CHECK_SENTENCES)
     assert found is not None and found[2] == f"{tmp_path / 'copy'}/data (valid)" and len(found[0]) == 20
 
 
@@ -158,7 +160,7 @@ def test_a_forged_compute_type_record_is_measured_again_not_obeyed(trainkit_prep
     loaded = load_for_inference(directory)
     said: list[str] = []
     decode = loaded.config.decode.model_copy(update={"backend": "torch", "compute_type": "auto"})
-    backend = open_backend(loaded, decode, say=said.append, warn=said.append)
+    backend = open_engine(loaded, decode, say=said.append, warn=said.append)
     assert backend.dtype == torch.float32 and said == []
 
 

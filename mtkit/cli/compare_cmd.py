@@ -37,7 +37,8 @@ def compare(
     systems: Annotated[
         list[str],
         typer.Argument(metavar="RUN_OR_HYP", show_default=False,
-                       help="Run directories (or checkpoints, e.g. RUN/checkpoints/last) and hypothesis files; "
+                       help="Run directories (each its final, else best, else last checkpoint), checkpoint "
+                            "directories (e.g. RUN/checkpoints/last) and hypothesis files; "
                             "the first is the baseline. With several --test sets, a hypothesis file's name holds "
                             "{test}, replaced by each set's name."),
     ],

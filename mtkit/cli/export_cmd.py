@@ -49,7 +49,8 @@ def ctranslate2(
     """Write a CTranslate2 model directory, then check parity: the share of sample sentences
     that mtkit and CTranslate2 translate identically (greedy and beam)."""
     from mtkit.checkpoint import load_for_inference
-    from mtkit.export import CTranslate2Exporter, ct2_parity, export
+    from mtkit.engines.ctranslate2 import ct2_parity
+    from mtkit.export import CTranslate2Exporter, export
 
     loaded = load_for_inference(run_dir)
     export(CTranslate2Exporter(quantization), loaded, out_dir, force=force)
@@ -73,7 +74,7 @@ def _sample(run_dir: Path, holder: Path | None, sample: Path | None, count: int)
     the checkpoint), else built-in sentences."""
     from itertools import islice
 
-    from mtkit.export import SAMPLE_SENTENCES
+    from mtkit.engines.ctranslate2 import SAMPLE_SENTENCES
     from mtkit.fileio import read_lines
 
     if sample is not None:

@@ -108,11 +108,10 @@ def serve(
 def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, flags: dict[str, Any],
                 cpu_threads: int, **engine_options: Any) -> list[Pair]:
     """Load every run and start an engine for its language pair (one model per pair)."""
-    from mtkit.backend import open_backend
     from mtkit.checkpoint import load_for_inference
     from mtkit.config import resolve_decode
+    from mtkit.engines import open_translator
     from mtkit.serve import Engine, Pair
-    from mtkit.translate import Translator
 
     pairs: list[Pair] = []
     for model in models:
@@ -122,10 +121,8 @@ def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, fl
         for other, pair in zip(models, pairs, strict=False):
             if (pair.source, pair.target) == (source, target):
                 raise MtkitError(f"{model}: translates {source}->{target}, like {other}; serve one model per pair")
-        search_backend = open_backend(run, decode, device, threads=cpu_threads, seed=run.config.experiment.seed,
-                                      say=functools.partial(_say, model), warn=_warn)
-        translator = Translator(run.model, run.tokenizers, decode, device, seed=run.config.experiment.seed,
-                                warn=_warn, backend=search_backend)
+        translator = open_translator(run, decode, device, threads=cpu_threads, say=functools.partial(_say, model),
+                                     warn=_warn)
         info = {"checkpoint": str(run.path), "step": run.meta.get("step"), "device": device,
                 "model": run.config.model.model_dump(), "tokenizer": run.config.tokenizer.model_dump(),
                 "trained_with": run.meta.get("mtkit_version")}

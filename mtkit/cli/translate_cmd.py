@@ -2,7 +2,7 @@
 
 Decoding settings: the checkpoint's, then ``-c CONFIG``'s decode section, then ``--set
 decode.KEY=VALUE``, then the flags (``mtkit.config.resolve_decode``). The search runs in PyTorch
-or CTranslate2 (``--backend``, ``mtkit.backend``); one line on stderr says which.
+or CTranslate2 (``--backend``, ``mtkit.engines``); one line on stderr says which.
 ``decode.compute_type: auto`` checks a faster precision on the prepared validation split of the
 run that holds the checkpoint, else on ``-c CONFIG``'s ``data.valid`` (never on the checkpoint's
 own config: a checkpoint is data). One output line per input line, in order
@@ -22,7 +22,6 @@ processes that all read FILE; each translates every N-th line of each chunk (on 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from enum import Enum
 from pathlib import Path
@@ -57,7 +56,9 @@ def _flag(*names: str, help: str) -> Any:
 
 def translate(
     model: Annotated[
-        Path, _flag("--model", "-m", help="Run directory (its final, else best, else last checkpoint) or checkpoint directory.")
+        Path,
+        _flag("--model", "-m",
+              help="Run directory (its final, else best, else last checkpoint) or checkpoint directory."),
     ],
     input: Annotated[str, typer.Option("--input", "-i", help="Source text (plain or .gz), or - for stdin.")] = "-",
     output: Annotated[str, typer.Option("--output", "-o", help="Output file (atomic), or - for stdout.")] = "-",
@@ -83,7 +84,9 @@ def translate(
         Backend | None, _flag("--backend", help="auto: CTranslate2 when it can honour every setting, else torch.")
     ] = None,
     compute_type: Annotated[
-        str | None, _flag("--compute-type", help="CTranslate2 precision: auto, float32, int8, int8_float32, int16, ...")
+        str | None,
+        _flag("--compute-type", help="Precision (decode.compute_type): auto, float32, bfloat16, float16; "
+                                     "CTranslate2 also int8, int8_float32, int16, ..."),
     ] = None,
     seed: Annotated[int | None, _flag("--seed", help="Sampling seed (default: experiment.seed).")] = None,
     prefix: Annotated[Path | None, _flag("--prefix", help="Target prefixes, one per input line (empty: none).")] = None,
@@ -109,14 +112,14 @@ def translate(
     """Translate text with a trained model: one output line per input line."""
     import torch
 
-    from mtkit.backend import open_backend
     from mtkit.checkpoint import load_for_inference
     from mtkit.config import load_config, resolve_decode
+    from mtkit.engines import open_translator
     from mtkit.fileio import STDIN, open_output, read_lines
     from mtkit.progress import LineProgress
     from mtkit.runtime import inference_device, join_torchrun
     from mtkit.score import read_text, score
-    from mtkit.translate import Translator, format_translations
+    from mtkit.translate import format_translations
 
     flags = dict(beam=beam, lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len, nbest=nbest,
                  batch_tokens=batch_tokens, batch_sentences=batch_sentences, sampling=sampling,
@@ -147,15 +150,13 @@ def translate(
     # On a CPU, threads go to concurrent batches: CTranslate2's inter_threads, or PyTorch worker
     # processes of one thread each (one process per rank under torchrun).
     workers = 1 if shard is not None else threads or torch.get_num_threads()
-    search_backend = open_backend(loaded, decode, device, threads=threads, workers=workers, seed=seed, valid=valid,
-                                  say=_say if leader else _quiet, warn=_warn)
-    translator = Translator(loaded.model, loaded.tokenizers, decode, device, seed=seed, warn=_warn,
-                            backend=search_backend)
+    translator = open_translator(loaded, decode, device, threads=threads, workers=workers, seed=seed, valid=valid,
+                                 say=_say if leader else _quiet, warn=_warn)
 
     hyps: list[str] = []  # kept only to score them: memory stays bounded otherwise
     count = 0
     # Other ranks receive no chunks: they write nothing and show no progress.
-    with contextlib.closing(search_backend), LineProgress() as progress:
+    with translator, LineProgress() as progress:
         with open_output(output if leader else None) as sink:
             for chunk in translator.translate_stream(lines, prefixes, chunk_lines=chunk_lines, shard=shard,
                                                      ready=ready):

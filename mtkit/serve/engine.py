@@ -103,7 +103,6 @@ class Engine:
         self.queue_size = queue_size
         self.batching = batching
         self.stats = EngineStats()
-        self._translators: dict[int, Translator] = {translator.decode.nbest: translator}
         self._jobs: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -218,23 +217,12 @@ class Engine:
                 break  # one request at a time, or the budget is spent
         return pieces
 
-    def _translator(self, nbest: int) -> Translator:
-        from mtkit.translate import Translator
-
-        with self._cv:  # workers may ask at once
-            if nbest not in self._translators:
-                base = self.translator
-                decode = base.decode.model_copy(update={"nbest": nbest})
-                self._translators[nbest] = Translator(base.model, base.tokenizers, decode, base.device,
-                                                      warn=base.warn, backend=base.backend)
-            return self._translators[nbest]
-
     def _translate(self, pieces: list[tuple[_Job, int, int]]) -> None:
         if all(job.cancelled for job, _, _ in pieces):
             return  # every requester went away between taking and translating
         lines = [line for job, start, stop in pieces for line in job.segments[start:stop]]
         try:
-            translations = self._translator(pieces[0][0].nbest).translate_lines(lines)
+            translations = self.translator.translate_lines(lines, nbest=pieces[0][0].nbest)
         except Exception as err:  # reported to each waiting request; the worker lives on
             log.exception("translation failed")
             for job, _, _ in pieces:

@@ -75,9 +75,9 @@ from benchlib import (
     train_with_cli,
 )
 
-from mtkit.backend import open_backend
 from mtkit.checkpoint import Loaded, load_for_inference
 from mtkit.config import DecodeConfig
+from mtkit.engines import open_translator
 from mtkit.fileio import read_lines
 from mtkit.search import length_penalty
 from mtkit.translate import Translator
@@ -165,11 +165,10 @@ class Reference:
         self.decode = decode
         self.tie = tie
         self.device = next(loaded.model.parameters()).device
-        # The search backend that the server opens under the same decode settings.
-        backend = open_backend(loaded, decode, self.device,
-                               say=lambda line: print(f"offline reference: {line}", file=sys.stderr),
-                               warn=lambda _: None)
-        translator = Translator(loaded.model, loaded.tokenizers, decode, warn=lambda _: None, backend=backend)
+        # The translator that the server opens under the same decode settings.
+        translator = open_translator(loaded, decode, self.device,
+                                     say=lambda line: print(f"offline reference: {line}", file=sys.stderr),
+                                     warn=lambda _: None)
         with torch.inference_mode():
             self.alone = {s: t for s in pool for t in [translator.translate_lines([s])[0]]}
             together = translator.translate_lines(pool)

@@ -37,7 +37,7 @@ setting), ``default_bleu_delta`` (its BLEU minus the PyTorch backend's at float3
 ``torch_vs_ct2_fp32`` (the PyTorch backend as ``auto`` sets it up: its worker processes, its
 compute type) with ``torch_bleu_delta``, ``torch_fp32_vs_ct2_fp32`` (the PyTorch backend at
 float32), and the same at batch 1 (``_b1``). Remaining differences between mtkit's beam search and
-CTranslate2's are in ``mtkit.export.CT2Translator``'s docstring. Bare CTranslate2 takes one
+CTranslate2's are in ``mtkit.engines.ctranslate2.CT2Translator``'s docstring. Bare CTranslate2 takes one
 maximum length per call, so it gets the batch's largest (mtkit: one per sentence).
 """
 
@@ -63,10 +63,10 @@ from benchlib import random_model as random_transformer
 
 from mtkit.checkpoint import Loaded, load_for_inference, resolve
 from mtkit.config import DecodeConfig
+from mtkit.engines import open_translator
+from mtkit.engines.ctranslate2 import CT2_PREFIX, CT2Translator
 from mtkit.export import (
-    CT2_PREFIX,
     SPECIAL_PIECES,
-    CT2Translator,
     CTranslate2Exporter,
     HuggingFaceExporter,
     export,
@@ -75,7 +75,6 @@ from mtkit.export import (
 from mtkit.fileio import read_lines
 from mtkit.malloc import keep_freed_memory
 from mtkit.score import score
-from mtkit.translate import Translator
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
 
 IdsFn = Callable[[list[list[int]]], list[list[int]]]
@@ -111,7 +110,8 @@ def train_quick_model(run_dir: Path, minutes: float) -> None:
 
 
 def mtkit_system(loaded: Loaded, decode: DecodeConfig) -> IdsFn:
-    translator = Translator(loaded.model, loaded.tokenizers, decode)
+    # The PyTorch engine at float32 in this process: what the other systems are compared with.
+    translator = open_translator(loaded, decode.model_copy(update={"backend": "torch", "compute_type": "float32"}))
     return lambda batch: [hyps[0].tokens if hyps else [] for hyps in translator.search(batch)]
 
 

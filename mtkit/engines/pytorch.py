@@ -1,17 +1,17 @@
-"""The PyTorch backend: mtkit's own search (``mtkit.search``) on the model, the reference
-that every other backend is checked against, and the engine for GPUs and for models that
+"""The PyTorch engine: mtkit's own search (``mtkit.search``) on the model, the reference
+that every other engine is checked against, and the engine for GPUs and for models that
 CTranslate2 cannot run.
 
 ``TorchBackend.search`` takes a list of batches of subword ids and returns every sentence's
-n-best hypotheses, as ``mtkit.export.CT2Translator.search`` does, so ``mtkit.translate.Translator``
-drives either.
+n-best hypotheses, as ``mtkit.engines.ctranslate2.CT2Translator.search`` does, so
+``mtkit.translate.Translator`` drives either.
 
-Two ways to go faster than one process of float32 (``mtkit.backend.open_backend`` picks them):
+Two ways to go faster than one process of float32 (``mtkit.engines.open_engine`` picks them):
 
 - **Precision.** The model's weights in ``bfloat16`` (or ``float16``) on a CPU that multiplies
   bf16 in hardware or on a GPU; the log-probabilities that the search compares stay float32.
-  ``decode.compute_type: auto`` keeps it only where it holds validation BLEU (as for
-  CTranslate2's int8).
+  ``decode.compute_type: auto`` keeps it only where it holds validation BLEU and is faster
+  (as for CTranslate2's int8; ``mtkit.engines.precision``).
 - **Worker processes.** On a CPU, ``workers`` processes of one torch thread each search
   different batches at once: on a few cores a beam-search step is mostly small operations
   that threads within one batch cannot share out, so concurrent batches use the cores better

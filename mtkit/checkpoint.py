@@ -47,11 +47,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mtkit import __version__
-from mtkit.architectures import Model, build_model
 from mtkit.config import Config, save_config, validate_config
 from mtkit.errors import ConfigError, MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text, fsync_path, refuse_overlap, remove_stale_temporaries
 from mtkit.integrity import file_checksum, verify_file, warn_unverified
+from mtkit.models import Model, build_model
 from mtkit.rundir import ExperimentDir
 
 if TYPE_CHECKING:

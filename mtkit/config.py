@@ -250,6 +250,12 @@ class ModelConfig(Section):
     docs/architectures.md) or continue after the source (one sequence, as a language model
     reads it; what CTranslate2 needs to run an exported causal model)."""
 
+    @property
+    def target_follows_source(self) -> bool:
+        """The target's positions come after the source's, in one table (a decoder-only model
+        with ``target_positions: continue``): source and target share ``max_positions``."""
+        return self.arch == "decoder_only" and self.target_positions == "continue"
+
     @model_validator(mode="before")
     @classmethod
     def _fill_from_size(cls, data: Any) -> Any:

@@ -21,10 +21,10 @@ from mtkit.loss import TranslationLoss
 from mtkit.score import MetricScore, score
 
 if TYPE_CHECKING:
-    from mtkit.architectures import Model
     from mtkit.checkpoint import Loaded
     from mtkit.config import Config, CorpusConfig
     from mtkit.experiment import Experiment
+    from mtkit.models import Model
     from mtkit.runtime import Runtime
     from mtkit.translate import Translator
 

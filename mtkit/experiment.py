@@ -81,8 +81,7 @@ def positions_needed(config: Config, src_lens: np.ndarray, tgt_lens: np.ndarray)
     """``(N,)`` positions each pair takes in the model (lengths without BOS/EOS): its longer
     side with BOS/EOS, or, in a decoder-only model whose target positions continue after the
     source, both sides with theirs."""
-    model = config.model
-    if model.arch == "decoder_only" and model.target_positions == "continue":
+    if config.model.target_follows_source:
         return src_lens + tgt_lens + 2
     return np.maximum(src_lens, tgt_lens) + 1
 

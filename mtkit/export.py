@@ -11,7 +11,7 @@ represent every architecture option (one line per problem, naming the config key
 write into a hidden temporary directory -> rename it into place. A failed or killed
 export never leaves an output that looks complete.
 
-Weight names map one-to-one (``mtkit.model`` follows Marian's names); only the fused
+Weight names map one-to-one (``mtkit.models`` follow Marian's names); only the fused
 projections are split (Marian) or kept fused (CTranslate2 fuses them the same way):
 
     self_attn.qkv_proj  (3D, D)  = q, k, v stacked   -> Marian q_proj, k_proj, v_proj
@@ -43,10 +43,11 @@ from torch import Tensor, nn
 
 from mtkit.checkpoint import Loaded, load_for_inference
 from mtkit.config import DecodeConfig, ModelConfig
-from mtkit.decoder_only import Block, DecoderOnly
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text, refuse_overlap
-from mtkit.model import DecoderLayer, EncoderLayer, Transformer
+from mtkit.models.decoder_only import DecoderOnly
+from mtkit.models.encoder_decoder import DecoderLayer, Transformer
+from mtkit.models.layers import Block
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
@@ -190,7 +191,7 @@ class HuggingFaceExporter(Exporter):
 
 def marian_config(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, joint_vocab: bool = True) -> Any:
     """The ``MarianConfig`` of the Hugging Face counterpart of
-    ``mtkit.model.Transformer(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)``: same layers,
+    ``mtkit.models.Transformer(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)``: same layers,
     widths, heads, activation, dropouts, embedding sharing and tying, mtkit's special token ids.
     Marian is post-norm with sinusoidal positions; ``HuggingFaceExporter.problems`` says when
     an mtkit model differs."""
@@ -280,7 +281,7 @@ def marian_state_dict(model: Transformer) -> dict[str, Tensor]:
         for name, weight, bias in zip(names, weights, biases, strict=True):
             out[f"{name}.weight"], out[f"{name}.bias"] = weight, bias
 
-    def ffn_and_norms(prefix: str, layer: EncoderLayer | DecoderLayer, norms: list[str]) -> None:
+    def ffn_and_norms(prefix: str, layer: Block | DecoderLayer, norms: list[str]) -> None:
         linear(f"{prefix}.fc1", layer.ffn.fc1)
         linear(f"{prefix}.fc2", layer.ffn.fc2)
         for norm in norms:
@@ -302,9 +303,9 @@ def marian_state_dict(model: Transformer) -> dict[str, Tensor]:
     return {name: tensor.detach().cpu().float().contiguous() for name, tensor in out.items()}
 
 
-def _encoder_layers(model: Transformer) -> list[EncoderLayer]:
+def _encoder_layers(model: Transformer) -> list[Block]:
     """The encoder's layers with their type (an ``nn.ModuleList`` yields plain modules)."""
-    return [cast(EncoderLayer, layer) for layer in model.encoder_layers]
+    return [cast(Block, layer) for layer in model.encoder_layers]
 
 
 def _decoder_layers(model: Transformer) -> list[DecoderLayer]:
@@ -337,13 +338,16 @@ class CTranslate2Exporter(Exporter):
         problems = []
         if self.quantization is not None and self.quantization not in accepted:
             problems.append(f"--quantization {self.quantization}: expected one of {', '.join(accepted)}")
-        if isinstance(loaded.model, DecoderOnly):
-            problems += _generator_problems(loaded.config.model, loaded.model)
+        if not loaded.model.has_encoder:
+            problems += _generator_problems(loaded.config.model, cast(DecoderOnly, loaded.model))
         return problems + _special_problems(loaded)
 
     def write(self, loaded: Loaded, directory: Path) -> None:
         model = loaded.model
-        spec = ctranslate2_generator_spec(loaded, model) if isinstance(model, DecoderOnly) else ctranslate2_spec(loaded)
+        if model.has_encoder:
+            spec = ctranslate2_spec(loaded)
+        else:
+            spec = ctranslate2_generator_spec(loaded, cast(DecoderOnly, model))
         spec.validate()
         spec.optimize(quantization=self.quantization)
         spec.save(str(directory))
@@ -409,7 +413,7 @@ def _generator_problems(cfg: ModelConfig, model: DecoderOnly) -> list[str]:
     if cfg.source_attention != "causal":
         problems.append(f"model.source_attention={cfg.source_attention}: CTranslate2 runs decoder-only models "
                         "with causal attention only; train with `model.source_attention: causal`")
-    if cfg.target_positions != "continue":
+    if not cfg.target_follows_source:
         problems.append(f"model.target_positions={cfg.target_positions}: CTranslate2 counts positions through "
                         "the prompt; train with `model.target_positions: continue`")
     if model.src_embed is not model.tgt_embed:
@@ -468,7 +472,7 @@ def _ct2_norm(spec: Any, norm: nn.LayerNorm) -> None:
     spec.gamma, spec.beta = _numpy(norm.weight), _numpy(norm.bias)
 
 
-def _ct2_ffn(spec: Any, layer: EncoderLayer | DecoderLayer | Block) -> None:
+def _ct2_ffn(spec: Any, layer: Block | DecoderLayer) -> None:
     _ct2_linear(spec.linear_0, layer.ffn.fc1)
     _ct2_linear(spec.linear_1, layer.ffn.fc2)
     _ct2_norm(spec.layer_norm, layer.final_layer_norm)

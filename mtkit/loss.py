@@ -10,8 +10,8 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from mtkit.architectures import Model
-from mtkit.decoder_only import DecoderOnly
+from mtkit.models import Model
+from mtkit.models.decoder_only import DecoderOnly
 from mtkit.vocab import PAD_ID
 
 

@@ -28,13 +28,13 @@ leave the batch (their rows are selected out of the cache), so they cost nothing
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtkit.architectures import Model
+from mtkit.models import TranslationModel
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 NEG_INF = float("-inf")
@@ -134,7 +134,7 @@ class _Constraints:
         return _Constraints(self.max_len[keep], self.prefix[keep], self.prefix_len[keep])
 
 
-def _make_constraints(model: Model, src: Tensor, max_len_a: float, max_len_b: int, min_len: int,
+def _make_constraints(model: TranslationModel, src: Tensor, max_len_a: float, max_len_b: int, min_len: int,
                       prefix: list[list[int]] | None) -> _Constraints:
     batch = src.shape[0]
     if prefix is None:
@@ -229,7 +229,7 @@ class _Pool:
 
 @torch.inference_mode()
 def beam_search(
-    model: Model,
+    model: TranslationModel,
     src: Tensor,
     *,
     beam: int = 5,
@@ -260,8 +260,7 @@ def beam_search(
     # CTranslate2 and fairseq.
     count_finished = lenpen_form == "length" and lenpen != 0
     finished_count = torch.zeros(batch, dtype=torch.long, device=device)
-    # The model's own state type (DecoderState or DecoderOnlyState), which its decode_step takes.
-    state: Any = model.encode(src)
+    state = model.encode(src)
     # Live beams per sentence: one (its BOS) for the first step, so that it runs on one row per
     # sentence instead of ``k`` equal ones; then ``k``.
     width = 1
@@ -323,7 +322,7 @@ def beam_search(
 
 
 def greedy_search(
-    model: Model,
+    model: TranslationModel,
     src: Tensor,
     *,
     lenpen: float = 1.0,
@@ -362,7 +361,7 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
 
 @torch.inference_mode()
 def sample(
-    model: Model,
+    model: TranslationModel,
     src: Tensor,
     *,
     nbest: int = 1,
@@ -384,7 +383,7 @@ def sample(
     batch, device, k = src.shape[0], src.device, nbest
     cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
     rows_index = torch.arange(batch, device=device).repeat_interleave(k)
-    state: Any = model.encode(src).select(rows_index)  # the model's own state type
+    state = model.encode(src).select(rows_index)
     cons = cons.select(rows_index)  # one row per sample from here on
     owner = rows_index.clone()  # sentence of each live row
     scores = torch.zeros(batch * k, device=device)

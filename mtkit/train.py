@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtkit.architectures import Model, build_model
 from mtkit.batching import Batch, TokenizedCorpus, epoch_batches, padding_ratio
 from mtkit.checkpoint import (
     TrainState,
@@ -54,6 +53,7 @@ from mtkit.errors import MtkitError, Stopped
 from mtkit.evaluate import validation_bleu, validation_loss
 from mtkit.experiment import Experiment, SubwordSampling, load_experiment
 from mtkit.loss import TranslationLoss
+from mtkit.models import Model, build_model
 from mtkit.progress import Reporter
 from mtkit.runtime import Runtime, setup_runtime
 

@@ -30,13 +30,12 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from mtkit.architectures import Model
 from mtkit.batching import pack
 from mtkit.config import DecodeConfig
 from mtkit.corpus import normalize
-from mtkit.decoder_only import DecoderOnly
 from mtkit.engines.pytorch import TorchBackend
 from mtkit.errors import MtkitError
+from mtkit.models import Model
 from mtkit.runtime import Shard
 from mtkit.search import Hypothesis
 
@@ -126,10 +125,7 @@ class Translator:
         self.decode = decode
         self.device = torch.device(device)
         self.warn = warn or log.warning
-        # The source also holds its EOS; in a decoder-only model whose target positions follow
-        # the source's, at least the target's BOS must fit after it.
-        follows = isinstance(model, DecoderOnly) and model.cfg.target_positions == "continue"
-        self.max_source = model.cfg.max_positions - 1 - int(follows)
+        self.max_source = model.max_source_length()
         self.backend: SearchBackend = backend or TorchBackend(
             model, self.device, generator=torch.Generator(device=self.device).manual_seed(seed))
 

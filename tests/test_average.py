@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mtkit.checkpoint import read_meta, save_checkpoint
 from mtkit.cli import app
 from mtkit.config import validate_config
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.tokenizer import Tokenizers, tokenizer_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")

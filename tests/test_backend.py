@@ -25,7 +25,7 @@ from mtkit.engines import open_engine
 from mtkit.engines.precision import RECORD, TORCH_RECORD
 from mtkit.engines.pytorch import DTYPES, TorchBackend
 from mtkit.errors import MtkitError
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.tokenizer import train_tokenizers
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "red", "big", "small", "house", "tree", "runs", "walks"]

@@ -18,7 +18,7 @@ from mtkit.checkpoint import (
 )
 from mtkit.config import validate_config
 from mtkit.errors import MtkitError
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.tokenizer import Tokenizers, tokenizer_dir
 
 

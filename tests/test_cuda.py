@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mtkit.cli import app
 from mtkit.config import ModelConfig, load_config
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.vocab import PAD_ID
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -18,13 +18,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 import mtkit.train
-from mtkit.architectures import build_model
 from mtkit.checkpoint import load_for_inference
 from mtkit.cli import app
 from mtkit.config import ModelConfig, load_config
-from mtkit.decoder_only import DecoderOnly
 from mtkit.errors import ConfigError, MtkitError
 from mtkit.export import CTranslate2Exporter, HuggingFaceExporter, export
+from mtkit.models import build_model
+from mtkit.models.decoder_only import DecoderOnly
 from mtkit.search import beam_search, greedy_search, sample
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
 

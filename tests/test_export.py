@@ -23,7 +23,7 @@ from mtkit.export import (
     export,
     marian_generation_config,
 )
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.search import greedy_search
 from mtkit.tokenizer import train_tokenizers
 from mtkit.vocab import EOS_ID, PAD_ID

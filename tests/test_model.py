@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mtkit.config import ModelConfig
-from mtkit.model import Transformer, dropout
+from mtkit.models.encoder_decoder import Transformer
+from mtkit.models.layers import dropout
 from mtkit.vocab import PAD_ID
 
 
@@ -151,7 +152,7 @@ def test_dropout_is_seeded_and_off_in_eval():
 def test_cpu_autocast_training_attends_in_fp32(monkeypatch):
     """Under CPU bf16 autocast, training attention runs in fp32 (PyTorch's bf16 CPU attention
     backward is several times slower); the projections still run in bf16."""
-    import mtkit.model as model_module
+    import mtkit.models.layers as model_module
 
     seen = []
     real = model_module.F.scaled_dot_product_attention

@@ -8,7 +8,7 @@ import torch
 from helpers.search import SOURCES, favour_eos, make_src
 
 from mtkit.config import ModelConfig
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.search import (
     beam_search,
     beam_step,

@@ -20,7 +20,7 @@ from mtkit.checkpoint import dropout_seed
 from mtkit.cli import app
 from mtkit.config import TrainConfig, load_config
 from mtkit.loss import TranslationLoss, smoothed_nll
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.train import WeightAverage, learning_rate, run_progress
 from mtkit.vocab import PAD_ID
 

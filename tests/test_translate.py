@@ -15,7 +15,7 @@ from mtkit.batching import pack
 from mtkit.checkpoint import save_checkpoint
 from mtkit.cli import app
 from mtkit.config import Config, DecodeConfig, ModelConfig, TokenizerConfig, resolve_decode
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.tokenizer import train_tokenizers
 from mtkit.translate import Translation, Translator, one_line
 from mtkit.vocab import UNK_ID

@@ -22,7 +22,7 @@ from mtkit.engines import open_engine
 from mtkit.engines.precision import CHECK_SENTENCES, TORCH_RECORD
 from mtkit.errors import MtkitError
 from mtkit.evaluate import validation_set
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.tokenizer import Tokenizer, Tokenizers, tokenizer_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")

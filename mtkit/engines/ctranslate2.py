@@ -27,7 +27,6 @@ import torch
 
 from mtkit.checkpoint import Loaded
 from mtkit.config import DecodeConfig
-from mtkit.decoder_only import DecoderOnly
 from mtkit.errors import MtkitError
 from mtkit.export import SPECIAL_PIECES, CTranslate2Exporter, require, vocabulary_pieces
 from mtkit.fileio import fsync_path
@@ -50,7 +49,7 @@ def ct2_problems(loaded: Loaded, decode: DecodeConfig, device: torch.device) -> 
         return [f"CTranslate2 runs on CPUs and CUDA GPUs, not {device.type}"]
     if device.type == "cuda" and ctranslate2.get_cuda_device_count() == 0:
         return ["this ctranslate2 has no CUDA device"]
-    if loaded.config.model.arch == "decoder_only":
+    if not loaded.model.has_encoder:
         # Exported, it is a CTranslate2 Generator (mtkit export ctranslate2); this engine
         # drives a Translator.
         return ["the model: decoder-only models translate with PyTorch (the CTranslate2 backend runs "
@@ -445,7 +444,7 @@ def ct2_parity(loaded: Loaded, model_dir: Path, lines: list[str], compute_type: 
     shares, outputs = {}, {}
     for name, settings in (("greedy", greedy), ("beam", decode)):
         ours = Translator(loaded.model, loaded.tokenizers, settings).translate(lines)
-        runtime = CT2Generator if isinstance(loaded.model, DecoderOnly) else CT2Translator
+        runtime = CT2Translator if loaded.model.has_encoder else CT2Generator
         theirs = runtime(model_dir, loaded.tokenizers, settings, compute_type=compute_type).translate(lines)
         shares[name] = sum(a == b for a, b in zip(ours, theirs, strict=True)) / max(len(lines), 1)
         outputs[name] = (ours, theirs)

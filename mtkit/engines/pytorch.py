@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from mtkit.architectures import Model
 from mtkit.config import DecodeConfig
 from mtkit.errors import MtkitError
+from mtkit.models import Model
 from mtkit.search import Hypothesis, beam_search, sample
 from mtkit.vocab import EOS_ID, PAD_ID
 

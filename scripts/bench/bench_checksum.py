@@ -41,7 +41,7 @@ from safetensors.torch import load_model, save_model
 from mtkit.config import ModelConfig
 from mtkit.data import FORMAT, SCHEMA, load_split, split_file
 from mtkit.integrity import ALGORITHM, file_checksum
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 
 MB = 1e6
 

@@ -32,7 +32,7 @@ from mtkit.batching import Batch, TokenizedCorpus, epoch_batches
 from mtkit.config import ModelConfig, TrainConfig
 from mtkit.loss import TranslationLoss
 from mtkit.malloc import keep_freed_memory
-from mtkit.model import Transformer
+from mtkit.models.encoder_decoder import Transformer
 from mtkit.runtime import Runtime
 from mtkit.train import make_optimizer, train_step
 from mtkit.vocab import PAD_ID

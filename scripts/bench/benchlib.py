@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from mtkit.batching import Batch
     from mtkit.config import Config, ModelConfig
-    from mtkit.model import Transformer
+    from mtkit.models.encoder_decoder import Transformer
     from mtkit.tokenizer import Tokenizers
 
 for _module in ("psutil", "transformers"):  # the bench extra: one line, not a traceback
@@ -177,7 +177,7 @@ def random_model(cfg: ModelConfig, tokenizers: Tokenizers) -> Transformer:
     every time (seed 0)."""
     import torch
 
-    from mtkit.model import Transformer
+    from mtkit.models.encoder_decoder import Transformer
 
     torch.manual_seed(0)
     return Transformer(cfg, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size, tokenizers.joint)

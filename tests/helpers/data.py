@@ -125,7 +125,7 @@ def random_checkpoint(prepared: dict[str, Any], directory: Path) -> Path:
 
     from mtkit.checkpoint import save_checkpoint
     from mtkit.config import validate_config
-    from mtkit.model import Transformer
+    from mtkit.models.encoder_decoder import Transformer
     from mtkit.tokenizer import Tokenizers, tokenizer_dir
 
     config = validate_config({**prepared, "experiment": {"dir": str(directory / "model")}})

@@ -16,8 +16,8 @@ language model) or all of it (``bidirectional``, a prefix LM). Positions: the so
 from 0; the target (from its BOS) continues after the source's real length or restarts at 0
 (``target_positions``), the same in a batch as alone.
 
-Blocks are the encoder's layers (``mtkit.model``'s Attention, FeedForward and residual
-wiring, pre- or post-norm, the same dropouts and names), so a block maps one-to-one onto a
+Blocks are the encoder's layers (``mtkit.models.layers.Block``: the same attention,
+feed-forward and residual wiring, pre- or post-norm, the same dropouts and names), so a block maps one-to-one onto a
 CTranslate2 decoder layer without cross-attention. ``forward``/``features`` are for
 training (the target positions only); ``encode`` runs the source once per sentence into a
 key/value cache, and ``decode_step`` extends it one token at a time, the interface
@@ -28,33 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from mtkit.config import ModelConfig
-from mtkit.model import Attention, FeedForward, Positions, _residual, dropout, init_parameters, make_embeddings
+from mtkit.models.layers import Block, Positions, dropout, init_parameters, make_embeddings
 from mtkit.vocab import PAD_ID
-
-
-class Block(nn.Module):
-    """Self-attention then feed-forward, each a residual sub-layer (an encoder layer whose
-    attention may keep a key/value cache)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.pre_norm, self.dropout = cfg.norm == "pre", cfg.dropout
-        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.attention_dropout, cross=False)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.ffn = FeedForward(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-
-    def forward(self, x: Tensor, mask: Tensor, cache: list[Tensor] | None = None) -> Tensor:
-        """mask: boolean ``(B, 1, new, keys)``, True where a key may be attended; cache: this
-        block's ``[k, v]`` of earlier positions, extended in place."""
-        x = _residual(x, self.self_attn_layer_norm, self.pre_norm, self.dropout, self.training,
-                      lambda h: self.self_attn(h, mask=mask, cache=cache))
-        return _residual(x, self.final_layer_norm, self.pre_norm, self.dropout, self.training, self.ffn)
 
 
 @dataclass
@@ -100,6 +81,8 @@ class DecoderOnlyState:
 class DecoderOnly(nn.Module):
     """Decoder-only Transformer. Build with ``DecoderOnly(cfg, src_vocab, tgt_vocab)``."""
 
+    has_encoder: ClassVar[bool] = False
+
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, joint_vocab: bool = True):
         """``joint_vocab``: both sides use one SentencePiece model, so one embedding may serve
         both; with two vocabularies the source and target parts are embedded by two tables."""
@@ -108,7 +91,7 @@ class DecoderOnly(nn.Module):
         self.scale = math.sqrt(cfg.d_model)
         self.dropout = cfg.dropout
         self.bidirectional = cfg.source_attention == "bidirectional"
-        self.restart = cfg.target_positions == "restart"
+        self.restart = not cfg.target_follows_source
         self.src_embed, self.tgt_embed = make_embeddings(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)
         self.positions = Positions(cfg)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
@@ -208,6 +191,11 @@ class DecoderOnly(nn.Module):
         return allowed[None, None] & keys[:, None, None, :]
 
     # ------------------------------------------------------------------ search limits
+
+    def max_source_length(self) -> int:
+        """Source subwords the model accepts: its EOS takes one more position, and where target
+        positions follow the source's, so does at least the target's BOS."""
+        return self.cfg.max_positions - 1 - int(self.cfg.target_follows_source)
 
     def positions_left(self, src: Tensor) -> Tensor:
         """``(B,)`` positions left for the target (its BOS included) after each source row."""

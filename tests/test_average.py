@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import one_line_error
 from typer.testing import CliRunner
 
 from mtkit.checkpoint import read_meta, save_checkpoint
@@ -36,15 +37,6 @@ def run(trainkit_prepared, tmp_path) -> Path:
 
 def average(*args: str):
     return CliRunner().invoke(app, ["average", *args])
-
-
-def one_line_error(result, *parts: str) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.stderr, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mtkit: error: "), result.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def listing(directory: Path) -> list[tuple[str, int]]:

@@ -24,11 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.cli import invoke, one_line_error
 from helpers.faults import faultkit_experiment, faultkit_random_checkpoint
-from typer.testing import CliRunner
 
 from mtkit.checkpoint import load_trainer_state
-from mtkit.cli import app
 from mtkit.data import load_split
 from mtkit.errors import MtkitError
 from mtkit.integrity import file_checksum
@@ -51,20 +50,6 @@ def hang_guard():
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def invoke(*args: str, input: bytes | str | None = None):
-    return CliRunner().invoke(app, list(args), input=input)
-
-
-def one_line_error(result, *parts: str) -> str:
-    """Exit 1 and a single ``mtkit: error:`` line on stderr holding every part."""
-    assert result.exit_code == 1, (result.exit_code, result.stderr, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mtkit: error: "), result.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +201,6 @@ def test_corrupt_weights_of_the_right_size_are_refused(checkpoint_copy, damage, 
     refresh_sizes(checkpoint_copy)
     result = invoke("translate", "-m", str(checkpoint_copy), *TRANSLATE_FAST, input="kato rimu\n")
     one_line_error(result, str(checkpoint_copy / "model.safetensors"), reason)
-
-
 
 
 def _edit_config(directory: Path, edit) -> None:

@@ -21,11 +21,10 @@ import pyarrow as pa
 import pytest
 import yaml
 from helpers.backends import needs_ct2
+from helpers.cli import invoke, one_line_error
 from helpers.faults import faultkit_random_checkpoint
-from typer.testing import CliRunner
 
 from mtkit.checkpoint import average_checkpoints, load_for_inference, load_trainer_state
-from mtkit.cli import app
 from mtkit.data import load_split
 from mtkit.errors import MtkitError
 from mtkit.integrity import damage, file_checksum
@@ -35,20 +34,6 @@ PREPARE_AGAIN = "run `mtkit prepare` again"
 PICK_ANOTHER = "pick another checkpoint"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input)
-
-
-def one_line_error(result, *parts: str) -> str:
-    """Exit 1 and a single ``mtkit: error:`` line on stderr holding every part."""
-    assert result.exit_code == 1, (result.exit_code, result.stderr, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mtkit: error: "), result.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def flipped(data: bytes, offset: int) -> bytes:

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.backends import needs_ct2
+from helpers.cli import invoke, one_line_error
 from helpers.data import write_config, write_pairs
-from typer.testing import CliRunner
 
 from mtkit.checkpoint import SAFE_TORCH, load_for_inference, load_trainer_state, save_checkpoint
-from mtkit.cli import app
 from mtkit.config import validate_config
 from mtkit.engines import open_engine
 from mtkit.engines.precision import CHECK_SENTENCES, TORCH_RECORD
@@ -28,20 +27,6 @@ from mtkit.tokenizer import Tokenizer, Tokenizers, tokenizer_dir
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--beam", "1", "--max-len-a", "0", "--max-len-b", "3"]
-
-
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input)
-
-
-def one_line_error(result, *parts: str) -> str:
-    """Exit 1 and a single ``mtkit: error:`` line on stderr holding every part."""
-    assert result.exit_code == 1, (result.exit_code, result.stderr, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mtkit: error: "), result.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def checkpoint(prepared: dict, root: Path, *, tokenizers: Tokenizers | None = None, **data) -> Path:

@@ -133,6 +133,7 @@ _held: dict[Path, list] = {}
 @contextlib.contextmanager
 def exclusive(exp_dir: Path, command: str | None = None) -> Iterator[None]:
     """Hold the experiment directory's lock for the ``with`` body (creating the directory).
+    A body that fails leaves no directory it created that holds nothing but the lock.
 
     MtkitError at once, naming the holder's pid and command, if another process holds it.
     Reentrant: a nested ``exclusive`` of the same directory in this process just passes.
@@ -143,6 +144,7 @@ def exclusive(exp_dir: Path, command: str | None = None) -> Iterator[None]:
         yield
         return
     exp = ExperimentDir(exp_dir)
+    created = _missing(exp.root)
     try:
         exp.root.mkdir(parents=True, exist_ok=True)
         key = exp.root.resolve()
@@ -157,11 +159,35 @@ def exclusive(exp_dir: Path, command: str | None = None) -> Iterator[None]:
         return
     handle = _acquire(exp.lock_file, command or _command_line())
     _held[key] = [handle, 1]
+    failed = True
     try:
         yield
+        failed = False
     finally:
         del _held[key]
         _release(handle)
+        if failed:
+            _remove_unused(exp, created)
+
+
+def _missing(directory: Path) -> list[Path]:
+    """``directory`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (directory, *directory.absolute().parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_unused(exp: ExperimentDir, created: list[Path]) -> None:
+    """Undo the directories a failed command created (``_missing``) while they hold nothing but
+    the released lock; anything else there is not ours to remove."""
+    with contextlib.suppress(OSError):
+        if created and [*exp.root.iterdir()] == [exp.lock_file] and exp.lock_file.stat().st_size == 0:
+            exp.lock_file.unlink()
+        for path in created:
+            path.rmdir()
 
 
 def _acquire(path: Path, command: str):

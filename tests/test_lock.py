@@ -125,3 +125,29 @@ def test_pipeline_holds_the_lock_and_runs_its_stages(tokdata_experiment):
     assert result.exit_code == 0, result.stderr
     assert (exp / "report.json").is_file()
     assert ExperimentDir(exp).lock_file.read_text() == ""
+
+
+# (`mtkit pipeline` writes the resolved config and its stage stamps first: those stay, a record
+# of what was started.)
+@pytest.mark.parametrize("command", [["tokenizer", "train"], ["prepare"], ["train"]])
+def test_a_failed_command_leaves_no_directory_it_made(tokdata_experiment, command):
+    config = tokdata_experiment()
+    (config.parent / "train.src").unlink()
+    fresh = config.parent / "new" / "run"
+    result = runner.invoke(app, [*command, "-c", str(config), "--set", f"experiment.dir={fresh}"])
+    assert result.exit_code != 0
+    assert not (config.parent / "new").exists(), result.stderr
+    # A directory that was there before stays, with whatever it held.
+    mine = config.parent / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept\n")
+    assert runner.invoke(app, [*command, "-c", str(config), "--set", f"experiment.dir={mine}"]).exit_code != 0
+    assert (mine / "notes.txt").read_text() == "kept\n"
+
+
+def test_a_failed_body_keeps_what_it_wrote(tmp_path):
+    exp = tmp_path / "a" / "run"
+    with pytest.raises(RuntimeError), exclusive(exp):
+        (exp / "data").mkdir()
+        raise RuntimeError("stop")
+    assert (exp / "data").is_dir()

@@ -40,13 +40,8 @@ def train(config: ConfigOption, overrides: SetOption = None) -> None:
     from mtkit.tokenizer import tokenizer_dir
 
     cfg = load_config(config, overrides)
-    created = _new_directories(cfg.experiment.dir)
-    try:
-        with exclusive(cfg.experiment.dir):
-            tokenizers = train_tokenizer(cfg)
-    except BaseException:
-        _remove_if_empty(created)
-        raise
+    with exclusive(cfg.experiment.dir):
+        tokenizers = train_tokenizer(cfg)
     sizes = (
         f"{tokenizers.src.vocab_size}"
         if tokenizers.joint
@@ -54,32 +49,6 @@ def train(config: ConfigOption, overrides: SetOption = None) -> None:
     )
     kind = "joint" if tokenizers.joint else "separate"
     typer.echo(f"tokenizer: {kind} {cfg.tokenizer.type}, vocabulary {sizes}, written to {tokenizer_dir(cfg)}", err=True)
-
-
-def _new_directories(directory: Path) -> list[Path]:
-    """``directory`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    for path in (directory, *directory.parents):
-        if path.exists():
-            break
-        missing.append(path)
-    return missing
-
-
-def _remove_if_empty(created: list[Path]) -> None:
-    """Undo a failed command's directories (``_new_directories``): each that holds nothing, or
-    only the experiment lock this command made, is removed; anything else is left alone."""
-    from mtkit.rundir import ExperimentDir
-
-    if created:
-        lock = ExperimentDir(created[0]).lock_file
-        if lock.is_file() and [*created[0].iterdir()] == [lock] and lock.stat().st_size == 0:
-            lock.unlink()
-    for path in created:
-        try:
-            path.rmdir()
-        except OSError:  # not empty (or gone): it is not ours to remove
-            return
 
 
 @app.command("encode")

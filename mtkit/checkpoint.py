@@ -95,11 +95,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     best: bool,
     keep_last: int,
+    source: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``root/step_{step}`` atomically, point ``last`` (and ``best`` if ``best``) at it,
     and delete step directories beyond the newest ``keep_last`` (never best or last).
 
-    ``model`` is the bare model (not a DDP or compiled wrapper). Returns the directory.
+    ``model`` is the bare model (not a DDP or compiled wrapper). ``source``: where an imported
+    model came from (meta.json's ``source``). Returns the directory.
     """
     final = root / step_name(step)
     if not _complete(final):
@@ -125,6 +127,7 @@ def save_checkpoint(
                 "src_vocab_size": tokenizers.src.vocab_size,
                 "tgt_vocab_size": tokenizers.tgt.vocab_size,
                 "metrics": metrics,
+                **({"source": source} if source else {}),
                 **_file_records(tmp, (WEIGHTS, STATE, CONFIG)),
             }
             for name in (WEIGHTS, STATE):
@@ -313,7 +316,7 @@ def load_for_inference(path: Path, device: str = "cpu") -> Loaded:
     tokenizers = Tokenizers.load(directory / TOKENIZER)
     if (tokenizers.src.vocab_size, tokenizers.tgt.vocab_size) != (meta["src_vocab_size"], meta["tgt_vocab_size"]):
         raise MtkitError(f"{directory / TOKENIZER}: vocabulary sizes differ from {directory / META}")
-    model = build_model(config.model, meta["src_vocab_size"], meta["tgt_vocab_size"], tokenizers.joint)
+    model = build_model(config.model, meta["src_vocab_size"], meta["tgt_vocab_size"], tokenizers.shared_vocab)
     load_weights(model, directory)
     model.to(device).eval()
     return Loaded(model=model, config=config, tokenizers=tokenizers, meta=meta, path=directory)

@@ -227,14 +227,27 @@ class ModelConfig(Section):
     """Dropout on attention weights."""
     activation_dropout: float = Field(default=0.0, ge=0, lt=1)
     """Dropout after the feed-forward activation."""
-    activation: Literal["relu", "gelu"] = "relu"
-    """Feed-forward activation."""
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    """Feed-forward activation (silu is Marian's swish, used by the opus-mt models)."""
     norm: Literal["pre", "post"] = "pre"
     """Layer norm before each sub-layer (stable, default) or after it (Vaswani et al.)."""
-    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
-    """Position embeddings."""
+    positions: Literal["sinusoidal", "sinusoidal_fairseq", "learned"] = "sinusoidal"
+    """Position embeddings. sinusoidal: sines then cosines, frequencies 10000^(-i/(D/2)) (Marian,
+    tensor2tensor); sinusoidal_fairseq: fairseq's table (frequencies 10000^(-i/(D/2-1)), position
+    0 is fairseq's position 2, after its padding index), as M2M100 and NLLB use; learned: a
+    trained table (mBART's, imported without its offset of 2)."""
+    share_positions: bool = True
+    """positions learned: one table for the encoder and the decoder, or one each (mBART's)."""
     max_positions: int = Field(default=1024, ge=8)
     """Longest sequence (in tokens, with BOS/EOS) the model accepts."""
+    scale_embeddings: bool = True
+    """Multiply token embeddings by sqrt(d_model) before adding positions (Vaswani et al.;
+    Hugging Face's ``scale_embedding``)."""
+    embedding_norm: bool = False
+    """A layer norm on the embeddings (tokens plus positions) of the encoder and the decoder
+    (mBART's ``layernorm_embedding``)."""
+    output_bias: bool = False
+    """A bias on the output logits (Marian's and mBART's ``final_logits_bias``)."""
     share_embeddings: bool = True
     """Share source and target embeddings (only possible with a joint vocabulary)."""
     tie_output: bool = True
@@ -454,6 +467,34 @@ class DecodeConfig(Section):
         return self
 
 
+class PretrainedConfig(Section):
+    huggingface: str | None = None
+    """A Hugging Face translation model to start from: a hub id (``Helsinki-NLP/opus-mt-en-de``,
+    needs internet) or a local ``save_pretrained`` directory. The pipeline imports it into
+    ``{experiment.dir}/pretrained`` (``mtkit import huggingface``)."""
+    revision: str | None = None
+    """huggingface: the hub revision (branch, tag or commit; default: the main branch)."""
+    run: Path | None = None
+    """An mtkit run (or checkpoint) directory to start from instead: an imported model or a model
+    mtkit trained."""
+    freeze: list[Literal["embeddings", "encoder", "decoder"]] = Field(default_factory=list)
+    """Parts whose weights fine-tuning leaves as they are: embeddings (token and position tables,
+    with the output projection tied to them), encoder, decoder (its layers)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PretrainedConfig:
+        if self.huggingface is not None and self.run is not None:
+            raise ValueError("give huggingface or run, not both")
+        if self.revision is not None and self.huggingface is None:
+            raise ValueError("revision needs huggingface")
+        return self
+
+    @property
+    def given(self) -> bool:
+        """Whether the experiment starts from a pretrained model (fine-tuning)."""
+        return self.huggingface is not None or self.run is not None
+
+
 class Config(Section):
     """A whole experiment."""
 
@@ -469,6 +510,10 @@ class Config(Section):
     """Optimisation, validation and checkpoints."""
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     """Search settings for validation and translation."""
+    pretrained: PretrainedConfig = Field(default_factory=PretrainedConfig)
+    """Fine-tuning: start from a released or earlier model instead of training from scratch. Its
+    tokenizer replaces tokenizer training, and its model description replaces ``model`` (where
+    ``model`` may still set the dropouts)."""
 
     @model_validator(mode="after")
     def _source_loss_fits(self) -> Config:

@@ -98,18 +98,10 @@ def export(exporter: Exporter, source: Path | Loaded, out_dir: Path, force: bool
     return out_dir
 
 
-def vocabulary_pieces(path: Path) -> list[str]:
-    """The SentencePiece vocabulary in id order."""
-    import sentencepiece as spm
-
-    processor = spm.SentencePieceProcessor(model_file=str(path))
-    return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
-
-
 def _special_problems(loaded: Loaded) -> list[str]:
     problems = []
     for side in ("src", "tgt"):
-        pieces = vocabulary_pieces(getattr(loaded.tokenizers, side).path)
+        pieces = getattr(loaded.tokenizers, side).vocabulary()
         for token_id, piece in SPECIAL_PIECES.items():
             if token_id >= len(pieces) or pieces[token_id] != piece:
                 found = pieces[token_id] if token_id < len(pieces) else "nothing"
@@ -151,7 +143,7 @@ class HuggingFaceExporter(Exporter):
         transformers.utils.logging.disable_progress_bar()
         ours = cast(Transformer, loaded.model)  # problems() refuses the other architectures
         model = marian_model(loaded.config.model, ours.src_embed.num_embeddings, ours.tgt_embed.num_embeddings,
-                             loaded.tokenizers.joint).eval()
+                             loaded.tokenizers.shared_vocab).eval()
         weights = marian_state_dict(ours)
         try:
             model.load_state_dict(weights, strict=True)
@@ -167,8 +159,8 @@ class HuggingFaceExporter(Exporter):
         tokenizers = loaded.tokenizers
         shutil.copyfile(tokenizers.src.path, directory / "source.spm")
         shutil.copyfile(tokenizers.tgt.path, directory / "target.spm")
-        src_vocab = {piece: i for i, piece in enumerate(vocabulary_pieces(tokenizers.src.path))}
-        tgt_vocab = {piece: i for i, piece in enumerate(vocabulary_pieces(tokenizers.tgt.path))}
+        src_vocab = {piece: i for i, piece in enumerate(tokenizers.src.vocabulary())}
+        tgt_vocab = {piece: i for i, piece in enumerate(tokenizers.tgt.vocabulary())}
         separate = src_vocab != tgt_vocab
         atomic_write_text(directory / "vocab.json", json.dumps(src_vocab, ensure_ascii=False, indent=1))
         if separate:
@@ -402,8 +394,8 @@ def ctranslate2_spec(loaded: Loaded) -> Any:
     spec.config.eos_token = SPECIAL_PIECES[EOS_ID]
     spec.config.decoder_start_token = SPECIAL_PIECES[BOS_ID]
     spec.config.add_source_eos = True  # mtkit's sources end with EOS (see mtkit.batching)
-    spec.register_source_vocabulary(vocabulary_pieces(loaded.tokenizers.src.path))
-    spec.register_target_vocabulary(vocabulary_pieces(loaded.tokenizers.tgt.path))
+    spec.register_source_vocabulary(loaded.tokenizers.src.vocabulary())
+    spec.register_target_vocabulary(loaded.tokenizers.tgt.vocabulary())
     return spec
 
 
@@ -452,7 +444,7 @@ def ctranslate2_generator_spec(loaded: Loaded, model: DecoderOnly) -> Any:
     spec.config.unk_token = SPECIAL_PIECES[UNK_ID]
     spec.config.bos_token = SPECIAL_PIECES[BOS_ID]
     spec.config.eos_token = SPECIAL_PIECES[EOS_ID]
-    spec.register_vocabulary(vocabulary_pieces(loaded.tokenizers.tgt.path))
+    spec.register_vocabulary(loaded.tokenizers.tgt.vocabulary())
     return spec
 
 

@@ -102,14 +102,22 @@ class TranslationLoss(nn.Module):
         keep = tgt_out != PAD_ID
         if not self.source_weight:
             hidden = self.model.features(src, tgt_in)[keep]
-            return smoothed_nll(hidden, self.model.output_proj.weight, tgt_out[keep], self.smoothing)
+            return self._loss(hidden, tgt_out[keep])
         model = cast(DecoderOnly, self.model)
         sequence = model.sequence_features(src, tgt_in)
         source_len = src.shape[1]
-        weight = model.output_proj.weight
-        loss, nll = smoothed_nll(sequence[:, source_len:][keep], weight, tgt_out[keep], self.smoothing)
+        loss, nll = self._loss(sequence[:, source_len:][keep], tgt_out[keep])
         # Source position i predicts source token i + 1 (the first has nothing before it).
         predicts = src[:, 1:] != PAD_ID
-        source_loss, _ = smoothed_nll(sequence[:, : source_len - 1][predicts], weight, src[:, 1:][predicts],
-                                      self.smoothing)
+        source_loss, _ = self._loss(sequence[:, : source_len - 1][predicts], src[:, 1:][predicts])
         return loss + self.source_weight * source_loss, nll
+
+    def _loss(self, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``smoothed_nll`` through the model's output projection; a bias (``model.output_bias``)
+        becomes one more input column, fed a constant 1."""
+        proj = self.model.output_proj
+        weight = proj.weight
+        if proj.bias is not None:
+            hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
+            weight = torch.cat([weight, proj.bias.unsqueeze(1).to(weight.dtype)], dim=1)
+        return smoothed_nll(hidden, weight, target, self.smoothing)

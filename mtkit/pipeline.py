@@ -446,6 +446,16 @@ PIPELINE = [
 ]
 
 
+# Config keys added after mtkit 0.2.0, with their defaults: a key at its default leaves a stage's
+# key as 0.2.0 computed it, so that upgrading mtkit re-runs nothing.
+ADDED_DEFAULTS: dict[str, Any] = {
+    "model.scale_embeddings": True,
+    "model.embedding_norm": False,
+    "model.output_bias": False,
+    "model.share_positions": True,
+}
+
+
 def _stage(name: str) -> Stage:
     return next(stage for stage in PIPELINE if stage.name == name)
 
@@ -454,6 +464,11 @@ def stage_key(config: Config, stage: Stage, reads: dict[str, Any] | None = None)
     """A hash of what ``stage``'s outputs depend on under ``config``: its config keys and what
     it reads (``reads``, by default ``stage.reads(config)``)."""
     picked = _pick(config.to_dict(), stage.sections, stage.ignores)
+    for key, default in ADDED_DEFAULTS.items():  # keys added later count only once changed
+        section, _, name = key.rpartition(".")
+        node = picked.get(section)
+        if isinstance(node, dict) and node.get(name, default) == default:
+            node.pop(name, None)
     reads = stage.reads(config) if reads is None else reads
     blob = json.dumps({"sections": picked, "reads": reads}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -129,27 +129,30 @@ class _Constraints:
     max_len: Tensor  # (N,) output tokens before EOS is forced
     prefix: Tensor  # (N, P) forced leading tokens, -1 after each prefix
     prefix_len: Tensor  # (N,)
+    forced: int = 0  # leading prefix tokens that score 0 (see beam_search)
 
     def select(self, keep: Tensor) -> _Constraints:
-        return _Constraints(self.max_len[keep], self.prefix[keep], self.prefix_len[keep])
+        return _Constraints(self.max_len[keep], self.prefix[keep], self.prefix_len[keep], self.forced)
 
 
 def _make_constraints(model: TranslationModel, src: Tensor, max_len_a: float, max_len_b: int, min_len: int,
-                      prefix: list[list[int]] | None) -> _Constraints:
+                      prefix: list[list[int]] | None, forced: int = 0) -> _Constraints:
     batch = src.shape[0]
     if prefix is None:
         prefix = [[] for _ in range(batch)]
     if len(prefix) != batch:
         raise ValueError(f"{len(prefix)} prefixes for {batch} sentences")
     width = max((len(p) for p in prefix), default=0)
-    forced = torch.full((batch, max(width, 1)), -1, dtype=torch.long)
+    forced_ids = torch.full((batch, max(width, 1)), -1, dtype=torch.long)
     for row, ids in enumerate(prefix):
-        forced[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        forced_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     prefix_len = torch.tensor([len(p) for p in prefix], dtype=torch.long)
     limit = max_lengths(src.cpu(), max_len_a, max_len_b, model.positions_left(src).cpu(),
                         floor=torch.clamp(prefix_len, min=min_len))
     device = src.device
-    return _Constraints(limit.to(device), forced.to(device), prefix_len.to(device))
+    if forced and any(len(p) < forced for p in prefix):
+        raise ValueError(f"forced={forced}: every prefix must hold the forced tokens")
+    return _Constraints(limit.to(device), forced_ids.to(device), prefix_len.to(device), forced)
 
 
 def _constrain(log_probs: Tensor, step: int, min_len: int, cons: _Constraints, rows_per_sentence: int,
@@ -179,6 +182,8 @@ def _constrain(log_probs: Tensor, step: int, min_len: int, cons: _Constraints, r
     kept = log_probs.gather(1, target)
     # EOS forced at the maximum length keeps its real log-probability even before min_len.
     kept = torch.where(target == EOS_ID, original_eos.unsqueeze(1), kept)
+    if step < cons.forced:  # a forced token is no choice of the model's: it costs nothing
+        kept = torch.where(in_prefix.repeat_interleave(rows_per_sentence).unsqueeze(1), 0.0, kept)
     only = torch.full_like(log_probs, NEG_INF).scatter_(1, target, kept)
     if not allow_unk:
         log_probs[:, UNK_ID] = NEG_INF
@@ -241,10 +246,13 @@ def beam_search(
     prefix: list[list[int]] | None = None,
     allow_unk: bool = True,
     lenpen_form: LengthPenaltyForm = "gnmt",
+    forced: int = 0,
 ) -> list[list[Hypothesis]]:
     """Beam search for every row of ``src`` ``(B, S)`` at once (see the module docstring).
 
     prefix: per sentence, target ids the output must start with (scored like any others).
+    forced: the first ``forced`` prefix tokens of every sentence score 0 instead (a language
+    token forced as transformers' ``forced_bos_token_id`` forces it).
     allow_unk: whether UNK may be generated (``mtkit.translate`` passes ``decode.allow_unk``).
     Returns per sentence its ``nbest`` best hypotheses, best first.
     """
@@ -252,7 +260,7 @@ def beam_search(
         raise ValueError(f"need 1 <= nbest ({nbest}) <= beam ({beam})")
     _check_lenpen(lenpen)
     batch, device, k = src.shape[0], src.device, beam
-    cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
+    cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix, forced)
     # The best score a live beam may still reach needs lp at the longest possible length.
     best_lp = length_penalty(cons.max_len.double() + 1, lenpen, lenpen_form)
     # Under length ** lenpen that bound is so loose that nearly every sentence would search to
@@ -332,11 +340,13 @@ def greedy_search(
     prefix: list[list[int]] | None = None,
     allow_unk: bool = True,
     lenpen_form: LengthPenaltyForm = "gnmt",
+    forced: int = 0,
 ) -> list[list[Hypothesis]]:
     """The most likely token at each step: beam search with one beam (``lenpen`` only
     scales the reported score)."""
     return beam_search(model, src, beam=1, lenpen=lenpen, max_len_a=max_len_a, max_len_b=max_len_b,
-                       min_len=min_len, nbest=1, prefix=prefix, allow_unk=allow_unk, lenpen_form=lenpen_form)
+                       min_len=min_len, nbest=1, prefix=prefix, allow_unk=allow_unk, lenpen_form=lenpen_form,
+                       forced=forced)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -376,12 +386,13 @@ def sample(
     generator: torch.Generator | None = None,
     allow_unk: bool = True,
     lenpen_form: LengthPenaltyForm = "gnmt",
+    forced: int = 0,
 ) -> list[list[Hypothesis]]:
     """``nbest`` independent samples per sentence, best score first. Scores are the model's
     log-probabilities (before temperature and filtering), length-penalised as in beam search."""
     _check_lenpen(lenpen)
     batch, device, k = src.shape[0], src.device, nbest
-    cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix)
+    cons = _make_constraints(model, src, max_len_a, max_len_b, min_len, prefix, forced)
     rows_index = torch.arange(batch, device=device).repeat_interleave(k)
     state = model.encode(src).select(rows_index)
     cons = cons.select(rows_index)  # one row per sample from here on

@@ -12,6 +12,7 @@ user symbols (language tags and the like, never split), then the learned pieces.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import sentencepiece as spm
 
@@ -42,44 +43,96 @@ def tokenizer_dir(config: Config) -> Path:
 
 
 class Tokenizer:
-    """One SentencePiece model. Ids never include BOS/EOS; adding them is the model's business."""
+    """One subword model. Ids never include BOS/EOS; adding them is the model's business.
 
-    def __init__(self, path: Path, num_threads: int = 1):
+    The model is SentencePiece's (``.model``), or a Hugging Face ``tokenizer.json`` (``.json``,
+    for imported models whose tokenizer transformers keeps in that form only). Its ids are the
+    model's own unless ``pieces`` is given: the vocabulary in mtkit's id order (an imported model's,
+    with the special tokens moved to mtkit's ids), which then maps pieces to ids both ways; a
+    piece the vocabulary lacks is UNK, as in Hugging Face's Marian tokenizer. ``hidden`` ids
+    (language tokens) never reach a decoded text.
+    """
+
+    def __init__(self, path: Path, num_threads: int = 1, pieces: list[str] | None = None,
+                 hidden: Iterable[int] = ()):
         self.path = Path(path)
         self.num_threads = num_threads
+        self._sp: spm.SentencePieceProcessor | None = None
+        self._hf: Any = None
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (OSError, RuntimeError) as err:
-            raise MtkitError(f"{self.path}: not a SentencePiece model ({_first_line(err)})") from None
-        self.vocab_size: int = self._sp.get_piece_size()
+            if self.path.suffix == ".json":
+                from tokenizers import Tokenizer as HFTokenizer
+
+                self._hf = HFTokenizer.from_file(str(self.path))
+            else:
+                self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except Exception as err:  # noqa: BLE001 - both libraries raise their own kinds
+            kind = "tokenizer.json" if self._hf is None and self._sp is None and self.path.suffix == ".json" \
+                else "SentencePiece model"
+            raise MtkitError(f"{self.path}: not a {kind} ({_first_line(err)})") from None
+        if pieces is None and self._sp is None:
+            raise MtkitError(f"{self.path}: a tokenizer.json needs the vocabulary of mtkit ids (vocab file)")
+        self.pieces = pieces
+        self._ids = None if pieces is None else {piece: i for i, piece in enumerate(pieces)}
+        self._dropped = SPECIAL_IDS | frozenset(hidden)
+        self.vocab_size: int = len(pieces) if pieces is not None else self._sp.get_piece_size()  # type: ignore[union-attr]
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Subword ids of each text (no BOS/EOS)."""
-        return self._sp.encode(texts, out_type=int, num_threads=self.num_threads)
+        if self._ids is None:
+            return self._sp.encode(texts, out_type=int, num_threads=self.num_threads)  # type: ignore[union-attr]
+        return [self._to_ids(pieces) for pieces in self.encode_pieces(texts)]
 
     def sample(self, texts: list[str], alpha: float, nbest: int, seed: int) -> list[list[int]]:
         """Subword regularisation: ids of one segmentation of each text drawn at random
         (unigram: among the ``nbest`` best, -1 for all, smoothed by ``alpha``; BPE: BPE-dropout
         at rate ``alpha``). The same ``seed`` draws the same segmentations: SentencePiece keeps a
         generator per thread, so this encodes on the calling thread, seeded first."""
+        if self._sp is None:
+            raise MtkitError(f"{self.path}: subword regularisation (train.subword_alpha) needs a SentencePiece model")
         spm.set_random_generator_seed(seed)
-        return self._sp.encode(texts, out_type=int, enable_sampling=True, alpha=alpha, nbest_size=nbest,
-                               num_threads=1)
+        if self._ids is None:
+            return self._sp.encode(texts, out_type=int, enable_sampling=True, alpha=alpha, nbest_size=nbest,
+                                   num_threads=1)
+        pieces = self._sp.encode(texts, out_type=str, enable_sampling=True, alpha=alpha, nbest_size=nbest,
+                                 num_threads=1)
+        return [self._to_ids(p) for p in pieces]
 
     def encode_pieces(self, texts: list[str]) -> list[list[str]]:
         """Subword pieces of each text, for people and shell pipelines."""
-        return self._sp.encode(texts, out_type=str, num_threads=self.num_threads)
+        if self._hf is not None:
+            return [e.tokens for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        return self._sp.encode(texts, out_type=str, num_threads=self.num_threads)  # type: ignore[union-attr]
 
     def decode(self, ids: list[list[int]]) -> list[str]:
-        """Text of each id sequence; padding, BOS and EOS are dropped."""
-        return self._sp.decode([[i for i in seq if i not in SPECIAL_IDS] for seq in ids], num_threads=self.num_threads)
+        """Text of each id sequence; padding, BOS, EOS and hidden ids are dropped."""
+        kept = [[i for i in seq if i not in self._dropped] for seq in ids]
+        if self.pieces is None:
+            return self._sp.decode(kept, num_threads=self.num_threads)  # type: ignore[union-attr]
+        return self.decode_pieces([[self.pieces[i] for i in seq] for seq in kept])
 
     def decode_pieces(self, pieces: list[list[str]]) -> list[str]:
-        return self._sp.decode_pieces(pieces, num_threads=self.num_threads)
+        if self._hf is not None:
+            return [self._hf.decoder.decode(p) if self._hf.decoder else "".join(p) for p in pieces]
+        return self._sp.decode_pieces(pieces, num_threads=self.num_threads)  # type: ignore[union-attr]
+
+    def vocabulary(self) -> list[str]:
+        """Every piece, in id order (unique strings: what a runtime's vocabulary file lists)."""
+        if self.pieces is not None:
+            return list(self.pieces)
+        assert self._sp is not None
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
     def piece_to_id(self, piece: str) -> int:
         """The id of a piece (UNK_ID when the vocabulary lacks it)."""
-        return self._sp.piece_to_id(piece)
+        if self._ids is not None:
+            return self._ids.get(piece, UNK_ID)
+        return self._sp.piece_to_id(piece)  # type: ignore[union-attr]
+
+    def _to_ids(self, pieces: list[str]) -> list[int]:
+        ids = self._ids
+        assert ids is not None
+        return [ids.get(piece, UNK_ID) for piece in pieces]
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -93,44 +146,117 @@ class Tokenizers:
     tgt: Tokenizer
     joint: bool
 
+    languages: Languages | None = None
+    """An imported multilingual model's language tokens (None: the model has none)."""
+    vocab_files: tuple[Path, ...] = ()
+    """The vocabulary files mapping pieces to mtkit ids (an imported model's), src then tgt."""
+
     @classmethod
     def load(cls, directory: Path, num_threads: int = 1) -> Tokenizers:
         directory = Path(directory)
         meta = read_meta(directory)
         try:
-            files = meta["files"]
-            src = Tokenizer(_model_file(directory, files["src"]), num_threads)
-            tgt = src if meta["joint"] else Tokenizer(_model_file(directory, files["tgt"]), num_threads)
+            files, vocab = meta["files"], meta.get("vocab") or {}
+            languages = Languages.from_meta(meta["languages"]) if meta.get("languages") else None
+            pieces = {side: _read_pieces(_model_file(directory, vocab[side])) if side in vocab else None
+                      for side in ("src", "tgt")}
+            hidden = languages.ids(pieces["tgt"] or []) if languages else set()
+            src = Tokenizer(_model_file(directory, files["src"]), num_threads, pieces["src"], hidden)
+            tgt = src if meta["joint"] else Tokenizer(_model_file(directory, files["tgt"]), num_threads,
+                                                      pieces["tgt"], hidden)
             expected = meta["fingerprint"]
-        except (KeyError, TypeError):
+            vocab_files = tuple(dict.fromkeys(_model_file(directory, vocab[side]) for side in ("src", "tgt")
+                                              if side in vocab))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise MtkitError(f"{directory / META_FILE}: malformed tokenizer meta; retrain the tokenizer") from None
-        tokenizers = cls(src=src, tgt=tgt, joint=bool(meta["joint"]))
+        tokenizers = cls(src=src, tgt=tgt, joint=bool(meta["joint"]), languages=languages, vocab_files=vocab_files)
         if tokenizers.fingerprint() != expected:
             raise MtkitError(f"{directory}: tokenizer model files changed since training (fingerprint mismatch)")
         return tokenizers
+
+    @property
+    def shared_vocab(self) -> bool:
+        """Both sides use one vocabulary (one id space), so embeddings may be shared: one model,
+        or two segmentation models over one vocabulary (Marian's source.spm and target.spm)."""
+        return self.joint or (self.src.pieces is not None and self.src.pieces == self.tgt.pieces)
 
     def model_files(self) -> list[Path]:
         return [self.src.path] if self.joint else [self.src.path, self.tgt.path]
 
     def fingerprint(self) -> str:
-        """sha256 of the model file bytes (src then tgt when separate): prepared data and
-        checkpoints record it, so a retrained tokenizer cannot silently mismatch them."""
-        digest = hashlib.sha256()
-        for path in self.model_files():
-            digest.update(path.read_bytes())
-        return digest.hexdigest()
+        """sha256 of the model file bytes (src then tgt when separate), then of the vocabulary
+        files where there are any: prepared data and checkpoints record it, so a retrained
+        tokenizer cannot silently mismatch them."""
+        return files_fingerprint([*self.model_files(), *self.vocab_files])
 
     def copy_to(self, directory: Path) -> None:
         """Copy the model files, vocabularies and meta so that ``Tokenizers.load(directory)`` works."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         source = self.src.path.parent
-        for path in self.model_files():
+        for path in [*self.model_files(), *self.vocab_files]:
             shutil.copyfile(path, directory / path.name)
             vocab = path.with_suffix(".vocab")
-            if vocab.exists():
+            if vocab.exists() and vocab != path:
                 shutil.copyfile(vocab, directory / vocab.name)
         shutil.copyfile(source / META_FILE, directory / META_FILE)
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """sha256 of the files' bytes, in order: a tokenizer's fingerprint."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Languages:
+    """How a multilingual model is told its languages: by a token (``>>deu<<``, ``__de__``,
+    ``deu_Latn``) at the start of the source and/or forced as the first target token.
+
+    tokens: every language token of the vocabulary, by code (``deu`` -> ``>>deu<<``).
+    source: what the source starts with: ``"src"`` (the source language's token, M2M100,
+    NLLB, mBART-50), ``"tgt"`` (the target language's, Marian's multi-target models) or None.
+    target: ``"tgt"`` when the target language's token is forced as the first output token.
+    """
+
+    tokens: dict[str, str]
+    source: Literal["src", "tgt"] | None
+    target: Literal["tgt"] | None
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Languages:
+        return cls(tokens=dict(meta["tokens"]), source=meta.get("source"), target=meta.get("target"))
+
+    def to_meta(self) -> dict:
+        return {"tokens": self.tokens, "source": self.source, "target": self.target}
+
+    def ids(self, pieces: list[str]) -> set[int]:
+        """The ids of the language tokens in the vocabulary ``pieces``."""
+        wanted = set(self.tokens.values())
+        return {i for i, piece in enumerate(pieces) if piece in wanted}
+
+    def token(self, code: str, what: str) -> str:
+        """The token of language ``code`` (a code, or the token itself); a one-line error naming
+        ``what`` (the option) for a language the model lacks."""
+        if code in self.tokens:
+            return self.tokens[code]
+        if code in self.tokens.values():
+            return code
+        known = sorted(self.tokens)
+        close = difflib.get_close_matches(code, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        shown = ", ".join(known[:12]) + (f", ... ({len(known)} in all)" if len(known) > 12 else "")
+        raise MtkitError(f"{what} {code!r}: the model has no such language{hint}; it knows {shown}")
+
+
+def _read_pieces(path: Path) -> list[str]:
+    """A vocabulary file: a JSON list of pieces in mtkit's id order."""
+    pieces = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces):
+        raise ValueError(f"{path}: not a list of pieces")
+    return pieces
 
 
 def _model_file(directory: Path, name: str) -> Path:
@@ -185,9 +311,7 @@ def train_tokenizers(
         for name, sides in groups.items():
             counts[name] = _train_one(cfg, tmp / name, texts(sides), seed)
         files = {"src": "spm.model", "tgt": "spm.model"} if cfg.joint else {"src": "src.model", "tgt": "tgt.model"}
-        fingerprint = hashlib.sha256()
-        for name in dict.fromkeys(files.values()):
-            fingerprint.update((tmp / name).read_bytes())
+        fingerprint = files_fingerprint([tmp / name for name in dict.fromkeys(files.values())])
         sizes = {
             side: spm.SentencePieceProcessor(model_file=str(tmp / f)).get_piece_size() for side, f in files.items()
         }
@@ -202,7 +326,7 @@ def train_tokenizers(
             "byte_fallback": cfg.byte_fallback,
             "normalization": cfg.normalization,
             "sentences": counts,
-            "fingerprint": fingerprint.hexdigest(),
+            "fingerprint": fingerprint,
             # Releases train different vocabularies from the same text and settings (0.2.2 and
             # 0.2.3 differ by 4-6% in subwords a sentence): say which one made this one.
             "sentencepiece": spm.__version__,

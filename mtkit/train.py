@@ -228,7 +228,7 @@ def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
     root = checkpoints_dir(config.experiment.dir)
     _seed_everything(config.experiment.seed)
     model = build_model(config.model, exp.tokenizers.src.vocab_size, exp.tokenizers.tgt.vocab_size,
-                        exp.tokenizers.joint)
+                        exp.tokenizers.shared_vocab)
     model.to(runtime.device)
     optimizer = make_optimizer(model, cfg, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")

@@ -72,9 +72,11 @@ class SearchBackend(Protocol):
     ``mtkit.engines.ctranslate2.CT2Translator``."""
 
     def search(
-        self, batches: list[list[list[int]]], prefixes: list[list[list[int]]] | None, decode: DecodeConfig
+        self, batches: list[list[list[int]]], prefixes: list[list[list[int]]] | None, decode: DecodeConfig,
+        forced: int = 0,
     ) -> list[list[Hypothesis]]:
-        """Per sentence of ``batches`` (in order, batch after batch), its n-best hypotheses."""
+        """Per sentence of ``batches`` (in order, batch after batch), its n-best hypotheses;
+        the first ``forced`` tokens of every prefix score 0."""
         ...
 
     def close(self) -> None:
@@ -119,13 +121,16 @@ class Translator:
         seed: int = 1,
         warn: Callable[[str], None] | None = None,
         backend: SearchBackend | None = None,
+        src_lang: str | None = None,
+        tgt_lang: str | None = None,
     ):
         self.model = model
         self.tokenizers = tokenizers
         self.decode = decode
         self.device = torch.device(device)
         self.warn = warn or log.warning
-        self.max_source = model.max_source_length()
+        self.source_prefix, self.target_prefix = language_prefixes(tokenizers, src_lang, tgt_lang)
+        self.max_source = model.max_source_length() - len(self.source_prefix)
         self.backend: SearchBackend = backend or TorchBackend(
             model, self.device, generator=torch.Generator(device=self.device).manual_seed(seed))
 
@@ -154,8 +159,12 @@ class Translator:
                           f"truncated to {self.max_source}")
                 del ids[self.max_source :]
         prefix_ids = self._encode_prefixes(prefixes, numbers) if prefixes is not None else None
+        if self.target_prefix:
+            prefix_ids = [self.target_prefix + ids for ids in (prefix_ids or [[] for _ in lines])]
         results = [Translation("") for _ in lines]
         todo = [i for i, ids in enumerate(src_ids) if ids]
+        if self.source_prefix:
+            src_ids = [self.source_prefix + ids for ids in src_ids]
         lengths = np.array([len(src_ids[i]) + 1 for i in todo], dtype=np.int64)
         order = np.argsort(lengths, kind="stable")  # stable: equal lengths keep input order
         batches = [[todo[i] for i in batch] for batch in pack(lengths, order, decode.batch_tokens,
@@ -163,7 +172,7 @@ class Translator:
         # Every batch at once: a backend may run them concurrently.
         hyps = self.backend.search([[src_ids[r] for r in rows] for rows in batches],
                                    [[prefix_ids[r] for r in rows] for rows in batches] if prefix_ids else None,
-                                   decode)
+                                   decode, forced=len(self.target_prefix))
         # One call decodes every hypothesis: SentencePiece's batch API has a cost per call.
         texts = iter(self.tokenizers.tgt.decode([h.tokens for found in hyps for h in found]))
         for row, found in zip([r for rows in batches for r in rows], hyps, strict=True):
@@ -249,6 +258,30 @@ class Translator:
                 self.warn(f"prefix line {number}: longer than the model accepts; truncated to {limit}")
                 del ids[limit:]
         return encoded
+
+
+def language_prefixes(tokenizers: Tokenizers, src_lang: str | None,
+                      tgt_lang: str | None) -> tuple[list[int], list[int]]:
+    """What tells a multilingual model its languages (``Tokenizers.languages``): the ids its
+    source starts with, and those its output is forced to start with. A model without language
+    tokens takes none; a language the model lacks is a one-line error naming the option."""
+    languages = tokenizers.languages
+    if languages is None:
+        return [], []
+
+    def token_id(code: str | None, option: str) -> int:
+        if code is None or code in ("src", "tgt") and code not in languages.tokens:  # mtkit's placeholders
+            known = ", ".join(sorted(languages.tokens)[:12])
+            raise MtkitError(f"{option}: this model translates between several languages; name one "
+                             f"(it knows {known}{', ...' if len(languages.tokens) > 12 else ''})")
+        return tokenizers.tgt.piece_to_id(languages.token(code, option))
+
+    source = []
+    if languages.source is not None:
+        source = [token_id(src_lang, "--source-lang") if languages.source == "src" else token_id(tgt_lang,
+                                                                                                  "--target-lang")]
+    target = [token_id(tgt_lang, "--target-lang")] if languages.target else []
+    return source, target
 
 
 def _chunks(lines: Iterator[str], size: int, ready: Callable[[], bool] | None) -> Iterator[list[str]]:

@@ -100,6 +100,7 @@ def _register() -> None:
         compare_cmd,
         config_cmd,
         export_cmd,
+        import_cmd,
         pipeline_cmd,
         prepare_cmd,
         score_cmd,
@@ -120,6 +121,7 @@ def _register() -> None:
     app.command("compare", cls=compare_cmd.CompareCommand)(compare_cmd.compare)
     app.command("serve")(serve_cmd.serve)
     app.add_typer(export_cmd.app, name="export", help="Export a trained model to other runtimes.", cls=_Group)
+    app.add_typer(import_cmd.app, name="import", help="Import a released model as an mtkit run.", cls=_Group)
 
 
 _register()

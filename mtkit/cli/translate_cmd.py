@@ -90,6 +90,10 @@ def translate(
     ] = None,
     seed: Annotated[int | None, _flag("--seed", help="Sampling seed (default: experiment.seed).")] = None,
     prefix: Annotated[Path | None, _flag("--prefix", help="Target prefixes, one per input line (empty: none).")] = None,
+    source_lang: Annotated[str | None, _flag(
+        "--source-lang", help="A multilingual model's source language, as its code (eng_Latn, en, en_XX).")] = None,
+    target_lang: Annotated[str | None, _flag(
+        "--target-lang", help="A multilingual model's target language (deu_Latn, de, de_DE; Marian: deu).")] = None,
     output_format: Annotated[
         OutputFormat,
         typer.Option("--output-format", "-f", help="text: one translation a line; jsonl: with score and n-best list."),
@@ -151,7 +155,8 @@ def translate(
     # processes of one thread each (one process per rank under torchrun).
     workers = 1 if shard is not None else threads or torch.get_num_threads()
     translator = open_translator(loaded, decode, device, threads=threads, workers=workers, seed=seed, valid=valid,
-                                 say=_say if leader else _quiet, warn=_warn)
+                                 say=_say if leader else _quiet, warn=_warn, src_lang=source_lang,
+                                 tgt_lang=target_lang)
 
     hyps: list[str] = []  # kept only to score them: memory stays bounded otherwise
     count = 0

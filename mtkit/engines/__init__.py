@@ -64,13 +64,17 @@ def open_translator(
     valid: CorpusConfig | None = None,
     say: Callable[[str], None] = log.info,
     warn: Callable[[str], None] = log.warning,
+    src_lang: str | None = None,
+    tgt_lang: str | None = None,
 ) -> Translator:
     """A ``Translator`` for ``source`` (a run directory: its final, else best, else last
     checkpoint; a checkpoint directory; or a checkpoint already loaded on ``device``) under
     ``decode`` (default: the checkpoint's own settings), on the engine ``decode.backend`` picks
     (``open_engine``). seed: seeds sampling (default: the checkpoint's ``experiment.seed``).
     warn: truncated lines and what went wrong on the way; say: the engine chosen, the precision
-    check. ``Translator.close()`` (or ``with``) stops what the engine started."""
+    check. src_lang, tgt_lang: a multilingual model's languages (default: the run's
+    ``data.src_lang``/``data.tgt_lang``). ``Translator.close()`` (or ``with``) stops what the
+    engine started."""
     from mtkit.checkpoint import Loaded, load_for_inference
     from mtkit.translate import Translator
 
@@ -79,7 +83,9 @@ def open_translator(
     seed = loaded.config.experiment.seed if seed is None else seed
     engine = open_engine(loaded, decode, device, threads=threads, workers=workers, seed=seed, valid=valid, say=say,
                          warn=warn)
-    return Translator(loaded.model, loaded.tokenizers, decode, device, seed=seed, warn=warn, backend=engine)
+    data = loaded.config.data
+    return Translator(loaded.model, loaded.tokenizers, decode, device, seed=seed, warn=warn, backend=engine,
+                      src_lang=src_lang or data.src_lang, tgt_lang=tgt_lang or data.tgt_lang)
 
 
 def open_engine(

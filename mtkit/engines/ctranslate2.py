@@ -28,7 +28,7 @@ import torch
 from mtkit.checkpoint import Loaded
 from mtkit.config import DecodeConfig
 from mtkit.errors import MtkitError
-from mtkit.export import SPECIAL_PIECES, CTranslate2Exporter, require, vocabulary_pieces
+from mtkit.export import SPECIAL_PIECES, CTranslate2Exporter, require
 from mtkit.fileio import fsync_path
 from mtkit.integrity import damage, file_checksum
 from mtkit.search import Hypothesis
@@ -247,8 +247,8 @@ class CT2Translator:
         )
         self.tokenizers, self.decode, self.exact_lengths = tokenizers, decode, exact_lengths
         self.max_positions = max_positions
-        self.src_pieces = vocabulary_pieces(tokenizers.src.path)
-        self.tgt_pieces = vocabulary_pieces(tokenizers.tgt.path)
+        self.src_pieces = tokenizers.src.vocabulary()
+        self.tgt_pieces = tokenizers.tgt.vocabulary()
         self.tgt_ids = {piece: i for i, piece in enumerate(self.tgt_pieces)}
 
     def close(self) -> None:
@@ -288,28 +288,31 @@ class CT2Translator:
         batches: list[list[list[int]]],
         prefixes: list[list[list[int]]] | None = None,
         decode: DecodeConfig | None = None,
+        forced: int = 0,
     ) -> list[list[Hypothesis]]:
         """Per sentence of ``batches`` (each a list of non-empty source id lists, no EOS), its
         n-best ``Hypothesis`` list, best first, as ``mtkit.search`` returns them; the sentences
         in order, batch after batch. ``prefixes``: per batch, per sentence, target ids the
         output starts with ([] for none). All batches are submitted at once, so that they run
-        concurrently on the translator's ``inter_threads``."""
+        concurrently on the translator's ``inter_threads``. The first ``forced`` prefix tokens
+        score 0, as CTranslate2 scores every prefix token."""
         d = decode or self.decode
         sources = [ids for batch in batches for ids in batch]
-        forced = [ids for batch in prefixes for ids in batch] if prefixes is not None else [[] for _ in sources]
+        forced_ids = [ids for batch in prefixes for ids in batch] if prefixes is not None else [[] for _ in sources]
         # A sentence's limit: CTranslate2 takes one per call, so each batch is cut into runs
         # of equal limit (sorted batches hold few distinct lengths).
         groups: dict[tuple[int, int], list[int]] = {}
         start = 0
         for number, batch in enumerate(batches):
             for row in range(start, start + len(batch)):
-                limit = self.max_length(len(sources[row]), max(len(forced[row]), d.min_len), d)
+                limit = self.max_length(len(sources[row]), max(len(forced_ids[row]), d.min_len), d)
                 groups.setdefault((number, limit), []).append(row)
             start += len(batch)
         # Prefix tokens count in mtkit's score but not in CTranslate2's: the beam's candidates
         # are the same (every one holds the prefix), but ranking them with the prefix's log-
         # probability added needs them all.
-        rescore = any(forced) and d.lenpen != 0 and not d.sampling and d.nbest < d.beam
+        scored_prefix = [ids[forced:] for ids in forced_ids]
+        rescore = any(scored_prefix) and d.lenpen != 0 and not d.sampling and d.nbest < d.beam
         options: dict[str, Any] = dict(
             beam_size=1 if d.sampling else d.beam,
             num_hypotheses=d.beam if rescore else d.nbest,
@@ -325,7 +328,7 @@ class CT2Translator:
             options.update(sampling_topk=d.top_k, sampling_topp=d.top_p, sampling_temperature=d.temperature)
         pending = []
         for (_, limit), rows in groups.items():
-            target_prefix = [[self.tgt_pieces[i] for i in forced[r]] or None for r in rows]
+            target_prefix = [[self.tgt_pieces[i] for i in forced_ids[r]] or None for r in rows]
             pending.append((rows, self.translator.translate_batch(
                 [[self.src_pieces[i] for i in sources[r]] for r in rows],
                 target_prefix=target_prefix if any(target_prefix) else None,
@@ -340,9 +343,9 @@ class CT2Translator:
         # mtkit forces at the maximum length. Those hypotheses are scored again, whole.
         eos = SPECIAL_PIECES[EOS_ID]
         redo = [(row, k) for row, hyps in enumerate(found) for k, (pieces, _) in enumerate(hyps)
-                if forced[row] or not pieces or pieces[-1] != eos]
+                if scored_prefix[row] or not pieces or pieces[-1] != eos]
         rescored = self._logprobs([sources[row] for row, _ in redo],
-                                  [found[row][k][0] for row, k in redo]) if redo else []
+                                  [found[row][k][0] for row, k in redo], forced) if redo else []
         exact = dict(zip(redo, rescored, strict=True))
         out: list[list[Hypothesis]] = [[] for _ in sources]
         for row, hyps in enumerate(found):
@@ -355,12 +358,13 @@ class CT2Translator:
             out[row] = sorted(mine, key=lambda h: -h.score)[: d.nbest]
         return out
 
-    def _logprobs(self, sources: list[list[int]], targets: list[list[str]]) -> list[float]:
-        """The log-probability of each target (pieces, an EOS at the end or not) followed by EOS."""
+    def _logprobs(self, sources: list[list[int]], targets: list[list[str]], forced: int = 0) -> list[float]:
+        """The log-probability of each target (pieces, an EOS at the end or not) followed by EOS,
+        less that of its first ``forced`` tokens."""
         eos = SPECIAL_PIECES[EOS_ID]
         bare = [t[:-1] if t and t[-1] == eos else t for t in targets]
         scored = self.translator.score_batch([[self.src_pieces[i] for i in ids] for ids in sources], bare)
-        return [float(sum(result.log_probs)) for result in scored]  # its last is the EOS's
+        return [float(sum(result.log_probs[forced:])) for result in scored]  # its last is the EOS's
 
     def translate(self, lines: list[str], batch_size: int = 32) -> list[str]:
         """The best translation of each line, in input order (empty lines stay empty)."""
@@ -396,8 +400,8 @@ class CT2Generator(CT2Translator):
         )
         self.tokenizers, self.decode, self.exact_lengths = tokenizers, decode, exact_lengths
         self.max_positions = None  # the prompt shares the positions: CTranslate2 stops at the end
-        self.src_pieces = vocabulary_pieces(tokenizers.src.path)
-        self.tgt_ids = {piece: i for i, piece in enumerate(vocabulary_pieces(tokenizers.tgt.path))}
+        self.src_pieces = tokenizers.src.vocabulary()
+        self.tgt_ids = {piece: i for i, piece in enumerate(tokenizers.tgt.vocabulary())}
 
     def translate_ids(self, batch: list[list[int]]) -> list[list[int]]:
         """Best hypothesis ids (no BOS/EOS) for non-empty source id lists (no BOS/EOS), in order."""

@@ -64,18 +64,21 @@ class TorchBackend:
         batches: list[list[list[int]]],
         prefixes: list[list[list[int]]] | None,
         decode: DecodeConfig,
+        forced: int = 0,
     ) -> list[list[Hypothesis]]:
         """Per sentence of ``batches`` (each a list of non-empty source id lists, no EOS), its
         n-best hypotheses, best first; the sentences in order, batch after batch. ``prefixes``:
-        per batch, per sentence, target ids the output starts with ([] for none)."""
-        jobs = [(batch, prefixes[number] if prefixes is not None else None)
+        per batch, per sentence, target ids the output starts with ([] for none), of which the
+        first ``forced`` score 0 (a language token the model is told)."""
+        jobs = [(batch, prefixes[number] if prefixes is not None else None, forced)
                 for number, batch in enumerate(batches)]
         if self.workers > 1 and len(jobs) > 1 and not decode.sampling:
             # The largest batches first, so that no worker is left with a long one at the end.
             order = sorted(range(len(jobs)), key=lambda i: -sum(len(ids) + 1 for ids in jobs[i][0]))
             found: list[list[list[Hypothesis]]] = [[] for _ in jobs]
             try:
-                for i, result in zip(order, self._start().map(_search_in_worker, [(*jobs[i], decode) for i in order]),
+                for i, result in zip(order, self._start().map(_search_in_worker, [(*jobs[i][:2], decode, jobs[i][2])
+                                                                                 for i in order]),
                                      strict=True):
                     found[i] = result
             except BrokenProcessPool:
@@ -83,11 +86,11 @@ class TorchBackend:
                 raise MtkitError("a PyTorch worker process died (killed, or out of memory?); "
                                  "translate with --threads 1 to search in one process") from None
         else:
-            found = [self.search_batch(batch, prefix, decode) for batch, prefix in jobs]
+            found = [self.search_batch(batch, prefix, decode, forced) for batch, prefix, forced in jobs]
         return [nbest for batch in found for nbest in batch]
 
     def search_batch(self, src_ids: list[list[int]], prefix_ids: list[list[int]] | None,
-                     decode: DecodeConfig) -> list[list[Hypothesis]]:
+                     decode: DecodeConfig, forced: int = 0) -> list[list[Hypothesis]]:
         """One batch, in this process."""
         width = max(len(ids) for ids in src_ids) + 1
         src = torch.full((len(src_ids), width), PAD_ID, dtype=torch.long)
@@ -98,7 +101,7 @@ class TorchBackend:
         d = decode
         common: dict[str, Any] = dict(lenpen=d.lenpen, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
                                       min_len=d.min_len, prefix=prefix_ids, allow_unk=d.allow_unk,
-                                      lenpen_form=d.length_penalty_form)
+                                      lenpen_form=d.length_penalty_form, forced=forced)
         if d.sampling:
             return sample(self.model, src, nbest=d.nbest, temperature=d.temperature, top_k=d.top_k,
                           top_p=d.top_p, generator=self.generator, **common)
@@ -129,6 +132,7 @@ def _start_worker(backend: TorchBackend) -> None:
     _worker = backend
 
 
-def _search_in_worker(job: tuple[list[list[int]], list[list[int]] | None, DecodeConfig]) -> list[list[Hypothesis]]:
+def _search_in_worker(job: tuple[list[list[int]], list[list[int]] | None, DecodeConfig, int]
+                      ) -> list[list[Hypothesis]]:
     assert _worker is not None
     return _worker.search_batch(*job)

@@ -34,7 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from mtkit.config import ModelConfig
-from mtkit.models.layers import Block, Positions, dropout, init_parameters, make_embeddings
+from mtkit.models.layers import (
+    Block,
+    Positions,
+    dropout,
+    embedding_norm,
+    init_parameters,
+    make_embeddings,
+    output_projection,
+)
 from mtkit.vocab import PAD_ID
 
 
@@ -88,16 +96,17 @@ class DecoderOnly(nn.Module):
         both; with two vocabularies the source and target parts are embedded by two tables."""
         super().__init__()
         self.cfg = cfg
-        self.scale = math.sqrt(cfg.d_model)
+        self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
         self.dropout = cfg.dropout
         self.bidirectional = cfg.source_attention == "bidirectional"
         self.restart = not cfg.target_follows_source
         self.src_embed, self.tgt_embed = make_embeddings(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)
         self.positions = Positions(cfg)
+        self.embedding_norm = embedding_norm(cfg)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
         # Pre-norm stacks end with a layer norm; post-norm layers are already normalised.
         self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
-        self.output_proj = nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self.output_proj = output_projection(cfg, tgt_vocab_size)
         self.reset_parameters()
         if cfg.tie_output:
             self.output_proj.weight = self.tgt_embed.weight
@@ -162,14 +171,18 @@ class DecoderOnly(nn.Module):
 
     def _embed_source(self, src: Tensor) -> Tensor:
         """Scaled embeddings plus positions ``0 .. S - 1``, ``(B, S, D)``."""
-        return self.src_embed(src) * self.scale + self._positions(torch.arange(src.shape[1], device=src.device))
+        return self._normed(self.src_embed(src) * self.scale
+                            + self._positions(torch.arange(src.shape[1], device=src.device)))
 
     def _embed_target(self, ids: Tensor, source_len: Tensor, past: int) -> Tensor:
         """Scaled embeddings of target ids ``(B, t)`` at target positions ``past ..``, plus their
         positions: from 0, or after each row's ``source_len`` real source tokens."""
         steps = torch.arange(past, past + ids.shape[1], device=ids.device)
         index = steps if self.restart else source_len[:, None] + steps
-        return self.tgt_embed(ids) * self.scale + self._positions(index)
+        return self._normed(self.tgt_embed(ids) * self.scale + self._positions(index))
+
+    def _normed(self, x: Tensor) -> Tensor:
+        return x if self.embedding_norm is None else self.embedding_norm(x)
 
     def _positions(self, index: Tensor) -> Tensor:
         """Position embeddings of ``index`` (any shape), refusing positions beyond the table."""

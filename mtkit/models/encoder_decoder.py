@@ -28,8 +28,10 @@ from mtkit.models.layers import (
     FeedForward,
     Positions,
     dropout,
+    embedding_norm,
     init_parameters,
     make_embeddings,
+    output_projection,
     residual,
 )
 from mtkit.vocab import PAD_ID
@@ -124,17 +126,20 @@ class Transformer(nn.Module):
         (equal sizes alone do not make two vocabularies the same)."""
         super().__init__()
         self.cfg = cfg
-        self.scale = math.sqrt(cfg.d_model)
+        self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
         self.dropout = cfg.dropout
         self.src_embed, self.tgt_embed = make_embeddings(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)
         self.positions = Positions(cfg)
+        # The decoder's own table where the encoder's is not shared (mBART's learned positions).
+        self.decoder_positions = None if cfg.share_positions else Positions(cfg)
+        self.encoder_embedding_norm, self.decoder_embedding_norm = embedding_norm(cfg), embedding_norm(cfg)
         self.encoder_layers = nn.ModuleList(Block(cfg) for _ in range(cfg.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         # Pre-norm stacks end with a layer norm; post-norm layers are already normalised.
         pre = cfg.norm == "pre"
         self.encoder_layer_norm = nn.LayerNorm(cfg.d_model) if pre else nn.Identity()
         self.decoder_layer_norm = nn.LayerNorm(cfg.d_model) if pre else nn.Identity()
-        self.output_proj = nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self.output_proj = output_projection(cfg, tgt_vocab_size)
         self.reset_parameters()
         if cfg.tie_output:
             self.output_proj.weight = self.tgt_embed.weight
@@ -162,7 +167,7 @@ class Transformer(nn.Module):
     def encode(self, src: Tensor) -> DecoderState:
         """Run the encoder on ``(B, S)`` ids; return a fresh decoder state for these rows."""
         mask = (src != PAD_ID)[:, None, None, :]
-        x = self._embed(self.src_embed, src, offset=0)
+        x = self._embed(self.src_embed, self.positions, self.encoder_embedding_norm, src, offset=0)
         for layer in self.encoder_layers:
             x = layer(x, mask)
         memory = self.encoder_layer_norm(x)
@@ -186,16 +191,20 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _embed(self, table: nn.Embedding, ids: Tensor, offset: int) -> Tensor:
+    def _embed(self, table: nn.Embedding, positions: Positions, norm: nn.LayerNorm | None, ids: Tensor,
+               offset: int) -> Tensor:
         length = ids.shape[1]
         if offset + length > self.cfg.max_positions:
             raise ValueError(f"sequence of {offset + length} tokens exceeds max_positions={self.cfg.max_positions}")
-        x = table(ids) * self.scale + self.positions(length, offset)
+        x = table(ids) * self.scale + positions(length, offset)
+        if norm is not None:
+            x = norm(x)
         return dropout(x, self.dropout, self.training)
 
     def _decode(self, tokens: Tensor, state: DecoderState, cache: bool) -> Tensor:
         past, new = (state.length if cache else 0), tokens.shape[1]
-        x = self._embed(self.tgt_embed, tokens, offset=past)
+        x = self._embed(self.tgt_embed, self.decoder_positions or self.positions, self.decoder_embedding_norm, tokens,
+                        offset=past)
         # Without a prefix, a causal mask is implicit; one new token sees every cached one;
         # several new tokens after a prefix need the causal mask shifted by the prefix.
         self_mask, causal = None, past == 0 and new > 1

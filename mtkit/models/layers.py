@@ -51,6 +51,18 @@ def make_embeddings(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int,
     return src, src if share else nn.Embedding(tgt_vocab_size, cfg.d_model, padding_idx=PAD_ID)
 
 
+def embedding_norm(cfg: ModelConfig) -> nn.LayerNorm | None:
+    """The layer norm on token-plus-position embeddings where ``model.embedding_norm`` asks for
+    one (mBART's ``layernorm_embedding``); None otherwise."""
+    return nn.LayerNorm(cfg.d_model) if cfg.embedding_norm else None
+
+
+def output_projection(cfg: ModelConfig, tgt_vocab_size: int) -> nn.Linear:
+    """The output projection, with a bias where ``model.output_bias`` asks for one (Marian's
+    ``final_logits_bias``); the bias starts at zero."""
+    return nn.Linear(cfg.d_model, tgt_vocab_size, bias=cfg.output_bias)
+
+
 def init_parameters(model: nn.Module, embeddings: list[nn.Embedding], d_model: int) -> None:
     """Xavier-uniform linear weights and zero biases; embeddings drawn from N(0, d_model^-0.5)
     with the PAD row zero (a shared table once)."""
@@ -76,8 +88,23 @@ def sinusoidal_table(length: int, dim: int) -> Tensor:
     return table.float()
 
 
+def fairseq_sinusoidal_table(length: int, dim: int, padding_idx: int = 1) -> Tensor:
+    """``(length, dim)`` positions as fairseq (and so M2M100 and NLLB) computes them, in float32
+    as it does: frequencies ``10000 ** (-i / (dim / 2 - 1))``, sines then cosines, a zero column
+    for an odd ``dim``. fairseq numbers positions after its padding index: row ``i`` here is its
+    position ``padding_idx + 1 + i``."""
+    half = dim // 2
+    rate = math.log(10000.0) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.int64).float() * -rate)
+    steps = torch.arange(padding_idx + 1, padding_idx + 1 + length, dtype=torch.int64).float()
+    angles = steps[:, None] * freqs[None, :]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(table, (0, dim % 2))
+
+
 class Positions(nn.Module):
-    """Position embeddings added to the scaled token embeddings."""
+    """Position embeddings added to the (scaled) token embeddings: a trained table or a fixed one
+    (``model.positions``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -86,7 +113,8 @@ class Positions(nn.Module):
             self.weight = nn.Parameter(torch.empty(cfg.max_positions, cfg.d_model))
             nn.init.normal_(self.weight, std=cfg.d_model**-0.5)
         else:
-            self.register_buffer("weight", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+            table = (fairseq_sinusoidal_table if cfg.positions == "sinusoidal_fairseq" else sinusoidal_table)
+            self.register_buffer("weight", table(cfg.max_positions, cfg.d_model), persistent=False)
 
     def forward(self, length: int, offset: int = 0) -> Tensor:
         """``(length, D)`` embeddings of positions ``offset .. offset + length - 1``."""
@@ -184,12 +212,16 @@ class Attention(nn.Module):
         )
 
 
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+"""``model.activation``: gelu is the exact (erf) GELU, silu is Marian's and Hugging Face's swish."""
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
-        self.activation = F.relu if cfg.activation == "relu" else F.gelu
+        self.activation = ACTIVATIONS[cfg.activation]
         self.dropout = cfg.activation_dropout
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,376 @@
+"""Hugging Face translation models in: ``mtkit import huggingface SRC -o RUN``.
+
+SRC is a ``save_pretrained`` directory or a hub id (downloaded by huggingface_hub). RUN becomes
+an ordinary mtkit run: a checkpoint (``RUN/checkpoints/step_00000000``, linked as ``last``,
+``best`` and ``final``) whose config describes the model exactly, whose tokenizer segments text
+as the model's own tokenizer does, and whose meta.json names the source and its revision.
+Every mtkit command then takes it: translate (both backends), serve, compare, average, export,
+and fine-tuning (``pretrained.run``, ``mtkit train --init-from``).
+
+The families (``FAMILIES``, keyed by transformers' ``model_type``) are the BART lineage, whose
+layers map one-to-one onto mtkit's (fused query/key/value aside):
+
+    family      norm   positions                    embeddings        languages
+    marian      post   sinusoidal (Marian's)        scaled            ``>>xxx<<`` first in the source
+    m2m_100     pre    sinusoidal_fairseq           scaled            source code first, target code forced
+    mbart       pre    learned, offset 2, one each  + layer norm      (mBART-50) as m2m_100
+
+Vocabulary. mtkit fixes PAD, UNK, BOS, EOS at ids 0-3 (``mtkit.vocab``); a Hugging Face model
+has its own ids and may use one token in two roles (Marian starts decoding with ``<pad>``,
+M2M100 and mBART with ``</s>``). Import permutes the embedding rows and output columns into
+mtkit's order, giving mtkit's BOS the row of the model's decoder start token; where that row
+already serves another special id, the duplicate output column is masked with a bias of
+``MASKED_LOGIT``, so that the softmax covers exactly the model's own columns. The tokenizer
+keeps the model's segmentation file(s) (``source.spm``/``target.spm``, ``sentencepiece.bpe.model``
+or ``tokenizer.json``) and a vocabulary file of pieces in mtkit's id order (``Tokenizer``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtkit.config import Config, ModelConfig, validate_config
+from mtkit.errors import MtkitError
+from mtkit.fileio import atomic_dir, atomic_write_text
+from mtkit.tokenizer import META_FILE, META_FORMAT, Languages, Tokenizers, files_fingerprint
+from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+MASKED_LOGIT = -1.0e4
+"""Output bias of a column the imported model does not have (a duplicated special token): its
+probability is exactly 0 in float32 and bfloat16, while the loss stays finite."""
+
+VOCAB_FILE = "vocab.json"
+
+
+# --------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the imported families (the layers do not)."""
+
+    model_type: str
+    """transformers' ``config.model_type``."""
+    tokenizer_files: Callable[[Path], tuple[Path, Path]]
+    """The segmentation model of the source and of the target in a model directory."""
+    languages: Callable[[Any], Languages | None]
+    """The language tokens, from the model's transformers tokenizer."""
+    model: Callable[[Any], dict[str, Any]]
+    """The ``model`` config keys particular to the family, from the transformers config."""
+    position_offset: int = 0
+    """Rows of a learned position table before position 0 (mBART's 2)."""
+
+
+def _marian_files(directory: Path) -> tuple[Path, Path]:
+    return directory / "source.spm", directory / "target.spm"
+
+
+def _one_file(*names: str) -> Callable[[Path], tuple[Path, Path]]:
+    def files(directory: Path) -> tuple[Path, Path]:
+        for name in names:
+            if (directory / name).is_file():
+                return directory / name, directory / name
+        raise MtkitError(f"{directory}: no tokenizer model ({' or '.join(names)})")
+    return files
+
+
+def _marian_languages(tokenizer: Any) -> Languages | None:
+    codes = getattr(tokenizer, "supported_language_codes", [])
+    if not codes:
+        return None
+    return Languages(tokens={code[2:-2]: code for code in codes}, source="tgt", target=None)
+
+
+def _special_languages(tokenizer: Any) -> Languages | None:
+    """M2M100, NLLB, mBART-50: the source's code first in the source, the target's forced first
+    in the output. The codes are the tokenizer's extra special tokens (M2M100 writes them
+    ``__de__`` and is called with ``de``)."""
+    if getattr(tokenizer, "legacy_behaviour", False):
+        raise MtkitError("tokenizer legacy_behaviour (language code after the source) is not supported")
+    mapping = getattr(tokenizer, "lang_code_to_token", None)
+    if mapping:
+        tokens = dict(mapping)
+    else:
+        known = {tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token,
+                 getattr(tokenizer, "mask_token", None), getattr(tokenizer, "sep_token", None),
+                 getattr(tokenizer, "cls_token", None)}
+        extra = getattr(tokenizer, "extra_special_tokens", None) or getattr(tokenizer, "additional_special_tokens", [])
+        if isinstance(extra, dict):
+            extra = list(extra.values())
+        tokens = {str(t): str(t) for t in extra if str(t) not in known}
+    return Languages(tokens=tokens, source="src", target="tgt") if tokens else None
+
+
+FAMILIES: dict[str, Family] = {
+    "marian": Family("marian", _marian_files, _marian_languages,
+                     lambda hf: {"norm": "post", "positions": "sinusoidal"}),
+    "m2m_100": Family("m2m_100", _one_file("sentencepiece.bpe.model", "spm.model", "tokenizer.json"),
+                      _special_languages, lambda hf: {"norm": "pre", "positions": "sinusoidal_fairseq"}),
+    "mbart": Family("mbart", _one_file("sentencepiece.bpe.model", "tokenizer.json"), _special_languages,
+                    lambda hf: {"norm": "pre", "positions": "learned", "share_positions": False,
+                                "embedding_norm": True}, position_offset=2),
+}
+
+_ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu": "gelu", "relu": "relu"}
+
+
+# --------------------------------------------------------------------------- the import
+
+
+def fetch(source: str, revision: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The model directory of ``source`` (a local directory, or a hub id downloaded with
+    huggingface_hub) and what to record of its origin."""
+    path = Path(source)
+    if path.is_dir():
+        if revision is not None:
+            raise MtkitError(f"--revision {revision}: {source} is a local directory, not a hub id")
+        return path, {"huggingface": str(path.resolve()), "revision": None}
+    if path.exists() or source.startswith((".", "/")) or source.count("/") > 1:
+        raise MtkitError(f"{source}: not a model directory (a save_pretrained directory or a hub id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.spm", "*.model", "*.safetensors", "*.txt"]
+    try:
+        local = Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise MtkitError(f"{source}: cannot download from the Hugging Face hub ({str(err).splitlines()[0]})") from None
+    return local, {"huggingface": source, "revision": local.name}
+
+
+def import_huggingface(source: str, out: Path, *, revision: str | None = None, force: bool = False,
+                       src_lang: str | None = None, tgt_lang: str | None = None,
+                       log: Callable[[str], None] = print) -> Path:
+    """Import the model ``source`` into the run directory ``out`` (written whole, atomically;
+    an existing one is replaced only with ``force``). ``src_lang``/``tgt_lang``: the languages
+    a multilingual model translates between by default (its codes)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise MtkitError(f"{out}: already exists; pass --force to replace it")
+    directory, origin = fetch(source, revision)
+    transformers = _transformers()
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as err:
+        raise MtkitError(f"{directory}: no readable config.json ({str(err).splitlines()[0]})") from None
+    family = FAMILIES.get(hf_config.model_type)
+    if family is None:
+        raise MtkitError(f"{directory}: model_type {hf_config.model_type!r} cannot be imported "
+                         f"(mtkit imports {', '.join(FAMILIES)})")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(directory, dtype=torch.float32).eval()
+    rows = special_rows(hf_config, tokenizer)
+    languages = family.languages(tokenizer)
+    config = _config(family, hf_config, model, tokenizer, languages, out, src_lang, tgt_lang)
+    state = mtkit_state_dict(model.state_dict(), config.model, rows, family.position_offset)
+    from mtkit.checkpoint import checkpoints_dir, mark_final, save_checkpoint
+    from mtkit.models import build_model
+
+    with atomic_dir(out) as tmp:
+        tokenizers = _write_tokenizer(family, directory, tokenizer, rows, languages, tmp / "tokenizer")
+        ours = build_model(config.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size, tokenizers.shared_vocab)
+        try:
+            ours.load_state_dict(state, strict=True)
+        except RuntimeError as err:  # a mapping bug, not a user mistake: keep the detail
+            raise RuntimeError(f"{family.model_type} -> mtkit weight mapping does not fit: {err}") from err
+        root = checkpoints_dir(tmp)
+        step = save_checkpoint(root, step=0, epoch=0, model=ours, config=_relocated(config, out), tokenizers=tokenizers,
+                               metrics={}, trainer_state={}, best=True, keep_last=1, source=origin)
+        mark_final(root, step)
+        shutil.rmtree(tmp / "tokenizer")
+    log(f"imported {source} ({family.model_type}, {sum(p.numel() for p in ours.parameters()):,} parameters) -> {out}")
+    return out
+
+
+def _relocated(config: Config, out: Path) -> Config:
+    config = config.model_copy(deep=True)
+    config.experiment.dir = out
+    return config
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise MtkitError("transformers is not installed; run: pip install 'mtkit[hub]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def special_rows(hf_config: Any, tokenizer: Any) -> list[int]:
+    """The model's row (token id) for each mtkit id, in mtkit's order: PAD, UNK, BOS (the
+    decoder start token), EOS, then every other row of the model in its own order."""
+    vocab_size = hf_config.vocab_size
+    specials = [hf_config.pad_token_id, tokenizer.unk_token_id, hf_config.decoder_start_token_id,
+                hf_config.eos_token_id]
+    for name, value in zip(("pad_token_id", "unk_token_id", "decoder_start_token_id", "eos_token_id"), specials,
+                           strict=True):
+        if value is None or not 0 <= value < vocab_size:
+            raise MtkitError(f"config.json: {name} is {value!r}, not an id of the {vocab_size}-token vocabulary")
+    taken = set(specials)
+    return specials + [i for i in range(vocab_size) if i not in taken]
+
+
+def masked_columns(rows: list[int]) -> list[int]:
+    """mtkit ids whose output column duplicates another's (the model has one column for both):
+    PAD where the decoder starts with padding (Marian), else BOS where it starts with EOS."""
+    if rows[BOS_ID] == rows[PAD_ID]:
+        return [PAD_ID]
+    if rows[BOS_ID] in (rows[EOS_ID], rows[UNK_ID]):
+        return [BOS_ID]
+    return []
+
+
+def _config(family: Family, hf: Any, model: Any, tokenizer: Any, languages: Languages | None, out: Path,
+            src_lang: str | None, tgt_lang: str | None) -> Config:
+    activation = _ACTIVATIONS.get(hf.activation_function)
+    if activation is None:
+        raise MtkitError(f"config.json: activation_function {hf.activation_function!r} is not supported "
+                         f"({', '.join(_ACTIVATIONS)})")
+    if hf.encoder_attention_heads != hf.decoder_attention_heads or hf.encoder_ffn_dim != hf.decoder_ffn_dim:
+        raise MtkitError("config.json: encoder and decoder of different widths are not supported")
+    shared = getattr(hf, "share_encoder_decoder_embeddings", True)
+    tied = bool(getattr(hf, "tie_word_embeddings", True))
+    model_cfg = {
+        "arch": "encoder_decoder",
+        "d_model": hf.d_model,
+        "encoder_layers": hf.encoder_layers,
+        "decoder_layers": hf.decoder_layers,
+        "heads": hf.encoder_attention_heads,
+        "ffn_dim": hf.encoder_ffn_dim,
+        "dropout": hf.dropout,
+        "attention_dropout": hf.attention_dropout,
+        "activation_dropout": hf.activation_dropout,
+        "activation": activation,
+        "max_positions": hf.max_position_embeddings,
+        "scale_embeddings": bool(hf.scale_embedding),
+        "output_bias": True,
+        "share_embeddings": bool(shared),
+        "tie_output": tied,
+        **family.model(hf),
+    }
+    generation = getattr(model, "generation_config", None)
+    decode: dict[str, Any] = {"length_penalty_form": "length", "allow_unk": True}
+    if generation is not None:
+        decode["beam"] = max(1, int(generation.num_beams or 1))
+        decode["lenpen"] = max(0.0, float(generation.length_penalty if generation.length_penalty is not None else 1.0))
+    data = {"src_lang": src_lang or getattr(tokenizer, "src_lang", None) or getattr(tokenizer, "source_lang", None),
+            "tgt_lang": tgt_lang or getattr(tokenizer, "tgt_lang", None) or getattr(tokenizer, "target_lang", None)}
+    for key, code in data.items():
+        # A multilingual model's languages are its codes (checked); the others are labels.
+        told = languages is not None and (languages.source == "src" or key == "tgt_lang")
+        data[key] = _code(languages, code, f"data.{key}") if told and code else code
+    data = {key: code or key.split("_")[0] for key, code in data.items()}
+    config = validate_config({"experiment": {"dir": str(out)}, "data": data, "model": model_cfg, "decode": decode})
+    return config
+
+
+def _code(languages: Languages | None, code: str, what: str) -> str:
+    """A language as the config keeps it: its code (``de``), checked against the model's."""
+    assert languages is not None
+    token = languages.token(code, what)
+    return next(c for c, t in languages.tokens.items() if t == token)
+
+
+def _write_tokenizer(family: Family, directory: Path, tokenizer: Any, rows: list[int],
+                     languages: Languages | None, out: Path) -> Tokenizers:
+    """mtkit's tokenizer directory: the segmentation model(s), the vocabulary in mtkit's id
+    order, and meta.json (with the language tokens)."""
+    out.mkdir(parents=True)
+    src_file, tgt_file = family.tokenizer_files(directory)
+    for path in {src_file, tgt_file}:
+        if not path.is_file():
+            raise MtkitError(f"{path}: missing; the model's tokenizer needs it")
+    names = {"src": "src" + src_file.suffix, "tgt": "tgt" + tgt_file.suffix}
+    joint = src_file == tgt_file
+    if joint:
+        names = {"src": "spm" + src_file.suffix, "tgt": "spm" + src_file.suffix}
+    shutil.copyfile(src_file, out / names["src"])
+    if not joint:
+        shutil.copyfile(tgt_file, out / names["tgt"])
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    pieces = ["<pad>", "<unk>", "<s>", "</s>"]
+    for row in rows[4:]:
+        piece = by_id.get(row, f"<unused{row}>")
+        # Pieces are unique (a runtime's vocabulary maps them to ids): a token named as one of
+        # mtkit's specials (M2M100's own ``<s>``, never produced) keeps its row under another name.
+        pieces.append(piece if piece not in pieces[:4] else f"{piece}{row}")
+    atomic_write_text(out / VOCAB_FILE, json.dumps(pieces, ensure_ascii=False) + "\n")
+    meta: dict[str, Any] = {
+        "format": META_FORMAT,
+        "joint": joint,
+        "type": "imported",
+        "vocab_size": {"src": len(pieces), "tgt": len(pieces)},
+        "files": names,
+        "vocab": {"src": VOCAB_FILE, "tgt": VOCAB_FILE},
+        "normalization": "imported",
+        "fingerprint": "",
+    }
+    if languages is not None:
+        meta["languages"] = languages.to_meta()
+    files = [out / names["src"]] if joint else [out / names["src"], out / names["tgt"]]
+    meta["fingerprint"] = files_fingerprint([*files, out / VOCAB_FILE])
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return Tokenizers.load(out)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def mtkit_state_dict(hf: dict[str, Tensor], cfg: ModelConfig, rows: list[int], position_offset: int = 0
+                     ) -> dict[str, Tensor]:
+    """mtkit's weights from a BART-lineage model's ``state_dict`` (``model.encoder.layers.0...``):
+    embedding rows and output columns permuted by ``rows`` (see ``special_rows``), query, key
+    and value fused, learned positions without their ``position_offset`` rows."""
+    index = torch.tensor(rows)
+    out: dict[str, Tensor] = {}
+    enc = "model.encoder.embed_tokens.weight" if "model.encoder.embed_tokens.weight" in hf else "model.shared.weight"
+    dec = "model.decoder.embed_tokens.weight" if "model.decoder.embed_tokens.weight" in hf else "model.shared.weight"
+    out["src_embed.weight"] = hf[enc][index]
+    out["tgt_embed.weight"] = hf[dec][index]
+    out["output_proj.weight"] = hf.get("lm_head.weight", hf[dec])[index]
+    bias = hf.get("final_logits_bias", torch.zeros(1, len(rows)))[0][index].clone()
+    bias[masked_columns(rows)] = MASKED_LOGIT
+    out["output_proj.bias"] = bias
+    if cfg.positions == "learned":
+        end = position_offset + cfg.max_positions
+        out["positions.weight"] = hf["model.encoder.embed_positions.weight"][position_offset:end]
+        if not cfg.share_positions:
+            out["decoder_positions.weight"] = hf["model.decoder.embed_positions.weight"][position_offset:end]
+    for side, ours in (("encoder", "encoder_layers"), ("decoder", "decoder_layers")):
+        layers = cfg.encoder_layers if side == "encoder" else cfg.decoder_layers
+        for i in range(layers):
+            theirs, mine = f"model.{side}.layers.{i}.", f"{ours}.{i}."
+            for kind in ("weight", "bias"):
+                attn = theirs + "self_attn."
+                out[f"{mine}self_attn.qkv_proj.{kind}"] = torch.cat(
+                    [hf[f"{attn}{p}_proj.{kind}"] for p in "qkv"], dim=0)
+                out[f"{mine}self_attn.out_proj.{kind}"] = hf[f"{attn}out_proj.{kind}"]
+                names = ["self_attn_layer_norm", "final_layer_norm"]
+                if side == "decoder":
+                    cross = theirs + "encoder_attn."
+                    out[f"{mine}encoder_attn.q_proj.{kind}"] = hf[f"{cross}q_proj.{kind}"]
+                    out[f"{mine}encoder_attn.kv_proj.{kind}"] = torch.cat(
+                        [hf[f"{cross}k_proj.{kind}"], hf[f"{cross}v_proj.{kind}"]], dim=0)
+                    out[f"{mine}encoder_attn.out_proj.{kind}"] = hf[f"{cross}out_proj.{kind}"]
+                    names.append("encoder_attn_layer_norm")
+                for name in names:
+                    out[f"{mine}{name}.{kind}"] = hf[f"{theirs}{name}.{kind}"]
+                for fc in ("fc1", "fc2"):
+                    out[f"{mine}ffn.{fc}.{kind}"] = hf[f"{theirs}{fc}.{kind}"]
+        for kind in ("weight", "bias"):
+            if cfg.norm == "pre":
+                out[f"{side}_layer_norm.{kind}"] = hf[f"model.{side}.layer_norm.{kind}"]
+            if cfg.embedding_norm:
+                out[f"{side}_embedding_norm.{kind}"] = hf[f"model.{side}.layernorm_embedding.{kind}"]
+    return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
+

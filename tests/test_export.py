@@ -21,7 +21,7 @@ from mtkit.export import (
     CTranslate2Exporter,
     HuggingFaceExporter,
     export,
-    marian_generation_config,
+    huggingface_generation_config,
 )
 from mtkit.models.encoder_decoder import Transformer
 from mtkit.search import greedy_search
@@ -120,12 +120,12 @@ def test_huggingface_export_matches_mtkit(tmp_path, model):
     assert marian.generation_config.decoder_start_token_id == 2
 
 
-def test_huggingface_refuses_pre_norm(pre_run, tmp_path):
-    result = CliRunner().invoke(app, ["export", "huggingface", str(pre_run.path), str(tmp_path / "hf")])
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model.norm=pre" in lines[0] and "model.norm: post" in lines[0]
-    assert not (tmp_path / "hf").exists()
+def test_huggingface_exports_pre_norm_as_blenderbot(pre_run, tmp_path):
+    pytest.importorskip("transformers")
+    result = CliRunner().invoke(app, ["export", "huggingface", str(pre_run.path), str(tmp_path / "hf"),
+                                      "--sample-lines", "0"])
+    assert result.exit_code == 0, result.stderr
+    assert '"model_type": "blenderbot"' in (tmp_path / "hf" / "config.json").read_text(encoding="utf-8")
 
 
 def test_huggingface_refuses_learned_positions(tmp_path):
@@ -136,7 +136,7 @@ def test_huggingface_refuses_learned_positions(tmp_path):
 
 def test_generation_config_follows_mtkit_tokens(post_run):
     pytest.importorskip("transformers")
-    config = marian_generation_config(post_run)
+    config = huggingface_generation_config(post_run)
     assert (config.decoder_start_token_id, config.eos_token_id, config.pad_token_id) == (2, 3, 0)
     assert config.num_beams == post_run.config.decode.beam
 
@@ -215,6 +215,6 @@ def test_output_may_not_replace_the_checkpoint(post_run):
 
 def test_missing_runtime_says_how_to_install(post_run, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)
-    with pytest.raises(MtkitError, match=r"pip install 'mtkit\[bench\]'"):
+    with pytest.raises(MtkitError, match=r"pip install 'mtkit\[hf\]'"):
         export(HuggingFaceExporter(), post_run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

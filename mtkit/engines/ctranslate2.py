@@ -70,7 +70,7 @@ CT2_PREFIX = "ctranslate2-"
 CT2_MARKER = "complete.json"
 """Written last into a conversion, after its other files are on disk: their sizes and checksums.
 A conversion without it is incomplete; one whose files differ from it is damaged."""
-_CT2_CONVERTER_VERSION = 2  # bump when ctranslate2_spec changes what it writes
+_CT2_CONVERTER_VERSION = 3  # bump when ctranslate2_spec changes what it writes
 
 
 class DamagedConversion(MtkitError):
@@ -216,10 +216,13 @@ class CT2Translator:
     Scores are mtkit's: where CTranslate2 leaves out a prefix's tokens, or the EOS that mtkit
     forces at the maximum length, the hypothesis is scored again whole (``score_batch``). Both
     end a sentence's beam search once ``beam`` hypotheses have finished (``mtkit.search`` under
-    the length form). One difference remains: CTranslate2 renormalises the probabilities over
-    the tokens it allows (no PAD, BOS, nor EOS before the minimum length), mtkit does not, so
+    the length form). Two differences remain. CTranslate2 renormalises the probabilities over
+    the tokens it allows (no PAD, BOS, UNK unless allowed, nor EOS before the minimum length),
+    mtkit (as transformers' generate) does not, so
     scores differ by the probability the model gives those, and where candidates are that close
-    the two can pick different translations."""
+    the two can pick different translations. And without a length penalty (``lenpen`` 0),
+    hypotheses cut at the maximum length are ranked by CTranslate2 without the EOS that mtkit
+    forces there."""
 
     def __init__(
         self,
@@ -277,6 +280,7 @@ class CT2Translator:
                 max_decoding_length=max(limits[r] for r in rows),
                 min_decoding_length=self.decode.min_len,
                 suppress_sequences=[[SPECIAL_PIECES[PAD_ID]], [SPECIAL_PIECES[BOS_ID]]],
+                disable_unk=not self.decode.allow_unk,
                 return_scores=False,
             )
             for r, result in zip(rows, results, strict=True):
@@ -295,7 +299,9 @@ class CT2Translator:
         in order, batch after batch. ``prefixes``: per batch, per sentence, target ids the
         output starts with ([] for none). All batches are submitted at once, so that they run
         concurrently on the translator's ``inter_threads``. The first ``forced`` prefix tokens
-        score 0, as CTranslate2 scores every prefix token."""
+        (a multilingual model's target language) score 0, as CTranslate2 scores every prefix token:
+        its score leaves a prefix's log-probabilities out, while the length it divides by counts
+        them, as ``mtkit.search`` does with ``forced``."""
         d = decode or self.decode
         sources = [ids for batch in batches for ids in batch]
         forced_ids = [ids for batch in prefixes for ids in batch] if prefixes is not None else [[] for _ in sources]
@@ -308,11 +314,12 @@ class CT2Translator:
                 limit = self.max_length(len(sources[row]), max(len(forced_ids[row]), d.min_len), d)
                 groups.setdefault((number, limit), []).append(row)
             start += len(batch)
-        # Prefix tokens count in mtkit's score but not in CTranslate2's: the beam's candidates
-        # are the same (every one holds the prefix), but ranking them with the prefix's log-
-        # probability added needs them all.
+        # A prefix's tokens, and the EOS forced at the maximum length, count in mtkit's score but
+        # not in CTranslate2's: the beam's candidates are the same, but under a length penalty,
+        # ranking them as mtkit does needs them all. (CTranslate2 then stops a sentence as before,
+        # once ``beam`` hypotheses have finished; without a penalty it would stop later.)
         scored_prefix = [ids[forced:] for ids in forced_ids]
-        rescore = any(scored_prefix) and d.lenpen != 0 and not d.sampling and d.nbest < d.beam
+        rescore = d.lenpen != 0 and not d.sampling and d.nbest < d.beam
         options: dict[str, Any] = dict(
             beam_size=1 if d.sampling else d.beam,
             num_hypotheses=d.beam if rescore else d.nbest,
@@ -418,6 +425,7 @@ class CT2Generator(CT2Translator):
                 max_length=max(self.max_length(len(batch[r])) for r in rows),
                 min_length=self.decode.min_len,
                 suppress_sequences=[[SPECIAL_PIECES[PAD_ID]], [SPECIAL_PIECES[BOS_ID]]],
+                disable_unk=not self.decode.allow_unk,
                 include_prompt_in_result=False,
                 return_scores=False,
             )
@@ -438,18 +446,30 @@ class Parity:
     """Up to three ``(source, mtkit, ctranslate2)`` beam-search examples that differ."""
 
 
-def ct2_parity(loaded: Loaded, model_dir: Path, lines: list[str], compute_type: str = "default") -> Parity:
+def ct2_parity(loaded: Loaded, model_dir: Path, lines: list[str], compute_type: str = "default", *,
+               src_lang: str | None = None, tgt_lang: str | None = None) -> Parity:
     """Translate ``lines`` with mtkit and with the CTranslate2 model in ``model_dir``, both
-    greedily and with the run's beam settings, and count identical outputs."""
+    greedily and with the run's beam settings, and count identical outputs. An encoder-decoder
+    runs in CTranslate2 as the engine of an ``mtkit.translate.Translator`` (``CT2Translator.search``),
+    so that both sides read the same source ids, language tokens included (``src_lang``,
+    ``tgt_lang``: a multilingual model's languages, default the run's ``data.src_lang`` and
+    ``data.tgt_lang``); a decoder-only model runs as a ``CT2Generator``."""
     from mtkit.translate import Translator
 
     decode = loaded.config.decode.model_copy(update={"sampling": False, "nbest": 1})
     greedy = decode.model_copy(update={"beam": 1})
+    src_lang, tgt_lang = src_lang or loaded.config.data.src_lang, tgt_lang or loaded.config.data.tgt_lang
     shares, outputs = {}, {}
     for name, settings in (("greedy", greedy), ("beam", decode)):
-        ours = Translator(loaded.model, loaded.tokenizers, settings).translate(lines)
-        runtime = CT2Translator if loaded.model.has_encoder else CT2Generator
-        theirs = runtime(model_dir, loaded.tokenizers, settings, compute_type=compute_type).translate(lines)
+        ours = Translator(loaded.model, loaded.tokenizers, settings, src_lang=src_lang, tgt_lang=tgt_lang
+                          ).translate(lines)
+        if loaded.model.has_encoder:
+            engine = CT2Translator(model_dir, loaded.tokenizers, settings, compute_type=compute_type,
+                                   max_positions=loaded.config.model.max_positions)
+            theirs = Translator(loaded.model, loaded.tokenizers, settings, backend=engine, src_lang=src_lang,
+                                tgt_lang=tgt_lang).translate(lines)
+        else:
+            theirs = CT2Generator(model_dir, loaded.tokenizers, settings, compute_type=compute_type).translate(lines)
         shares[name] = sum(a == b for a, b in zip(ours, theirs, strict=True)) / max(len(lines), 1)
         outputs[name] = (ours, theirs)
     ours, theirs = outputs["beam"]

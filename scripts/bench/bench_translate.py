@@ -70,7 +70,7 @@ from mtkit.export import (
     CTranslate2Exporter,
     HuggingFaceExporter,
     export,
-    marian_generation_config,
+    huggingface_generation_config,
 )
 from mtkit.fileio import read_lines
 from mtkit.malloc import keep_freed_memory
@@ -120,7 +120,7 @@ def hf_system(model_dir: Path, loaded: Loaded, decode: DecodeConfig, early_stopp
 
     transformers.utils.logging.set_verbosity_error()
     marian = transformers.MarianMTModel.from_pretrained(model_dir).eval()
-    generation = marian_generation_config(loaded, decode)
+    generation = huggingface_generation_config(loaded, decode)
     generation.early_stopping = early_stopping
 
     def run(batch: list[list[int]]) -> list[list[int]]:

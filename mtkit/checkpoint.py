@@ -471,6 +471,11 @@ def resume_run(
         if stale.is_dir() and stale.name > directory.name:
             shutil.rmtree(stale, ignore_errors=True)
     check_compatible(directory, config, tokenizers)
+    frozen = read_checkpoint_config(directory).pretrained.freeze
+    if sorted(frozen) != sorted(config.pretrained.freeze):
+        # The optimizer's state covers the parameters that train: another set cannot take it.
+        raise MtkitError(f"{directory}: the run froze [{', '.join(frozen)}]; resume it with "
+                         f"pretrained.freeze [{', '.join(frozen)}], not [{', '.join(config.pretrained.freeze)}]")
     _warn_if_batches_change(directory, config)
     (root / "final").unlink(missing_ok=True)  # the pipeline's choice is stale once training goes on
     saved = load_trainer_state(directory)
@@ -503,6 +508,48 @@ def _warn_if_batches_change(directory: Path, config: Config) -> None:
                       "so this run will not equal an uninterrupted one", stacklevel=1)
 
 
+FREE_MODEL_KEYS = ("dropout", "attention_dropout", "activation_dropout")
+"""The ``model`` keys a fine-tuning config may set: the rest is the pretrained model's."""
+
+
+def pretrained_checkpoint(config: Config) -> Path | None:
+    """The checkpoint fine-tuning starts from: ``pretrained.run`` (see ``resolve``), or the
+    import of ``pretrained.huggingface`` in the experiment directory; None without either."""
+    pretrained = config.pretrained
+    if pretrained.run is not None:
+        directory = resolve(pretrained.run)
+    elif pretrained.huggingface is not None:
+        run = ExperimentDir(config.experiment.dir).pretrained
+        if not run.exists():
+            raise MtkitError(f"{run}: pretrained.huggingface {pretrained.huggingface} is not imported yet; run "
+                             f"`mtkit pipeline -c CONFIG`, or `mtkit import huggingface {pretrained.huggingface} "
+                             f"-o {run}`")
+        directory = resolve(run)
+    else:
+        return None
+    refuse_links_out(directory)  # its config, tokenizer and weights become this experiment's
+    return directory
+
+
+def finetuned_config(config: Config) -> Config:
+    """The config a fine-tuning run trains under: ``model`` is the pretrained checkpoint's,
+    with the dropouts that ``config.model`` gives. Any other key ``config.model`` gives must
+    equal the pretrained model's (MtkitError naming the first that does not). Without a
+    pretrained model, ``config`` itself."""
+    directory = pretrained_checkpoint(config)
+    if directory is None:
+        return config
+    pretrained = read_checkpoint_config(directory).model
+    for key in sorted(config.model_keys_given - set(FREE_MODEL_KEYS)):
+        mine, theirs = getattr(config.model, key), getattr(pretrained, key)
+        if mine != theirs:
+            raise MtkitError(f"model.{key}: {mine} differs from the pretrained model's {theirs} ({directory}); "
+                             f"fine-tuning keeps its model, and model may set only {', '.join(FREE_MODEL_KEYS)}")
+    model = {**pretrained.model_dump(mode="json"),
+             **{key: getattr(config.model, key) for key in FREE_MODEL_KEYS if key in config.model_keys_given}}
+    return validate_config({**config.to_dict(), "model": model})
+
+
 def init_weights_from(path: Path, model: nn.Module, config: Config, tokenizers: Any, device: torch.device) -> None:
     """Fine-tuning: weights only, from a checkpoint (see ``resolve``) with the same model
     shape and tokenizer."""
@@ -518,7 +565,9 @@ def check_compatible(directory: Path, config: Config, tokenizers: Any) -> None:
     meta = read_meta(directory)
     saved = read_checkpoint_config(directory)
     if meta["tokenizer_fingerprint"] != tokenizers.fingerprint():
-        raise MtkitError(f"{directory}: checkpoint was trained with a different tokenizer than this experiment's")
+        hint = ("; fine-tuning uses the pretrained model's: run `mtkit tokenizer train -c CONFIG` (which copies it) "
+                "and `mtkit prepare -c CONFIG`" if config.pretrained.given else "")
+        raise MtkitError(f"{directory}: checkpoint was trained with a different tokenizer than this experiment's{hint}")
     changed = [k for k, v in config.model.model_dump().items() if saved.model.model_dump()[k] != v]
     # Dropout may change between runs; the shape of the network may not.
     changed = [k for k in changed if "dropout" not in k]

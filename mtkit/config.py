@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mtkit.errors import ConfigError, MtkitError
 
@@ -487,6 +496,8 @@ class PretrainedConfig(Section):
             raise ValueError("give huggingface or run, not both")
         if self.revision is not None and self.huggingface is None:
             raise ValueError("revision needs huggingface")
+        if self.freeze and not self.given:
+            raise ValueError("freeze needs a pretrained model (huggingface or run) to keep parts of")
         return self
 
     @property
@@ -527,6 +538,24 @@ class Config(Section):
                 raise ValueError("train.source_loss_weight > 0 needs one vocabulary (tokenizer.joint and "
                                  "model.share_embeddings true): the source is predicted through the output layer")
         return self
+
+    _model_keys: frozenset[str] = PrivateAttr(default=frozenset())
+
+    # Fine-tuning takes the pretrained model's description and lets ``model`` set only the
+    # dropouts; telling a key the user wrote from one a size preset filled needs the raw input.
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_model_keys(cls, data: Any, handler: Any) -> Config:
+        config = handler(data)
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict):
+            config._model_keys = frozenset(key for key, value in model.items() if value is not None)
+        return config
+
+    @property
+    def model_keys_given(self) -> frozenset[str]:
+        """The ``model`` keys the config's input gave (not those filled from ``size`` or defaults)."""
+        return self._model_keys
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-ready data (paths as strings)."""

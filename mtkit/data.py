@@ -83,15 +83,35 @@ def split_file(directory: Path, split: str) -> Path:
 
 def train_tokenizer(config: Config) -> Tokenizers:
     """Train the experiment's tokenizer on ``data.train`` (the readers and normalisation of
-    ``prepare``) into ``{experiment.dir}/tokenizer/``, and save the resolved config there."""
-    tokenizers = train_tokenizers(
-        config.tokenizer,
-        tokenizer_dir(config),
-        lambda sides: training_text(config.data, sides),
-        seed=config.experiment.seed,
-    )
+    ``prepare``) into ``{experiment.dir}/tokenizer/``, and save the resolved config there.
+    When fine-tuning (``pretrained``), copy the pretrained model's tokenizer there instead."""
+    from mtkit.checkpoint import pretrained_checkpoint
+
+    pretrained = pretrained_checkpoint(config)
+    if pretrained is not None:
+        tokenizers = copy_pretrained_tokenizer(pretrained, tokenizer_dir(config))
+    else:
+        tokenizers = train_tokenizers(
+            config.tokenizer,
+            tokenizer_dir(config),
+            lambda sides: training_text(config.data, sides),
+            seed=config.experiment.seed,
+        )
     save_config(config, config.experiment.dir / "config.yaml")
     return tokenizers
+
+
+def copy_pretrained_tokenizer(checkpoint: Path, directory: Path) -> Tokenizers:
+    """The tokenizer of ``checkpoint``, copied to ``directory`` (replaced atomically)."""
+    from mtkit.checkpoint import TOKENIZER
+
+    tokenizers = Tokenizers.load(checkpoint / TOKENIZER)
+    if tokenizers.languages is not None:
+        # Its training pairs would need the language tokens that translation adds.
+        raise MtkitError(f"{checkpoint}: a multilingual model (language tokens) cannot be fine-tuned yet")
+    with atomic_dir(directory) as tmp:
+        tokenizers.copy_to(tmp)
+    return Tokenizers.load(directory)
 
 
 # --------------------------------------------------------------------------- the report

@@ -1,5 +1,9 @@
 """The whole job in order: tokenizer -> prepare -> train -> select -> translate -> score -> report.
 
+Fine-tuning a Hugging Face model (``pretrained.huggingface``) adds a first stage, ``import``,
+into ``{dir}/pretrained``; then the tokenizer stage copies its tokenizer, and training starts
+from its model and weights (``pretrained.run`` does the same for an mtkit run, without import).
+
 ``select`` chooses the final model: the best of the ``best`` and ``last`` checkpoints and the
 average of the newest ``train.average_last`` step checkpoints, by ``train.best_metric`` on the
 whole validation set; ``checkpoints/final`` points at it and ``selection.json`` says why.
@@ -40,7 +44,7 @@ from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_write_bytes, atomic_write_text
 from mtkit.rundir import ExperimentDir
 
-STAGES = ("tokenizer", "prepare", "train", "select", "translate", "score")
+STAGES = ("import", "tokenizer", "prepare", "train", "select", "translate", "score")
 
 
 @dataclass
@@ -96,6 +100,40 @@ class Stage:
     decide: Callable[[Config, Attempt], bool] = _start_afresh
     """Called before the stage runs: deals with the outputs there, says in one line what the
     stage will do and whether it continues them (``Attempt.resume``)."""
+    applies: Callable[[Config], bool] = lambda config: True
+    """Whether the config has this stage at all (``import``: only with ``pretrained.huggingface``)."""
+    view: Callable[[Config], Config] = lambda config: config
+    """The config as the stage's outputs follow it (training's: with a pretrained model's
+    description in ``model``, ``mtkit.checkpoint.finetuned_config``)."""
+
+
+def _run_import(config: Config, attempt: Attempt) -> None:
+    from mtkit.huggingface import import_huggingface
+
+    pretrained = config.pretrained
+    assert pretrained.huggingface is not None
+    import_huggingface(pretrained.huggingface, ExperimentDir(config.experiment.dir).pretrained,
+                       revision=pretrained.revision, force=True, log=attempt.say)
+
+
+def _decide_import(config: Config, attempt: Attempt) -> bool:
+    """Replace only an import the pipeline made: a run put there by hand is not ours to delete."""
+    target = ExperimentDir(config.experiment.dir).pretrained
+    if target.exists() and not attempt.stamped:
+        raise MtkitError(f"{target}: holds a model that no pipeline imported; move it away, or name it in "
+                         "pretrained.run instead of pretrained.huggingface")
+    attempt.say(f"importing {config.pretrained.huggingface}")
+    return False
+
+
+def _import_readable(config: Config) -> bool:
+    return ExperimentDir(config.experiment.dir).pretrained.joinpath("checkpoints", "final").exists()
+
+
+def _import_reads(config: Config) -> dict[str, Any]:
+    """A local model directory's files (size and mtime); a hub model is its id and revision."""
+    source = Path(config.pretrained.huggingface or "")
+    return {"files": _files(sorted(source.iterdir()))} if source.is_dir() else {}
 
 
 def _run_tokenizer(config: Config, attempt: Attempt) -> None:
@@ -105,13 +143,23 @@ def _run_tokenizer(config: Config, attempt: Attempt) -> None:
 
 
 def _tokenizer_readable(config: Config) -> bool:
-    """A tokenizer trained with another normalisation than the config's is never reused."""
+    """A tokenizer trained with another normalisation than the config's is never reused, nor
+    one other than the pretrained model's when fine-tuning."""
     from mtkit.tokenizer import tokenizer_dir, trained_normalization
 
     try:
+        if config.pretrained.given:
+            fingerprint = _tokenizer_fingerprint(config)
+            return fingerprint is not None and fingerprint == _pretrained_reads(config)["pretrained_tokenizer"]
         return trained_normalization(tokenizer_dir(config)) == config.tokenizer.normalization
     except MtkitError:
         return False
+
+
+def _finetuned(config: Config) -> Config:
+    from mtkit.checkpoint import finetuned_config
+
+    return finetuned_config(config) if config.pretrained.given else config
 
 
 def _run_prepare(config: Config, attempt: Attempt) -> None:
@@ -230,7 +278,30 @@ def _checkpoints_read(exp: ExperimentDir, links: tuple[str, ...]) -> dict[str, l
             for link in links if exp.checkpoint_link(link).exists()}
 
 
+def _pretrained_reads(config: Config) -> dict[str, Any]:
+    """The pretrained checkpoint a fine-tuning experiment starts from: its meta.json's hash
+    (weights, config and their checksums) and its tokenizer's fingerprint; nothing without one
+    (so that the keys of other experiments stay as they were)."""
+    from mtkit.checkpoint import META, TOKENIZER, pretrained_checkpoint
+    from mtkit.tokenizer import read_meta
+
+    try:
+        directory = pretrained_checkpoint(config)
+    except MtkitError:
+        return {"pretrained": None, "pretrained_tokenizer": None}
+    if directory is None:
+        return {}
+    try:
+        fingerprint = str(read_meta(directory / TOKENIZER)["fingerprint"])
+    except (MtkitError, KeyError):
+        fingerprint = None
+    return {"pretrained": _file_digest(directory / META), "pretrained_tokenizer": fingerprint}
+
+
 def _tokenizer_reads(config: Config) -> dict[str, Any]:
+    pretrained = _pretrained_reads(config)
+    if pretrained:  # the copy follows the pretrained tokenizer, not the training text
+        return {"pretrained_tokenizer": pretrained["pretrained_tokenizer"]}
     return {"files": _files(corpus_files(config.data.train))}
 
 
@@ -240,8 +311,9 @@ def _prepare_reads(config: Config) -> dict[str, Any]:
 
 
 def _train_reads(config: Config) -> dict[str, Any]:
+    pretrained = _pretrained_reads(config)
     return {"tokenizer": _tokenizer_fingerprint(config), "train": _split_digest(config, "train"),
-            "valid": _split_digest(config, "valid")}
+            "valid": _split_digest(config, "valid"), **({"pretrained": pretrained["pretrained"]} if pretrained else {})}
 
 
 def _select_reads(config: Config) -> dict[str, Any]:
@@ -336,7 +408,10 @@ def _held_key(config: Config, exp: ExperimentDir) -> str | None:
     reads = {**_train_reads(config), "tokenizer": meta.get("tokenizer_fingerprint")}
     if _training_data(saved) != _training_data(config):
         reads.update(train=None, valid=None)
-    return stage_key(saved, _stage("train"), reads)
+    try:
+        return stage_key(saved, _stage("train"), reads)
+    except MtkitError:  # its pretrained model is gone
+        return None
 
 
 def _training_data(config: Config) -> dict[str, Any]:
@@ -356,6 +431,10 @@ def _changed(config: Config, last: Path) -> str | None:
     except MtkitError:
         return None
     stage = _stage("train")
+    try:
+        config = stage.view(config)
+    except MtkitError:
+        return None
     return _differences(_pick(saved.to_dict(), stage.sections, stage.ignores),
                         _pick(config.to_dict(), stage.sections, stage.ignores))
 
@@ -425,18 +504,23 @@ def _set_aside(exp: ExperimentDir, key: str) -> Path:
 # --------------------------------------------------------------------------- the stages
 
 
+PRETRAINED_SOURCE = ("pretrained.huggingface", "pretrained.revision", "pretrained.run")
+"""Where a fine-tuning experiment's model comes from: what its tokenizer (a copy) follows."""
+
 PIPELINE = [
+    Stage("import", ("pretrained.huggingface", "pretrained.revision"), _run_import, _import_reads, _import_readable,
+          decide=_decide_import, applies=lambda c: c.pretrained.huggingface is not None),
     # SentencePiece's vocabulary differs a little with tokenizer.num_threads (the threads share
     # out its work), as weights do in their last bits with train.threads: neither retrains.
-    Stage("tokenizer", ("tokenizer", "data.train", "experiment.seed"), _run_tokenizer, _tokenizer_reads,
-          _tokenizer_readable, ignores=("tokenizer.num_threads",)),
+    Stage("tokenizer", ("tokenizer", "data.train", "experiment.seed", *PRETRAINED_SOURCE), _run_tokenizer,
+          _tokenizer_reads, _tokenizer_readable, ignores=("tokenizer.num_threads",)),
     Stage("prepare", ("data",), _run_prepare, _prepare_reads, _data_readable,
           ignores=("data.num_proc", "data.chunk_size")),
     # Validation decodes with the decode section, but a new beam size should not mean retraining.
-    Stage("train", ("model", "train", "experiment.seed"), _run_train, _train_reads,
+    Stage("train", ("model", "train", "experiment.seed", "pretrained"), _run_train, _train_reads,
           lambda c: ExperimentDir(c.experiment.dir).checkpoint_link("last").exists(),
           ignores=tuple(f"train.{key}" for key in (*TRAIN_OPERATIONAL, *TRAIN_BUDGET, "average_last")),
-          budget=_train_budget, decide=_decide_training),
+          budget=_train_budget, decide=_decide_training, view=_finetuned),
     Stage("select", ("train.best_metric", "train.average_last", "decode"), _run_select, _select_reads,
           lambda c: ExperimentDir(c.experiment.dir).checkpoint_link("final").exists()),
     Stage("translate", ("decode",), _run_translate, _translate_reads,
@@ -453,6 +537,10 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "model.embedding_norm": False,
     "model.output_bias": False,
     "model.share_positions": True,
+    "pretrained": {"huggingface": None, "revision": None, "run": None, "freeze": []},
+    "pretrained.huggingface": None,
+    "pretrained.revision": None,
+    "pretrained.run": None,
 }
 
 
@@ -463,8 +551,12 @@ def _stage(name: str) -> Stage:
 def stage_key(config: Config, stage: Stage, reads: dict[str, Any] | None = None) -> str:
     """A hash of what ``stage``'s outputs depend on under ``config``: its config keys and what
     it reads (``reads``, by default ``stage.reads(config)``)."""
-    picked = _pick(config.to_dict(), stage.sections, stage.ignores)
+    picked = _pick(stage.view(config).to_dict(), stage.sections, stage.ignores)
     for key, default in ADDED_DEFAULTS.items():  # keys added later count only once changed
+        if key in picked:  # a stage's whole section (or dotted key) that is new
+            if picked[key] == default:
+                del picked[key]
+            continue
         section, _, name = key.rpartition(".")
         node = picked.get(section)
         if isinstance(node, dict) and node.get(name, default) == default:
@@ -536,13 +628,17 @@ def run_pipeline(config: Config, start: str | None = None, log: Callable[[str], 
     stops training)."""
     if start is not None and start not in STAGES:
         raise MtkitError(f"--from {start}: unknown stage; choose one of {', '.join(STAGES)}")
+    if start == "import" and config.pretrained.huggingface is None:
+        raise MtkitError("--from import: the config imports nothing (pretrained.huggingface is not set)")
     exp = ExperimentDir(config.experiment.dir)
     save_config(config, exp.config)
     legacy, forced = "", False
     for stage in PIPELINE:
+        if not stage.applies(config):
+            continue
         forced = forced or stage.name == start
         key, budget = stage_key(config, stage), stage.budget(config)
-        legacy = _legacy_hash(config, stage.name, legacy)
+        legacy = _legacy_hash(config, stage.name, legacy) if stage.name in _LEGACY else legacy
         stamp, started = _stamp_path(config, stage.name), _stamp_path(config, stage.name, ".started")
         done, began = _read_stamp(stamp), _read_stamp(started)
         if not forced and "key" not in done and done.get("hash") == legacy and stage.readable(config):
@@ -591,7 +687,7 @@ def select_final_model(config: Config) -> dict:
             candidates[link] = exp.checkpoint_link(link).resolve()
     if not candidates:
         raise MtkitError(f"{root}: no checkpoint to choose from; run `mtkit train` first")
-    scorer = _ValidationScorer(config) if config.data.valid is not None else None
+    scorer = _ValidationScorer(_finetuned(config)) if config.data.valid is not None else None
     averaged = step_checkpoints(root)[-cfg.average_last:] if cfg.average_last >= 2 and scorer is not None else []
     if len(averaged) >= 2:
         candidates["average"] = average_checkpoints(averaged, root / "average")
@@ -705,7 +801,8 @@ def write_report(config: Config) -> dict:
     data_report = _read_stamp(exp.data_report)
     meta = next((m for m in (_read_stamp(exp.checkpoint_link(link) / META) for link in ("final", "best", "last")) if m),
                 {})
-    stages = {name: _read_stamp(_stamp_path(config, name)).get("seconds") for name in STAGES[:-1]}
+    stages = {stage.name: _read_stamp(_stamp_path(config, stage.name)).get("seconds")
+              for stage in PIPELINE[:-1] if stage.applies(config)}
     # The trainer's own clock counts every attempt of a resumed run; the stage's, the last one only.
     updates, train_seconds, _ = training_record(exp.checkpoint_link("last"))
     report = {
@@ -715,7 +812,7 @@ def write_report(config: Config) -> dict:
             for split, counts in (data_report.get("splits") or {}).items()
             if isinstance(counts, dict)
         },
-        "model": {"size": config.model.size, "parameters": _count_parameters(exp), "step": meta.get("step"),
+        "model": {"size": _model_label(config), "parameters": _count_parameters(exp), "step": meta.get("step"),
                   "updates": updates, "selected": _describe_selection(selection)},
         "selection": selection,
         "train_seconds": train_seconds or stages.get("train"),
@@ -740,6 +837,14 @@ def write_report(config: Config) -> dict:
     atomic_write_text(exp.report_md, _markdown(report))
     _plot(log, exp.plot)
     return report
+
+
+def _model_label(config: Config) -> str:
+    """The model's size, or what it was fine-tuned from."""
+    pretrained = config.pretrained
+    if pretrained.given:
+        return f"fine-tuned from {pretrained.huggingface or pretrained.run}"
+    return config.model.size
 
 
 def _describe_selection(selection: dict) -> str | None:

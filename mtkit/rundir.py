@@ -4,6 +4,7 @@ Layout of ``experiment.dir`` (every path below comes from ``ExperimentDir``)::
 
     .lock                 held by the command writing the directory; names its pid and command
     config.yaml           the resolved config of the last ``mtkit pipeline``
+    pretrained/           ``mtkit pipeline``: the imported ``pretrained.huggingface`` model (a run)
     tokenizer/            ``mtkit tokenizer train``: the SentencePiece model(s)
     data/                 ``mtkit prepare``: the encoded splits, report.json, report.txt
     checkpoints/          ``mtkit train``: step_*/, last, best (see ``mtkit.checkpoint``)
@@ -60,6 +61,11 @@ class ExperimentDir:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def pretrained(self) -> Path:
+        """``mtkit pipeline``: the run ``pretrained.huggingface`` is imported into."""
+        return self.root / "pretrained"
 
     @property
     def tokenizer(self) -> Path:

@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -41,8 +42,10 @@ from mtkit.checkpoint import (
     TrainState,
     checkpoints_dir,
     dropout_seed,
+    finetuned_config,
     init_weights_from,
     pack_trainer_state,
+    pretrained_checkpoint,
     refuse_existing_run,
     resume_run,
     rng_state,
@@ -90,6 +93,33 @@ def run_progress(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
     if cfg.max_minutes is not None:
         progress = max(progress, elapsed_s / (cfg.max_minutes * 60))
     return min(1.0, progress)
+
+
+FREEZABLE: dict[str, tuple[str, ...]] = {
+    # Parameter name prefixes of each part of ``pretrained.freeze``, in both architectures. A
+    # tied output projection is the target embedding's own tensor, so it follows the embeddings.
+    "embeddings": ("src_embed.", "tgt_embed.", "positions.", "decoder_positions."),
+    "encoder": ("encoder_layers.", "encoder_layer_norm.", "encoder_embedding_norm."),
+    "decoder": ("decoder_layers.", "decoder_layer_norm.", "decoder_embedding_norm.",
+                "layers.", "layer_norm.", "embedding_norm."),
+}
+
+
+def freeze(model: Model, parts: Sequence[str]) -> list[str]:
+    """Stop the parameters of ``parts`` (keys of ``FREEZABLE``) from training: no gradient, and
+    so no place in the optimizer. Returns the names of the frozen parameters."""
+    prefixes = tuple(prefix for part in parts for prefix in FREEZABLE[part])
+    tied = model.get_submodule("output_proj").weight is model.get_parameter("tgt_embed.weight")
+    if "embeddings" in parts and tied:
+        prefixes += ("output_proj.",)  # the tied projection's bias (Marian's final_logits_bias) too
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    for part in parts:
+        if not any(name.startswith(FREEZABLE[part]) for name in names):
+            raise MtkitError(f"pretrained.freeze: the model has no {part} (model.arch {model.cfg.arch})")
+    frozen = [name for name in names if name.startswith(prefixes)]
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
+    return frozen
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -202,14 +232,24 @@ class Run:
 
 
 def train(config: Config, *, resume: bool = False, init_from: Path | None = None) -> TrainResult:
-    """Train the experiment of ``config``; see the module docstring."""
+    """Train the experiment of ``config``; see the module docstring. With a pretrained model
+    (``config.pretrained``, or ``init_from``, which stands for ``pretrained.run``), fine-tune
+    it: its model description (``checkpoint.finetuned_config``) and weights, ``pretrained.freeze``
+    parts left as they are."""
+    if init_from is not None:
+        # --init-from RUN is pretrained.run: RUN's model, tokenizer and weights.
+        if config.pretrained.given:
+            raise MtkitError("--init-from: the config names a pretrained model already (pretrained.huggingface "
+                             "or pretrained.run); give one of them")
+        config = config.model_copy(deep=True)
+        config.pretrained.run = init_from
     cfg = config.train
     if cfg.best_metric in ("bleu", "chrf") and not cfg.valid_bleu:
         raise MtkitError(f"train.best_metric={cfg.best_metric} needs train.valid_bleu=true "
                          "(or set train.best_metric=loss)")
     threads = torch.get_num_threads()
     try:
-        run = _start(config, resume, init_from)
+        run = _start(config, resume)
         with _StopSignals() as signals:
             try:
                 return _loop(run, signals)
@@ -219,10 +259,13 @@ def train(config: Config, *, resume: bool = False, init_from: Path | None = None
         torch.set_num_threads(threads)  # train.threads is for this run, not for the caller
 
 
-def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
-    """Everything before the first update: device, data, model, optimizer, and the state of
-    the run resumed (or the refusal to start a new run over an existing one)."""
+def _start(config: Config, resume: bool) -> Run:
+    """Everything before the first update: device, data, model (a pretrained one's when
+    fine-tuning), optimizer, and the state of the run resumed (or the refusal to start a new
+    run over an existing one)."""
     cfg = config.train
+    config = finetuned_config(config)
+    pretrained = pretrained_checkpoint(config)
     runtime = setup_runtime(cfg)
     exp = load_experiment(config)
     root = checkpoints_dir(config.experiment.dir)
@@ -230,6 +273,7 @@ def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
     model = build_model(config.model, exp.tokenizers.src.vocab_size, exp.tokenizers.tgt.vocab_size,
                         exp.tokenizers.shared_vocab)
     model.to(runtime.device)
+    frozen = freeze(model, config.pretrained.freeze)
     optimizer = make_optimizer(model, cfg, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     state, raw_weights = TrainState(), None
@@ -240,8 +284,8 @@ def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
         # Dropout differs between ranks and from the initialisation; initial weights do not
         # differ between ranks (DDP broadcasts rank 0's).
         torch.manual_seed(dropout_seed(config.experiment.seed, runtime.rank))
-        if init_from is not None:
-            init_weights_from(init_from, model, config, exp.tokenizers, runtime.device)
+        if pretrained is not None:
+            init_weights_from(pretrained, model, config, exp.tokenizers, runtime.device)
     # A checkpoint's weights are the average when the run kept one; its raw weights, saved
     # beside them, are what training continues from.
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -257,6 +301,10 @@ def _start(config: Config, resume: bool, init_from: Path | None) -> Run:
         loss_fn = cast(nn.Module, torch.compile(loss_fn, dynamic=True))
     reporter = Reporter(config, runtime, start_step=state.step, parameters=model.num_parameters,
                         pairs=len(exp.train))
+    if pretrained is not None:
+        training = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        kept = f"{', '.join(config.pretrained.freeze)} frozen; " if frozen else ""
+        reporter.say(f"fine-tuning {pretrained}: {kept}{training:,} of {model.num_parameters:,} parameters train")
     return Run(config, exp, runtime, model, loss_fn, optimizer, scaler, average, state, reporter, root)
 
 

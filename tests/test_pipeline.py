@@ -60,11 +60,25 @@ def fake_hub(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
 
 
+def fake_model_hub(monkeypatch, directory: Path) -> tuple[str, ...]:
+    """Serve a tiny opus-mt-like model (untrained: only the path matters) as the hub's; returns
+    the overrides that fit Multi30k to its 64 positions."""
+    import huggingface_hub
+    from helpers.hf_models import make_marian
+
+    model = make_marian(directory / "hub_model", steps=1)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, revision=None, **kwargs: str(model))
+    return ("data.max_len=60",)
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_recipe_runs_cut_down(recipe, tmp_path, in_repo, monkeypatch):
+    extra: tuple[str, ...] = ()
     if "hub" in recipe:
         fake_hub(monkeypatch)
-    result = run_pipeline(f"configs/{recipe}", tmp_path / "exp")
+    if "finetune" in recipe:
+        extra = fake_model_hub(monkeypatch, tmp_path)
+    result = run_pipeline(f"configs/{recipe}", tmp_path / "exp", *extra)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "exp" / "report.json").read_text())
     assert report["test"]["sentences"] == 12

@@ -15,11 +15,13 @@ def pipeline(
     overrides: SetOption = None,
     start: Annotated[
         str | None,
-        typer.Option("--from", help="Re-run from this stage on: tokenizer, prepare, train, select, translate, score."),
+        typer.Option("--from", help="Re-run from this stage on: import, tokenizer, prepare, train, select, translate, "
+                                    "score."),
     ] = None,
 ) -> None:
     """Run tokenizer, prepare, train, select (the final model, on the validation set), translate
-    (test set) and score; write report.md/json.
+    (test set) and score; write report.md/json. With pretrained.huggingface, import comes first
+    and training fine-tunes the imported model.
 
     A stage whose outputs are complete and up to date for the config is skipped. A finished
     training run continues when train.max_steps (max_epochs, max_minutes) grows; one that the

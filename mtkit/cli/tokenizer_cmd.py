@@ -33,7 +33,9 @@ IdsOption = Annotated[bool, typer.Option("--ids", help="Ids instead of pieces.")
 
 @app.command("train")
 def train(config: ConfigOption, overrides: SetOption = None) -> None:
-    """Train SentencePiece on data.train into {experiment.dir}/tokenizer/."""
+    """Train SentencePiece on data.train into {experiment.dir}/tokenizer/.
+
+    When fine-tuning (a pretrained section), copy the pretrained model's tokenizer there instead."""
     from mtkit.config import load_config
     from mtkit.data import train_tokenizer
     from mtkit.rundir import exclusive
@@ -48,6 +50,11 @@ def train(config: ConfigOption, overrides: SetOption = None) -> None:
         else f"{tokenizers.src.vocab_size}/{tokenizers.tgt.vocab_size}"
     )
     kind = "joint" if tokenizers.joint else "separate"
+    if cfg.pretrained.given:
+        source = cfg.pretrained.run or cfg.pretrained.huggingface
+        typer.echo(f"tokenizer: the pretrained model's ({source}), vocabulary {sizes}, copied to {tokenizer_dir(cfg)}",
+                   err=True)
+        return
     typer.echo(f"tokenizer: {kind} {cfg.tokenizer.type}, vocabulary {sizes}, written to {tokenizer_dir(cfg)}", err=True)
 
 

@@ -20,8 +20,8 @@ def train(
     init_from: Annotated[
         Path | None,
         typer.Option("--init-from", show_default=False,
-                     help="Fine-tune: start from the weights of this checkpoint directory or run directory "
-                          "(its final, else best, else last checkpoint)."),
+                     help="Fine-tune: start from the model and weights of this checkpoint directory or run "
+                          "directory (its final, else best, else last checkpoint), as pretrained.run does."),
     ] = None,
 ) -> None:
     """Train on {experiment.dir}/data; checkpoints go to {experiment.dir}/checkpoints.
@@ -43,5 +43,7 @@ def train(
     if result.interrupted:
         # The whole command: another config or override would resume another run.
         sets = [arg for item in overrides or [] for arg in ("--set", item)]
+        if init_from is not None:  # the run goes on from its start: --init-from is pretrained.run
+            sets += ["--set", f"pretrained.run={init_from}"]
         command = shlex.join(["mtkit", "train", "-c", str(config), *sets, "--resume"])
         raise result.stopped(f"continue with `{command}`")

@@ -41,11 +41,7 @@ from mtkit.config import Config, ModelConfig, validate_config
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text
 from mtkit.tokenizer import META_FILE, META_FORMAT, Languages, Tokenizers, files_fingerprint
-from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-
-MASKED_LOGIT = -1.0e4
-"""Output bias of a column the imported model does not have (a duplicated special token): its
-probability is exactly 0 in float32 and bfloat16, while the loss stays finite."""
+from mtkit.vocab import BOS_ID, EOS_ID, MASKED_LOGIT, PAD_ID, UNK_ID
 
 VOCAB_FILE = "vocab.json"
 
@@ -117,6 +113,12 @@ FAMILIES: dict[str, Family] = {
     "mbart": Family("mbart", _one_file("sentencepiece.bpe.model", "tokenizer.json"), _special_languages,
                     lambda hf: {"norm": "pre", "positions": "learned", "share_positions": False,
                                 "embedding_norm": True}, position_offset=2),
+    # The classes mtkit exports its other models as (mtkit.export.HF_CLASSES), with Marian's tokenizer.
+    "bart": Family("bart", _marian_files, _marian_languages,
+                   lambda hf: {"norm": "post", "positions": "learned", "share_positions": False,
+                               "embedding_norm": True}, position_offset=2),
+    "blenderbot": Family("blenderbot", _marian_files, _marian_languages,
+                         lambda hf: {"norm": "pre", "positions": "learned", "share_positions": False}),
 }
 
 _ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu": "gelu", "relu": "relu"}
@@ -143,7 +145,8 @@ def fetch(source: str, revision: str | None = None) -> tuple[Path, dict[str, Any
         local = Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
         raise MtkitError(f"{source}: cannot download from the Hugging Face hub ({str(err).splitlines()[0]})") from None
-    return local, {"huggingface": source, "revision": local.name}
+    # The hub's cache names a snapshot directory by the commit it holds.
+    return local, {"huggingface": source, "revision": revision, "commit": local.name}
 
 
 def import_huggingface(source: str, out: Path, *, revision: str | None = None, force: bool = False,
@@ -200,7 +203,7 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise MtkitError("transformers is not installed; run: pip install 'mtkit[hub]'") from None
+        raise MtkitError("transformers is not installed; run: pip install 'mtkit[hf]'") from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
@@ -238,8 +241,16 @@ def _config(family: Family, hf: Any, model: Any, tokenizer: Any, languages: Lang
                          f"({', '.join(_ACTIVATIONS)})")
     if hf.encoder_attention_heads != hf.decoder_attention_heads or hf.encoder_ffn_dim != hf.decoder_ffn_dim:
         raise MtkitError("config.json: encoder and decoder of different widths are not supported")
-    shared = getattr(hf, "share_encoder_decoder_embeddings", True)
-    tied = bool(getattr(hf, "tie_word_embeddings", True))
+    if not getattr(hf, "share_encoder_decoder_embeddings", True):
+        # Marian's target_vocab.json: a second id space, which the tokenizer mapping lacks.
+        raise MtkitError("config.json: share_encoder_decoder_embeddings is false (separate source and target "
+                         "vocabularies), which mtkit does not import yet")
+    # Whether tables are one is read off the weights: configs of the BART family do not all say.
+    weights = model.state_dict()
+    encoder, decoder = (weights.get(f"model.{side}.embed_tokens.weight", weights["model.shared.weight"])
+                        for side in ("encoder", "decoder"))
+    shared = torch.equal(encoder, decoder)
+    tied = torch.equal(decoder, weights.get("lm_head.weight", decoder))
     model_cfg = {
         "arch": "encoder_decoder",
         "d_model": hf.d_model,
@@ -265,10 +276,15 @@ def _config(family: Family, hf: Any, model: Any, tokenizer: Any, languages: Lang
         decode["lenpen"] = max(0.0, float(generation.length_penalty if generation.length_penalty is not None else 1.0))
     data = {"src_lang": src_lang or getattr(tokenizer, "src_lang", None) or getattr(tokenizer, "source_lang", None),
             "tgt_lang": tgt_lang or getattr(tokenizer, "tgt_lang", None) or getattr(tokenizer, "target_lang", None)}
+    given = {"src_lang": src_lang, "tgt_lang": tgt_lang}
     for key, code in data.items():
         # A multilingual model's languages are its codes (checked); the others are labels.
         told = languages is not None and (languages.source == "src" or key == "tgt_lang")
-        data[key] = _code(languages, code, f"data.{key}") if told and code else code
+        known = languages is not None and code in {*languages.tokens, *languages.tokens.values()}
+        if told and code and not given[key] and not known:
+            code = None  # the tokenizer's label of a group (Marian's "ROMANCE"): no default language
+        what = ("--source-lang" if key == "src_lang" else "--target-lang") if given[key] else f"tokenizer {key}"
+        data[key] = _code(languages, code, what) if told and code else code
     data = {key: code or key.split("_")[0] for key, code in data.items()}
     config = validate_config({"experiment": {"dir": str(out)}, "data": data, "model": model_cfg, "decode": decode})
     return config
@@ -286,7 +302,9 @@ def _write_tokenizer(family: Family, directory: Path, tokenizer: Any, rows: list
     """mtkit's tokenizer directory: the segmentation model(s), the vocabulary in mtkit's id
     order, and meta.json (with the language tokens)."""
     out.mkdir(parents=True)
-    src_file, tgt_file = family.tokenizer_files(directory)
+    # An mtkit export (of any class) carries a MarianTokenizer's files.
+    exported = (directory / "source.spm").is_file()
+    src_file, tgt_file = _marian_files(directory) if exported else family.tokenizer_files(directory)
     for path in {src_file, tgt_file}:
         if not path.is_file():
             raise MtkitError(f"{path}: missing; the model's tokenizer needs it")
@@ -298,6 +316,8 @@ def _write_tokenizer(family: Family, directory: Path, tokenizer: Any, rows: list
     if not joint:
         shutil.copyfile(tgt_file, out / names["tgt"])
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    if languages is not None:  # M2M100Tokenizer.get_vocab() leaves out its language tokens
+        by_id.update({tokenizer.convert_tokens_to_ids(token): token for token in languages.tokens.values()})
     pieces = ["<pad>", "<unk>", "<s>", "</s>"]
     for row in rows[4:]:
         piece = by_id.get(row, f"<unused{row}>")

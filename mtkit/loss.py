@@ -12,21 +12,23 @@ from torch import Tensor, nn
 
 from mtkit.models import Model
 from mtkit.models.decoder_only import DecoderOnly
-from mtkit.vocab import PAD_ID
+from mtkit.vocab import MASKED_LOGIT, PAD_ID
 
 
 @torch.compiler.disable  # the chunk loop's length follows the batch: compiling it would recompile each step
-def smoothed_nll(hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+def smoothed_nll(hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float,
+                 masked: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Summed label-smoothed cross-entropy and summed NLL of the logits ``hidden @ weight.T``
     against ``target`` ``(N,)`` (``hidden`` ``(N, d)``: padding already removed; ``weight``
     ``(V, d)``: the output projection). Smoothing spreads ``smoothing`` of the probability mass
-    uniformly over the vocabulary, as ``F.cross_entropy`` does. Only the first value carries a
+    uniformly over the vocabulary, as ``F.cross_entropy`` does, less the ``masked`` columns
+    (ids the model must never predict: ``mtkit.vocab.MASKED_LOGIT``). Only the first value carries a
     gradient. The projection runs in the autocast dtype when autocast is on, the softmax in
     float32, as ``F.cross_entropy`` on autocast logits would."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ProjectedCrossEntropy.apply(hidden, weight, target, smoothing, dtype, need_grad)
+    return _ProjectedCrossEntropy.apply(hidden, weight, target, smoothing, dtype, need_grad, masked)
 
 
 # Rows of logits handled at once: on a CPU a chunk of float32 logits fits in the L2 cache (2 MiB),
@@ -47,10 +49,11 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float, dtype: torch.dtype,
-                need_grad: bool) -> tuple[Tensor, Tensor]:
+                need_grad: bool, masked: Tensor | None) -> tuple[Tensor, Tensor]:
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             n, vocab = h.shape[0], w.shape[0]
+            spread = vocab - (0 if masked is None else len(masked))  # columns smoothing covers
             rows = max(1, _CHUNK_ELEMENTS.get(h.device.type, _GPU_CHUNK_ELEMENTS) // vocab)
             grad = torch.empty(n, vocab, dtype=dtype, device=h.device) if need_grad else None
             lse = torch.empty(n, dtype=torch.float32, device=h.device)
@@ -66,10 +69,13 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
                 total = exp.sum(dim=1, keepdim=True)
                 lse[start:end] = (top + total.log()).squeeze(1)
                 if grad is not None:
-                    exp.mul_(total.reciprocal_()).sub_(smoothing / vocab)
+                    exp.mul_(total.reciprocal_()).sub_(smoothing / spread)
+                    if masked is not None:
+                        exp[:, masked] += smoothing / spread
                     exp[index, tgt] -= 1.0 - smoothing  # in float32: p_t - (1 - s) can be small
                     grad[start:end] = exp
-            mean_logit = h.float() @ weight.float().mean(dim=0)
+            kept = weight if masked is None else weight[_kept_rows(vocab, masked)]
+            mean_logit = h.float() @ kept.float().mean(dim=0)
             nll = (lse - picked).sum()
             uniform = (lse - mean_logit).sum()
         ctx.save_for_backward(grad, h, w)
@@ -83,7 +89,13 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         grad_hidden = torch.mm(grad, w).float().mul_(grad_loss).to(hidden_dtype)
         grad_weight = torch.mm(grad.t(), h).float().mul_(grad_loss).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _kept_rows(vocab: int, masked: Tensor) -> Tensor:
+    keep = torch.ones(vocab, dtype=torch.bool, device=masked.device)
+    keep[masked] = False
+    return keep
 
 
 class TranslationLoss(nn.Module):
@@ -116,8 +128,10 @@ class TranslationLoss(nn.Module):
         """``smoothed_nll`` through the model's output projection; a bias (``model.output_bias``)
         becomes one more input column, fed a constant 1."""
         proj = self.model.output_proj
-        weight = proj.weight
+        weight, masked = proj.weight, None
         if proj.bias is not None:
             hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
             weight = torch.cat([weight, proj.bias.unsqueeze(1).to(weight.dtype)], dim=1)
-        return smoothed_nll(hidden, weight, target, self.smoothing)
+            masked = (proj.bias <= MASKED_LOGIT / 2).nonzero().view(-1)
+            masked = masked if masked.numel() else None
+        return smoothed_nll(hidden, weight, target, self.smoothing, masked)

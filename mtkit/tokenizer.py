@@ -245,7 +245,8 @@ class Languages:
         if code in self.tokens.values():
             return code
         known = sorted(self.tokens)
-        close = difflib.get_close_matches(code, known, n=3)
+        close = [c for c in known if c.lower().startswith(code.lower() + "_")][:3]  # de -> de_DE
+        close = close or difflib.get_close_matches(code, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         shown = ", ".join(known[:12]) + (f", ... ({len(known)} in all)" if len(known) > 12 else "")
         raise MtkitError(f"{what} {code!r}: the model has no such language{hint}; it knows {shown}")

@@ -69,7 +69,9 @@ def make_marian(directory: Path, *, languages: list[str] | None = None, steps: i
 
     directory.mkdir(parents=True, exist_ok=True)
     src_spm = train_spm([s for s, _ in PAIRS], directory / "source.spm", 120)
-    tgt_spm = train_spm([t for _, t in PAIRS], directory / "target.spm", 120) if separate_spm else None
+    # A multi-target model writes its second language upper-cased: the target pieces cover both.
+    targets = [t for _, t in PAIRS] + ([t.upper() for _, t in PAIRS] if languages else [])
+    tgt_spm = train_spm(targets, directory / "target.spm", 200 if languages else 120) if separate_spm else None
     if tgt_spm is None:
         (directory / "target.spm").write_bytes(src_spm.read_bytes())
         tgt_spm = directory / "target.spm"
@@ -99,3 +101,144 @@ def make_marian(directory: Path, *, languages: list[str] | None = None, steps: i
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+MBART_LANGUAGES = ("en_XX", "de_DE", "fr_XX")
+"""The mBART-50 fixture's languages: the source's, then two targets (``fr_XX`` writes the
+target upper-cased, so that the forced language token decides the output)."""
+
+
+def make_mbart50(directory: Path, *, steps: int = 600) -> Path:
+    """An mBART-50-like many-to-many model: ``sentencepiece.bpe.model`` and an MBart50Tokenizer
+    (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, the pieces, the 52 language codes,
+    ``<mask>`` last), sources ``[en_XX] X </s>``, targets ``[de_DE] Y </s>`` decoded from
+    ``</s>``; learned positions (offset 2), embedding layer norms, pre-norm, gelu. 600 steps:
+    with fewer, beam search runs some sentences to the maximum length."""
+    from transformers import MBart50Tokenizer, MBartConfig, MBartForConditionalGeneration
+
+    source, german, french = MBART_LANGUAGES
+    directory.mkdir(parents=True, exist_ok=True)
+    texts = [s for s, _ in PAIRS] + [t for _, t in PAIRS] + [t.upper() for _, t in PAIRS]
+    train_spm(texts, directory / "sentencepiece.bpe.model", 200)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "MBart50Tokenizer", "src_lang": source, "model_max_length": 64}), encoding="utf-8")
+    tokenizer = MBart50Tokenizer.from_pretrained(directory)
+    config = MBartConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=0,
+                         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+                         forced_eos_token_id=tokenizer.eos_token_id, activation_function="gelu",
+                         scale_embedding=True, **TINY)
+    torch.manual_seed(0)
+    model = MBartForConditionalGeneration(config)
+    examples = [(s, code, t if code == german else t.upper()) for s, t in PAIRS for code in (german, french)]
+    _fit_many_to_many(model, tokenizer, examples, steps)
+    model.generation_config.update(num_beams=4, max_length=64)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _fit_many_to_many(model: Any, tokenizer: Any, examples: list[tuple[str, str, str]], steps: int,
+                      lr: float = 3e-3, batch: int = 32) -> None:
+    """``fit`` for (source, target language, target) examples: each label row is the target's
+    language code, its pieces, ``</s>`` (what the tokenizer writes for that ``tgt_lang``)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread (far faster on a busy machine)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for step in range(steps):
+        start = (step * batch) % len(examples)
+        chunk = (examples + examples)[start : start + batch]
+        inputs = tokenizer([s for s, _, _ in chunk], padding=True, return_tensors="pt")
+        targets = tokenizer([t for _, _, t in chunk], add_special_tokens=False)["input_ids"]
+        rows = [[tokenizer.convert_tokens_to_ids(code), *ids, tokenizer.eos_token_id]
+                for (_, code, _), ids in zip(chunk, targets, strict=True)]
+        width = max(len(row) for row in rows)
+        labels = torch.tensor([row + [-100] * (width - len(row)) for row in rows])
+        loss = model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    torch.set_num_threads(threads)
+
+
+M2M100_LANGUAGES = ("en", "de", "fr")
+"""The M2M100 fixture's languages: the source's, then two targets (``fr`` writes the target
+upper-cased, so that the forced language token decides the output). The saved tokenizer names
+the source language and no target, as the hub's do."""
+
+NLLB_LANGUAGES = ("eng_Latn", "deu_Latn", "fra_Latn")
+"""The NLLB fixture's languages, as ``M2M100_LANGUAGES``."""
+
+
+def _m2m100_config(vocab_size: int) -> Any:
+    """A tiny M2M100 (NLLB's architecture too): fairseq's ids (``<s>`` 0, ``<pad>`` 1, ``</s>``
+    2), decoding from ``</s>``, relu, scaled embeddings, tied and shared embeddings."""
+    from transformers import M2M100Config
+
+    return M2M100Config(vocab_size=vocab_size, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                        decoder_start_token_id=2, activation_function="relu", scale_embedding=True,
+                        encoder_layerdrop=0.0, decoder_layerdrop=0.0, **TINY)
+
+
+def _train_m2m100(directory: Path, tokenizer: Any, vocab_size: int, codes: tuple[str, str], steps: int) -> Path:
+    """Train a tiny M2M100 on both target languages (``codes``: their tokens) and save it with
+    ``tokenizer`` in ``directory``."""
+    from transformers import M2M100ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = M2M100ForConditionalGeneration(_m2m100_config(vocab_size))
+    german, french = codes
+    examples = [(s, code, t if code == german else t.upper()) for s, t in PAIRS for code in (german, french)]
+    _fit_many_to_many(model, tokenizer, examples, steps)
+    model.generation_config.update(num_beams=4, max_length=64)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_m2m100(directory: Path, *, steps: int = 600) -> Path:
+    """An M2M100-like model (as facebook/m2m100_418M): ``sentencepiece.bpe.model`` (BPE) and a
+    fairseq ``vocab.json`` (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, then the pieces in
+    an order of their own), the tokenizer's 100 ``__xx__`` codes after them, and the model's 8
+    rows no token names (fairseq's made-up words) last. Sources ``__en__ X </s>``; targets
+    ``__de__ Y </s>`` decoded from ``</s>``."""
+    import random
+
+    from transformers import M2M100Tokenizer
+
+    source, german, french = M2M100_LANGUAGES
+    directory.mkdir(parents=True, exist_ok=True)
+    texts = [s for s, _ in PAIRS] + [t for _, t in PAIRS] + [t.upper() for _, t in PAIRS]
+    spm_file = train_spm(texts, directory / "sentencepiece.bpe.model", 200, model_type="bpe")
+    learned = pieces(spm_file)
+    random.Random(0).shuffle(learned)  # ids come from vocab.json, never from SentencePiece
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", *learned]
+    (directory / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(vocab)}), encoding="utf-8")
+    tokenizer = M2M100Tokenizer(vocab_file=str(directory / "vocab.json"), spm_file=str(spm_file),
+                                src_lang=source, model_max_length=64)
+    vocab_size = tokenizer.encoder_size + len(tokenizer.lang_code_to_id) + tokenizer.num_madeup_words
+    return _train_m2m100(directory, tokenizer, vocab_size,
+                         (tokenizer.get_lang_token(german), tokenizer.get_lang_token(french)), steps)
+
+
+def make_nllb(directory: Path, *, steps: int = 500) -> Path:
+    """An NLLB-like model: a BPE ``sentencepiece.bpe.model`` turned by transformers into an
+    NllbTokenizer (fairseq's ids: SentencePiece's plus one, ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2,
+    ``<unk>`` 3; ``<mask>`` and the 202 codes ``eng_Latn``... after the pieces), saved as
+    ``tokenizer.json`` beside the SentencePiece model (as the hub's NLLB repositories are).
+    Sources ``eng_Latn X </s>`` (not the legacy ``X </s> eng_Latn``); targets ``deu_Latn Y </s>``
+    decoded from ``</s>``."""
+    from transformers import AutoTokenizer
+    from transformers.models.nllb.tokenization_nllb import FAIRSEQ_LANGUAGE_CODES
+
+    source, german, french = NLLB_LANGUAGES
+    directory.mkdir(parents=True, exist_ok=True)
+    texts = [s for s, _ in PAIRS] + [t for _, t in PAIRS] + [t.upper() for _, t in PAIRS]
+    train_spm(texts, directory / "sentencepiece.bpe.model", 200, model_type="bpe")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "NllbTokenizer", "src_lang": source, "model_max_length": 64,
+        "legacy_behaviour": False, "extra_special_tokens": FAIRSEQ_LANGUAGE_CODES}), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(directory)  # converts the SentencePiece model
+    return _train_m2m100(directory, tokenizer, len(tokenizer), (german, french), steps)

@@ -67,7 +67,7 @@ class Options:
     """How to compare (the defaults are ``mtkit compare``'s)."""
 
     lang: str | None = None
-    """Target language for BLEU's tokenizer (default: the first run's data.tgt_lang)."""
+    """Target language for BLEU's tokenizer (default: ``tgt_lang``, else the first run's data.tgt_lang)."""
     tokenize: str | None = None
     """BLEU tokenizer, over ``lang``."""
     samples: int = 1000
@@ -78,6 +78,10 @@ class Options:
     speed_sentences: int = DEFAULT_SPEED_SENTENCES
     """Sentences of the first test set timed at batch 32 (a quarter of them at batch 1); 0: no timing."""
     speed_beam: int = DEFAULT_SPEED_BEAM
+    src_lang: str | None = None
+    """A multilingual run's source language, as its code (default: the run's data.src_lang)."""
+    tgt_lang: str | None = None
+    """A multilingual run's target language (default: the run's data.tgt_lang)."""
 
 
 def test_name(path: Path | str) -> str:
@@ -269,7 +273,7 @@ def compare(given: Sequence[str], tests: Sequence[tuple[Path, Path]], options: O
                                  for test in test_sets]
 
     reports = []
-    lang = options.lang or _run_lang(systems)
+    lang = options.lang or options.tgt_lang or _run_lang(systems)
     scored: dict[int, list[list[MetricScore]]] = {}
     for index, system in enumerate(systems):
         if system.is_run:
@@ -328,7 +332,11 @@ def _run_system(system: System, test_sets: list[TestSet], options: Options, lang
     # The model as trained, whatever engine the run would translate with: the PyTorch engine at
     # float32, in this process (``measure_decoding`` times it the same way).
     decode = config.decode.model_copy(update={"backend": "torch", "compute_type": "float32"})
-    translator = open_translator(loaded, decode, options.device, say=log)
+    try:
+        translator = open_translator(loaded, decode, options.device, say=log, src_lang=options.src_lang,
+                                     tgt_lang=options.tgt_lang)
+    except MtkitError as err:  # a multilingual run without its languages: say which run
+        raise MtkitError(f"{system.name}: {err}") from None
     outputs, scores = [], []
     for test in test_sets:
         log(f"compare: {system.name}: translating {test.name} ({len(test.sources):,} sentences, "
@@ -469,7 +477,8 @@ def measure_decoding(loaded: Loaded, sources: list[str],
                                           "nbest": 1, "sampling": False, "batch_tokens": _ONE_BATCH,
                                           "batch_sentences": _ONE_BATCH, "backend": "torch",
                                           "compute_type": "float32"})
-    translator = open_translator(loaded, decode, options.device, warn=lambda message: None)
+    translator = open_translator(loaded, decode, options.device, warn=lambda message: None,
+                                 src_lang=options.src_lang, tgt_lang=options.tgt_lang)
     sample, singles = speed_samples(sources, options.speed_sentences)
     if not sample:
         return None, None
@@ -510,9 +519,12 @@ def kv_cache_bytes(loaded: Loaded, translator: Translator, sources: list[str], o
     sizes = []
     with torch.inference_mode():
         for source, output in zip(sources, outputs, strict=True):
-            src_ids = loaded.tokenizers.src.encode([source])[0][: translator.max_source] + [EOS_ID]
+            # A multilingual model's language tokens as the translator adds them.
+            src_ids = [*translator.source_prefix, *loaded.tokenizers.src.encode([source])[0][: translator.max_source],
+                       EOS_ID]
             src = torch.tensor([src_ids], device=device)
-            tgt_ids = [BOS_ID, *loaded.tokenizers.tgt.encode([output])[0]][: int(model.positions_left(src)[0])]
+            tgt_ids = [BOS_ID, *translator.target_prefix,
+                       *loaded.tokenizers.tgt.encode([output])[0]][: int(model.positions_left(src)[0])]
             # The model's own state type (as in search), which its decode_step takes.
             state: Any = model.encode(src)
             for token in tgt_ids:

@@ -36,7 +36,7 @@ def marian(tmp_path_factory) -> Path:
     from helpers.hf_models import make_marian
 
     # Fine-tuning needs the model's shape and tokenizer, not its skill: a few steps suffice.
-    return make_marian(tmp_path_factory.mktemp("hf") / "marian", steps=30)
+    return make_marian(tmp_path_factory.mktemp("hf") / "marian")
 
 
 @pytest.fixture(scope="module")

@@ -76,6 +76,12 @@ def compare(
     threads: Annotated[
         int | None, typer.Option("--threads", help="CPU threads for torch.", show_default=False)
     ] = None,
+    source_lang: Annotated[str | None, typer.Option(
+        "--source-lang", help="A multilingual run's source language, as its code (eng_Latn, en, en_XX).",
+        show_default=False)] = None,
+    target_lang: Annotated[str | None, typer.Option(
+        "--target-lang", help="A multilingual run's target language (deu_Latn, de, de_DE; Marian: deu); also "
+        "BLEU's language unless --lang.", show_default=False)] = None,
 ) -> None:
     """Compare translation systems: BLEU and chrF with paired bootstrap tests, size, speed, memory."""
     import json
@@ -94,7 +100,8 @@ def compare(
     if threads is not None:
         torch.set_num_threads(threads)
     options = Options(lang=lang, tokenize=tokenize, samples=samples, buckets=edges, device=inference_device(device),
-                      speed_sentences=speed_sentences, speed_beam=speed_beam)
+                      speed_sentences=speed_sentences, speed_beam=speed_beam, src_lang=source_lang,
+                      tgt_lang=target_lang)
     report = run_comparison(systems, test or [], options, log=lambda line: typer.echo(line, err=True))
     text = json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n" if as_json else report.markdown()
     if output is None:

@@ -1,7 +1,8 @@
 """``mtkit serve``: the translation service of ``mtkit.serve`` over HTTP (docs/serving.md).
 
 Every run is loaded before the port opens (a bad run is a one-line error, not a server that
-answers 500); each is a language pair from its config (``data.src_lang`` -> ``data.tgt_lang``).
+answers 500); each is a language pair from its config (``data.src_lang`` -> ``data.tgt_lang``),
+or, for a multilingual model (an imported one), every pair of its languages (``served_pairs``).
 Decoding settings: the checkpoint's, then ``--set decode.KEY=VALUE``, then ``--beam`` and
 ``--batch-tokens``. SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in
 flight finish (at most ``--timeout`` seconds more) and exits 0.
@@ -19,6 +20,7 @@ from mtkit.cli.options import SetOption
 from mtkit.errors import MtkitError
 
 if TYPE_CHECKING:
+    from mtkit.checkpoint import Loaded
     from mtkit.serve import Pair
 
 
@@ -114,21 +116,41 @@ def _load_pairs(models: list[Path], device: str, overrides: list[str] | None, fl
     from mtkit.serve import Engine, Pair
 
     pairs: list[Pair] = []
+    served: dict[tuple[str, str], Path] = {}
     for model in models:
         run = load_for_inference(model, device=device)
         decode = resolve_decode(run.config.decode, None, overrides, flags)
-        source, target = run.config.data.src_lang, run.config.data.tgt_lang
-        for other, pair in zip(models, pairs, strict=False):
-            if (pair.source, pair.target) == (source, target):
-                raise MtkitError(f"{model}: translates {source}->{target}, like {other}; serve one model per pair")
+        languages = served_pairs(run)
+        for source, target, _, _ in languages:
+            if (source, target) in served:
+                raise MtkitError(f"{model}: translates {source}->{target}, like {served[source, target]}; "
+                                 "serve one model per pair")
+            served[source, target] = model
+        source, target, src_lang, tgt_lang = languages[0]
         translator = open_translator(run, decode, device, threads=cpu_threads, say=functools.partial(_say, model),
-                                     warn=_warn)
+                                     warn=_warn, src_lang=src_lang, tgt_lang=tgt_lang)
         info = {"checkpoint": str(run.path), "step": run.meta.get("step"), "device": device,
                 "model": run.config.model.model_dump(), "tokenizer": run.config.tokenizer.model_dump(),
                 "trained_with": run.meta.get("mtkit_version")}
-        engine = Engine(translator, name=f"{source}-{target}", **engine_options)
-        pairs.append(Pair(source, target, engine, info))
+        name = f"{source}-{target}" if len(languages) == 1 else model.name
+        engine = Engine(translator, name=name, **engine_options)
+        pairs += [Pair(s, t, engine, info, src, tgt) for s, t, src, tgt in languages]
     return pairs
+
+
+def served_pairs(run: Loaded) -> list[tuple[str, str, str | None, str | None]]:
+    """The language pairs ``run`` serves, each as ``(source, target, src_lang, tgt_lang)``: the
+    codes clients use, and the model's codes its ``Translator`` takes (None for a model of one
+    pair, named by ``data.src_lang`` -> ``data.tgt_lang``). A multilingual model serves every
+    pair of its language tokens (``Tokenizers.languages``): a multi-target Marian model, from
+    ``data.src_lang`` into each; M2M100, NLLB, mBART-50, from each into each other."""
+    data, languages = run.config.data, run.tokenizers.languages
+    if languages is None:
+        return [(data.src_lang, data.tgt_lang, None, None)]
+    codes = sorted(languages.tokens)
+    if languages.source == "src":
+        return [(s, t, s, t) for s in codes for t in codes if s != t]
+    return [(data.src_lang, t, None, t) for t in codes]
 
 
 def _warn(message: str) -> None:

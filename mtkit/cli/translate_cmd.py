@@ -181,7 +181,7 @@ def translate(
     if references is not None:
         if len(references) != len(hyps):
             raise MtkitError(f"{ref}: {len(references)} lines but the input has {len(hyps)}")
-        for result in score(hyps, [references], tgt_lang=loaded.config.data.tgt_lang):
+        for result in score(hyps, [references], tgt_lang=target_lang or loaded.config.data.tgt_lang):
             typer.echo(result.text, err=True)
 
 

@@ -1,6 +1,8 @@
-"""A translation service: a batching engine per language pair and the HTTP app in front of it.
+"""A translation service: a batching engine per model (one language pair, or a multilingual
+model's many) and the HTTP app in front of it.
 
 - ``engine``: ``Engine`` merges the sentences of concurrent requests into few translation calls.
+- ``languages``: a client's language code matched to a served one (``de`` -> ``deu``), and names.
 - ``text``: ``split_text`` cuts a text into sentences and ``Layout`` puts the translations back.
 - ``request``: request bodies read and checked, responses shaped like the request.
 - ``app``: ``create_app``, the LibreTranslate-compatible API (docs/serving.md) and its guards.
@@ -10,7 +12,6 @@ Starlette and uvicorn are imported only when an app is built or served.
 """
 
 from mtkit.serve.app import (
-    LANGUAGE_NAMES,
     Pair,
     ServeSettings,
     check_key,
@@ -20,6 +21,7 @@ from mtkit.serve.app import (
     read_api_keys,
 )
 from mtkit.serve.engine import Engine, EngineStats, QueueFull, Stopped
+from mtkit.serve.languages import LANGUAGE_NAMES, language_name, matches
 from mtkit.serve.request import HTTPError, build_response, parse_request, read_fields
 from mtkit.serve.server import run_server
 from mtkit.serve.text import Layout, split_text
@@ -38,6 +40,8 @@ __all__ = [
     "check_key",
     "create_app",
     "host_allowed",
+    "language_name",
+    "matches",
     "parse_allowed_hosts",
     "parse_request",
     "read_api_keys",

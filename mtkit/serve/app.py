@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from mtkit import __version__
 from mtkit.serve.engine import Engine, QueueFull, Stopped
+from mtkit.serve.languages import language_name
 from mtkit.serve.request import HTTPError, build_response, parse_request, read_fields
 from mtkit.serve.text import split_text
 
@@ -30,25 +31,24 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
 
-LANGUAGE_NAMES = {
-    "ar": "Arabic", "bg": "Bulgarian", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German",
-    "el": "Greek", "en": "English", "es": "Spanish", "et": "Estonian", "eu": "Basque", "fa": "Persian",
-    "fi": "Finnish", "fr": "French", "ga": "Irish", "he": "Hebrew", "hi": "Hindi", "hr": "Croatian",
-    "hu": "Hungarian", "id": "Indonesian", "is": "Icelandic", "it": "Italian", "ja": "Japanese", "ko": "Korean",
-    "lt": "Lithuanian", "lv": "Latvian", "nl": "Dutch", "no": "Norwegian", "pl": "Polish", "pt": "Portuguese",
-    "ro": "Romanian", "ru": "Russian", "sk": "Slovak", "sl": "Slovenian", "sr": "Serbian", "sv": "Swedish",
-    "th": "Thai", "tr": "Turkish", "uk": "Ukrainian", "vi": "Vietnamese", "zh": "Chinese",
-}
-
 
 @dataclass
 class Pair:
-    """One language pair served: its engine, and what ``/info`` says about it."""
+    """One language pair served: its engine, and what ``/info`` says about it. The pairs of a
+    multilingual model share its engine and name its languages: ``src_lang``/``tgt_lang``, the
+    model's codes (``Translator``'s), None for a model that translates one pair."""
 
     source: str
     target: str
     engine: Engine
     info: dict[str, Any] = field(default_factory=dict)
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+
+    @property
+    def languages(self) -> tuple[str | None, str | None] | None:
+        """What the engine is told per request (None: the translator's own languages)."""
+        return None if self.src_lang is None and self.tgt_lang is None else (self.src_lang, self.tgt_lang)
 
     @property
     def max_alternatives(self) -> int:
@@ -187,11 +187,16 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
     by_pair = {(p.source, p.target): p for p in pairs}
     if len(by_pair) != len(pairs):
         raise ValueError("two engines serve the same language pair")
+    # A multilingual model's pairs share its engine: each engine once, in the pairs' order.
+    engines = list({id(p.engine): p.engine for p in pairs}.values())
+    codes = sorted({code for pair in by_pair for code in pair})
+    served = [{"code": code, "name": language_name(code), "targets": sorted(t for s, t in by_pair if s == code)}
+              for code in codes]
     state = {"ready": False}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state["ready"] = all(p.engine.running for p in pairs)
+        state["ready"] = all(engine.running for engine in engines)
         if on_ready is not None:
             on_ready()
         try:
@@ -199,8 +204,8 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
         finally:
             # The server has finished the requests in flight by now.
             state["ready"] = False
-            for pair in pairs:
-                pair.engine.close(timeout=settings.timeout)
+            for engine in engines:
+                engine.close(timeout=settings.timeout)
 
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -216,22 +221,17 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
     async def internal_error(request: Request, exc: Exception) -> Response:
         return error(500, f"internal error ({type(exc).__name__})")
 
-    def languages() -> list[dict[str, Any]]:
-        codes = sorted({code for pair in by_pair for code in pair})
-        return [{"code": code, "name": LANGUAGE_NAMES.get(code, code),
-                 "targets": sorted(t for s, t in by_pair if s == code)} for code in codes]
-
     async def get_languages(request: Request) -> Response:
-        return JSONResponse(languages())
+        return JSONResponse(served)
 
     async def get_health(request: Request) -> Response:
-        if not state["ready"] or not all(p.engine.running for p in pairs):
+        if not state["ready"] or not all(engine.running for engine in engines):
             return error(503, "not ready (loading or shutting down)")
         return JSONResponse({"status": "ok"})
 
     async def get_settings(request: Request) -> Response:
         return JSONResponse({"charLimit": settings.char_limit, "keyRequired": settings.api_keys is not None,
-                             "languages": languages()})
+                             "languages": served})
 
     async def get_info(request: Request) -> Response:
         if settings.info_needs_key and settings.api_keys is not None:
@@ -240,9 +240,13 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
                 raise HTTPError(403, "missing api_key: this server's /info needs ?api_key=KEY")
             check_key({"api_key": key}, settings.api_keys)
         models = []
-        for (source, target), pair in by_pair.items():
-            engine = pair.engine
-            models.append({"source": source, "target": target, **pair.info,
+        for engine in engines:
+            mine = [p for p in pairs if p.engine is engine]
+            pair = mine[0]
+            # A multilingual model: its languages, not each of its (maybe thousands of) pairs.
+            languages = ({"source": pair.source, "target": pair.target} if len(mine) == 1 else
+                         {"sources": sorted({p.source for p in mine}), "targets": sorted({p.target for p in mine})})
+            models.append({**languages, **pair.info,
                            "decode": engine.translator.decode.model_dump(),
                            "batching": {"enabled": engine.batching, "batch_tokens": engine.batch_tokens,
                                         "max_wait_ms": engine.max_wait * 1000, "queue_size": engine.queue_size,
@@ -268,7 +272,7 @@ def create_app(pairs: list[Pair], settings: ServeSettings | None = None,
         texts, pair, nbest = parse_request(fields, by_pair, settings.char_limit)
         layouts = [split_text(text) for text in texts]
         sentences = [s for layout in layouts for s in layout.sentences]
-        work = asyncio.ensure_future(pair.engine.translate(sentences, nbest, settings.timeout))
+        work = asyncio.ensure_future(pair.engine.translate(sentences, nbest, settings.timeout, pair.languages))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)

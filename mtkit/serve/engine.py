@@ -1,12 +1,14 @@
-"""The batching engine: concurrent requests for one language pair become few ``translate_lines`` calls.
+"""The batching engine: concurrent requests for one model become few ``translate_lines`` calls.
 
 ``Engine`` turns concurrent requests into few ``Translator.translate_lines`` calls: requests
 queue their sentences; one worker thread waits up to ``max_wait`` after the oldest pending
 request arrived (or until ``batch_tokens`` source tokens are pending), then translates the
 sentences of every pending request in one call, so that ten clients at once cost little more
-than one. The queue is bounded (``QueueFull``), every request has a deadline, and a request
-that timed out or whose client went away has its not-yet-started sentences dropped. The
-event loop never runs the model: it only queues sentences and awaits the result.
+than one. A multilingual model has one engine for all its language pairs: each request names
+its languages, and only requests of the same languages share a call. The queue is bounded
+(``QueueFull``), every request has a deadline, and a request that timed out or whose client
+went away has its not-yet-started sentences dropped. The event loop never runs the model: it
+only queues sentences and awaits the result.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class _Job:
     segments: list[str]
     lengths: list[int]  # source tokens of each segment, EOS included
     nbest: int
+    languages: Languages
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[Translation]]
     arrived: float
@@ -65,8 +68,13 @@ class EngineStats:
     largest_batch: int = 0
 
 
+Languages = tuple[str | None, str | None] | None
+"""A multilingual model's (source, target) codes, as ``Translator`` takes them; None: the
+translator's own."""
+
+
 class Engine:
-    """Batches the sentences of concurrent requests for one ``Translator`` (one language pair).
+    """Batches the sentences of concurrent requests for one ``Translator`` (one model).
 
     batch_tokens: most source tokens in one merged call (a request's sentences may be split
       across calls; a single longer sentence goes alone).
@@ -79,7 +87,8 @@ class Engine:
       translated while the next forms and the other's Python work overlaps the first's
       tensor work; give each fewer torch threads (``mtkit serve --workers``). Always 1 when
       ``batching`` is False (one request at a time).
-    Requests asking for ``nbest`` hypotheses are batched only with requests asking the same.
+    Requests are batched only with requests asking the same ``nbest`` hypotheses in the same
+    ``languages`` (a multilingual model's: ``translate(..., languages)``).
     """
 
     def __init__(
@@ -106,6 +115,8 @@ class Engine:
         self._jobs: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
+        # A multilingual model's other language pairs: Translators sharing this one's engine.
+        self._translators: dict[Languages, Translator] = {None: translator}
         self._threads = [threading.Thread(target=self._work, name=f"mtkit-serve-{name}-{i}", daemon=True)
                          for i in range(workers if batching else 1)]
         for thread in self._threads:
@@ -122,16 +133,20 @@ class Engine:
         """Requests waiting for the worker (some of their sentences not yet started)."""
         return len(self._jobs)
 
-    async def translate(self, segments: list[str], nbest: int = 1, timeout: float | None = None) -> list[Translation]:
-        """One ``Translation`` per segment (each with up to ``nbest`` hypotheses). Raises
-        ``QueueFull``, ``Stopped``, ``TimeoutError`` after ``timeout`` seconds in all; on a
+    async def translate(self, segments: list[str], nbest: int = 1, timeout: float | None = None,
+                        languages: Languages = None) -> list[Translation]:
+        """One ``Translation`` per segment (each with up to ``nbest`` hypotheses), in
+        ``languages`` (a multilingual model's source and target codes; None: the translator's).
+        Raises ``QueueFull``, ``Stopped``, ``TimeoutError`` after ``timeout`` seconds in all; on a
         timeout or a cancellation (the client went away) the segments not yet started are
-        dropped."""
+        dropped; MtkitError for a language the model lacks."""
         if not segments:
             return []
-        lengths = [len(ids) + 1 for ids in self.translator.tokenizers.src.encode(segments)]
+        translator = self._translator(languages)
+        extra = len(translator.source_prefix) + 1  # the language token, the EOS
+        lengths = [len(ids) + extra for ids in translator.tokenizers.src.encode(segments)]
         loop = asyncio.get_running_loop()
-        job = _Job(segments, lengths, nbest, loop, loop.create_future(), time.monotonic(),
+        job = _Job(segments, lengths, nbest, languages, loop, loop.create_future(), time.monotonic(),
                    results=[None] * len(segments))
         with self._cv:
             if self._stopping:
@@ -161,6 +176,21 @@ class Engine:
         for thread in self._threads:
             thread.join(None if end is None else max(0.0, end - time.monotonic()))
 
+    def _translator(self, languages: Languages) -> Translator:
+        """The translator of ``languages``: one sharing the first's model and search engine."""
+        from mtkit.translate import Translator
+
+        with self._cv:
+            found = self._translators.get(languages)
+        if found is None:
+            assert languages is not None
+            base = self.translator
+            found = Translator(base.model, base.tokenizers, base.decode, base.device, warn=base.warn,
+                               backend=base.backend, src_lang=languages[0], tgt_lang=languages[1])
+            with self._cv:
+                found = self._translators.setdefault(languages, found)
+        return found
+
     def _drop(self, job: _Job) -> None:
         with self._cv:
             job.cancelled = True
@@ -187,19 +217,19 @@ class Engine:
                 self._translate(pieces)
 
     def _pending_tokens(self) -> int:
-        nbest = self._jobs[0].nbest
-        return sum(sum(j.lengths[j.taken:]) for j in self._jobs if j.nbest == nbest)
+        first = self._jobs[0]
+        return sum(sum(j.lengths[j.taken:]) for j in self._jobs if _batched_with(j, first))
 
     def _take(self) -> list[tuple[_Job, int, int]]:
         """Under the lock: the next batch as ``(job, start, stop)`` slices of segments, oldest
         request first, at most ``batch_tokens`` tokens (at least one segment)."""
         if not self._jobs:
             return []
-        nbest = self._jobs[0].nbest
+        first = self._jobs[0]
         pieces: list[tuple[_Job, int, int]] = []
         tokens = 0
         for job in list(self._jobs):
-            if job.nbest != nbest:
+            if not _batched_with(job, first):
                 continue
             start = stop = job.taken
             if not self.batching:
@@ -221,8 +251,9 @@ class Engine:
         if all(job.cancelled for job, _, _ in pieces):
             return  # every requester went away between taking and translating
         lines = [line for job, start, stop in pieces for line in job.segments[start:stop]]
+        first = pieces[0][0]
         try:
-            translations = self.translator.translate_lines(lines, nbest=pieces[0][0].nbest)
+            translations = self._translator(first.languages).translate_lines(lines, nbest=first.nbest)
         except Exception as err:  # reported to each waiting request; the worker lives on
             log.exception("translation failed")
             for job, _, _ in pieces:
@@ -239,6 +270,11 @@ class Engine:
                 job.done += stop - start
                 if job.done == len(job.segments):
                     _call_in_loop(job, _resolve, job.results)
+
+
+def _batched_with(job: _Job, first: _Job) -> bool:
+    """Whether ``job``'s sentences may share a ``translate_lines`` call with ``first``'s."""
+    return (job.nbest, job.languages) == (first.nbest, first.languages)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

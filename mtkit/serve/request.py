@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
+from mtkit.serve.languages import matches
+
 if TYPE_CHECKING:
     from starlette.requests import Request
 
@@ -155,15 +157,16 @@ def parse_request(fields: dict[str, Any], pairs: dict[tuple[str, str], Pair],
     source, target = fields["source"], fields["target"]
     if not isinstance(source, str) or not isinstance(target, str):
         raise HTTPError(400, "source and target: expected language codes")
+    target = _served_code("target", target, {t for _, t in pairs}, pairs, f"{source}->{target}")
     if source == "auto":  # no language detection: fine when only one source translates into target
         sources = sorted({s for s, t in pairs if t == target})
         if len(sources) != 1:
             raise HTTPError(400, "source: auto works only when one source language translates into target; "
                                  "name the source language")
         source = sources[0]
+    source = _served_code("source", source, {s for s, _ in pairs}, pairs, f"{source}->{fields['target']}")
     if (source, target) not in pairs:
-        served = ", ".join(f"{s}->{t}" for s, t in pairs)
-        raise HTTPError(400, f"{source}->{target}: language pair not served (served: {served})")
+        raise HTTPError(400, f"{source}->{target}: language pair not served (served: {_served(pairs)})")
     pair = pairs[(source, target)]
     text_format = fields.get("format", "text")
     if text_format == "html":
@@ -189,6 +192,26 @@ def parse_request(fields: dict[str, Any], pairs: dict[tuple[str, str], Pair],
     if chars > char_limit:
         raise HTTPError(413, f"text of {chars} characters is over the limit of {char_limit}")
     return texts, pair, alternatives + 1
+
+
+def _served_code(field: str, code: str, codes: set[str], pairs: dict[tuple[str, str], Pair], asked: str) -> str:
+    """The served code that a client's ``code`` for ``field`` means (``de`` -> ``deu``, see
+    ``mtkit.serve.languages.matches``); HTTPError 400 naming the field when none or several do."""
+    found = matches(code, codes)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise HTTPError(400, f"{field}: {code!r} may mean {', '.join(found)}; send one of them")
+    way = "from" if field == "source" else "into"
+    raise HTTPError(400, f"{field}: {code!r} is not a language this server translates {way}; "
+                         f"{asked}: language pair not served (served: {_served(pairs)})")
+
+
+def _served(pairs: dict[tuple[str, str], Pair]) -> str:
+    """The pairs served, in a line (a multilingual model serves thousands: then counted)."""
+    if len(pairs) > 12:
+        return f"{len(pairs):,} pairs of {len({c for pair in pairs for c in pair})} languages: see GET /languages"
+    return ", ".join(f"{s}->{t}" for s, t in pairs)
 
 
 def build_response(q: Any, layouts: list[Layout], translations: list[Translation],

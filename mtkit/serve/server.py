@@ -29,6 +29,8 @@ def run_server(load: Callable[[], list[Pair]], settings: ServeSettings, *, host:
         sock.close()
         raise
     names = ", ".join(f"{p.source}->{p.target}" for p in pairs)
+    if len(pairs) > 12:  # a many-to-many model serves thousands
+        names = f"{len(pairs):,} language pairs of {len({c for p in pairs for c in (p.source, p.target)})} languages"
     url_host = f"[{host}]" if ":" in host else host
     bound_port = sock.getsockname()[1]
 

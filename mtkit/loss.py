@@ -17,9 +17,9 @@ from mtkit.vocab import MASKED_LOGIT, PAD_ID
 
 @torch.compiler.disable  # the chunk loop's length follows the batch: compiling it would recompile each step
 def smoothed_nll(hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float,
-                 masked: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 masked: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Summed label-smoothed cross-entropy and summed NLL of the logits ``hidden @ weight.T``
-    against ``target`` ``(N,)`` (``hidden`` ``(N, d)``: padding already removed; ``weight``
+    (plus ``bias`` ``(V,)``, the output projection's where it has one) against ``target`` ``(N,)`` (``hidden`` ``(N, d)``: padding already removed; ``weight``
     ``(V, d)``: the output projection). Smoothing spreads ``smoothing`` of the probability mass
     uniformly over the vocabulary, as ``F.cross_entropy`` does, less the ``masked`` columns
     (ids the model must never predict: ``mtkit.vocab.MASKED_LOGIT``). Only the first value carries a
@@ -27,8 +27,9 @@ def smoothed_nll(hidden: Tensor, weight: Tensor, target: Tensor, smoothing: floa
     float32, as ``F.cross_entropy`` on autocast logits would."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ProjectedCrossEntropy.apply(hidden, weight, target, smoothing, dtype, need_grad, masked)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))
+    return _ProjectedCrossEntropy.apply(hidden, weight, target, smoothing, dtype, need_grad, masked, bias)
 
 
 # Rows of logits handled at once: on a CPU a chunk of float32 logits fits in the L2 cache (2 MiB),
@@ -49,7 +50,7 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float, dtype: torch.dtype,
-                need_grad: bool, masked: Tensor | None) -> tuple[Tensor, Tensor]:
+                need_grad: bool, masked: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             n, vocab = h.shape[0], w.shape[0]
@@ -63,6 +64,8 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
                 index = torch.arange(end - start, device=h.device)
                 tgt = target[start:end]
                 logits = torch.mm(h[start:end], w.t()).float()
+                if bias is not None:
+                    logits += bias.float()
                 picked[start:end] = logits[index, tgt]
                 top = logits.amax(dim=1, keepdim=True)
                 exp = logits.sub_(top).exp_()  # in place: the logits are not needed again
@@ -76,20 +79,23 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
                     grad[start:end] = exp
             kept = weight if masked is None else weight[_kept_rows(vocab, masked)]
             mean_logit = h.float() @ kept.float().mean(dim=0)
+            if bias is not None:
+                mean_logit += (bias if masked is None else bias[_kept_rows(vocab, masked)]).float().mean()
             nll = (lse - picked).sum()
             uniform = (lse - mean_logit).sum()
         ctx.save_for_backward(grad, h, w)
-        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
         ctx.mark_non_differentiable(nll)
         return (1.0 - smoothing) * nll + smoothing * uniform, nll
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_nll: Tensor) -> tuple[Tensor | None, ...]:
         grad, h, w = ctx.saved_tensors
-        hidden_dtype, weight_dtype = ctx.dtypes
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         grad_hidden = torch.mm(grad, w).float().mul_(grad_loss).to(hidden_dtype)
         grad_weight = torch.mm(grad.t(), h).float().mul_(grad_loss).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        grad_bias = None if bias_dtype is None else grad.float().sum(dim=0).mul_(grad_loss).to(bias_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, grad_bias
 
 
 def _kept_rows(vocab: int, masked: Tensor) -> Tensor:
@@ -125,13 +131,10 @@ class TranslationLoss(nn.Module):
         return loss + self.source_weight * source_loss, nll
 
     def _loss(self, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``smoothed_nll`` through the model's output projection; a bias (``model.output_bias``)
-        becomes one more input column, fed a constant 1."""
-        proj = self.model.output_proj
-        weight, masked = proj.weight, None
+        """``smoothed_nll`` through the model's output projection and its bias
+        (``model.output_bias``), smoothing over the columns not masked."""
+        proj, masked = self.model.output_proj, None
         if proj.bias is not None:
-            hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
-            weight = torch.cat([weight, proj.bias.unsqueeze(1).to(weight.dtype)], dim=1)
             masked = (proj.bias <= MASKED_LOGIT / 2).nonzero().view(-1)
             masked = masked if masked.numel() else None
-        return smoothed_nll(hidden, weight, target, self.smoothing, masked)
+        return smoothed_nll(hidden, proj.weight, target, self.smoothing, masked, proj.bias)

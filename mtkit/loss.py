@@ -19,8 +19,9 @@ from mtkit.vocab import MASKED_LOGIT, PAD_ID
 def smoothed_nll(hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float,
                  masked: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Summed label-smoothed cross-entropy and summed NLL of the logits ``hidden @ weight.T``
-    (plus ``bias`` ``(V,)``, the output projection's where it has one) against ``target`` ``(N,)`` (``hidden`` ``(N, d)``: padding already removed; ``weight``
-    ``(V, d)``: the output projection). Smoothing spreads ``smoothing`` of the probability mass
+    (plus ``bias`` ``(V,)``, the output projection's where it has one) against ``target``
+    ``(N,)`` (``hidden`` ``(N, d)``: padding already removed; ``weight`` ``(V, d)``: the output
+    projection). Smoothing spreads ``smoothing`` of the probability mass
     uniformly over the vocabulary, as ``F.cross_entropy`` does, less the ``masked`` columns
     (ids the model must never predict: ``mtkit.vocab.MASKED_LOGIT``). Only the first value carries a
     gradient. The projection runs in the autocast dtype when autocast is on, the softmax in

@@ -114,8 +114,14 @@ class TranslationLoss(nn.Module):
     the target's, so validation loss and perplexity compare across architectures."""
 
     def __init__(self, model: Model, smoothing: float, source_weight: float = 0.0):
+        """Build it once the model holds its weights: the masked output columns are read then."""
         super().__init__()
         self.model, self.smoothing, self.source_weight = model, smoothing, source_weight
+        # Columns the model must never predict keep their bias (training gives them no gradient
+        # to speak of): found once here, not at every step.
+        bias = model.output_proj.bias
+        masked = None if bias is None else (bias.detach() <= MASKED_LOGIT / 2).nonzero().view(-1)
+        self.masked = masked if masked is not None and masked.numel() else None
 
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> tuple[Tensor, Tensor]:
         keep = tgt_out != PAD_ID
@@ -134,8 +140,5 @@ class TranslationLoss(nn.Module):
     def _loss(self, hidden: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """``smoothed_nll`` through the model's output projection and its bias
         (``model.output_bias``), smoothing over the columns not masked."""
-        proj, masked = self.model.output_proj, None
-        if proj.bias is not None:
-            masked = (proj.bias <= MASKED_LOGIT / 2).nonzero().view(-1)
-            masked = masked if masked.numel() else None
-        return smoothed_nll(hidden, proj.weight, target, self.smoothing, masked, proj.bias)
+        proj = self.model.output_proj
+        return smoothed_nll(hidden, proj.weight, target, self.smoothing, self.masked, proj.bias)

@@ -67,8 +67,7 @@ class Tokenizer:
             else:
                 self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except Exception as err:  # noqa: BLE001 - both libraries raise their own kinds
-            kind = "tokenizer.json" if self._hf is None and self._sp is None and self.path.suffix == ".json" \
-                else "SentencePiece model"
+            kind = "tokenizer.json" if self.path.suffix == ".json" else "SentencePiece model"
             raise MtkitError(f"{self.path}: not a {kind} ({_first_line(err)})") from None
         if pieces is None and self._sp is None:
             raise MtkitError(f"{self.path}: a tokenizer.json needs the vocabulary of mtkit ids (vocab file)")

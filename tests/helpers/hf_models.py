@@ -157,13 +157,7 @@ def make_mbart50(directory: Path, *, steps: int = 600) -> Path:
                          forced_eos_token_id=tokenizer.eos_token_id, activation_function="gelu",
                          scale_embedding=True, **TINY)
     torch.manual_seed(0)
-    model = MBartForConditionalGeneration(config)
-    examples = [(s, code, t if code == german else t.upper()) for s, t in PAIRS for code in (german, french)]
-    _fit_many_to_many(model, tokenizer, examples, steps)
-    model.generation_config.update(num_beams=4, max_length=64)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return _train_two_targets(MBartForConditionalGeneration(config), tokenizer, (german, french), steps, directory)
 
 
 def _fit_many_to_many(model: Any, tokenizer: Any, examples: list[tuple[str, str, str]], steps: int,
@@ -217,7 +211,13 @@ def _train_m2m100(directory: Path, tokenizer: Any, vocab_size: int, codes: tuple
     from transformers import M2M100ForConditionalGeneration
 
     torch.manual_seed(0)
-    model = M2M100ForConditionalGeneration(_m2m100_config(vocab_size))
+    return _train_two_targets(M2M100ForConditionalGeneration(_m2m100_config(vocab_size)), tokenizer, codes, steps,
+                              directory)
+
+
+def _train_two_targets(model: Any, tokenizer: Any, codes: tuple[str, str], steps: int, directory: Path) -> Path:
+    """Train ``model`` into two target languages (the second's targets upper-cased, so the forced
+    language token decides the output) and save it with its tokenizer in ``directory``."""
     german, french = codes
     examples = [(s, code, t if code == german else t.upper()) for s, t in PAIRS for code in (german, french)]
     _fit_many_to_many(model, tokenizer, examples, steps)

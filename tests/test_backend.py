@@ -296,6 +296,30 @@ def test_prefix_tokens_count_in_the_score_with_either_backend(run_dir):
     assert ct2.score == pytest.approx(plain.score, rel=1e-4)
 
 
+@needs_ct2
+def test_nbest_scores_of_hypotheses_cut_at_the_limit_are_mtkits_with_either_backend(run_dir):
+    """Every hypothesis reaches the maximum length: CTranslate2's scores lack the EOS that mtkit
+    forces there, and those that may still rank are scored again; the n best are mtkit's."""
+    loaded = load_for_inference(run_dir)
+    decode = loaded.config.decode.model_copy(update={"beam": 4, "nbest": 2, "lenpen": 0.6, "max_len_a": 0.0,
+                                                     "max_len_b": 2, "compute_type": "float32"})
+    lines = corpus(12, seed=5)
+    torch_out = make_translator(loaded, "torch", decode).translate_lines(lines, nbest=2)
+    ct2_out = make_translator(loaded, "ctranslate2", decode).translate_lines(lines, nbest=2)
+    for ours, theirs in zip(torch_out, ct2_out, strict=True):
+        assert [text for text, _ in theirs.nbest] == [text for text, _ in ours.nbest]
+        assert [score for _, score in theirs.nbest] == pytest.approx([score for _, score in ours.nbest], rel=1e-4)
+
+
+def test_only_hypotheses_whose_bound_beats_the_nth_best_exact_score_are_scored_again():
+    worth = ct2engine.CT2Translator._worth_scoring
+    scores = [[-1.0, -2.0, -1.5], [-3.0, -0.5], [-1.0, -2.0]]
+    inexact = [(0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1)]  # sentence 2: none exact
+    assert worth(scores, inexact, nbest=1) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert worth(scores, [(0, 2)], nbest=2) == [(0, 2)]  # the 2nd best exact is -2.0
+    assert worth(scores, [(0, 2)], nbest=1) == []  # below the best exact, -1.0
+
+
 def reference_length_form_beam(model, src_row, *, beam, lenpen, max_len, nbest):
     """Beam search under length ** lenpen for one sentence, with lists and full recomputation:
     the finishing rule of mtkit.search, ended once ``beam`` hypotheses have finished."""

@@ -214,7 +214,8 @@ class CT2Translator:
     ``max(intra_threads, inter_threads)``, so that a seed gives the same samples every run.
 
     Scores are mtkit's: where CTranslate2 leaves out a prefix's tokens, or the EOS that mtkit
-    forces at the maximum length, the hypothesis is scored again whole (``score_batch``). Both
+    forces at the maximum length, the hypothesis is scored again whole (``score_batch``, in
+    batches spread over the threads), unless its score cannot reach the n best. Both
     end a sentence's beam search once ``beam`` hypotheses have finished (``mtkit.search`` under
     the length form). Two differences remain. CTranslate2 renormalises the probabilities over
     the tokens it allows (no PAD, BOS, UNK unless allowed, nor EOS before the minimum length),
@@ -347,30 +348,54 @@ class CT2Translator:
                 result = pending_result.result()
                 found[row] = list(zip(result.hypotheses, result.scores, strict=True))
         # mtkit's score counts what CTranslate2's leaves out: a prefix's tokens, and the EOS that
-        # mtkit forces at the maximum length. Those hypotheses are scored again, whole.
+        # mtkit forces at the maximum length. Those hypotheses are scored again, whole, unless
+        # they cannot be among the n best: what is left out only lowers a score, so CTranslate2's
+        # log-probability over mtkit's length bounds it from above.
         eos = SPECIAL_PIECES[EOS_ID]
-        redo = [(row, k) for row, hyps in enumerate(found) for k, (pieces, _) in enumerate(hyps)
-                if scored_prefix[row] or not pieces or pieces[-1] != eos]
-        rescored = self._logprobs([sources[row] for row, _ in redo],
-                                  [found[row][k][0] for row, k in redo], forced) if redo else []
-        exact = dict(zip(redo, rescored, strict=True))
-        out: list[list[Hypothesis]] = [[] for _ in sources]
+        scores: list[list[float]] = [[] for _ in sources]  # mtkit's, or the bound
+        redo = []
         for row, hyps in enumerate(found):
-            mine = []
             for k, (pieces, score) in enumerate(hyps):
                 ended = bool(pieces) and pieces[-1] == eos
-                tokens = [self.tgt_ids[p] for p in (pieces[:-1] if ended else pieces)]
-                logprob = exact.get((row, k), score * len(pieces) ** d.lenpen)
-                mine.append(Hypothesis(tokens, logprob / (len(tokens) + 1) ** d.lenpen))
+                scores[row].append(score * len(pieces) ** d.lenpen / (len(pieces) - ended + 1) ** d.lenpen)
+                if scored_prefix[row] or not ended:
+                    redo.append((row, k))
+        redo = self._worth_scoring(scores, redo, d.nbest)
+        rescored = self._logprobs([sources[row] for row, _ in redo],
+                                  [found[row][k][0] for row, k in redo], forced, d.batch_sentences) if redo else []
+        out: list[list[Hypothesis]] = [[] for _ in sources]
+        for (row, k), logprob in zip(redo, rescored, strict=True):
+            pieces = found[row][k][0]
+            scores[row][k] = logprob / (len(pieces) - (bool(pieces) and pieces[-1] == eos) + 1) ** d.lenpen
+        for row, hyps in enumerate(found):
+            mine = []
+            for (pieces, _), score in zip(hyps, scores[row], strict=True):
+                ended = bool(pieces) and pieces[-1] == eos
+                mine.append(Hypothesis([self.tgt_ids[p] for p in (pieces[:-1] if ended else pieces)], score))
             out[row] = sorted(mine, key=lambda h: -h.score)[: d.nbest]
         return out
 
-    def _logprobs(self, sources: list[list[int]], targets: list[list[str]], forced: int = 0) -> list[float]:
+    @staticmethod
+    def _worth_scoring(scores: list[list[float]], inexact: list[tuple[int, int]], nbest: int) -> list[tuple[int, int]]:
+        """Of the ``inexact`` hypotheses (sentence, rank), whose ``scores`` are upper bounds, those
+        that could be among their sentence's ``nbest``: a bound above the ``nbest``-th best exact
+        score of the sentence (all of them where fewer are exact)."""
+        bounded = set(inexact)
+        threshold = []
+        for row, found in enumerate(scores):
+            exact = sorted((s for k, s in enumerate(found) if (row, k) not in bounded), reverse=True)
+            threshold.append(exact[nbest - 1] if len(exact) >= nbest else -math.inf)
+        return [(row, k) for row, k in inexact if scores[row][k] > threshold[row]]
+
+    def _logprobs(self, sources: list[list[int]], targets: list[list[str]], forced: int = 0,
+                  batch_size: int = 64) -> list[float]:
         """The log-probability of each target (pieces, an EOS at the end or not) followed by EOS,
-        less that of its first ``forced`` tokens."""
+        less that of its first ``forced`` tokens; in batches of ``batch_size``, which run on the
+        translator's ``inter_threads`` (one batch of every hypothesis would run on one, slower)."""
         eos = SPECIAL_PIECES[EOS_ID]
         bare = [t[:-1] if t and t[-1] == eos else t for t in targets]
-        scored = self.translator.score_batch([[self.src_pieces[i] for i in ids] for ids in sources], bare)
+        scored = self.translator.score_batch([[self.src_pieces[i] for i in ids] for ids in sources], bare,
+                                             max_batch_size=batch_size)
         return [float(sum(result.log_probs[forced:])) for result in scored]  # its last is the EOS's
 
     def translate(self, lines: list[str], batch_size: int = 32) -> list[str]:

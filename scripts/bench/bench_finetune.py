@@ -1,15 +1,17 @@
 """Fine-tuning and decoding speed of an imported Hugging Face Marian model: mtkit against
 transformers, on the same weights and the same data, measured in one run on CPU.
 
-    python scripts/bench/bench_finetune.py            # a random opus-mt-like model of mtkit's small size
+    python scripts/bench/bench_finetune.py            # an opus-mt-like model of mtkit's small size
     python scripts/bench/bench_finetune.py --json     # one JSON object on stdout
     python scripts/bench/bench_finetune.py --model DIR  # a Marian save_pretrained directory instead
 
 The model. Without ``--model``, a SentencePiece model (unigram, ``--vocab`` pieces) is trained
 on Multi30k En-De and written as an opus-mt directory would hold it (``source.spm`` and
 ``target.spm``, one ``vocab.json``, ``<pad>`` last and the decoder start, swish, scaled and tied
-embeddings, the generation settings of opus-mt: beam 4), with a random ``MarianMTModel`` of
-mtkit's ``small`` shape (d_model 256, 3+3 layers, 4 heads, ffn 1024). ``mtkit import huggingface``
+embeddings, the generation settings of opus-mt: beam 4), with a ``MarianMTModel`` of mtkit's
+``small`` shape (d_model 256, 3+3 layers, 4 heads, ffn 1024), random, then trained by a plain
+transformers loop for ``--pretrain`` updates of 64 pairs (about 150 s), so that it writes
+sentences that end, as a released model does. ``mtkit import huggingface``
 (the CLI) makes it an mtkit run. Before timing, the two are checked to be one model: their
 NLL on a batch (eval mode, float32) and their token counts per batch must agree.
 
@@ -32,8 +34,8 @@ updates each, so that other load on the machine hits them alike. ``speedup_vs_hf
 target tokens per second over transformers'.
 
 Decoding. ``--sentences`` Multi30k test sentences (``test_2016_flickr``), text in, text out,
-in batches of ``--hf-batch`` sentences of one source length (``equal_length_batches``: a
-random model writes up to its length limit, and ``generate`` has one limit per batch):
+in batches of ``--hf-batch`` sentences of one source length (``equal_length_batches``:
+``generate`` has one length limit per batch, mtkit one per sentence):
 
 - ``mtkit``: ``open_translator(RUN, threads=N, workers=N)`` with the run's decode settings, as
   ``mtkit translate --threads N`` opens it (``decode.backend: auto``, or ``--backend``;
@@ -50,17 +52,15 @@ share of equal translations, ``mean_output_words`` shows that both wrote as much
 
 How much the figures move: a lot, with the machine's other load, as the systems use their
 threads differently: torch's threads within an operation (transformers, mtkit's fine-tuning)
-lose most when another process holds a core, mtkit's decoding (one thread per batch) least.
-Measured on a 2-core machine: ``decode_speedup_vs_hf_generate`` 4.5 under a load average of
-17-20, 3.7 at 2.5, 0.97 nearly idle, 0.70 with ``--threads 1``; ``speedup_vs_hf`` 0.91 under
-17-20, 0.96 as the load fell from 8 to 2, about 1.9 in one thread's CPU time (bf16). Compare
-runs at a similar ``load_average_1m``, and check with ``--threads 1``. On the idle machine
-(load 1.6, 2 threads, ``--steps 12``), 2026-12-06: ``speedup_vs_hf`` 2.20 (bf16; float32 1.29)
-once the loss added the output bias to each chunk of logits (1.94 and 1.06 with the bias as an
-extra input column); with ``--sentences 128``, ``decode_speedup_vs_hf_generate`` 0.79 through
-CTranslate2 and 1.17 through PyTorch (``--backend torch``). A random model writes every
-hypothesis to the length limit, where mtkit's CTranslate2 engine scores each one again to
-count the EOS that mtkit forces there: the worst case of that engine, rare with a trained model.
+lose most when another process holds a core, mtkit's decoding (one thread per batch) least;
+and ``generate``'s speed alone moves by a third between runs of an idle machine. Compare runs
+at a similar ``load_average_1m``, and check with ``--threads 1``. On the idle 2-core machine
+(load 1.4-2.0, 2 threads), 2026-12-06, the default run (4 min 45 s): ``speedup_vs_hf`` 2.02
+(bf16; float32 1.05), ``decode_speedup_vs_hf_generate`` 3.35 (CTranslate2 float32: ``auto``
+has no validation set to check int8 against on an imported run); again with ``--work`` and
+``--steps 0``: 3.03, 3.26, 3.96; ``--backend torch`` 2.29; ``--compute-type int8`` 7.65 (91%
+of the outputs identical to transformers'). With the random model untrained (``--pretrain 0``),
+every hypothesis reaches the length limit, and the figure is 1.3 at best.
 ``--profile`` prints mtkit's top operators of one fine-tuning update to stderr.
 """
 
@@ -114,14 +114,15 @@ def multi30k(split: str, limit: int | None = None) -> tuple[list[str], list[str]
     return en, de
 
 
-def make_marian(directory: Path, texts: list[str], vocab_size: int) -> Path:
-    """An opus-mt-like ``save_pretrained`` directory of mtkit's small shape, random weights
-    (seed 0), its SentencePiece model trained on ``texts``; ``directory`` is new (made empty)."""
+def make_marian(directory: Path, src: list[str], tgt: list[str], vocab_size: int, updates: int) -> Path:
+    """An opus-mt-like ``save_pretrained`` directory of mtkit's small shape, its SentencePiece
+    model trained on ``src`` and ``tgt``, its weights random (seed 0) then trained ``updates``
+    updates on those pairs (``pretrain``); ``directory`` is new (made empty)."""
     import sentencepiece as spm
     from transformers import MarianConfig, MarianMTModel, MarianTokenizer
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(src + tgt), model_writer=model, vocab_size=vocab_size,
                                    model_type="unigram", character_coverage=1.0, minloglevel=2, num_threads=2)
     for name in ("source.spm", "target.spm"):  # one joint model, as both sides of an opus-mt directory
         (directory / name).write_bytes(model.getvalue())
@@ -140,8 +141,40 @@ def make_marian(directory: Path, texts: list[str], vocab_size: int) -> Path:
     marian = MarianMTModel(config)
     marian.generation_config.update(num_beams=4, max_length=512, bad_words_ids=[[pad]], forced_eos_token_id=0)
     marian.save_pretrained(directory)
-    MarianTokenizer.from_pretrained(directory).save_pretrained(directory)
+    tokenizer = MarianTokenizer.from_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if updates:
+        pretrain(marian, tokenizer, src, tgt, updates).save_pretrained(directory)
     return directory
+
+
+def pretrain(model: Any, tokenizer: Any, src: list[str], tgt: list[str], updates: int,
+             sentences: int = 64, lr: float = 1e-3) -> Any:
+    """``model`` trained ``updates`` updates of ``sentences`` random pairs each, by a plain
+    transformers loop (AdamW at ``lr``, label smoothing 0.1, float32): enough for it to write
+    sentences that end, as a released model does (a random one writes every hypothesis to the
+    length limit, which neither system meets in use)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
+    order = np.random.default_rng(0).permutation(len(src))
+    started = time.perf_counter()
+    for update in range(updates):
+        rows = order[update * sentences : (update + 1) * sentences]
+        inputs = tokenizer([src[i] for i in rows], text_target=[tgt[i] for i in rows], padding=True,
+                           return_tensors="pt")
+        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+        labels = inputs["labels"].masked_fill(inputs["labels"] == tokenizer.pad_token_id, -100)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       decoder_input_ids=decoder_input_ids).logits
+        loss = criterion(logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (update + 1) % 50 == 0 or update + 1 == updates:
+            say(f"pre-training the random model: update {update + 1}/{updates}, loss {loss.item():.2f} "
+                f"({time.perf_counter() - started:.0f} s)")
+    return model.eval()
 
 
 def import_run(model_dir: Path, run: Path) -> Path:
@@ -395,6 +428,8 @@ def decoding(args: argparse.Namespace, run: Path, model_dir: Path) -> dict[str, 
     decode = loaded.config.decode
     if args.backend is not None:
         decode = decode.model_copy(update={"backend": args.backend})
+    if args.compute_type is not None:
+        decode = decode.model_copy(update={"compute_type": args.compute_type})
     # In length order, so that each generate() batch holds sentences of nearly one length: its
     # one length limit (the longest's) then gives the work of mtkit's per-sentence limits.
     lines = equal_length_batches(multi30k("test")[0], loaded.tokenizers, args.hf_batch, args.sentences // args.hf_batch)
@@ -424,6 +459,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a Marian save_pretrained directory (default: a random small one)")
     parser.add_argument("--vocab", type=int, default=8000, help="SentencePiece pieces of the random model")
+    parser.add_argument("--pretrain", type=int, default=150,
+                        help="updates (64 pairs each) that train the random model before it is imported")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per fine-tuning batch (mtkit's buckets)")
     parser.add_argument("--lr", type=float, default=5e-5)
@@ -436,6 +473,8 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, default=32, help="sentences per generate() call")
     parser.add_argument("--backend", choices=["auto", "torch", "ctranslate2"],
                         help="mtkit's decoding backend (default: the run's decode.backend, as mtkit translate)")
+    parser.add_argument("--compute-type", choices=["auto", "float32", "int8", "bfloat16"],
+                        help="mtkit's decoding precision (default: the run's decode.compute_type, auto)")
     parser.add_argument("--work", type=Path,
                         help="keep the model and the imported run here and reuse them (default: a temporary directory)")
     parser.add_argument("--profile", action="store_true", help="print mtkit's top operators of one update to stderr")
@@ -457,7 +496,7 @@ def main() -> None:
         model_dir = args.model or work / "marian"
         if not model_dir.exists():
             with atomic_dir(model_dir) as building:  # whole or not at all, for --work to reuse
-                make_marian(building, src + tgt, args.vocab)
+                make_marian(building, src, tgt, args.vocab, args.pretrain)
         run = work / "run"
         if not run.exists():
             import_run(model_dir, run)
@@ -469,7 +508,8 @@ def main() -> None:
             result.update(decoding(args, run, model_dir))
         loaded = load_for_inference(run)
     result["settings"] = {
-        "model": str(args.model) if args.model else f"random MarianMTModel, small, {args.vocab}-piece unigram",
+        "model": str(args.model) if args.model else (f"MarianMTModel, small, {args.vocab}-piece unigram, random, "
+                                                     f"trained {args.pretrain} updates"),
         "vocab_size": loaded.tokenizers.tgt.vocab_size,
         "params": loaded.model.num_parameters,
         "threads": args.threads, "max_tokens": args.max_tokens, "lr": args.lr, "timed_updates": args.steps,

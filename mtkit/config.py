@@ -236,15 +236,41 @@ class ModelConfig(Section):
     """Dropout on attention weights."""
     activation_dropout: float = Field(default=0.0, ge=0, lt=1)
     """Dropout after the feed-forward activation."""
-    activation: Literal["relu", "gelu", "silu"] = "relu"
-    """Feed-forward activation (silu is Marian's swish, used by the opus-mt models)."""
+    activation: Literal["relu", "gelu", "silu", "swiglu", "geglu"] = "relu"
+    """Feed-forward activation. relu, gelu (exact, erf), silu (Marian's swish, used by the
+    opus-mt models); or a gated feed-forward, ``fc2(act(gate(x)) * fc1(x))`` (Shazeer, 2020):
+    swiglu (SiLU, as Llama), geglu (GELU's tanh approximation, as T5 v1.1 and Gemma). A gated
+    block has a third matrix: give it two thirds of ffn_dim for as many parameters."""
     norm: Literal["pre", "post"] = "pre"
     """Layer norm before each sub-layer (stable, default) or after it (Vaswani et al.)."""
-    positions: Literal["sinusoidal", "sinusoidal_fairseq", "learned"] = "sinusoidal"
-    """Position embeddings. sinusoidal: sines then cosines, frequencies 10000^(-i/(D/2)) (Marian,
-    tensor2tensor); sinusoidal_fairseq: fairseq's table (frequencies 10000^(-i/(D/2-1)), position
-    0 is fairseq's position 2, after its padding index), as M2M100 and NLLB use; learned: a
-    trained table (mBART's, imported without its offset of 2)."""
+    norm_type: Literal["layer", "rms"] = "layer"
+    """layer: LayerNorm (centred, scaled, with a bias unless ``bias: false``); rms: RMSNorm, a
+    scale by the root mean square only (Zhang and Sennrich, 2019; T5, Llama)."""
+    norm_eps: float = Field(default=1e-5, gt=0)
+    """Epsilon of every norm (LayerNorm's 1e-5; T5 and many Llama-family models use 1e-6)."""
+    bias: bool = True
+    """Biases on the attention and feed-forward projections and on layer norms (T5 and Llama
+    have none)."""
+    kv_heads: int | None = Field(default=None, ge=1)
+    """Key/value heads of attention (None: ``heads``, multi-head): fewer give grouped-query
+    attention (Ainslie et al., 2023), 1 multi-query attention; each shares its keys and values
+    with ``heads / kv_heads`` query heads, and the key/value cache shrinks by that factor."""
+    positions: Literal["sinusoidal", "sinusoidal_fairseq", "learned", "rope", "relative"] = "sinusoidal"
+    """Position information. Added to the embeddings: sinusoidal: sines then cosines, frequencies
+    10000^(-i/(D/2)) (Marian, tensor2tensor); sinusoidal_fairseq: fairseq's table (frequencies
+    10000^(-i/(D/2-1)), position 0 is fairseq's position 2, after its padding index), as M2M100 and
+    NLLB use; learned: a trained table (mBART's, imported without its offset of 2). Inside
+    attention: rope: queries and keys of self-attention rotated by their position (Su et al.,
+    2021; the half-split layout of Llama in transformers, base ``rope_base``); relative: T5's
+    trained bias per head on attention logits by bucketed distance (``relative_buckets``,
+    ``relative_max_distance``), one table per stack shared by its layers."""
+    rope_base: float = Field(default=10000.0, gt=1)
+    """positions rope: the base of the rotation frequencies (Llama 2: 10000; Llama 3: 500000)."""
+    relative_buckets: int = Field(default=32, ge=2)
+    """positions relative: distance buckets (T5: 32): half exact, half logarithmic, per direction
+    where attention looks both ways."""
+    relative_max_distance: int = Field(default=128, ge=2)
+    """positions relative: distances from this on share the last bucket (T5: 128)."""
     share_positions: bool = True
     """positions learned: one table for the encoder and the decoder, or one each (mBART's)."""
     max_positions: int = Field(default=1024, ge=8)
@@ -293,7 +319,17 @@ class ModelConfig(Section):
     def _heads_divide_width(self) -> ModelConfig:
         if self.d_model % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
+        if self.heads % self.key_value_heads:
+            raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
+        if self.positions == "rope" and (self.d_model // self.heads) % 2:
+            raise ValueError(f"positions rope rotates pairs of dimensions: d_model / heads "
+                             f"({self.d_model // self.heads}) must be even")
         return self
+
+    @property
+    def key_value_heads(self) -> int:
+        """Key/value heads of each attention (``kv_heads``, else ``heads``)."""
+        return self.kv_heads or self.heads
 
     @model_validator(mode="after")
     def _layers_fit_arch(self) -> ModelConfig:

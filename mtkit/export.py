@@ -56,7 +56,7 @@ from mtkit.fileio import atomic_dir, atomic_write_text, refuse_overlap
 from mtkit.huggingface import MASKED_LOGIT
 from mtkit.models.decoder_only import DecoderOnly
 from mtkit.models.encoder_decoder import DecoderLayer, Transformer
-from mtkit.models.layers import Block, Positions
+from mtkit.models.layers import GATED, Block, Norm, Positions
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 if TYPE_CHECKING:
@@ -156,6 +156,23 @@ Every class scales embeddings or not (``scale_embedding``), takes mtkit's activa
 unties its embeddings and has an output bias (``final_logits_bias``)."""
 
 
+def modern_blocks(cfg: ModelConfig) -> list[str]:
+    """The block options of ``cfg`` beyond the 2017 Transformer's, as ``model.key=value``: RMSNorm,
+    no biases, grouped-query attention, rotary or relative positions, a gated feed-forward."""
+    found = []
+    if cfg.norm_type != "layer":
+        found.append(f"model.norm_type={cfg.norm_type}")
+    if not cfg.bias:
+        found.append("model.bias=false")
+    if cfg.key_value_heads != cfg.heads:
+        found.append(f"model.kv_heads={cfg.kv_heads}")
+    if cfg.positions in ("rope", "relative"):
+        found.append(f"model.positions={cfg.positions}")
+    if cfg.activation in GATED:
+        found.append(f"model.activation={cfg.activation}")
+    return found
+
+
 def huggingface_class(cfg: ModelConfig) -> HFClass:
     """The transformers class an encoder-decoder with ``cfg`` exports as."""
     return HF_CLASSES[(cfg.norm, cfg.embedding_norm)]
@@ -177,6 +194,11 @@ class HuggingFaceExporter(Exporter):
                     "export a causal decoder-only model to ctranslate2 instead"]
         problems = []
         target = huggingface_class(cfg)
+        modern = modern_blocks(cfg)
+        if modern:
+            return [f"{', '.join(modern)}: the Marian, BART, mBART and Blenderbot classes have LayerNorm with "
+                    "biases, multi-head attention, added positions and plain feed-forward blocks; export to "
+                    "ctranslate2 instead"]
         if target.fixed_positions and cfg.positions != "sinusoidal":
             problems.append(
                 f"model.positions={cfg.positions}: a post-norm model without model.embedding_norm exports as "
@@ -521,6 +543,9 @@ class CTranslate2Exporter(Exporter):
     def problems(self, loaded: Loaded) -> list[str]:
         accepted = require("ctranslate2.specs.model_spec").ACCEPTED_MODEL_TYPES
         problems = []
+        modern = modern_blocks(loaded.config.model)
+        if modern:
+            problems.append(f"{', '.join(modern)}: not written to CTranslate2 yet (translate with PyTorch)")
         if self.quantization is not None and self.quantization not in accepted:
             problems.append(f"--quantization {self.quantization}: expected one of {', '.join(accepted)}")
         if not loaded.model.has_encoder:
@@ -653,7 +678,7 @@ def _numpy(tensor: Tensor) -> Any:
 
 
 def _ct2_inputs(stack: Any, embeddings: Any, cfg: ModelConfig, table: nn.Embedding, positions: Positions,
-                norm: nn.LayerNorm | None) -> None:
+                norm: Norm | None) -> None:
     """A stack's input as mtkit computes it and CTranslate2 too: token embeddings, times
     sqrt(d_model) where ``model.scale_embeddings``, plus the stack's position table (written
     whole, so any of mtkit's tables, shared or not), then the embedding norm if there is one."""
@@ -670,8 +695,10 @@ def _ct2_linear(spec: Any, module: nn.Linear) -> None:
         spec.bias = _numpy(module.bias)
 
 
-def _ct2_norm(spec: Any, norm: nn.LayerNorm) -> None:
-    spec.gamma, spec.beta = _numpy(norm.weight), _numpy(norm.bias)
+def _ct2_norm(spec: Any, norm: Norm) -> None:
+    spec.gamma = _numpy(norm.weight)
+    if isinstance(norm, nn.LayerNorm) and norm.bias is not None:
+        spec.beta = _numpy(norm.bias)
 
 
 def _ct2_ffn(spec: Any, layer: Block | DecoderLayer) -> None:

@@ -36,9 +36,13 @@ from torch import Tensor, nn
 from mtkit.config import ModelConfig
 from mtkit.models.layers import (
     Block,
+    PositionInfo,
     Positions,
+    RelativeBias,
+    Rotary,
     dropout,
     embedding_norm,
+    final_norm,
     init_parameters,
     make_embeddings,
     output_projection,
@@ -103,9 +107,12 @@ class DecoderOnly(nn.Module):
         self.src_embed, self.tgt_embed = make_embeddings(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)
         self.positions = Positions(cfg)
         self.embedding_norm = embedding_norm(cfg)
+        # Positions inside attention: rotary angles, or a relative bias that looks both ways
+        # where the source does (a prefix LM).
+        self.rotary = Rotary(cfg) if cfg.positions == "rope" else None
+        self.relative = RelativeBias(cfg, bidirectional=self.bidirectional) if cfg.positions == "relative" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
-        # Pre-norm stacks end with a layer norm; post-norm layers are already normalised.
-        self.layer_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.layer_norm = final_norm(cfg)
         self.output_proj = output_projection(cfg, tgt_vocab_size)
         self.reset_parameters()
         if cfg.tie_output:
@@ -135,8 +142,10 @@ class DecoderOnly(nn.Module):
         x = torch.cat([self._embed_source(src), self._embed_target(tgt_in, source_len, 0)], dim=1)
         x = dropout(x, self.dropout, self.training)
         mask = self._mask(src != PAD_ID, tgt_in.shape[1])
+        index = self._sequence_index(src, tgt_in, source_len)
+        positions = self._position_info(index, index)
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, positions=positions)
         return self.layer_norm(x)
 
     # ------------------------------------------------------------------ search
@@ -149,8 +158,10 @@ class DecoderOnly(nn.Module):
                                  kv=[[] for _ in self.layers])
         x = dropout(self._embed_source(src), self.dropout, self.training)
         mask = self._mask(valid, 0)
+        index = self._source_index(src)
+        positions = self._position_info(index, index)
         for layer, kv in zip(self.layers, state.kv, strict=True):
-            x = layer(x, mask, kv)
+            x = layer(x, mask, kv, positions)
         return state
 
     def decode_step(self, tokens: Tensor, state: DecoderOnlyState) -> Tensor:
@@ -162,8 +173,13 @@ class DecoderOnly(nn.Module):
         batch, device = tokens.shape[0], tokens.device
         target = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(past)
         mask = torch.cat([state.source_mask.expand(batch, 1, new, -1), target.expand(batch, 1, new, -1)], dim=-1)
+        positions = None
+        if self.rotary is not None or self.relative is not None:
+            source = state.source_mask[:, 0, 0]
+            keys = self._sequence_index(source, tokens.new_zeros(batch, past + new), state.source_len)
+            positions = self._position_info(keys[..., -new:], keys)
         for layer, kv in zip(self.layers, state.kv, strict=True):
-            x = layer(x, mask, kv)
+            x = layer(x, mask, kv, positions)
         state.length += new
         return self.output_proj(self.layer_norm(x[:, -1]))
 
@@ -171,15 +187,46 @@ class DecoderOnly(nn.Module):
 
     def _embed_source(self, src: Tensor) -> Tensor:
         """Scaled embeddings plus positions ``0 .. S - 1``, ``(B, S, D)``."""
-        return self._normed(self.src_embed(src) * self.scale
-                            + self._positions(torch.arange(src.shape[1], device=src.device)))
+        return self._normed(self._added(self.src_embed(src) * self.scale, self._source_index(src)))
 
     def _embed_target(self, ids: Tensor, source_len: Tensor, past: int) -> Tensor:
         """Scaled embeddings of target ids ``(B, t)`` at target positions ``past ..``, plus their
-        positions: from 0, or after each row's ``source_len`` real source tokens."""
+        positions (``_target_index``)."""
+        return self._normed(self._added(self.tgt_embed(ids) * self.scale, self._target_index(ids, source_len, past)))
+
+    def _source_index(self, src: Tensor) -> Tensor:
+        """Positions ``(S,)`` of the source ``(B, S)``: ``0 .. S - 1``."""
+        return torch.arange(src.shape[1], device=src.device)
+
+    def _target_index(self, ids: Tensor, source_len: Tensor, past: int) -> Tensor:
+        """Positions of target ids ``(B, t)`` at target steps ``past ..``: from 0 (``(t,)``), or
+        after each row's ``source_len`` real source tokens (``(B, t)``)."""
         steps = torch.arange(past, past + ids.shape[1], device=ids.device)
-        index = steps if self.restart else source_len[:, None] + steps
-        return self._normed(self.tgt_embed(ids) * self.scale + self._positions(index))
+        return steps if self.restart else source_len[:, None] + steps
+
+    def _sequence_index(self, src: Tensor, tgt: Tensor, source_len: Tensor) -> Tensor:
+        """Positions of ``source target`` (``src`` ``(B, S)``, ``tgt`` ``(B, T)`` from the BOS):
+        ``(S + T,)``, or ``(B, S + T)`` where the target continues after each source."""
+        source, target = self._source_index(src), self._target_index(tgt, source_len, 0)
+        if target.dim() == 2:
+            source = source.expand(target.shape[0], -1)
+        return torch.cat([source, target], dim=-1)
+
+    def _added(self, x: Tensor, index: Tensor) -> Tensor:
+        """``x`` plus the position embeddings of ``index`` where they are added to the tokens (else
+        ``x``, the positions still checked against the table)."""
+        embeddings = self._positions(index)
+        return x + embeddings if self.positions.added else x
+
+    def _position_info(self, queries: Tensor, keys: Tensor) -> PositionInfo | None:
+        """Rotary angles of the ``queries``' positions, or the relative bias from them to
+        ``keys``' (each ``(L,)`` or ``(B, L)``); None where positions are added to the
+        embeddings."""
+        if self.rotary is not None:
+            return PositionInfo(rotary=self.rotary(queries))
+        if self.relative is not None:
+            return PositionInfo(bias=self.relative(queries, keys))
+        return None
 
     def _normed(self, x: Tensor) -> Tensor:
         return x if self.embedding_norm is None else self.embedding_norm(x)

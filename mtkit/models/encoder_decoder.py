@@ -26,11 +26,17 @@ from mtkit.models.layers import (
     Attention,
     Block,
     FeedForward,
+    Norm,
+    PositionInfo,
     Positions,
+    RelativeBias,
+    Rotary,
     dropout,
     embedding_norm,
+    final_norm,
     init_parameters,
     make_embeddings,
+    make_norm,
     output_projection,
     residual,
 )
@@ -41,12 +47,12 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pre_norm, self.dropout = cfg.norm == "pre", cfg.dropout
-        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.attention_dropout, cross=False)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.encoder_attn = Attention(cfg.d_model, cfg.heads, cfg.attention_dropout, cross=True)
-        self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.self_attn = Attention(cfg, cross=False)
+        self.self_attn_layer_norm = make_norm(cfg)
+        self.encoder_attn = Attention(cfg, cross=True)
+        self.encoder_attn_layer_norm = make_norm(cfg)
         self.ffn = FeedForward(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.final_layer_norm = make_norm(cfg)
 
     def forward(
         self,
@@ -56,11 +62,13 @@ class DecoderLayer(nn.Module):
         cache: list[Tensor] | None,
         self_mask: Tensor | None,
         causal: bool,
+        positions: PositionInfo | None = None,
     ) -> Tensor:
         """cache: this layer's self-attention keys/values (None when training); self_mask and
-        causal: how new positions may attend to earlier ones (see ``Transformer._decode``)."""
+        causal: how new positions may attend to earlier ones (see ``Transformer._decode``);
+        positions: rotary angles or relative bias of the self-attention."""
         x = residual(x, self.self_attn_layer_norm, self.pre_norm, self.dropout, self.training,
-                      lambda h: self.self_attn(h, mask=self_mask, causal=causal, cache=cache))
+                      lambda h: self.self_attn(h, mask=self_mask, causal=causal, cache=cache, positions=positions))
         x = residual(x, self.encoder_attn_layer_norm, self.pre_norm, self.dropout, self.training,
                       lambda h: self.encoder_attn(h, mask=src_mask, kv=cross_kv))
         return residual(x, self.final_layer_norm, self.pre_norm, self.dropout, self.training, self.ffn)
@@ -133,12 +141,14 @@ class Transformer(nn.Module):
         # The decoder's own table where the encoder's is not shared (mBART's learned positions).
         self.decoder_positions = None if cfg.share_positions else Positions(cfg)
         self.encoder_embedding_norm, self.decoder_embedding_norm = embedding_norm(cfg), embedding_norm(cfg)
+        # Positions inside attention: rotary angles, or one relative bias table per stack.
+        self.rotary = Rotary(cfg) if cfg.positions == "rope" else None
+        relative = cfg.positions == "relative"
+        self.encoder_relative = RelativeBias(cfg, bidirectional=True) if relative else None
+        self.decoder_relative = RelativeBias(cfg, bidirectional=False) if relative else None
         self.encoder_layers = nn.ModuleList(Block(cfg) for _ in range(cfg.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        # Pre-norm stacks end with a layer norm; post-norm layers are already normalised.
-        pre = cfg.norm == "pre"
-        self.encoder_layer_norm = nn.LayerNorm(cfg.d_model) if pre else nn.Identity()
-        self.decoder_layer_norm = nn.LayerNorm(cfg.d_model) if pre else nn.Identity()
+        self.encoder_layer_norm, self.decoder_layer_norm = final_norm(cfg), final_norm(cfg)
         self.output_proj = output_projection(cfg, tgt_vocab_size)
         self.reset_parameters()
         if cfg.tie_output:
@@ -168,8 +178,10 @@ class Transformer(nn.Module):
         """Run the encoder on ``(B, S)`` ids; return a fresh decoder state for these rows."""
         mask = (src != PAD_ID)[:, None, None, :]
         x = self._embed(self.src_embed, self.positions, self.encoder_embedding_norm, src, offset=0)
+        steps = torch.arange(src.shape[1], device=src.device)
+        positions = self._position_info(self.encoder_relative, steps, steps)
         for layer in self.encoder_layers:
-            x = layer(x, mask)
+            x = layer(x, mask, positions=positions)
         memory = self.encoder_layer_norm(x)
         cross_kv = [cast(DecoderLayer, layer).encoder_attn.project_kv(memory) for layer in self.decoder_layers]
         return DecoderState(memory_mask=mask, cross_kv=cross_kv, self_kv=[[] for _ in self.decoder_layers])
@@ -191,12 +203,14 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _embed(self, table: nn.Embedding, positions: Positions, norm: nn.LayerNorm | None, ids: Tensor,
+    def _embed(self, table: nn.Embedding, positions: Positions, norm: Norm | None, ids: Tensor,
                offset: int) -> Tensor:
         length = ids.shape[1]
         if offset + length > self.cfg.max_positions:
             raise ValueError(f"sequence of {offset + length} tokens exceeds max_positions={self.cfg.max_positions}")
-        x = table(ids) * self.scale + positions(length, offset)
+        x = table(ids) * self.scale
+        if positions.added:
+            x = x + positions(length, offset)
         if norm is not None:
             x = norm(x)
         return dropout(x, self.dropout, self.training)
@@ -210,6 +224,17 @@ class Transformer(nn.Module):
         self_mask, causal = None, past == 0 and new > 1
         if past and new > 1:
             self_mask = torch.ones(new, past + new, dtype=torch.bool, device=tokens.device).tril(past)
+        positions = self._position_info(self.decoder_relative, torch.arange(past, past + new, device=tokens.device),
+                                        torch.arange(past + new, device=tokens.device))
         for layer, cross_kv, kv in zip(self.decoder_layers, state.cross_kv, state.self_kv, strict=True):
-            x = layer(x, cross_kv, state.memory_mask, kv if cache else None, self_mask, causal)
+            x = layer(x, cross_kv, state.memory_mask, kv if cache else None, self_mask, causal, positions)
         return self.decoder_layer_norm(x)
+
+    def _position_info(self, relative: RelativeBias | None, queries: Tensor, keys: Tensor) -> PositionInfo | None:
+        """Rotary angles of the new ``queries``' positions, or the relative bias from them to
+        ``keys``' (``(L,)`` each); None where positions are added to the embeddings."""
+        if self.rotary is not None:
+            return PositionInfo(rotary=self.rotary(queries))
+        if relative is not None:
+            return PositionInfo(bias=relative(queries, keys))
+        return None

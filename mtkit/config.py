@@ -191,7 +191,10 @@ class TokenizerConfig(Section):
     thread count; the pipeline treats it as operational and keeps a trained tokenizer."""
 
 
-MODEL_SIZES: dict[str, dict[str, int]] = {
+_T5_BLOCKS: dict[str, Any] = dict(norm="pre", norm_type="rms", positions="relative", activation="geglu", bias=False)
+_LLAMA_BLOCKS: dict[str, Any] = dict(norm="pre", norm_type="rms", positions="rope", activation="swiglu", bias=False)
+
+MODEL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=64, encoder_layers=2, decoder_layers=2, heads=4, ffn_dim=128),
     "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, heads=4, ffn_dim=1024),
     "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, heads=8, ffn_dim=2048),
@@ -203,6 +206,19 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny_decoder_only": dict(d_model=64, encoder_layers=0, decoder_layers=5, heads=4, ffn_dim=128),
     "small_decoder_only": dict(d_model=256, encoder_layers=0, decoder_layers=7, heads=4, ffn_dim=1024),
     "small_decoder_only_layers": dict(d_model=256, encoder_layers=0, decoder_layers=6, heads=4, ffn_dim=1024),
+    # Family presets: today's blocks at the sizes above, with as many non-embedding parameters.
+    # T5-style (Raffel et al., 2020, v1.1 blocks): RMSNorm, relative position bias, gated GELU,
+    # no biases; a gated block has three matrices, so ffn_dim is two thirds of the size's.
+    "t5_small": dict(d_model=256, encoder_layers=3, decoder_layers=3, heads=4, ffn_dim=680, **_T5_BLOCKS),
+    "t5_base": dict(d_model=512, encoder_layers=6, decoder_layers=6, heads=8, ffn_dim=1360, **_T5_BLOCKS),
+    # Llama-style decoder-only (Touvron et al., 2023): RMSNorm, rotary positions, SwiGLU, no
+    # biases, grouped-query attention; blocks as many as small_decoder_only's (base: 14, as many
+    # parameters as base's 6+6 layers), ffn_dim filling what the smaller key/value projections
+    # and the third matrix leave.
+    "llama_small": dict(arch="decoder_only", d_model=256, encoder_layers=0, decoder_layers=7, heads=4, kv_heads=2,
+                        ffn_dim=768, **_LLAMA_BLOCKS),
+    "llama_base": dict(arch="decoder_only", d_model=512, encoder_layers=0, decoder_layers=14, heads=8, kv_heads=2,
+                       ffn_dim=1624, **_LLAMA_BLOCKS),
 }
 
 
@@ -212,12 +228,16 @@ class ModelConfig(Section):
     decoder_only: one stack of self-attention blocks over ``source EOS BOS target`` (the
     source as a prompt; see docs/architectures.md)."""
     size: Literal[
-        "tiny", "small", "base", "big", "tiny_decoder_only", "small_decoder_only", "small_decoder_only_layers"
+        "tiny", "small", "base", "big", "tiny_decoder_only", "small_decoder_only", "small_decoder_only_layers",
+        "t5_small", "t5_base", "llama_small", "llama_base",
     ] = "small"
-    """Named size; any of d_model/encoder_layers/decoder_layers/heads/ffn_dim given here
-    overrides it. tiny is for tests, small for Multi30k on a CPU, base/big for GPUs. The
-    *_decoder_only sizes are for model.arch=decoder_only: small_decoder_only has 7 blocks (as
-    many non-embedding parameters as small), small_decoder_only_layers 6 (as many layers)."""
+    """Named size or family preset; any key it sets that is given here overrides it. tiny is for
+    tests, small for Multi30k on a CPU, base/big for GPUs. The *_decoder_only sizes are for
+    model.arch=decoder_only: small_decoder_only has 7 blocks (as many non-embedding parameters as
+    small), small_decoder_only_layers 6 (as many layers). t5_* and llama_* are today's blocks at
+    the small and base sizes, parameter-matched: t5 an encoder-decoder with RMSNorm, relative
+    position bias, GeGLU and no biases; llama a decoder-only model (arch set) with RMSNorm, rotary
+    positions, SwiGLU, no biases and grouped-query attention (kv_heads 2)."""
     # The five sizes below come from the `size` preset unless given (`_fill_from_size` fills
     # them before validation), so a ModelConfig always holds ints.
     d_model: int = Field(ge=8)

@@ -349,7 +349,8 @@ class Attention(nn.Module):
         if causal and mask is None:
             mask = torch.ones(1, 1, length, keys, dtype=torch.bool, device=query.device).tril(keys - length)
         if mask is not None:
-            # mask: (B or 1, 1, 1 or L, S) -> broadcast over the key/value heads and their groups
+            # mask: (L, S) or (B or 1, 1, 1 or L, S), broadcast over the key/value heads and groups
+            mask = mask.view((1, 1, *mask.shape)) if mask.dim() == 2 else mask
             weights = weights.masked_fill(~mask[:, :, None], float("-inf"))
         weights = dropout(weights.softmax(dim=-1).to(value.dtype), self.dropout, self.training)
         out = weights.view(batch, self.kv_heads, group * length, keys) @ value

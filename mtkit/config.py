@@ -271,6 +271,15 @@ class ModelConfig(Section):
     bias: bool = True
     """Biases on the attention and feed-forward projections and on layer norms (T5 and Llama
     have none)."""
+    head_dim: int | None = Field(default=None, ge=1)
+    """Width of each attention head (None: d_model / heads); heads * head_dim may differ from
+    d_model (T5 v1.1 and mT5 small: 6 heads of 64 over a d_model of 512)."""
+    scale_attention: bool = True
+    """Divide attention logits by sqrt(head_dim) (Vaswani et al.); T5 does not (its
+    initialisation absorbs the factor)."""
+    scale_output: bool = False
+    """Multiply the decoder's output by d_model^-0.5 before the output projection (T5 with tied
+    embeddings)."""
     kv_heads: int | None = Field(default=None, ge=1)
     """Key/value heads of attention (None: ``heads``, multi-head): fewer give grouped-query
     attention (Ainslie et al., 2023), 1 multi-query attention; each shares its keys and values
@@ -337,19 +346,24 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
-        if self.d_model % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
+        if self.head_dim is None and self.d_model % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model}), or give head_dim")
         if self.heads % self.key_value_heads:
             raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
-        if self.positions == "rope" and (self.d_model // self.heads) % 2:
-            raise ValueError(f"positions rope rotates pairs of dimensions: d_model / heads "
-                             f"({self.d_model // self.heads}) must be even")
+        if self.positions == "rope" and self.attention_head_dim % 2:
+            raise ValueError(f"positions rope rotates pairs of dimensions: the head width "
+                             f"({self.attention_head_dim}) must be even")
         return self
 
     @property
     def key_value_heads(self) -> int:
         """Key/value heads of each attention (``kv_heads``, else ``heads``)."""
         return self.kv_heads or self.heads
+
+    @property
+    def attention_head_dim(self) -> int:
+        """Width of each attention head (``head_dim``, else ``d_model / heads``)."""
+        return self.head_dim or self.d_model // self.heads
 
     @model_validator(mode="after")
     def _layers_fit_arch(self) -> ModelConfig:

@@ -155,6 +155,31 @@ def test_relative_bias_is_one_scalar_per_head_and_bucket():
     torch.testing.assert_close(out[0, :, 3, 2], bias.embed.weight[1])  # one behind
 
 
+@pytest.mark.parametrize("arch", ARCHS[:2], ids=lambda a: a[0])
+def test_head_width_attention_scale_and_output_scale(arch):
+    """T5's options: heads * head_dim apart from d_model, unscaled attention logits, the output
+    scaled by d_model^-0.5 before a tied projection."""
+    kind, size = arch[:2]
+    cfg = ModelConfig(arch=kind, size=size, head_dim=24, heads=2, kv_heads=1, positions="relative",
+                      scale_attention=False, scale_output=True, bias=False, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg, 40, 40).eval()
+    src, tgt = pair()
+    with torch.no_grad():
+        full = model(src, tgt)
+        state = model.encode(src)
+        steps = torch.stack([model.decode_step(tgt[:, t : t + 1], state) for t in range(tgt.shape[1])], dim=1)
+        unscaled = model.cfg.model_copy(update={"scale_output": False})
+        plain = build_model(unscaled, 40, 40).eval()
+        plain.load_state_dict(model.state_dict())
+        expected = model.output_proj(plain.features(src, tgt) * cfg.d_model**-0.5)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(full, expected, atol=1e-5, rtol=1e-4)
+    assert model.output_proj.weight is model.tgt_embed.weight
+    attention = next(m for m in model.modules() if hasattr(m, "qkv_proj"))
+    assert attention.qkv_proj.weight.shape == (2 * 24 + 2 * 24, cfg.d_model) and attention.scale == 1.0
+
+
 def test_rms_norm_and_gated_feed_forward_compute_their_formulas():
     cfg = ModelConfig(size="tiny", norm_type="rms", norm_eps=1e-6, activation="swiglu", bias=False)
     x = torch.randn(2, 3, cfg.d_model)
@@ -190,7 +215,8 @@ def test_family_presets_are_parameter_matched(preset, peer):
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"kv_heads": 3}, "kv_heads (3) must divide heads (4)"),
-    ({"positions": "rope", "d_model": 72, "heads": 8}, "d_model / heads (9) must be even"),
+    ({"positions": "rope", "d_model": 72, "heads": 8}, "the head width (9) must be even"),
+    ({"d_model": 70}, "heads (4) must divide d_model (70), or give head_dim"),
 ])
 def test_block_settings_that_cannot_work_are_refused(settings, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

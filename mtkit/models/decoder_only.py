@@ -46,6 +46,7 @@ from mtkit.models.layers import (
     init_parameters,
     make_embeddings,
     output_projection,
+    output_scale,
 )
 from mtkit.vocab import PAD_ID
 
@@ -114,6 +115,7 @@ class DecoderOnly(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.decoder_layers))
         self.layer_norm = final_norm(cfg)
         self.output_proj = output_projection(cfg, tgt_vocab_size)
+        self.output_scale = output_scale(cfg)
         self.reset_parameters()
         if cfg.tie_output:
             self.output_proj.weight = self.tgt_embed.weight
@@ -146,7 +148,7 @@ class DecoderOnly(nn.Module):
         positions = self._position_info(index, index)
         for layer in self.layers:
             x = layer(x, mask, positions=positions)
-        return self.layer_norm(x)
+        return self._output(x)
 
     # ------------------------------------------------------------------ search
 
@@ -181,7 +183,7 @@ class DecoderOnly(nn.Module):
         for layer, kv in zip(self.layers, state.kv, strict=True):
             x = layer(x, mask, kv, positions)
         state.length += new
-        return self.output_proj(self.layer_norm(x[:, -1]))
+        return self.output_proj(self._output(x[:, -1]))
 
     # ------------------------------------------------------------------ internals
 
@@ -193,6 +195,11 @@ class DecoderOnly(nn.Module):
         """Scaled embeddings of target ids ``(B, t)`` at target positions ``past ..``, plus their
         positions (``_target_index``)."""
         return self._normed(self._added(self.tgt_embed(ids) * self.scale, self._target_index(ids, source_len, past)))
+
+    def _output(self, x: Tensor) -> Tensor:
+        """The stack's output: its final norm, then ``model.scale_output``'s factor."""
+        x = self.layer_norm(x)
+        return x * self.output_scale if self.output_scale != 1.0 else x
 
     def _source_index(self, src: Tensor) -> Tensor:
         """Positions ``(S,)`` of the source ``(B, S)``: ``0 .. S - 1``."""

@@ -38,6 +38,7 @@ from mtkit.models.layers import (
     make_embeddings,
     make_norm,
     output_projection,
+    output_scale,
     residual,
 )
 from mtkit.vocab import PAD_ID
@@ -150,6 +151,7 @@ class Transformer(nn.Module):
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.encoder_layer_norm, self.decoder_layer_norm = final_norm(cfg), final_norm(cfg)
         self.output_proj = output_projection(cfg, tgt_vocab_size)
+        self.output_scale = output_scale(cfg)
         self.reset_parameters()
         if cfg.tie_output:
             self.output_proj.weight = self.tgt_embed.weight
@@ -228,7 +230,8 @@ class Transformer(nn.Module):
                                         torch.arange(past + new, device=tokens.device))
         for layer, cross_kv, kv in zip(self.decoder_layers, state.cross_kv, state.self_kv, strict=True):
             x = layer(x, cross_kv, state.memory_mask, kv if cache else None, self_mask, causal, positions)
-        return self.decoder_layer_norm(x)
+        x = self.decoder_layer_norm(x)
+        return x * self.output_scale if self.output_scale != 1.0 else x
 
     def _position_info(self, relative: RelativeBias | None, queries: Tensor, keys: Tensor) -> PositionInfo | None:
         """Rotary angles of the new ``queries``' positions, or the relative bias from them to

@@ -76,6 +76,12 @@ def final_norm(cfg: ModelConfig) -> Norm | nn.Identity:
     return make_norm(cfg) if cfg.norm == "pre" else nn.Identity()
 
 
+def output_scale(cfg: ModelConfig) -> float:
+    """What the decoder's output is multiplied by before the output projection
+    (``model.scale_output``)."""
+    return cfg.d_model**-0.5 if cfg.scale_output else 1.0
+
+
 def output_projection(cfg: ModelConfig, tgt_vocab_size: int) -> nn.Linear:
     """The output projection, with a bias where ``model.output_bias`` asks for one (Marian's
     ``final_logits_bias``); the bias starts at zero."""
@@ -159,7 +165,7 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim, self.base = cfg.d_model // cfg.heads, cfg.rope_base
+        self.head_dim, self.base = cfg.attention_head_dim, cfg.rope_base
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin ``(1, 1, L, head_dim)`` for ``positions`` ``(L,)``, or ``(B, 1, L,
@@ -231,23 +237,25 @@ class Attention(nn.Module):
     key/value heads (grouped-query attention where fewer than the query heads).
 
     Self-attention projects query, key and value with one fused matrix (``qkv_proj``: the
-    query's D rows, then the keys' and the values' ``kv_heads * D/H`` each); cross-attention
+    query's ``heads * head_dim`` rows, then the keys' and the values' ``kv_heads * head_dim``
+    each; ``head_dim`` is ``model.head_dim``, by default D/H); cross-attention
     projects the query from the decoder and key/value (``kv_proj``) from the encoder output,
     once per sentence.
     """
 
     def __init__(self, cfg: ModelConfig, cross: bool):
         super().__init__()
-        self.heads, self.head_dim, self.cross = cfg.heads, cfg.d_model // cfg.heads, cross
+        self.heads, self.head_dim, self.cross = cfg.heads, cfg.attention_head_dim, cross
         self.kv_heads, self.dropout = cfg.key_value_heads, cfg.attention_dropout
-        kv_dim = self.kv_heads * self.head_dim
-        self.split = [cfg.d_model, kv_dim, kv_dim]
+        self.scale = self.head_dim**-0.5 if cfg.scale_attention else 1.0
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.split = [q_dim, kv_dim, kv_dim]
         if cross:
-            self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+            self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
             self.kv_proj = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
         else:
-            self.qkv_proj = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+            self.qkv_proj = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+        self.out_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
 
     def split_heads(self, x: Tensor, heads: int | None = None) -> Tensor:
         """``(B, L, heads * D/H)`` -> ``(B, heads, L, D/H)`` (``heads``: the query heads)."""
@@ -305,7 +313,7 @@ class Attention(nn.Module):
         elif length == 1 and not self.training and query.device.type == "cpu":
             # One query per row (incremental decoding): two small matmuls beat the CPU kernel
             # of scaled_dot_product_attention, whose set-up dominates at this size.
-            weights = (query @ key.transpose(-1, -2)) * self.head_dim**-0.5
+            weights = (query @ key.transpose(-1, -2)) * self.scale
             if mask is not None:
                 weights = weights.masked_fill(~mask, float("-inf"))
             out = weights.softmax(dim=-1) @ value
@@ -330,6 +338,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal and mask is None,
+            scale=None if self.scale != 1.0 else 1.0,  # None: its own 1/sqrt(head_dim), as before the option
         )
 
     def _attend_grouped(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, causal: bool,
@@ -341,7 +350,7 @@ class Attention(nn.Module):
         batch, _, length, dim = query.shape
         group = self.heads // self.kv_heads
         query = query.reshape(batch, self.kv_heads, group * length, dim)
-        weights = (query @ key.transpose(-1, -2)).float() * dim**-0.5  # (B, KV, G*L, S)
+        weights = (query @ key.transpose(-1, -2)).float() * self.scale  # (B, KV, G*L, S)
         weights = weights.view(batch, self.kv_heads, group, length, -1)
         if bias is not None:
             weights = weights + bias.float().reshape(bias.shape[0], self.kv_heads, group, length, -1)

@@ -56,7 +56,7 @@ from mtkit.fileio import atomic_dir, atomic_write_text, refuse_overlap
 from mtkit.huggingface import MASKED_LOGIT
 from mtkit.models.decoder_only import DecoderOnly
 from mtkit.models.encoder_decoder import DecoderLayer, Transformer
-from mtkit.models.layers import GATED, Block, Norm, Positions
+from mtkit.models.layers import GATED, Attention, Block, Norm, Positions, RelativeBias
 from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 if TYPE_CHECKING:
@@ -533,7 +533,9 @@ class CTranslate2Exporter(Exporter):
     SentencePiece model(s) (source.spm, target.spm). Every ``model`` option is representable
     (but a decoder-only model's attention and positions: ``_generator_problems``): pre- and
     post-norm, the activations, any position table (written whole, one per stack), unscaled
-    embeddings, the embedding norm, the output bias."""
+    embeddings, the embedding norm, the output bias, and the block options (``_ct2_blocks``):
+    RMSNorm, no biases, grouped-query attention, rotary (half-split) and relative (T5 buckets,
+    scaled logits) positions, gated feed-forwards."""
 
     name = "ctranslate2"
 
@@ -543,9 +545,6 @@ class CTranslate2Exporter(Exporter):
     def problems(self, loaded: Loaded) -> list[str]:
         accepted = require("ctranslate2.specs.model_spec").ACCEPTED_MODEL_TYPES
         problems = []
-        modern = modern_blocks(loaded.config.model)
-        if modern:
-            problems.append(f"{', '.join(modern)}: not written to CTranslate2 yet (translate with PyTorch)")
         if self.quantization is not None and self.quantization not in accepted:
             problems.append(f"--quantization {self.quantization}: expected one of {', '.join(accepted)}")
         if not loaded.model.has_encoder:
@@ -565,8 +564,9 @@ class CTranslate2Exporter(Exporter):
         shutil.copyfile(loaded.tokenizers.tgt.path, directory / "target.spm")
 
 
-_CT2_ACTIVATIONS = {"relu": "RELU", "gelu": "GELU", "silu": "SWISH"}
-"""``model.activation`` -> ``ctranslate2.specs.common_spec.Activation`` (GELU is the erf one, as mtkit's)."""
+_CT2_ACTIVATIONS = {"relu": "RELU", "gelu": "GELU", "silu": "SWISH", "swiglu": "SWISH", "geglu": "GELUTanh"}
+"""``model.activation`` -> ``ctranslate2.specs.common_spec.Activation`` (GELU is the erf one, as mtkit's;
+geglu's is the tanh approximation, as mtkit's)."""
 
 
 def _ct2_activation(cfg: ModelConfig) -> Any:
@@ -575,40 +575,62 @@ def _ct2_activation(cfg: ModelConfig) -> Any:
     return getattr(common_spec.Activation, _CT2_ACTIVATIONS[cfg.activation])
 
 
+def _ct2_blocks(cfg: ModelConfig) -> dict[str, Any]:
+    """The keyword arguments of CTranslate2's ``TransformerEncoderSpec`` and
+    ``TransformerDecoderSpec`` for ``cfg``'s block options: RMSNorm; a gated feed-forward
+    (``linear_0`` the activated gate, ``linear_0_noact`` mtkit's ``fc1``); grouped-query
+    attention (CTranslate2 splits a fused projection as mtkit does: the query's D rows, then the
+    keys' and the values' ``kv_heads * D/H``, each key/value head serving ``heads / kv_heads``
+    consecutive query heads; cross-attention's ``kv_proj`` keys then values, ``kv_heads`` heads
+    each, as mtkit's); rotary positions over the whole head, half-split (not
+    interleaved); T5's relative attention bias, whose logits CTranslate2 scales by
+    ``head_dim ** -0.5`` unless told otherwise (``queries_scale``, which T5's converter sets to
+    1 and this one leaves alone where mtkit scales; ``_ct2_attention_scale``). No biases need
+    nothing here: a linear bias is optional, and a LayerNorm without one gets a zero one
+    (``_ct2_norm``)."""
+    kwargs: dict[str, Any] = {"rms_norm": cfg.norm_type == "rms", "ffn_glu": cfg.activation in GATED}
+    if cfg.head_dim is not None:
+        kwargs["head_dim"] = cfg.head_dim
+    if cfg.key_value_heads != cfg.heads:
+        kwargs["num_heads_kv"] = cfg.key_value_heads
+    if cfg.positions == "rope":
+        kwargs.update(rotary_dim=0, rotary_interleave=False, rotary_base=cfg.rope_base)
+    if cfg.positions == "relative":
+        kwargs["relative_attention_bias"] = True
+    return kwargs
+
+
 def ctranslate2_spec(loaded: Loaded) -> Any:
     """A ``ctranslate2.specs.TransformerSpec`` holding ``loaded.model``'s weights and vocabularies."""
     require("ctranslate2")
     from ctranslate2.specs import transformer_spec
 
     cfg, model = loaded.config.model, cast(Transformer, loaded.model)
-    spec = transformer_spec.TransformerSpec.from_config(
-        (cfg.encoder_layers, cfg.decoder_layers),
-        cfg.heads,
-        pre_norm=cfg.norm == "pre",
-        activation=_ct2_activation(cfg),
-        layernorm_embedding=cfg.embedding_norm,
-    )
-    encoder, decoder = spec.encoder, spec.decoder
+    common = {"pre_norm": cfg.norm == "pre", "activation": _ct2_activation(cfg),
+              "layernorm_embedding": cfg.embedding_norm, **_ct2_blocks(cfg)}
+    encoder = transformer_spec.TransformerEncoderSpec(cfg.encoder_layers, cfg.heads, **common)
+    decoder = transformer_spec.TransformerDecoderSpec(cfg.decoder_layers, cfg.heads, **common)
+    spec = transformer_spec.TransformerSpec(encoder, decoder)
     _ct2_inputs(encoder, encoder.embeddings[0], cfg, model.src_embed, model.positions, model.encoder_embedding_norm)
     _ct2_inputs(decoder, decoder.embeddings, cfg, model.tgt_embed, model.decoder_positions or model.positions,
                 model.decoder_embedding_norm)
     for layer_spec, layer in zip(encoder.layer, _encoder_layers(model), strict=True):
-        _ct2_linear(layer_spec.self_attention.linear[0], layer.self_attn.qkv_proj)
-        _ct2_linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
-        _ct2_norm(layer_spec.self_attention.layer_norm, layer.self_attn_layer_norm)
+        _ct2_self_attention(layer_spec.self_attention, layer.self_attn, layer.self_attn_layer_norm,
+                            model.encoder_relative)
         _ct2_ffn(layer_spec.ffn, layer)
     for layer_spec, dec_layer in zip(decoder.layer, _decoder_layers(model), strict=True):
-        _ct2_linear(layer_spec.self_attention.linear[0], dec_layer.self_attn.qkv_proj)
-        _ct2_linear(layer_spec.self_attention.linear[1], dec_layer.self_attn.out_proj)
-        _ct2_norm(layer_spec.self_attention.layer_norm, dec_layer.self_attn_layer_norm)
-        _ct2_linear(layer_spec.attention.linear[0], dec_layer.encoder_attn.q_proj)
-        _ct2_linear(layer_spec.attention.linear[1], dec_layer.encoder_attn.kv_proj)
-        _ct2_linear(layer_spec.attention.linear[2], dec_layer.encoder_attn.out_proj)
+        _ct2_self_attention(layer_spec.self_attention, dec_layer.self_attn, dec_layer.self_attn_layer_norm,
+                            model.decoder_relative)
+        cross = dec_layer.encoder_attn
+        _ct2_linear(layer_spec.attention.linear[0], cross.q_proj)
+        _ct2_linear(layer_spec.attention.linear[1], cross.kv_proj)
+        _ct2_linear(layer_spec.attention.linear[2], cross.out_proj)
         _ct2_norm(layer_spec.attention.layer_norm, dec_layer.encoder_attn_layer_norm)
         _ct2_ffn(layer_spec.ffn, dec_layer)
-    if cfg.norm == "pre":  # pre-norm stacks end with a LayerNorm (post-norm: an Identity)
-        _ct2_norm(encoder.layer_norm, cast(nn.LayerNorm, model.encoder_layer_norm))
-        _ct2_norm(decoder.layer_norm, cast(nn.LayerNorm, model.decoder_layer_norm))
+    if cfg.norm == "pre":  # pre-norm stacks end with a norm (post-norm: an Identity)
+        _ct2_norm(encoder.layer_norm, cast(Norm, model.encoder_layer_norm))
+        _ct2_norm(decoder.layer_norm, cast(Norm, model.decoder_layer_norm))
+    _ct2_scales(cfg, decoder, [*encoder.layer, *decoder.layer])
     # With its bias (model.output_bias), which also keeps an imported model's masked column masked.
     _ct2_linear(decoder.projection, model.output_proj)
 
@@ -645,23 +667,24 @@ def ctranslate2_generator_spec(loaded: Loaded, model: DecoderOnly) -> Any:
     from ctranslate2.specs import transformer_spec
 
     cfg = loaded.config.model
-    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
+    spec = transformer_spec.TransformerDecoderModelSpec(transformer_spec.TransformerDecoderSpec(
         cfg.decoder_layers,
         cfg.heads,
         pre_norm=cfg.norm == "pre",
         activation=_ct2_activation(cfg),
         layernorm_embedding=cfg.embedding_norm,
-    )
+        with_encoder_attention=False,
+        **_ct2_blocks(cfg),
+    ))
     decoder = spec.decoder
     _ct2_inputs(decoder, decoder.embeddings, cfg, model.tgt_embed, model.positions, model.embedding_norm)
     for layer_spec, layer in zip(decoder.layer, model.layers, strict=True):
         block = cast(Block, layer)
-        _ct2_linear(layer_spec.self_attention.linear[0], block.self_attn.qkv_proj)
-        _ct2_linear(layer_spec.self_attention.linear[1], block.self_attn.out_proj)
-        _ct2_norm(layer_spec.self_attention.layer_norm, block.self_attn_layer_norm)
+        _ct2_self_attention(layer_spec.self_attention, block.self_attn, block.self_attn_layer_norm, model.relative)
         _ct2_ffn(layer_spec.ffn, block)
     if cfg.norm == "pre":
-        _ct2_norm(decoder.layer_norm, cast(nn.LayerNorm, model.layer_norm))
+        _ct2_norm(decoder.layer_norm, cast(Norm, model.layer_norm))
+    _ct2_scales(cfg, decoder, list(decoder.layer))
     _ct2_linear(decoder.projection, model.output_proj)
     spec.config.layer_norm_epsilon = cast(Block, model.layers[0]).final_layer_norm.eps
     spec.config.unk_token = SPECIAL_PIECES[UNK_ID]
@@ -684,7 +707,12 @@ def _ct2_inputs(stack: Any, embeddings: Any, cfg: ModelConfig, table: nn.Embeddi
     whole, so any of mtkit's tables, shared or not), then the embedding norm if there is one."""
     embeddings.weight = _numpy(table.weight)
     stack.scale_embeddings = cfg.scale_embeddings
-    stack.position_encodings.encodings = _numpy(positions.weight)
+    if positions.added:
+        stack.position_encodings.encodings = _numpy(positions.weight)
+    elif hasattr(stack, "position_encodings"):
+        # Rotary positions act inside attention: CTranslate2's encoder spec still offers an
+        # (optional) table, which such an encoder never reads.
+        del stack.position_encodings
     if norm is not None:
         _ct2_norm(stack.layernorm_embedding, norm)
 
@@ -696,14 +724,53 @@ def _ct2_linear(spec: Any, module: nn.Linear) -> None:
 
 
 def _ct2_norm(spec: Any, norm: Norm) -> None:
+    """A LayerNorm (its bias, or zeros where ``model.bias`` is off: CTranslate2's LayerNorm has
+    one) or an RMSNorm (a gain only)."""
     spec.gamma = _numpy(norm.weight)
-    if isinstance(norm, nn.LayerNorm) and norm.bias is not None:
-        spec.beta = _numpy(norm.bias)
+    if isinstance(norm, nn.LayerNorm):
+        spec.beta = _numpy(norm.bias) if norm.bias is not None else _numpy(torch.zeros_like(norm.weight))
+
+
+def _ct2_self_attention(spec: Any, attention: Attention, norm: Norm, relative: RelativeBias | None) -> None:
+    """A self-attention: the fused projection as it is (``_ct2_blocks``), and the stack's one
+    relative bias table ``(buckets, heads)`` in every layer, as T5's converter writes it
+    (CTranslate2 computes the bias once per stack, from the first layer's)."""
+    _ct2_linear(spec.linear[0], attention.qkv_proj)
+    _ct2_linear(spec.linear[1], attention.out_proj)
+    _ct2_norm(spec.layer_norm, norm)
+    if relative is not None:
+        import numpy as np
+
+        spec.relative_attention_bias = _numpy(relative.embed.weight)
+        spec.relative_attention_max_distance = np.int32(relative.max_distance)
+
+
+def _ct2_scales(cfg: ModelConfig, decoder: Any, layers: list[Any]) -> None:
+    """``model.scale_attention: false``: every attention's logits unscaled (CTranslate2's
+    ``queries_scale`` 1, as its T5 converter writes); ``model.scale_output``: the decoder's
+    output times d_model^-0.5 (``scale_outputs``)."""
+    import numpy as np
+
+    if not cfg.scale_attention:
+        for layer in layers:
+            for name in ("self_attention", "attention"):
+                attention = getattr(layer, name, None)
+                if attention is not None:
+                    attention.queries_scale = np.float32(1.0)
+    if cfg.scale_output:
+        decoder.scale_outputs = np.float32(cfg.d_model**-0.5)
 
 
 def _ct2_ffn(spec: Any, layer: Block | DecoderLayer) -> None:
-    _ct2_linear(spec.linear_0, layer.ffn.fc1)
-    _ct2_linear(spec.linear_1, layer.ffn.fc2)
+    """The feed-forward; gated, CTranslate2 activates ``linear_0`` (mtkit's ``gate``) and
+    multiplies by ``linear_0_noact`` (mtkit's ``fc1``)."""
+    ffn = layer.ffn
+    if ffn.gate is not None:
+        _ct2_linear(spec.linear_0, ffn.gate)
+        _ct2_linear(spec.linear_0_noact, ffn.fc1)
+    else:
+        _ct2_linear(spec.linear_0, ffn.fc1)
+    _ct2_linear(spec.linear_1, ffn.fc2)
     _ct2_norm(spec.layer_norm, layer.final_layer_norm)
 
 

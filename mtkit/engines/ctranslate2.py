@@ -70,7 +70,7 @@ CT2_PREFIX = "ctranslate2-"
 CT2_MARKER = "complete.json"
 """Written last into a conversion, after its other files are on disk: their sizes and checksums.
 A conversion without it is incomplete; one whose files differ from it is damaged."""
-_CT2_CONVERTER_VERSION = 3  # bump when ctranslate2_spec changes what it writes
+_CT2_CONVERTER_VERSION = 4  # bump when ctranslate2_spec changes what it writes
 
 
 class DamagedConversion(MtkitError):

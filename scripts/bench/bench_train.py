@@ -14,6 +14,14 @@ memory stays in the process), the peer with glibc's defaults, as each ships;
     python scripts/bench/bench_train.py                       # synthetic Multi30k-like lengths
     python scripts/bench/bench_train.py --run runs/multi30k   # the batches of a prepared experiment
     python scripts/bench/bench_train.py --json                # one JSON object on stdout
+    python scripts/bench/bench_train.py --presets --no-peer   # mtkit's default and its family presets
+
+``--presets`` also times, with ``train_step`` in float32 on the same batches, mtkit's default
+(pre-norm) model of ``--size`` and the family presets of that size (``t5_small``: RMSNorm,
+relative bias, GeGLU, no biases; ``llama_small``: a decoder-only model with RMSNorm, rotary
+positions, SwiGLU, no biases, grouped-query attention), parameter-matched; keys
+``t5_small_tok_s_vs_small`` and ``llama_small_tok_s_vs_small`` are their target tokens per
+second over the default's: the cost of the blocks (and, for llama, of the decoder-only layout).
 """
 
 from __future__ import annotations
@@ -32,10 +40,13 @@ from mtkit.batching import Batch, TokenizedCorpus, epoch_batches
 from mtkit.config import ModelConfig, TrainConfig
 from mtkit.loss import TranslationLoss
 from mtkit.malloc import keep_freed_memory
-from mtkit.models.encoder_decoder import Transformer
+from mtkit.models import build_model
 from mtkit.runtime import Runtime
 from mtkit.train import make_optimizer, train_step
 from mtkit.vocab import PAD_ID
+
+PRESETS = {"small": ["t5_small", "llama_small"], "base": ["t5_base", "llama_base"]}
+"""``--presets``: the family presets parameter-matched to each ``--size``."""
 
 Step = Callable[[Batch], float]
 """One training update on a batch; returns its loss per target token."""
@@ -94,7 +105,7 @@ def mtkit_step(cfg: ModelConfig, vocab: int, train_cfg: TrainConfig, bf16: bool 
                compile: bool = False) -> tuple[nn.Module, Step]:
     """mtkit's training update, ``mtkit.train.train_step`` itself, on one batch; ``bf16``: CPU
     autocast (``train.precision=bf16``); ``compile``: torch.compile as with ``train.compile=true``."""
-    model = Transformer(cfg, vocab, vocab).train()
+    model = build_model(cfg, vocab, vocab).train()
     loss_fn: nn.Module = TranslationLoss(model, train_cfg.label_smoothing)
     if compile:
         loss_fn = torch.compile(loss_fn, dynamic=True)  # type: ignore[assignment]
@@ -147,6 +158,9 @@ def main() -> None:
                         help="also time mtkit with bf16 autocast (train.precision=bf16), outside the comparison")
     parser.add_argument("--peer-same-allocator", action="store_true",
                         help="also time the peer with mtkit's allocator policy (mtkit.malloc)")
+    parser.add_argument("--presets", action="store_true",
+                        help="also time mtkit's default (pre-norm) model of --size and the family presets of that "
+                             "size (t5_*, llama_*), keys {preset}_tok_s_vs_{size}")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
@@ -170,6 +184,10 @@ def main() -> None:
         runners["mtkit_compiled"] = mtkit_step(model_cfg, vocab, train_cfg, compile=True)
     if args.bf16:
         runners["mtkit_bf16"] = mtkit_step(model_cfg, vocab, train_cfg, bf16=True)
+    presets = PRESETS.get(args.size, []) if args.presets else []
+    if args.presets:  # mtkit's own default model of the size, and the families at that size, in fp32
+        for name in [args.size, *presets]:
+            runners[f"preset_{name}"] = mtkit_step(ModelConfig(size=name, dropout=0.1), vocab, train_cfg)
     # Each runs with its allocator policy: mtkit's commands keep freed memory (mtkit.malloc),
     # the peer runs with glibc's defaults as its users get it (and, on request, like mtkit).
     heap = {name: name != "marian" for name in runners}
@@ -234,6 +252,12 @@ def main() -> None:
         result["bf16_speedup_vs_fp32"] = seconds["mtkit"] / seconds["mtkit_bf16"]
         if "marian" in runners:  # what `mtkit train` runs with precision=auto on a CPU with native bf16
             result["bf16_speedup_vs_hf"] = seconds["marian"] / seconds["mtkit_bf16"]
+    if args.presets:
+        reference = seconds[f"preset_{args.size}"]
+        result["presets_tgt_tok_per_s"] = {name: tgt_tokens / seconds[f"preset_{name}"]
+                                           for name in [args.size, *presets]}
+        for name in presets:
+            result[f"{name}_tok_s_vs_{args.size}"] = reference / seconds[f"preset_{name}"]
     if args.json:
         print_result(result, as_json=True)
         return
@@ -257,6 +281,10 @@ def main() -> None:
         print(f"mtkit bf16 autocast: {result['bf16_tgt_tok_per_s']:,.0f} tgt tok/s "
               f"({result['bf16_speedup_vs_fp32']:.2f}x its fp32"
               + (f", {result['bf16_speedup_vs_hf']:.2f}x Marian fp32)" if "marian" in runners else ")"))
+    if args.presets:
+        for name, tok_per_s in result["presets_tgt_tok_per_s"].items():
+            ratio = f" ({result[f'{name}_tok_s_vs_{args.size}']:.2f}x {args.size})" if name != args.size else ""
+            print(f"preset {name}: {tok_per_s:8,.0f} tgt tok/s{ratio}")
 
 
 if __name__ == "__main__":

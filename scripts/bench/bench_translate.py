@@ -3,6 +3,7 @@
 on the same weights, measured in one run.
 
     .venv/bin/python scripts/bench/bench_translate.py [--run RUN_DIR] [--json]
+    .venv/bin/python scripts/bench/bench_translate.py --presets --json  # today's blocks against small
 
 Without ``--run`` a post-norm ``small`` model is trained for ``--minutes`` on Multi30k with
 the mtkit CLI (into runs/bench_translate). The model is exported to Marian
@@ -245,10 +246,12 @@ class Run:
     startup_s: float | None = None
 
 
-def measure(systems: dict[str, IdsFn], ids: list[list[int]], batch_size: int) -> dict[str, tuple[Run, list[list[int]]]]:
+def measure(systems: dict[str, IdsFn], ids: list[list[int]], batch_size: int,
+            ours: tuple[str, ...] = ("mtkit",)) -> dict[str, tuple[Run, list[list[int]]]]:
     """Translate ``ids`` with every system in batches of ``batch_size`` sentences of similar
     length. The systems take turns batch by batch (in rotating order), so that a change in
-    the machine's load hits all of them alike. Outputs are in input order."""
+    the machine's load hits all of them alike. Outputs are in input order. ``ours``: the
+    systems that run with mtkit's allocator policy."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     names = list(systems)
@@ -260,7 +263,7 @@ def measure(systems: dict[str, IdsFn], ids: list[list[int]], batch_size: int) ->
         for index, rows in enumerate(batches):
             batch = [ids[r] for r in rows]
             for name in names[index % len(names) :] + names[: index % len(names)]:
-                keep_freed_memory(name == "mtkit")  # each with its allocator policy, as it ships
+                keep_freed_memory(name in ours)  # each with its allocator policy, as it ships
                 memory.enter(name)
                 with clocks(name):
                     hyps = systems[name](batch)
@@ -289,6 +292,69 @@ def profile_mtkit(fn: IdsFn, ids: list[list[int]], batch_size: int, rows: int = 
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+# --------------------------------------------------------------------------- the family presets
+
+
+PRESETS = ["small", "t5_small", "small_decoder_only", "llama_small"]
+"""``--presets``: mtkit's default ``small`` and the presets parameter-matched to it."""
+
+
+def preset_decoding(args: argparse.Namespace) -> dict:
+    """Decoding speed of untrained models of each of ``PRESETS`` on one 8,000-piece joint
+    tokenizer trained on Multi30k: the PyTorch engine at float32, beam ``--beam``, every output
+    exactly ``--preset-length`` tokens (minimum = maximum length, so that the blocks alone
+    differ), at batch ``--batch`` and batch 1; with each model's key/value cache per sentence
+    (16 source and 16 target tokens, one beam, float32)."""
+    from mtkit.config import TokenizerConfig, validate_config
+    from mtkit.models import build_model
+    from mtkit.tokenizer import train_tokenizers
+
+    with tempfile.TemporaryDirectory(prefix="bench_translate.presets.") as tmp:
+        lines = [line or "" for line in read_lines(args.src)][: args.limit]
+        train = [line or "" for lang in ("en", "de") for line in read_lines(MULTI30K / f"train.{lang}.gz")]
+        tokenizers = train_tokenizers(TokenizerConfig(vocab_size=8000), Path(tmp) / "tokenizer",
+                                      lambda sides: iter(train))
+        ids = tokenizers.src.encode(lines)
+        length = args.preset_length
+        decode = DecodeConfig(beam=args.beam, max_len_a=0.0, max_len_b=length, min_len=length, backend="torch",
+                              compute_type="float32")
+        fns: dict[str, IdsFn] = {}
+        cache: dict[str, int] = {}
+        for name in PRESETS:
+            arch = {"arch": "decoder_only"} if name == "small_decoder_only" else {}
+            config = validate_config({"model": {"size": name, "dropout": 0.0, **arch}, "decode": decode.model_dump()})
+            torch.manual_seed(0)
+            model = build_model(config.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size, True).eval()
+            loaded = Loaded(model=model, config=config, tokenizers=tokenizers, meta={}, path=Path(tmp))
+            fns[name] = mtkit_system(loaded, decode)
+            cache[name] = kv_cache_bytes(model)
+        runs = {}
+        for batch_size, subset in ((args.batch, ids), (1, ids[: args.batch1_sentences])):
+            if subset:
+                for name, (run, _) in measure(fns, subset, batch_size, ours=tuple(PRESETS)).items():
+                    runs[name, batch_size] = run
+                    print(f"{name:18s} batch {batch_size:3d}: {run.sent_per_s:7.1f} sent/s", file=sys.stderr)
+    report: dict = {"presets": {f"{name} batch {batch}": asdict(run) for (name, batch), run in runs.items()},
+                    "kv_cache_bytes_per_sentence": cache, "output_tokens": args.preset_length, "beam": args.beam,
+                    "threads": args.threads}
+    for name, key in (("llama_small", "llama"), ("t5_small", "t5"), ("small_decoder_only", "decoder_only")):
+        report[f"{key}_decode_vs_small"] = runs[name, args.batch].sent_per_s / runs["small", args.batch].sent_per_s
+        if (name, 1) in runs:
+            report[f"{key}_decode_vs_small_b1"] = runs[name, 1].sent_per_s / runs["small", 1].sent_per_s
+    return report
+
+
+def kv_cache_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the key/value cache (``state.nbytes``) for one 16-token source (EOS included)
+    after 16 target tokens, one beam, float32."""
+    src = torch.full((1, 16), 5)
+    src[0, -1] = EOS_ID
+    with torch.no_grad():
+        state = model.encode(src)
+        model.decode_step(torch.tensor([[BOS_ID] + [5] * 15]), state)
+    return state.nbytes
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -311,8 +377,17 @@ def main() -> None:
     parser.add_argument("--random", metavar="SIZE", choices=["tiny", "small", "base"],
                         help="Benchmark an untrained post-norm model of this size instead (speed only).")
     parser.add_argument("--profile", action="store_true", help="Print mtkit's top operators to stderr.")
+    parser.add_argument("--presets", action="store_true",
+                        help="Only time untrained models of small and its family presets (t5_small, "
+                             "small_decoder_only, llama_small): keys llama_decode_vs_small and the like.")
+    parser.add_argument("--preset-length", type=int, default=20, help="Output tokens per sentence with --presets.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     args = parser.parse_args()
+    if args.presets:
+        torch.set_num_threads(args.threads)
+        report = preset_decoding(args)
+        print(json.dumps(report) if args.json else json.dumps(report, indent=1))
+        return
 
     torch.set_num_threads(args.threads)
     run_dir = args.run

@@ -158,7 +158,8 @@ unties its embeddings and has an output bias (``final_logits_bias``)."""
 
 def modern_blocks(cfg: ModelConfig) -> list[str]:
     """The block options of ``cfg`` beyond the 2017 Transformer's, as ``model.key=value``: RMSNorm,
-    no biases, grouped-query attention, rotary or relative positions, a gated feed-forward."""
+    no biases, grouped-query attention, rotary or relative positions, a gated feed-forward, T5's
+    head width, unscaled attention and output scale."""
     found = []
     if cfg.norm_type != "layer":
         found.append(f"model.norm_type={cfg.norm_type}")
@@ -170,6 +171,12 @@ def modern_blocks(cfg: ModelConfig) -> list[str]:
         found.append(f"model.positions={cfg.positions}")
     if cfg.activation in GATED:
         found.append(f"model.activation={cfg.activation}")
+    if cfg.head_dim is not None and cfg.head_dim * cfg.heads != cfg.d_model:
+        found.append(f"model.head_dim={cfg.head_dim}")
+    if not cfg.scale_attention:
+        found.append("model.scale_attention=false")
+    if cfg.scale_output:
+        found.append("model.scale_output=true")
     return found
 
 

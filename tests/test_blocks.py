@@ -252,3 +252,17 @@ def test_every_block_combination_builds():
         model = make_model(arch, (positions, activation, norm_type, 2, False, "pre"))
         with torch.no_grad():
             assert torch.isfinite(model(src, tgt)).all()
+
+
+def test_the_huggingface_export_refuses_todays_blocks_in_one_line(trainkit_prepared, tmp_path):
+    pytest.importorskip("transformers")
+    from test_export_ct2_options import random_run
+
+    from mtkit.export import HuggingFaceExporter
+
+    loaded = random_run(trainkit_prepared, tmp_path / "run", {"size": "t5_small", "d_model": 64, "heads": 4,
+                                                              "ffn_dim": 96})
+    problems = HuggingFaceExporter().problems(loaded)
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert problems[0].startswith("model.norm_type=rms, model.bias=false, model.positions=relative, "
+                                  "model.activation=geglu: ")

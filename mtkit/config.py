@@ -327,6 +327,14 @@ class ModelConfig(Section):
     docs/architectures.md) or continue after the source (one sequence, as a language model
     reads it; what CTranslate2 needs to run an exported causal model)."""
 
+    separator: Literal["eos_bos", "none"] = "eos_bos"
+    """decoder_only: how the target joins the source. eos_bos: ``source </s> <s> target``, the BOS
+    predicting the first target token (mtkit's layout); none: the source is a prompt that the
+    target continues directly, its last token predicting the first target token (a causal LM
+    prompted with a template, as Llama-family models translate); mtkit's EOS after the source and
+    BOS before the target are then never fed. none needs ``target_positions: continue`` and one
+    shared embedding."""
+
     @property
     def target_follows_source(self) -> bool:
         """The target's positions come after the source's, in one table (a decoder-only model
@@ -364,6 +372,13 @@ class ModelConfig(Section):
     def attention_head_dim(self) -> int:
         """Width of each attention head (``head_dim``, else ``d_model / heads``)."""
         return self.head_dim or self.d_model // self.heads
+
+    @model_validator(mode="after")
+    def _separator_fits(self) -> ModelConfig:
+        if self.separator == "none" and not (self.arch == "decoder_only" and self.target_positions == "continue"):
+            raise ValueError("separator none is for arch decoder_only with target_positions continue (the target "
+                             "continues the prompt)")
+        return self
 
     @model_validator(mode="after")
     def _layers_fit_arch(self) -> ModelConfig:

@@ -543,6 +543,7 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "model.kv_heads": None,
     "model.scale_attention": True,
     "model.head_dim": None,
+    "model.separator": "eos_bos",
     "model.scale_output": False,
     "model.rope_base": 10000.0,
     "model.relative_buckets": 32,

@@ -266,3 +266,41 @@ def test_the_huggingface_export_refuses_todays_blocks_in_one_line(trainkit_prepa
     assert len(problems) == 1 and "\n" not in problems[0]
     assert problems[0].startswith("model.norm_type=rms, model.bias=false, model.positions=relative, "
                                   "model.activation=geglu: ")
+
+
+PROMPT = ("decoder_only", "tiny_decoder_only", "causal", "continue")
+
+
+def test_a_prompt_continued_without_separator_is_the_causal_lm_of_prompt_and_target():
+    """``model.separator: none`` on (prompt + EOS, BOS + target) computes what the same weights
+    compute on the sequence ``prompt target`` with the prompt's last token as the first target
+    input (``separator: eos_bos`` given the prompt without it)."""
+    block = ("rope", "swiglu", "rms", 2, False, "pre")
+    joined = make_model(PROMPT, block)
+    prompted = build_model(joined.cfg.model_copy(update={"separator": "none"}), 40, 40).eval()
+    prompted.load_state_dict(joined.state_dict())
+    src, tgt = pair(seed=2)
+    lengths = (src != PAD_ID).sum(dim=1) - 1  # prompts without the EOS
+    with torch.no_grad():
+        ours = prompted(src, tgt)
+        for row, length in enumerate(lengths.tolist()):
+            prompt = src[row, :length]
+            expected = joined(prompt[None, :-1], torch.cat([prompt[-1:], tgt[row, 1:]])[None])
+            torch.testing.assert_close(ours[row], expected[0], atol=1e-5, rtol=1e-4)
+        state = prompted.encode(src)
+        steps = torch.stack([prompted.decode_step(tgt[:, t : t + 1], state) for t in range(tgt.shape[1])], dim=1)
+    torch.testing.assert_close(steps, ours, atol=1e-5, rtol=1e-4)
+    together = beam_search(prompted, src, beam=3, nbest=2, max_len_a=0.0, max_len_b=5)
+    for row, length in enumerate(lengths.tolist()):
+        alone = beam_search(prompted, src[row : row + 1, : length + 1], beam=3, nbest=2, max_len_a=0.0,
+                            max_len_b=5)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in together[row]]
+
+
+def test_separator_none_is_refused_outside_a_continuing_decoder_only_model():
+    with pytest.raises(ValueError, match="separator none is for arch decoder_only with target_positions continue"):
+        ModelConfig(size="tiny", separator="none")
+    model = build_model(ModelConfig(arch="decoder_only", size="tiny_decoder_only", source_attention="causal",
+                                    target_positions="continue", separator="none"), 40, 40)
+    with pytest.raises(ValueError, match="at least two tokens"):
+        model.encode(torch.tensor([[7, EOS_ID]]))

@@ -29,6 +29,8 @@ BLOCKS = {
     "decoder-only-relative-geglu-mqa": {**DECODER_ONLY, "positions": "relative", "activation": "geglu",
                                         "kv_heads": 1, "relative_buckets": 8, "relative_max_distance": 12},
     "decoder-only-post-layer-nobias": {**DECODER_ONLY, "norm": "post", "bias": False, "positions": "rope"},
+    "decoder-only-prompt-rope-gqa": {**DECODER_ONLY, "separator": "none", "norm_type": "rms", "positions": "rope",
+                                     "activation": "swiglu", "bias": False, "kv_heads": 2},
     "decoder-only-head-dim-unscaled": {**DECODER_ONLY, "heads": 2, "head_dim": 16, "scale_attention": False,
                                        "scale_output": True},
 }
@@ -47,11 +49,13 @@ def ct2_log_probs(loaded, out, sources: list[list[int]], targets: list[list[int]
         scored = runtime.score_batch([[pieces[i] for i in ids] for ids in sources],
                                      [[pieces[i] for i in ids] for ids in targets])
         return [result.log_probs for result in scored]
-    runtime = ctranslate2.Generator(str(out), intra_threads=1)  # the prompt ``source </s> <s>``
-    prompts = [[pieces[i] for i in ids] + ["</s>", "<s>"] + [pieces[i] for i in ids_out] + ["</s>"]
+    runtime = ctranslate2.Generator(str(out), intra_threads=1)  # the prompt ``source </s> <s>``, or ``source``
+    separator = ["</s>", "<s>"] if loaded.config.model.separator == "eos_bos" else []
+    prompts = [[pieces[i] for i in ids] + separator + [pieces[i] for i in ids_out] + ["</s>"]
                for ids, ids_out in zip(sources, targets, strict=True)]
-    return [result.log_probs[len(ids) + 1 :] for result, ids in zip(runtime.score_batch(prompts), sources,
-                                                                      strict=True)]
+    # log_probs[k] is the sequence's token k + 1's: the target's first comes after the prompt
+    return [result.log_probs[len(ids) + len(separator) - 1 :]
+            for result, ids in zip(runtime.score_batch(prompts), sources, strict=True)]
 
 
 @pytest.mark.parametrize("options", BLOCKS.values(), ids=BLOCKS.keys())

@@ -412,7 +412,8 @@ class CT2Translator:
 
 class CT2Generator(CT2Translator):
     """``CT2Translator`` for a decoder-only model exported as a CTranslate2 ``Generator``: each
-    source is the prompt ``source </s> <s>``, and generation continues after it. A batch holds
+    source is the prompt ``source </s> <s>`` (``source`` alone for ``model.separator: none``),
+    and generation continues after it. A batch holds
     sources of one length with ``exact_lengths`` (CTranslate2 forwards a batch's prompts at
     once only up to the shortest), else of any length under the longest one's limit."""
 
@@ -425,8 +426,10 @@ class CT2Generator(CT2Translator):
         compute_type: str = "default",
         intra_threads: int = 0,
         exact_lengths: bool = True,
+        separator: str = "eos_bos",
     ):
         ctranslate2 = require("ctranslate2")
+        self.prompt_end = [SPECIAL_PIECES[EOS_ID], SPECIAL_PIECES[BOS_ID]] if separator == "eos_bos" else []
         self.generator = ctranslate2.Generator(
             str(model_dir), device="cpu", compute_type=compute_type, intra_threads=intra_threads, inter_threads=1
         )
@@ -440,11 +443,10 @@ class CT2Generator(CT2Translator):
         groups = [list(range(len(batch)))]
         if self.exact_lengths:
             groups = [[i for i, ids in enumerate(batch) if len(ids) == n] for n in sorted({len(ids) for ids in batch})]
-        prompt_end = [SPECIAL_PIECES[EOS_ID], SPECIAL_PIECES[BOS_ID]]
         out: list[list[int]] = [[] for _ in batch]
         for rows in groups:
             results = self.generator.generate_batch(
-                [[self.src_pieces[i] for i in batch[r]] + prompt_end for r in rows],
+                [[self.src_pieces[i] for i in batch[r]] + self.prompt_end for r in rows],
                 beam_size=self.decode.beam,
                 length_penalty=self.decode.lenpen,
                 max_length=max(self.max_length(len(batch[r])) for r in rows),
@@ -494,7 +496,8 @@ def ct2_parity(loaded: Loaded, model_dir: Path, lines: list[str], compute_type: 
             theirs = Translator(loaded.model, loaded.tokenizers, settings, backend=engine, src_lang=src_lang,
                                 tgt_lang=tgt_lang).translate(lines)
         else:
-            theirs = CT2Generator(model_dir, loaded.tokenizers, settings, compute_type=compute_type).translate(lines)
+            theirs = CT2Generator(model_dir, loaded.tokenizers, settings, compute_type=compute_type,
+                                  separator=loaded.config.model.separator).translate(lines)
         shares[name] = sum(a == b for a, b in zip(ours, theirs, strict=True)) / max(len(lines), 1)
         outputs[name] = (ours, theirs)
     ours, theirs = outputs["beam"]

@@ -59,12 +59,14 @@ class DecoderOnlyState:
     source_len: ``(B,)`` real source tokens (EOS included), where continuing positions start.
     kv: per block, ``[k, v]`` of the source and the target so far ``(B, H, S + t, D/H)``.
     length: target positions decoded so far.
+    first: with ``model.separator: none``, each row's last prompt token, fed in place of the BOS.
     """
 
     source_mask: Tensor
     source_len: Tensor
     kv: list[list[Tensor]]
     length: int = 0
+    first: Tensor | None = None
 
     def select(self, rows: Tensor) -> DecoderOnlyState:
         """Keep (and reorder or repeat) batch rows, e.g. beams that survived a search step."""
@@ -73,6 +75,7 @@ class DecoderOnlyState:
             source_len=self.source_len.index_select(0, rows),
             kv=[[t.index_select(0, rows) for t in kv] for kv in self.kv],
             length=self.length,
+            first=None if self.first is None else self.first.index_select(0, rows),
         )
 
     def repeat(self, beams: int) -> DecoderOnlyState:
@@ -105,6 +108,7 @@ class DecoderOnly(nn.Module):
         self.dropout = cfg.dropout
         self.bidirectional = cfg.source_attention == "bidirectional"
         self.restart = not cfg.target_follows_source
+        self.prompt = cfg.separator == "none"
         self.src_embed, self.tgt_embed = make_embeddings(cfg, src_vocab_size, tgt_vocab_size, joint_vocab)
         self.positions = Positions(cfg)
         self.embedding_norm = embedding_norm(cfg)
@@ -140,6 +144,9 @@ class DecoderOnly(nn.Module):
     def sequence_features(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Output ``(B, S + T, D)`` at every position of ``source target`` (the source part
         is what a language-model loss on the source reads)."""
+        if self.prompt:
+            src, first = self._split_prompt(src)
+            tgt_in = torch.cat([first[:, None], tgt_in[:, 1:]], dim=1)
         source_len = (src != PAD_ID).sum(dim=1)
         x = torch.cat([self._embed_source(src), self._embed_target(tgt_in, source_len, 0)], dim=1)
         x = dropout(x, self.dropout, self.training)
@@ -154,10 +161,14 @@ class DecoderOnly(nn.Module):
 
     def encode(self, src: Tensor) -> DecoderOnlyState:
         """Run the source ``(B, S)`` (ids, EOS, padding) through the stack once, keeping its
-        keys/values; the first ``decode_step`` feeds the BOS that separates the target."""
+        keys/values; the first ``decode_step`` feeds the BOS that separates the target (with
+        ``model.separator: none``, the prompt's last token instead)."""
+        first = None
+        if self.prompt:
+            src, first = self._split_prompt(src)
         valid = src != PAD_ID
         state = DecoderOnlyState(source_mask=valid[:, None, None, :], source_len=valid.sum(dim=1),
-                                 kv=[[] for _ in self.layers])
+                                 kv=[[] for _ in self.layers], first=first)
         x = dropout(self._embed_source(src), self.dropout, self.training)
         mask = self._mask(valid, 0)
         index = self._source_index(src)
@@ -170,6 +181,8 @@ class DecoderOnly(nn.Module):
         """Feed ``(B, t)`` new target tokens (usually t = 1); return logits ``(B, V)`` of the
         last one. Extends ``state``'s cache: neither source nor target prefix is recomputed."""
         past, new = state.length, tokens.shape[1]
+        if past == 0 and state.first is not None:  # the prompt's last token stands for the BOS
+            tokens = torch.cat([state.first[:, None], tokens[:, 1:]], dim=1)
         x = dropout(self._embed_target(tokens, state.source_len, past), self.dropout, self.training)
         # New target positions see the real source, the target so far and themselves.
         batch, device = tokens.shape[0], tokens.device
@@ -195,6 +208,17 @@ class DecoderOnly(nn.Module):
         """Scaled embeddings of target ids ``(B, t)`` at target positions ``past ..``, plus their
         positions (``_target_index``)."""
         return self._normed(self._added(self.tgt_embed(ids) * self.scale, self._target_index(ids, source_len, past)))
+
+    def _split_prompt(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """``model.separator: none``: the source ``(B, S)`` (prompt ids, EOS, padding) without its
+        last prompt token and its EOS (padding there), and that last token ``(B,)``, which takes
+        the BOS's place: the target continues the prompt, at the positions that follow it."""
+        lengths = (src != PAD_ID).sum(dim=1) - 1  # the prompt's, without the EOS
+        if int(lengths.min()) < 2:  # a source row of padding alone would attend to nothing
+            raise ValueError("separator none: every prompt needs at least two tokens")
+        first = src.gather(1, (lengths - 1)[:, None])[:, 0]
+        kept = torch.arange(src.shape[1], device=src.device)[None, :] < (lengths - 1)[:, None]
+        return src.masked_fill(~kept, PAD_ID), first
 
     def _output(self, x: Tensor) -> Tensor:
         """The stack's output: its final norm, then ``model.scale_output``'s factor."""
@@ -265,7 +289,8 @@ class DecoderOnly(nn.Module):
         return self.cfg.max_positions - 1 - int(self.cfg.target_follows_source)
 
     def positions_left(self, src: Tensor) -> Tensor:
-        """``(B,)`` positions left for the target (its BOS included) after each source row."""
+        """``(B,)`` positions left for the target (its BOS included) after each source row (with
+        ``model.separator: none``, the prompt's last token stands for the BOS, and no EOS is fed)."""
         if self.restart:
             return torch.full((src.shape[0],), self.cfg.max_positions, dtype=torch.long, device=src.device)
-        return self.cfg.max_positions - (src != PAD_ID).sum(dim=1)
+        return self.cfg.max_positions - (src != PAD_ID).sum(dim=1) + 2 * int(self.prompt)

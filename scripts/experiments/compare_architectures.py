@@ -13,7 +13,16 @@ only in the model section):
 - ``prefix_lm_restart`` (only when named in ``--arms``): the prefix LM with target positions
   restarting at 0, the decoder-only recipe's layout.
 
-The main pair (encdec, prefix_lm) and prefix_lm_restart run ``--seeds`` seeds, the others one. Two budgets:
+With today's blocks (``--arms today``: ``encdec`` and the four below, parameter-matched):
+
+- ``encdec_today``: the encoder-decoder recipe with Llama's blocks (RMSNorm, rotary positions,
+  SwiGLU, no biases);
+- ``t5``: the recipe with ``model.size: t5_small`` (RMSNorm, relative bias, GeGLU, no biases);
+- ``llama_prefix_lm`` / ``llama_causal_lm``: the decoder-only recipe with ``model.size:
+  llama_small`` (7 blocks, grouped-query attention), target positions restarting at 0.
+
+The main pairs (encdec and prefix_lm; encdec_today and llama_prefix_lm) and prefix_lm_restart
+run ``--seeds`` seeds, the others one. Two budgets:
 ``time`` (every arm trains ``--minutes`` of wall-clock time) and ``updates`` (every arm makes
 ``--steps`` updates; by default as many as the seed-1 encoder-decoder made in its time
 budget, so that the two budgets separate cost per update from what an update buys). Each
@@ -47,15 +56,26 @@ DECODER_ONLY = "configs/multi30k_en_de_decoder_only.yaml"
 # The decoder-only arms continue their target positions after the source (the default when
 # the experiment ran); prefix_lm_restart is the recipe's layout since (docs/architectures.md).
 CONTINUE = {"model.target_positions": "continue"}
+# The encoder-decoder with Llama's blocks: RMSNorm, rotary positions, SwiGLU (two thirds of
+# the feed-forward width: as many parameters), no biases.
+TODAY = {"model.norm_type": "rms", "model.positions": "rope", "model.activation": "swiglu", "model.ffn_dim": "680",
+         "model.bias": "false"}
 ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "encdec": (ENCDEC, {}),
     "prefix_lm": (DECODER_ONLY, CONTINUE),
     "causal_lm": (DECODER_ONLY, {"model.source_attention": "causal", **CONTINUE}),
     "prefix_lm_layers": (DECODER_ONLY, {"model.size": "small_decoder_only_layers", **CONTINUE}),
     "prefix_lm_restart": (DECODER_ONLY, {"model.target_positions": "restart"}),
+    # Today's blocks (docs/architectures.md, "Blocks"), parameter-matched to the arms above.
+    "encdec_today": (ENCDEC, TODAY),
+    "t5": (ENCDEC, {"model.size": "t5_small"}),
+    "llama_prefix_lm": (DECODER_ONLY, {"model.size": "llama_small", "model.target_positions": "restart"}),
+    "llama_causal_lm": (DECODER_ONLY, {"model.size": "llama_small", "model.source_attention": "causal",
+                                       "model.target_positions": "restart"}),
 }
 DEFAULT_ARMS = ("encdec", "prefix_lm", "causal_lm", "prefix_lm_layers")  # the positions arm on request
-SEEDED = ("encdec", "prefix_lm", "prefix_lm_restart")  # the main pair and the positions arm
+TODAY_ARMS = ("encdec", "encdec_today", "t5", "llama_prefix_lm", "llama_causal_lm")  # --arms today
+SEEDED = ("encdec", "prefix_lm", "prefix_lm_restart", "encdec_today", "llama_prefix_lm")  # the main pairs
 SHARED_DIRS = ("tokenizer", "data")
 
 
@@ -102,7 +122,8 @@ def main() -> None:
                         help="Seeds of the main pair (encdec, prefix_lm) and of prefix_lm_restart.")
     parser.add_argument("--budgets", default="time,updates", help="Comma-separated: time, updates.")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                        help="Comma-separated subset of: " + ", ".join(ARMS) + " (default: all but the last)")
+                        help="Comma-separated subset of: " + ", ".join(ARMS) + " (default: the four 2017-block "
+                             "arms), or `today`: " + ", ".join(TODAY_ARMS))
     parser.add_argument("--test", nargs=2, metavar=("SRC", "REF"),
                         default=["../shared/data/multi30k/test_2016_flickr.en.gz",
                                  "../shared/data/multi30k/test_2016_flickr.de.gz"])
@@ -112,7 +133,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="Print the comparisons as one JSON object.")
     args = parser.parse_args()
 
-    arms = [arm for arm in args.arms.split(",") if arm]
+    arms = list(TODAY_ARMS) if args.arms == "today" else [arm for arm in args.arms.split(",") if arm]
     unknown = sorted(set(arms) - set(ARMS))
     budgets = [b for b in args.budgets.split(",") if b]
     if unknown or not arms or not set(budgets) <= {"time", "updates"} or not budgets:

@@ -539,6 +539,11 @@ class DecodeConfig(Section):
     allow_unk: bool = False
     """Let search produce the unknown token (shown as `` ⁇ `` in the text). Off, as in Marian:
     the next best token is taken instead (a forced prefix may still hold one)."""
+    long_lines: Literal["split", "truncate"] = "split"
+    """A line longer than the model accepts: split, cut into pieces at sentence boundaries (then
+    between words, then between characters) that are translated apart and joined into one
+    output line; truncate, its end dropped (what mtkit did before 0.3). Either way a warning
+    names the line."""
     backend: Literal["auto", "torch", "ctranslate2"] = "auto"
     """What runs the search in ``mtkit translate``, the pipeline's test translation and ``mtkit
     serve``: torch, mtkit's own search; ctranslate2, the model converted to CTranslate2 on first

@@ -544,6 +544,7 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "model.scale_attention": True,
     "model.head_dim": None,
     "model.separator": "eos_bos",
+    "decode.long_lines": "split",
     "model.scale_output": False,
     "model.rope_base": 10000.0,
     "model.relative_buckets": 32,

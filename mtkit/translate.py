@@ -38,6 +38,7 @@ from mtkit.errors import MtkitError
 from mtkit.models import Model
 from mtkit.runtime import Shard
 from mtkit.search import Hypothesis
+from mtkit.sentences import fit_pieces
 
 if TYPE_CHECKING:
     from mtkit.tokenizer import Tokenizers
@@ -62,6 +63,8 @@ class Translation:
     text: str
     score: float | None = None
     nbest: list[tuple[str, float]] = field(default_factory=list)
+    pieces: int = 1
+    """More than 1: the line was longer than the model accepts and translated in this many pieces."""
 
 
 OUTPUT_FORMATS = ("text", "jsonl")
@@ -131,6 +134,7 @@ class Translator:
         self.warn = warn or log.warning
         self.source_prefix, self.target_prefix = language_prefixes(tokenizers, src_lang, tgt_lang)
         self.max_source = model.max_source_length() - len(self.source_prefix)
+        self.split_lines = 0  # lines too long for the model, translated in pieces (decode.long_lines: split)
         self.backend: SearchBackend = backend or TorchBackend(
             model, self.device, generator=torch.Generator(device=self.device).manual_seed(seed))
 
@@ -152,12 +156,15 @@ class Translator:
             raise ValueError(f"{len(prefixes)} prefixes for {len(lines)} lines")
         numbers = range(first_line, first_line + len(lines) * line_step, line_step)
         # All-whitespace lines (str.isspace: also NEL, U+2028, U+3000...) normalise to empty.
-        src_ids = self.tokenizers.src.encode(normalize(lines))
-        for number, ids in zip(numbers, src_ids, strict=True):
-            if len(ids) > self.max_source:
-                self.warn(f"line {number}: {len(ids)} subwords, more than the model accepts; "
-                          f"truncated to {self.max_source}")
-                del ids[self.max_source :]
+        normalized = normalize(lines)
+        src_ids = self.tokenizers.src.encode(normalized)
+        too_long = [row for row, ids in enumerate(src_ids) if len(ids) > self.max_source]
+        if too_long and decode.long_lines == "split":
+            return self._split_long(normalized, prefixes, numbers, too_long, decode, src_ids)
+        for row in too_long:
+            self.warn(f"line {numbers[row]}: {len(src_ids[row])} subwords, more than the model accepts; "
+                      f"truncated to {self.max_source} (decode.long_lines: truncate)")
+            del src_ids[row][self.max_source :]
         prefix_ids = self._encode_prefixes(prefixes, numbers) if prefixes is not None else None
         if self.target_prefix:
             prefix_ids = [self.target_prefix + ids for ids in (prefix_ids or [[] for _ in lines])]
@@ -249,6 +256,43 @@ class Translator:
         if not update:
             return self.decode
         return DecodeConfig.model_validate({**self.decode.model_dump(), **update})
+
+    def _split_long(self, texts: list[str], prefixes: list[str] | None, numbers: range, too_long: list[int],
+                    decode: DecodeConfig, src_ids: list[list[int]]) -> list[Translation]:
+        """``translate_lines`` where the lines ``too_long`` are longer than the model accepts: each
+        is cut into pieces that fit (``mtkit.sentences.fit_pieces``), and all the pieces are
+        translated with the other lines in one call; a line's translation joins its pieces' (a
+        forced prefix starts its first), its score is their mean, its n-best that one entry."""
+        src = self.tokenizers.src
+        layouts = {row: fit_pieces(texts[row], src.encode, src.decode, self.max_source) for row in too_long}
+        rows, pieces, piece_prefixes = [], [], []
+        for row, text in enumerate(texts):
+            parts = layouts[row].sentences if row in layouts else [text]
+            rows += [row] * len(parts)
+            pieces += parts
+            piece_prefixes += [prefixes[row] if prefixes is not None and i == 0 else "" for i in range(len(parts))]
+        for row in too_long:
+            self.split_lines += 1
+            self.warn(f"line {numbers[row]}: {len(src_ids[row])} subwords, more than the model accepts "
+                      f"({self.max_source}); translated in {len(layouts[row].sentences)} pieces cut at sentence "
+                      "boundaries and joined")
+        # Every piece fits: no line of this call is split again. (A forced prefix too long for
+        # the model is reported against the first line's number.)
+        found = self.translate_lines(pieces, piece_prefixes if prefixes is not None else None, numbers.start,
+                                     nbest=decode.nbest, beam=decode.beam)
+        results: list[Translation] = [Translation("") for _ in texts]
+        by_row: dict[int, list[Translation]] = {}
+        for row, translation in zip(rows, found, strict=True):
+            by_row.setdefault(row, []).append(translation)
+        for row, translated in by_row.items():
+            if row not in layouts:
+                results[row] = translated[0]
+                continue
+            text = layouts[row].join([t.text for t in translated])
+            scores = [t.score for t in translated if t.score is not None]
+            score = sum(scores) / len(scores) if scores else None
+            results[row] = Translation(text, score, [(text, score)] if score is not None else [], len(translated))
+        return results
 
     def _encode_prefixes(self, prefixes: list[str], numbers: Iterable[int]) -> list[list[int]]:
         limit = self.model.cfg.max_positions - 1

@@ -299,7 +299,7 @@ def test_hostile_characters_keep_one_output_line_per_input_line(model_run, tmp_p
 @pytest.mark.parametrize("line", ["kato rimu sena " * 70_000, "katorimusena" * 90_000], ids=["words", "no_spaces"])
 def test_one_mebibyte_line_is_truncated_not_dropped(model_run, tmp_path, line, backend):
     raw = ("kato\n" + line[: 1 << 20] + "\nrimu\n").encode()
-    result = translate_bytes(model_run, raw, tmp_path, backend=backend)
+    result = translate_bytes(model_run, raw, tmp_path, "--long-lines", "truncate", backend=backend)
     assert result.exit_code == 0, result.stderr
     assert result.stdout_bytes.count(b"\n") == 3
     assert "mtkit: warning: line 2: " in result.stderr and "truncated to 1023" in result.stderr

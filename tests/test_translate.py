@@ -159,12 +159,17 @@ def test_stream_cut_where_the_input_pauses(loaded, backend):
     assert [t.text for c in paused for t in c] == [t.text for c in steady for t in c] == translator.translate(lines)
 
 
-def test_long_line_is_truncated_with_warning(loaded, backend):
+def test_long_line_is_split_or_truncated_with_warning(loaded, backend):
     warnings = []
     translator = make_translator(loaded, backend, warn=warnings.append)
     long = " ".join(WORDS * 3)
-    out = translator.translate(["the cat", long])
-    assert len(out) == 2
+    out = translator.translate_lines(["the cat", long])
+    assert len(out) == 2 and out[1].pieces >= 2 and translator.split_lines == 1
+    assert len(warnings) == 1 and warnings[0].startswith("line 2: ") and "pieces cut at sentence" in warnings[0]
+    warnings.clear()
+    decode = loaded.config.decode.model_copy(update={"long_lines": "truncate"})
+    out = make_translator(loaded, backend, decode, warn=warnings.append).translate_lines(["the cat", long])
+    assert len(out) == 2 and out[1].pieces == 1
     assert len(warnings) == 1 and warnings[0].startswith("line 2: ") and "truncated to 23" in warnings[0]
 
 

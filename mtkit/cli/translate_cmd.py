@@ -49,6 +49,11 @@ class LengthPenaltyForm(str, Enum):
     gnmt = "gnmt"
 
 
+class LongLines(str, Enum):
+    SPLIT = "split"  # upper case: str.split and friends are taken
+    TRUNCATE = "truncate"
+
+
 def _flag(*names: str, help: str) -> Any:
     """An option without a shown default (None: keep the configured value)."""
     return typer.Option(*names, help=help, show_default=False)
@@ -88,6 +93,9 @@ def translate(
         _flag("--compute-type", help="Precision (decode.compute_type): auto, float32, bfloat16, float16; "
                                      "CTranslate2 also int8, int8_float32, int16, ..."),
     ] = None,
+    long_lines: Annotated[LongLines | None, _flag(
+        "--long-lines", help="A line longer than the model accepts: split it at sentence boundaries and join the "
+        "translations (default), or truncate it.")] = None,
     seed: Annotated[int | None, _flag("--seed", help="Sampling seed (default: experiment.seed).")] = None,
     prefix: Annotated[Path | None, _flag("--prefix", help="Target prefixes, one per input line (empty: none).")] = None,
     source_lang: Annotated[str | None, _flag(
@@ -129,7 +137,8 @@ def translate(
                  batch_tokens=batch_tokens, batch_sentences=batch_sentences, sampling=sampling,
                  temperature=temperature, top_k=top_k, top_p=top_p,
                  length_penalty_form=length_penalty_form.value if length_penalty_form else None,
-                 backend=backend.value if backend else None, compute_type=compute_type)
+                 backend=backend.value if backend else None, compute_type=compute_type,
+                 long_lines=long_lines.value if long_lines else None)
     if nbest is not None and nbest > 1 and output_format is OutputFormat.text:
         raise MtkitError("--nbest > 1 needs --output-format jsonl (text output has one line per input line)")
     if threads is not None:
@@ -176,6 +185,9 @@ def translate(
                 raise MtkitError(f"{prefix}: more lines than the input ({count})")
         if leader:
             progress.done(count)
+    if translator.split_lines:
+        _say(f"{translator.split_lines} line{'s' * (translator.split_lines > 1)} longer than the model accepts "
+             "translated in pieces cut at sentence boundaries (--long-lines truncate cuts them instead)")
     if shard is not None:
         torch.distributed.destroy_process_group()
     if references is not None:

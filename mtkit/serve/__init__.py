@@ -3,7 +3,7 @@ model's many) and the HTTP app in front of it.
 
 - ``engine``: ``Engine`` merges the sentences of concurrent requests into few translation calls.
 - ``languages``: a client's language code matched to a served one (``de`` -> ``deu``), and names.
-- ``text``: ``split_text`` cuts a text into sentences and ``Layout`` puts the translations back.
+- (``mtkit.sentences``: ``split_text`` cuts a text into sentences, ``Layout`` puts the translations back.)
 - ``request``: request bodies read and checked, responses shaped like the request.
 - ``app``: ``create_app``, the LibreTranslate-compatible API (docs/serving.md) and its guards.
 - ``server``: ``run_server`` listens, loads, serves and stops gracefully on SIGTERM or Ctrl-C.
@@ -11,6 +11,7 @@ model's many) and the HTTP app in front of it.
 Starlette and uvicorn are imported only when an app is built or served.
 """
 
+from mtkit.sentences import Layout, split_text
 from mtkit.serve.app import (
     Pair,
     ServeSettings,
@@ -24,7 +25,6 @@ from mtkit.serve.engine import Engine, EngineStats, QueueFull, Stopped
 from mtkit.serve.languages import LANGUAGE_NAMES, language_name, matches
 from mtkit.serve.request import HTTPError, build_response, parse_request, read_fields
 from mtkit.serve.server import run_server
-from mtkit.serve.text import Layout, split_text
 
 __all__ = [
     "LANGUAGE_NAMES",

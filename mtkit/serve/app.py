@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mtkit import __version__
+from mtkit.sentences import split_text
 from mtkit.serve.engine import Engine, QueueFull, Stopped
 from mtkit.serve.languages import language_name
 from mtkit.serve.request import HTTPError, build_response, parse_request, read_fields
-from mtkit.serve.text import split_text
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

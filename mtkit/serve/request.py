@@ -18,8 +18,8 @@ from mtkit.serve.languages import matches
 if TYPE_CHECKING:
     from starlette.requests import Request
 
+    from mtkit.sentences import Layout
     from mtkit.serve.app import Pair, ServeSettings
-    from mtkit.serve.text import Layout
     from mtkit.translate import Translation
 
 
@@ -217,7 +217,8 @@ def _served(pairs: dict[tuple[str, str], Pair]) -> str:
 def build_response(q: Any, layouts: list[Layout], translations: list[Translation],
                    alternatives: int | None) -> dict[str, Any]:
     """``translatedText`` (and ``alternatives``, up to that many distinct other translations
-    per text) shaped like ``q``."""
+    per text) shaped like ``q``; ``splitSentences``, where sentences were longer than the model
+    accepts and translated in pieces, how many."""
     texts, alts = [], []
     position = 0
     for layout in layouts:
@@ -238,4 +239,7 @@ def build_response(q: Any, layouts: list[Layout], translations: list[Translation
     response: dict[str, Any] = {"translatedText": texts[0] if single else texts}
     if alternatives is not None:
         response["alternatives"] = alts[0] if single else alts
+    split = sum(t.pieces > 1 for t in translations)
+    if split:
+        response["splitSentences"] = split
     return response

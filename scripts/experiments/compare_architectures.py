@@ -140,7 +140,9 @@ def main() -> None:
         parser.error(f"--arms from {', '.join(ARMS)}; --budgets from time, updates")
     out = args.out.resolve()
     shared = prepare_once(out)
-    plan = [(arm, seed) for arm in arms for seed in range(1, (args.seeds if arm in SEEDED else 1) + 1)]
+    # Seed by seed: every arm has its first seed before any has its second.
+    plan = sorted(((arm, seed) for arm in arms for seed in range(1, (args.seeds if arm in SEEDED else 1) + 1)),
+                  key=lambda run: (run[1], arms.index(run[0])))
 
     results = {}
     steps = args.steps

@@ -53,18 +53,20 @@ class ExperimentConfig(Section):
 
 
 class CorpusConfig(Section):
-    format: Literal["text", "tsv", "jsonl", "hub"] = "text"
-    """text: two files, one sentence a line; tsv: one file, two columns; jsonl: one JSON object
-    a line; hub: a Hugging Face hub dataset by name (needs internet)."""
+    format: Literal["text", "tsv", "jsonl", "tmx", "hub"] = "text"
+    """text: two files, one sentence a line (Moses and OPUS file pairs); tsv: one file, two
+    columns; jsonl: one JSON object a line; tmx: a TMX translation memory; hub: a Hugging Face hub
+    dataset by name (needs internet)."""
     src: Path | None = None
     """text: the source-language file (plain or .gz)."""
     tgt: Path | None = None
     """text: the target-language file (plain or .gz)."""
     path: Path | None = None
-    """tsv/jsonl: the file (plain or .gz)."""
+    """tsv/jsonl/tmx: the file (plain or .gz)."""
     src_field: str = "src"
     """tsv: column index (0-based) or header name; jsonl/hub: field name, dotted for nested
-    fields (for example ``translation.en``)."""
+    fields (for example ``translation.en``); tmx: the source's language code, as in the
+    ``xml:lang`` of its ``<tuv>`` (matched case-insensitively; ``en`` also finds ``en-US``)."""
     tgt_field: str = "tgt"
     """Like ``src_field``, for the target side."""
     header: bool = False
@@ -92,8 +94,12 @@ class CorpusConfig(Section):
             "text": [k for k in ("src", "tgt") if getattr(self, k) is None],
             "tsv": ["path"] if self.path is None else [],
             "jsonl": ["path"] if self.path is None else [],
+            "tmx": ["path"] if self.path is None else [],
             "hub": ["name"] if self.name is None else [],
         }[self.format]
+        if self.format == "tmx":
+            missing += [f"{key} (the language code of that side)" for key in ("src_field", "tgt_field")
+                        if key not in self.model_fields_set]
         if missing:
             raise ValueError(f"format '{self.format}' needs {', '.join(missing)}")
         if self.format == "tsv" and not self.header:

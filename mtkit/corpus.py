@@ -1,4 +1,4 @@
-"""Parallel corpora as text: read them (plain or gzip text pairs, TSV, JSONL, hub datasets) and
+"""Parallel corpora as text: read them (plain or gzip text pairs, TSV, JSONL, TMX, hub datasets) and
 normalise their whitespace. No tokenizer, no Arrow; ``mtkit.data`` encodes and stores.
 
 Every reader yields raw pairs ``chunk_size`` at a time, so memory is bounded by a chunk
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from mtkit.config import CorpusConfig, DataConfig, is_column_index
 from mtkit.errors import MtkitError
-from mtkit.fileio import read_lines
+from mtkit.fileio import open_binary, read_lines
 
 if TYPE_CHECKING:  # the tokenizer module imports sentencepiece, which reading text does not need
     from mtkit.tokenizer import Side
@@ -236,6 +236,77 @@ def _field(record: Any, keys: list[str], where: str) -> str:
     return value
 
 
+_TMX_CODES = {"bpt", "ept", "ph", "it", "ut"}
+"""TMX inline elements that hold the original format's codes (``<b>``, ``{1}``...), not text."""
+_XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+
+
+def _read_tmx(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
+    """The pairs of a TMX file, streamed (each ``<tu>`` freed once read): per translation unit,
+    the ``<seg>`` of the ``<tuv>`` whose ``xml:lang`` (TMX 1.1: ``lang``) is ``src_field`` and
+    of the one that is ``tgt_field``, matched case-insensitively, ``en`` also finding ``en-US``
+    or ``en_GB`` where no exact one is there. Inline markup is stripped: the codes in ``<bpt>``,
+    ``<ept>``, ``<ph>``, ``<it>`` and ``<ut>`` go, the text in ``<hi>`` and ``<sub>`` stays. A
+    unit without one of the languages gives an empty pair (``prepare`` drops and counts it).
+    Malformed XML (invalid UTF-8 included) is a one-line error naming the file and line."""
+    import xml.etree.ElementTree as ElementTree
+
+    assert corpus.path is not None
+    path = corpus.path
+    languages = corpus.src_field.lower(), corpus.tgt_field.lower()
+    src: list[Any] = []
+    tgt: list[Any] = []
+    with open_binary(path) as handle:
+        parent = None
+        try:
+            for event, element in ElementTree.iterparse(handle, events=("start", "end")):
+                tag = element.tag.rsplit("}", 1)[-1]
+                if event == "start":
+                    if tag == "body":
+                        parent = element
+                    continue
+                if tag != "tu":
+                    continue
+                segments: dict[str, str] = {}
+                for variant in element:
+                    lang = variant.get(_XML_LANG) or variant.get("lang")
+                    seg = next((child for child in variant if child.tag.rsplit("}", 1)[-1] == "seg"), None)
+                    if lang and seg is not None:
+                        segments.setdefault(lang.lower(), _segment_text(seg))
+                src.append(_language(segments, languages[0]))
+                tgt.append(_language(segments, languages[1]))
+                if parent is not None:
+                    parent.clear()  # the units read so far: memory stays flat
+                if len(src) == chunk_size:
+                    yield src, tgt
+                    src, tgt = [], []
+        except ElementTree.ParseError as err:
+            line = err.position[0]
+            reason = str(err).split(":")[0]
+            raise MtkitError(f"{path}:{line}: not valid TMX: {reason}") from None
+    if src:
+        yield src, tgt
+
+
+def _segment_text(element: Any) -> str:
+    """The text of a ``<seg>`` (or of an inline element in it), inline codes left out."""
+    parts = [element.text or ""]
+    for child in element:
+        if child.tag.rsplit("}", 1)[-1] not in _TMX_CODES:
+            parts.append(_segment_text(child))
+        parts.append(child.tail or "")
+    return "".join(parts)
+
+
+def _language(segments: dict[str, str], lang: str) -> str:
+    """The segment in ``lang`` (lower case): exact, else the first of the same primary language
+    (``en`` finds ``en-us``, ``en-us`` finds ``en``); '' where there is none."""
+    if lang in segments:
+        return segments[lang]
+    primary = re.split("[-_]", lang)[0]
+    return next((text for code, text in segments.items() if re.split("[-_]", code)[0] == primary), "")
+
+
 def _read_hub(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
     import datasets  # takes a second to import; only hub corpora need it
 
@@ -267,6 +338,7 @@ _READERS: dict[str, Callable[[CorpusConfig, str, int], Iterator[Chunk]]] = {
     "text": _read_text,
     "tsv": _read_tsv,
     "jsonl": _read_jsonl,
+    "tmx": _read_tmx,
     "hub": _read_hub,
 }
 

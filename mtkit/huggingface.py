@@ -7,13 +7,15 @@ as the model's own tokenizer does, and whose meta.json names the source and its 
 Every mtkit command then takes it: translate (both backends), serve, compare, average, export,
 and fine-tuning (``pretrained.run``, ``mtkit train --init-from``).
 
-The families (``FAMILIES``, keyed by transformers' ``model_type``) are the BART lineage, whose
-layers map one-to-one onto mtkit's (fused query/key/value aside):
+The families (``FAMILIES``, keyed by transformers' ``model_type``) are the BART lineage and T5,
+whose layers map one-to-one onto mtkit's (fused query/key/value aside); a ``Layout`` reads each
+lineage's config and weights:
 
-    family      norm   positions                    embeddings        languages
-    marian      post   sinusoidal (Marian's)        scaled            ``>>xxx<<`` first in the source
-    m2m_100     pre    sinusoidal_fairseq           scaled            source code first, target code forced
-    mbart       pre    learned, offset 2, one each  + layer norm      (mBART-50) as m2m_100
+    family      norm        positions                    embeddings        languages
+    marian      post        sinusoidal (Marian's)        scaled            ``>>xxx<<`` first in the source
+    m2m_100     pre         sinusoidal_fairseq           scaled            source code first, target code forced
+    mbart       pre         learned, offset 2, one each  + layer norm      (mBART-50) as m2m_100
+    t5, mt5     pre, RMS    relative (T5's buckets)      unscaled          none (a task prefix is the user's text)
 
 Vocabulary. mtkit fixes PAD, UNK, BOS, EOS at ids 0-3 (``mtkit.vocab``); a Hugging Face model
 has its own ids and may use one token in two roles (Marian starts decoding with ``<pad>``,
@@ -63,6 +65,9 @@ class Family:
     """The ``model`` config keys particular to the family, from the transformers config."""
     position_offset: int = 0
     """Rows of a learned position table before position 0 (mBART's 2)."""
+    layout: str = "bart"
+    """How the config and the weights read (``LAYOUTS``): ``bart`` (``model.encoder.layers.0...``)
+    or ``t5`` (``encoder.block.0.layer.0...``)."""
 
 
 def _marian_files(directory: Path) -> tuple[Path, Path]:
@@ -119,6 +124,12 @@ FAMILIES: dict[str, Family] = {
                                "embedding_norm": True}, position_offset=2),
     "blenderbot": Family("blenderbot", _marian_files, _marian_languages,
                          lambda hf: {"norm": "pre", "positions": "learned", "share_positions": False}),
+    # T5 v1.0 (t5-small) and v1.1 (Flan-T5), and mT5 (v1.1's layers under another model_type).
+    "t5": Family("t5", _one_file("spiece.model", "tokenizer.json"), lambda tokenizer: None, lambda hf: {},
+                 layout="t5"),
+    # transformers never scales mT5's decoder output (its configs untie the output projection).
+    "mt5": Family("mt5", _one_file("spiece.model", "tokenizer.json"), lambda tokenizer: None,
+                  lambda hf: {"scale_output": False}, layout="t5"),
 }
 
 _ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu": "gelu", "relu": "relu"}
@@ -169,11 +180,14 @@ def import_huggingface(source: str, out: Path, *, revision: str | None = None, f
         raise MtkitError(f"{directory}: model_type {hf_config.model_type!r} cannot be imported "
                          f"(mtkit imports {', '.join(FAMILIES)})")
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    layout = LAYOUTS[family.layout]
+    # What mtkit cannot compute is refused here, naming the config field, before the weights load.
+    architecture = {**layout.model(hf_config, tokenizer), **family.model(hf_config)}
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(directory, dtype=torch.float32).eval()
     rows = special_rows(hf_config, tokenizer)
     languages = family.languages(tokenizer)
-    config = _config(family, hf_config, model, tokenizer, languages, out, src_lang, tgt_lang)
-    state = mtkit_state_dict(model.state_dict(), config.model, rows, family.position_offset)
+    config = _config(hf_config, architecture, model, tokenizer, languages, out, src_lang, tgt_lang)
+    state = layout.weights(model.state_dict(), config.model, rows, family.position_offset)
     from mtkit.checkpoint import checkpoints_dir, mark_final, save_checkpoint
     from mtkit.models import build_model
 
@@ -233,8 +247,9 @@ def masked_columns(rows: list[int]) -> list[int]:
     return []
 
 
-def _config(family: Family, hf: Any, model: Any, tokenizer: Any, languages: Languages | None, out: Path,
-            src_lang: str | None, tgt_lang: str | None) -> Config:
+def _bart_model(hf: Any, tokenizer: Any) -> dict[str, Any]:
+    """The ``model`` config keys of a BART-lineage model that its config gives (the family's own
+    and those read off the weights aside)."""
     activation = _ACTIVATIONS.get(hf.activation_function)
     if activation is None:
         raise MtkitError(f"config.json: activation_function {hf.activation_function!r} is not supported "
@@ -245,14 +260,7 @@ def _config(family: Family, hf: Any, model: Any, tokenizer: Any, languages: Lang
         # Marian's target_vocab.json: a second id space, which the tokenizer mapping lacks.
         raise MtkitError("config.json: share_encoder_decoder_embeddings is false (separate source and target "
                          "vocabularies), which mtkit does not import yet")
-    # Whether tables are one is read off the weights: configs of the BART family do not all say.
-    weights = model.state_dict()
-    encoder, decoder = (weights.get(f"model.{side}.embed_tokens.weight", weights["model.shared.weight"])
-                        for side in ("encoder", "decoder"))
-    shared = torch.equal(encoder, decoder)
-    tied = torch.equal(decoder, weights.get("lm_head.weight", decoder))
-    model_cfg = {
-        "arch": "encoder_decoder",
+    return {
         "d_model": hf.d_model,
         "encoder_layers": hf.encoder_layers,
         "decoder_layers": hf.decoder_layers,
@@ -264,10 +272,83 @@ def _config(family: Family, hf: Any, model: Any, tokenizer: Any, languages: Lang
         "activation": activation,
         "max_positions": hf.max_position_embeddings,
         "scale_embeddings": bool(hf.scale_embedding),
+    }
+
+
+_T5_ACTIVATIONS = {(False, "relu"): "relu", (False, "gelu"): "gelu", (False, "silu"): "silu",
+                   (False, "swish"): "silu", (True, "gelu_new"): "geglu", (True, "gelu_pytorch_tanh"): "geglu",
+                   (True, "silu"): "swiglu", (True, "swish"): "swiglu"}
+"""T5's feed-forward (``is_gated_act``, ``dense_act_fn``) -> ``model.activation``. transformers' gelu is
+the exact one, as mtkit's; gelu_new and gelu_pytorch_tanh are the tanh approximation (``gated-gelu``,
+T5 v1.1), as mtkit's geglu. A gated block is ``wo(act(wi_0 x) * wi_1 x)``."""
+
+T5_MAX_POSITIONS = 512
+"""``model.max_positions`` of an imported T5 whose tokenizer sets no ``model_max_length``: the
+length T5 was trained at. Relative positions hold no table, so this is only mtkit's length limit."""
+
+
+def _t5_model(hf: Any, tokenizer: Any) -> dict[str, Any]:
+    """The ``model`` config keys of a T5 (``T5Config``, ``MT5Config``): pre-norm RMSNorm blocks
+    without biases, relative position buckets, unscaled embeddings and attention logits, the
+    decoder's output scaled by d_model^-0.5 where transformers scales it."""
+    gated, act = bool(hf.is_gated_act), str(hf.dense_act_fn)
+    activation = _T5_ACTIVATIONS.get((gated, act))
+    if activation is None:
+        known = sorted({f"{'gated-' if g else ''}{a}" for g, a in _T5_ACTIVATIONS})
+        raise MtkitError(f"config.json: feed_forward_proj {hf.feed_forward_proj!r} ({'gated ' if gated else ''}"
+                         f"dense_act_fn {act!r}) is not supported ({', '.join(known)})")
+    # transformers 5 keeps T5 v1.0's scaling in scale_decoder_outputs (tie_word_embeddings is forced
+    # on); before it, tie_word_embeddings said both.
+    scale = getattr(hf, "scale_decoder_outputs", getattr(hf, "tie_word_embeddings", True))
+    limit = getattr(tokenizer, "model_max_length", None)
+    # transformers writes "no limit" as a huge number (1e30).
+    max_positions = int(limit) if isinstance(limit, int) and 8 <= limit < 10**6 else T5_MAX_POSITIONS
+    return {
+        "d_model": hf.d_model,
+        "encoder_layers": hf.num_layers,
+        "decoder_layers": hf.num_decoder_layers,
+        "heads": hf.num_heads,
+        "head_dim": hf.d_kv,
+        "ffn_dim": hf.d_ff,
+        # T5 drops out at these three places at one rate (and after each stack's final norm, which
+        # mtkit does not: fine-tuning differs there only).
+        "dropout": hf.dropout_rate,
+        "attention_dropout": hf.dropout_rate,
+        "activation_dropout": hf.dropout_rate,
+        "activation": activation,
+        "norm": "pre",
+        "norm_type": "rms",
+        "norm_eps": hf.layer_norm_epsilon,
+        "bias": False,
+        "positions": "relative",
+        "relative_buckets": hf.relative_attention_num_buckets,
+        "relative_max_distance": hf.relative_attention_max_distance,
+        "max_positions": max_positions,
+        "scale_embeddings": False,
+        "scale_attention": False,
+        "scale_output": bool(scale),
+    }
+
+
+def _tables(weights: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The encoder's and the decoder's embedding tables and the output projection of a model's
+    ``state_dict``, in the model's own row order (BART's names under ``model.``, T5's at the top)."""
+    prefix = "model." if "model.shared.weight" in weights else ""
+    encoder, decoder = (weights.get(f"{prefix}{side}.embed_tokens.weight", weights[f"{prefix}shared.weight"])
+                        for side in ("encoder", "decoder"))
+    return encoder, decoder, weights.get("lm_head.weight", decoder)
+
+
+def _config(hf: Any, architecture: dict[str, Any], model: Any, tokenizer: Any, languages: Languages | None,
+            out: Path, src_lang: str | None, tgt_lang: str | None) -> Config:
+    # Whether tables are one is read off the weights: configs of the BART family do not all say.
+    encoder, decoder, output = _tables(model.state_dict())
+    model_cfg = {
+        "arch": "encoder_decoder",
         "output_bias": True,
-        "share_embeddings": bool(shared),
-        "tie_output": tied,
-        **family.model(hf),
+        "share_embeddings": torch.equal(encoder, decoder),
+        "tie_output": torch.equal(decoder, output),
+        **architecture,
     }
     generation = getattr(model, "generation_config", None)
     decode: dict[str, Any] = {"length_penalty_form": "length", "allow_unk": True}
@@ -297,6 +378,18 @@ def _code(languages: Languages | None, code: str, what: str) -> str:
     return next(c for c, t in languages.tokens.items() if t == token)
 
 
+def _copy_segmenter(source: Path, target: Path) -> None:
+    """Copy a segmentation model; a ``tokenizer.json`` loses the padding and truncation it may
+    carry (transformers saves those of the tokenizer's last call), which would pad or cut each
+    sentence mtkit segments."""
+    if source.suffix != ".json":
+        shutil.copyfile(source, target)
+        return
+    spec = json.loads(source.read_text(encoding="utf-8"))
+    spec.update(padding=None, truncation=None)
+    atomic_write_text(target, json.dumps(spec, ensure_ascii=False) + "\n")
+
+
 def _write_tokenizer(family: Family, directory: Path, tokenizer: Any, rows: list[int],
                      languages: Languages | None, out: Path) -> Tokenizers:
     """mtkit's tokenizer directory: the segmentation model(s), the vocabulary in mtkit's id
@@ -312,9 +405,9 @@ def _write_tokenizer(family: Family, directory: Path, tokenizer: Any, rows: list
     joint = src_file == tgt_file
     if joint:
         names = {"src": "spm" + src_file.suffix, "tgt": "spm" + src_file.suffix}
-    shutil.copyfile(src_file, out / names["src"])
+    _copy_segmenter(src_file, out / names["src"])
     if not joint:
-        shutil.copyfile(tgt_file, out / names["tgt"])
+        _copy_segmenter(tgt_file, out / names["tgt"])
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     if languages is not None:  # M2M100Tokenizer.get_vocab() leaves out its language tokens
         by_id.update({tokenizer.convert_tokens_to_ids(token): token for token in languages.tokens.values()})
@@ -394,3 +487,65 @@ def mtkit_state_dict(hf: dict[str, Tensor], cfg: ModelConfig, rows: list[int], p
                 out[f"{side}_embedding_norm.{kind}"] = hf[f"model.{side}.layernorm_embedding.{kind}"]
     return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
 
+
+
+def t5_state_dict(hf: dict[str, Tensor], cfg: ModelConfig, rows: list[int], position_offset: int = 0
+                  ) -> dict[str, Tensor]:
+    """mtkit's weights from a T5's ``state_dict`` (``encoder.block.0.layer.0.SelfAttention.q...``):
+    embedding rows and output columns permuted by ``rows`` (see ``special_rows``), query, key and
+    value fused, block 0's relative position table of each stack as the stack's one table, the
+    gated feed-forward's ``wi_0`` (activated) as ``gate`` and ``wi_1`` as ``fc1``.
+    ``position_offset`` is unused (T5 has no position table)."""
+    index = torch.tensor(rows)
+    encoder, decoder, output = _tables(hf)
+    out: dict[str, Tensor] = {"src_embed.weight": encoder[index], "tgt_embed.weight": decoder[index],
+                              "output_proj.weight": output[index]}
+    bias = torch.zeros(len(rows))
+    bias[masked_columns(rows)] = MASKED_LOGIT
+    out["output_proj.bias"] = bias
+    for side in ("encoder", "decoder"):
+        # T5 keeps a stack's one table in its first block: ``(buckets, heads)``, as mtkit's.
+        table = f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        out[f"{side}_relative.embed.weight"] = hf[table]
+        out[f"{side}_layer_norm.weight"] = hf[f"{side}.final_layer_norm.weight"]
+        layers = cfg.encoder_layers if side == "encoder" else cfg.decoder_layers
+        for i in range(layers):
+            theirs, mine = f"{side}.block.{i}.layer.", f"{side}_layers.{i}."
+            attn = f"{theirs}0.SelfAttention."
+            out[f"{mine}self_attn.qkv_proj.weight"] = torch.cat([hf[f"{attn}{p}.weight"] for p in "qkv"], dim=0)
+            out[f"{mine}self_attn.out_proj.weight"] = hf[f"{attn}o.weight"]
+            out[f"{mine}self_attn_layer_norm.weight"] = hf[f"{theirs}0.layer_norm.weight"]
+            ff = f"{theirs}1." if side == "encoder" else f"{theirs}2."
+            if side == "decoder":
+                cross = f"{theirs}1.EncDecAttention."
+                out[f"{mine}encoder_attn.q_proj.weight"] = hf[f"{cross}q.weight"]
+                out[f"{mine}encoder_attn.kv_proj.weight"] = torch.cat([hf[f"{cross}k.weight"], hf[f"{cross}v.weight"]])
+                out[f"{mine}encoder_attn.out_proj.weight"] = hf[f"{cross}o.weight"]
+                out[f"{mine}encoder_attn_layer_norm.weight"] = hf[f"{theirs}1.layer_norm.weight"]
+            dense = f"{ff}DenseReluDense."
+            if f"{dense}wi_0.weight" in hf:
+                out[f"{mine}ffn.gate.weight"] = hf[f"{dense}wi_0.weight"]
+                out[f"{mine}ffn.fc1.weight"] = hf[f"{dense}wi_1.weight"]
+            else:
+                out[f"{mine}ffn.fc1.weight"] = hf[f"{dense}wi.weight"]
+            out[f"{mine}ffn.fc2.weight"] = hf[f"{dense}wo.weight"]
+            out[f"{mine}final_layer_norm.weight"] = hf[f"{ff}layer_norm.weight"]
+    return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a lineage's config and weights read (``Family.layout``)."""
+
+    model: Callable[[Any, Any], dict[str, Any]]
+    """The ``model`` config keys from the transformers config and tokenizer (``MtkitError``, naming
+    the config field, for what mtkit cannot compute)."""
+    weights: Callable[[dict[str, Tensor], ModelConfig, list[int], int], dict[str, Tensor]]
+    """mtkit's state dict from the model's, its rows permuted (``special_rows``), and the offset
+    of a learned position table."""
+
+
+LAYOUTS: dict[str, Layout] = {
+    "bart": Layout(_bart_model, mtkit_state_dict),
+    "t5": Layout(_t5_model, t5_state_dict),
+}

@@ -28,7 +28,7 @@ def huggingface(
         "--target-lang", help="A multilingual model's default target language (its code).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace RUN if it exists.")] = False,
 ) -> None:
-    """Import a transformers translation model (Marian/opus-mt, M2M100/NLLB, mBART-50) as a run
+    """Import a transformers translation model (Marian/opus-mt, M2M100/NLLB, mBART-50, T5/mT5) as a run
     every mtkit command takes: translate, serve, compare, export, fine-tuning."""
     from mtkit.huggingface import import_huggingface
 

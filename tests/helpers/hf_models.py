@@ -271,3 +271,77 @@ def make_nllb(directory: Path, *, steps: int = 500) -> Path:
         "legacy_behaviour": False, "extra_special_tokens": FAIRSEQ_LANGUAGE_CODES}), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(directory)  # converts the SentencePiece model
     return _train_m2m100(directory, tokenizer, len(tokenizer), (german, french), steps)
+
+
+T5_VARIANTS = ("v1.0", "v1.1")
+"""The T5 fixtures: v1.0 as t5-small (relu, heads * d_kv = d_model, the output projection tied to the
+embeddings and the decoder's output scaled by d_model^-0.5, 32 buckets to distance 128); v1.1 as
+Flan-T5 and mT5 (gated-gelu, 3 heads of 16 over a d_model of 32, an untied ``lm_head``, no scaling,
+16 buckets to distance 20, so that the sentences reach the shared last bucket)."""
+
+T5_PAIRS = tokdata_pairs(2000, seed=11)
+"""The T5 fixtures' training pairs (``PAIRS`` first): a model with relative positions only learns
+to end unseen sentences from fewer steps over more sentences."""
+T5_SOURCES = [src for src, _ in tokdata_pairs(120, seed=12)]
+"""Sentences the T5 tests translate (``SOURCES`` first): at this size a third of them still run
+to the maximum length, which beam comparisons leave out."""
+
+_T5_VARIANTS: dict[str, dict[str, Any]] = {
+    "v1.0": dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, feed_forward_proj="relu"),
+    "v1.1": dict(d_model=32, d_kv=16, num_heads=3, d_ff=48, feed_forward_proj="gated-gelu",
+                 relative_attention_num_buckets=16, relative_attention_max_distance=20),
+}
+
+
+def train_t5_spm(texts: list[str], path: Path, vocab_size: int) -> Path:
+    """A unigram SentencePiece model with T5's ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, no ``<s>``."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                   model_type="unigram", character_coverage=1.0, minloglevel=2,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def make_t5(directory: Path, *, variant: str = "v1.0", steps: int = 400) -> Path:
+    """A T5-like model (``T5_VARIANTS``) as the hub's repositories hold one: ``spiece.model`` beside
+    ``tokenizer.json`` (a T5Tokenizer: the pieces, then the 100 sentinels ``<extra_id_99>`` ...
+    ``<extra_id_0>``), ``model_max_length`` 512, a vocab_size rounded up to a multiple of 64 (rows
+    no token names, as t5-small's 32128 for 32100 tokens), decoding from ``<pad>``, and config.json
+    as the hub writes it (v1.1: ``tie_word_embeddings: false``; no ``scale_decoder_outputs``, which
+    transformers 5 derives from it). Built once per test session for the same arguments, then
+    copied to ``directory``."""
+    key = ("t5", variant, steps)
+    if key not in _BUILT:
+        built = Path(tempfile.mkdtemp(prefix="t5-"))
+        atexit.register(shutil.rmtree, built, ignore_errors=True)
+        _BUILT[key] = _build_t5(built, variant, steps)
+    shutil.copytree(_BUILT[key], directory, dirs_exist_ok=True)
+    return directory
+
+
+def _build_t5(directory: Path, variant: str, steps: int) -> Path:
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    directory.mkdir(parents=True, exist_ok=True)
+    train_t5_spm([s for s, _ in PAIRS] + [t for _, t in PAIRS], directory / "spiece.model", 150)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 100}), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(directory)  # converts the SentencePiece model
+    untied = variant == "v1.1"
+    config = T5Config(vocab_size=-(-len(tokenizer) // 64) * 64, num_layers=2, dropout_rate=0.0,
+                      decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=not untied,
+                      **_T5_VARIANTS[variant])
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    if untied and model.lm_head.weight is model.shared.weight:
+        # transformers 5 ties T5's lm_head whatever the config says (it loads an untied one untied).
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight))
+    fit(model, tokenizer, T5_PAIRS, steps)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)  # tokenizer.json; the SentencePiece model stays beside it
+    saved = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    saved.pop("scale_decoder_outputs", None)
+    saved["tie_word_embeddings"] = not untied
+    (directory / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    return directory

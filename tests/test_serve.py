@@ -173,6 +173,22 @@ def test_translate_json_form_and_multipart_agree_with_offline(loaded, backend):
     assert form_list.json() == {"translatedText": expected}
 
 
+def test_a_sentence_longer_than_the_model_accepts_is_translated_in_pieces_and_counted(loaded):
+    app, engine, calls = make_app(loaded)
+    engine.translator.max_source = 6  # subwords the model accepts: a short model, for speed
+    long, short = "ka to ri se na lo pe shi ka to ri se na lo pe", "ka to ri"
+    reference = translator(loaded)
+    reference.max_source = 6
+    expected = reference.translate_lines([long, short])
+    assert expected[0].pieces >= 3 and expected[1].pieces == 1
+    with TestClient(app) as client:
+        response = client.post("/translate", json=body([long, short]))
+        plain = client.post("/translate", json=body(short))
+    assert response.status_code == 200, response.text
+    assert response.json() == {"translatedText": [expected[0].text, expected[1].text], "splitSentences": 1}
+    assert plain.json() == {"translatedText": expected[1].text}
+
+
 def test_multi_line_text_keeps_its_line_breaks_and_empty_text_stays_empty(loaded, backend):
     app, _, _ = make_app(loaded, backend=backend)
     text = "ka to ri. Se na lo!\n\n  dra fen\r\nbor wix\n"

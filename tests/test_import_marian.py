@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.cli import invoke, one_line_error
-from helpers.hf_models import SOURCES, make_marian
+from helpers.hf_models import SOURCES, make_marian, padded_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +60,6 @@ def test_source_ids_equal_the_marian_tokenizer(marian, reference):
 def test_logits_equal_transformers_on_a_padded_batch(marian, reference):
     from mtkit.checkpoint import load_for_inference
     from mtkit.huggingface import masked_columns, special_rows
-    from mtkit.vocab import BOS_ID, PAD_ID
 
     tokenizer, model = reference
     loaded = load_for_inference(marian[1])
@@ -70,13 +69,7 @@ def test_logits_equal_transformers_on_a_padded_batch(marian, reference):
     generator = torch.Generator().manual_seed(0)
     decoder = torch.randint(2, model.config.vocab_size - 1, (16, 7), generator=generator)  # no </s>, no <pad>
     decoder[:, 0] = model.config.decoder_start_token_id
-    with torch.no_grad():
-        theirs = model(**batch, decoder_input_ids=decoder).logits
-        src = batch["input_ids"].clone().apply_(lambda i: to_mtkit[i])
-        tgt = decoder.clone().apply_(lambda i: to_mtkit[i])
-        tgt[:, 0] = BOS_ID
-        assert bool((src == PAD_ID).any())  # the batch is padded
-        ours = loaded.model(src, tgt)
+    ours, theirs = padded_logits(model, loaded, batch, decoder, to_mtkit)
     kept = [i for i in range(len(rows)) if i not in masked_columns(rows)]
     difference = (ours[..., kept] - theirs[..., [rows[i] for i in kept]]).abs().max().item()
     assert difference < 1e-4

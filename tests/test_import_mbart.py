@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.cli import invoke, one_line_error
-from helpers.hf_models import MBART_LANGUAGES, SOURCES, make_mbart50
+from helpers.hf_models import MBART_LANGUAGES, SOURCES, make_mbart50, padded_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,7 +136,7 @@ def test_source_ids_equal_the_mbart50_tokenizer(runs, reference, tokenizer_file)
 def test_logits_equal_transformers_on_a_padded_batch(runs, reference):
     from mtkit.checkpoint import load_for_inference
     from mtkit.huggingface import masked_columns, special_rows
-    from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID
+    from mtkit.vocab import BOS_ID, EOS_ID
 
     tokenizer, model = reference
     loaded = load_for_inference(runs["sentencepiece"])
@@ -148,13 +148,7 @@ def test_logits_equal_transformers_on_a_padded_batch(runs, reference):
     decoder = torch.randint(4, len(rows), (16, 8), generator=generator)
     decoder[:, 0] = model.config.decoder_start_token_id
     decoder[:, 1] = torch.tensor([tokenizer.convert_tokens_to_ids(code) for code in (GERMAN, FRENCH) * 8])
-    with torch.no_grad():
-        theirs = model(**batch, decoder_input_ids=decoder).logits
-        src = batch["input_ids"].clone().apply_(lambda i: to_mtkit[i])
-        tgt = decoder.clone().apply_(lambda i: to_mtkit[i])
-        tgt[:, 0] = BOS_ID
-        assert bool((src == PAD_ID).any())  # the batch is padded
-        ours = loaded.model(src, tgt)
+    ours, theirs = padded_logits(model, loaded, batch, decoder, to_mtkit)
     kept = [i for i in range(len(rows)) if i not in masked_columns(rows)]
     assert masked_columns(rows) == [BOS_ID]
     their_columns = [rows[i] for i in kept]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.cli import invoke, one_line_error
-from helpers.hf_models import T5_SOURCES, T5_VARIANTS, make_t5
+from helpers.hf_models import T5_SOURCES, T5_VARIANTS, make_t5, padded_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -147,7 +147,7 @@ def test_source_ids_equal_the_t5_tokenizer(t5, reference, tokenizer_file):
 def test_logits_equal_transformers_on_a_padded_batch(t5, reference):
     from mtkit.checkpoint import load_for_inference
     from mtkit.huggingface import masked_columns, special_rows
-    from mtkit.vocab import BOS_ID, PAD_ID
+    from mtkit.vocab import PAD_ID
 
     tokenizer, model = reference
     loaded = load_for_inference(t5[2]["spiece.model"])
@@ -160,13 +160,7 @@ def test_logits_equal_transformers_on_a_padded_batch(t5, reference):
     # Any id but <pad> and </s>: <unk>, pieces, sentinels and the rows no token names.
     decoder = torch.randint(2, model.config.vocab_size, (16, 9), generator=generator)
     decoder[:, 0] = model.config.decoder_start_token_id
-    with torch.no_grad():
-        theirs = model(**batch, decoder_input_ids=decoder).logits
-        src = batch["input_ids"].clone().apply_(lambda i: to_mtkit[i])
-        tgt = decoder.clone().apply_(lambda i: to_mtkit[i])
-        tgt[:, 0] = BOS_ID
-        assert bool((src == PAD_ID).any())  # the batch is padded
-        ours = loaded.model(src, tgt)
+    ours, theirs = padded_logits(model, loaded, batch, decoder, to_mtkit)
     assert masked_columns(rows) == [PAD_ID]
     kept = [i for i in range(len(rows)) if i != PAD_ID]
     their_columns = [rows[i] for i in kept]

@@ -345,3 +345,20 @@ def _build_t5(directory: Path, variant: str, steps: int) -> Path:
     saved["tie_word_embeddings"] = not untied
     (directory / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
     return directory
+
+
+def padded_logits(model: Any, loaded: Any, batch: dict[str, Any], decoder: Any,
+                  to_mtkit: dict[int, int]) -> tuple[Any, Any]:
+    """mtkit's and transformers' logits for the same padded batch: ``batch`` and ``decoder``
+    (the decoder's input, from its start token) in the model's ids, mapped by ``to_mtkit``."""
+    import torch
+
+    from mtkit.vocab import BOS_ID, PAD_ID
+
+    with torch.no_grad():
+        theirs = model(**batch, decoder_input_ids=decoder).logits
+        src = batch["input_ids"].clone().apply_(lambda i: to_mtkit[i])
+        tgt = decoder.clone().apply_(lambda i: to_mtkit[i])
+        tgt[:, 0] = BOS_ID
+        assert bool((src == PAD_ID).any())  # the batch is padded
+        return loaded.model(src, tgt), theirs

@@ -146,12 +146,13 @@ class Translator:
 
     def translate_lines(
         self, lines: list[str], prefixes: list[str] | None = None, first_line: int = 1, line_step: int = 1, *,
-        nbest: int | None = None, beam: int | None = None,
+        nbest: int | None = None, beam: int | None = None, long_lines: str | None = None,
     ) -> list[Translation]:
         """One ``Translation`` per line, in input order. ``prefixes``: per line, text the
         translation must start with ('' for none). Warnings number line ``i`` of ``lines`` as
-        ``first_line + i * line_step``. ``nbest``, ``beam``: this call's, over ``decode``'s."""
-        decode = self._settings(nbest, beam)
+        ``first_line + i * line_step``. ``nbest``, ``beam``, ``long_lines``: this call's, over
+        ``decode``'s."""
+        decode = self._settings(nbest, beam, long_lines)
         if prefixes is not None and len(prefixes) != len(lines):
             raise ValueError(f"{len(prefixes)} prefixes for {len(lines)} lines")
         numbers = range(first_line, first_line + len(lines) * line_step, line_step)
@@ -249,9 +250,10 @@ class Translator:
 
     # ------------------------------------------------------------------ internals
 
-    def _settings(self, nbest: int | None, beam: int | None) -> DecodeConfig:
-        """``decode`` with this call's n-best and beam size (checked as the config checks them)."""
-        update = {key: value for key, value in (("nbest", nbest), ("beam", beam))
+    def _settings(self, nbest: int | None, beam: int | None, long_lines: str | None = None) -> DecodeConfig:
+        """``decode`` with this call's n-best, beam size and long-line rule (checked as the config
+        checks them)."""
+        update = {key: value for key, value in (("nbest", nbest), ("beam", beam), ("long_lines", long_lines))
                   if value is not None and value != getattr(self.decode, key)}
         if not update:
             return self.decode
@@ -276,10 +278,10 @@ class Translator:
             self.warn(f"line {numbers[row]}: {len(src_ids[row])} subwords, more than the model accepts "
                       f"({self.max_source}); translated in {len(layouts[row].sentences)} pieces cut at sentence "
                       "boundaries and joined")
-        # Every piece fits: no line of this call is split again. (A forced prefix too long for
-        # the model is reported against the first line's number.)
+        # The pieces fit (a run of a word, decoded and encoded again, might gain a subword: then
+        # truncated, never split again). Warnings on pieces name the call's first line.
         found = self.translate_lines(pieces, piece_prefixes if prefixes is not None else None, numbers.start,
-                                     nbest=decode.nbest, beam=decode.beam)
+                                     nbest=decode.nbest, beam=decode.beam, long_lines="truncate")
         results: list[Translation] = [Translation("") for _ in texts]
         by_row: dict[int, list[Translation]] = {}
         for row, translation in zip(rows, found, strict=True):

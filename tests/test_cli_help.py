@@ -93,7 +93,7 @@ def test_config_show_doc_lists_the_allowed_values_of_choice_keys():
     assert "[pre|post]" in rows["model.norm"]
     assert "[auto|torch|ctranslate2]" in rows["decode.backend"]
     assert "[unigram|bpe]" in rows["tokenizer.type"]
-    assert "[text|tsv|jsonl|hub]" in rows["data.valid.format"]
+    assert "[text|tsv|jsonl|tmx|hub]" in rows["data.valid.format"]
     assert "[" not in rows["model.dropout"]  # a number has no list of values
 
 

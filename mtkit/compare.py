@@ -483,7 +483,7 @@ def measure_decoding(loaded: Loaded, sources: list[str],
     if not sample:
         return None, None
     # Batches of similar lengths, as a translator that sorts its input by length makes them.
-    lengths = [len(ids) for ids in loaded.tokenizers.src.encode(sample)]
+    lengths = [len(ids) for ids in loaded.tokenizers.encode_source(sample)]
     by_length = [line for _, line in sorted(zip(lengths, sample, strict=True), key=lambda pair: pair[0])]
     batches = [by_length[i : i + SPEED_BATCH] for i in range(0, len(by_length), SPEED_BATCH)]
     # Untimed first: the longest batch and one line, so that first-call set-up and the first
@@ -519,9 +519,9 @@ def kv_cache_bytes(loaded: Loaded, translator: Translator, sources: list[str], o
     sizes = []
     with torch.inference_mode():
         for source, output in zip(sources, outputs, strict=True):
-            # A multilingual model's language tokens as the translator adds them.
-            src_ids = [*translator.source_prefix, *loaded.tokenizers.src.encode([source])[0][: translator.max_source],
-                       EOS_ID]
+            # A multilingual model's language tokens (a language model's prompt) as the translator adds them.
+            framed = loaded.tokenizers.encode_source([source])[0]
+            src_ids = [*translator.source_prefix, *framed[: translator.max_source], EOS_ID]
             src = torch.tensor([src_ids], device=device)
             tgt_ids = [BOS_ID, *translator.target_prefix,
                        *loaded.tokenizers.tgt.encode([output])[0]][: int(model.positions_left(src)[0])]

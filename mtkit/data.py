@@ -317,7 +317,7 @@ class _Encoded(NamedTuple):
 
 def _encode(src: list[str], tgt: list[str], tokenizers: Tokenizers, limits: _Limits | None) -> _Encoded:
     """Encode a chunk and, given ``limits`` (training), drop pairs by token length."""
-    src_ids = tokenizers.src.encode(src)
+    src_ids = tokenizers.encode_source(src)
     tgt_ids = tokenizers.tgt.encode(tgt)
     src_len = np.fromiter(map(len, src_ids), dtype=np.int32, count=len(src_ids))
     tgt_len = np.fromiter(map(len, tgt_ids), dtype=np.int32, count=len(tgt_ids))

@@ -42,7 +42,7 @@ from torch import Tensor
 from mtkit.config import Config, ModelConfig, validate_config
 from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir, atomic_write_text
-from mtkit.tokenizer import META_FILE, META_FORMAT, Languages, Tokenizers, files_fingerprint
+from mtkit.tokenizer import META_FILE, META_FORMAT, Languages, Tokenizers, check_prompt, files_fingerprint
 from mtkit.vocab import BOS_ID, EOS_ID, MASKED_LOGIT, PAD_ID, UNK_ID
 
 VOCAB_FILE = "vocab.json"
@@ -130,7 +130,20 @@ FAMILIES: dict[str, Family] = {
     # transformers never scales mT5's decoder output (its configs untie the output projection).
     "mt5": Family("mt5", _one_file("spiece.model", "tokenizer.json"), lambda tokenizer: None,
                   lambda hf: {"scale_output": False}, layout="t5"),
+    # Causal language models of Llama's layout (rotary positions, RMSNorm, SwiGLU, grouped-query
+    # attention), translating by continuing a prompt (``DEFAULT_PROMPT``).
+    "llama": Family("llama", _one_file("tokenizer.json"), lambda tokenizer: None, lambda hf: {}, layout="llama"),
+    "mistral": Family("mistral", _one_file("tokenizer.json"), lambda tokenizer: None, lambda hf: {},
+                      layout="llama"),
+    # Qwen2 adds biases to the query, key and value projections.
+    "qwen2": Family("qwen2", _one_file("tokenizer.json"), lambda tokenizer: None, lambda hf: {"bias": True},
+                    layout="llama"),
 }
+
+DEFAULT_PROMPT = "Translate {src_lang} to {tgt_lang}:\n{source}\n"
+"""The prompt a language model translates with unless the import names another (``--prompt``):
+``{src_lang}``/``{tgt_lang}`` are filled in at import, ``{source}`` at every translation. The
+target follows the newline."""
 
 _ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu": "gelu", "relu": "relu"}
 
@@ -161,11 +174,13 @@ def fetch(source: str, revision: str | None = None) -> tuple[Path, dict[str, Any
 
 
 def import_huggingface(source: str, out: Path, *, revision: str | None = None, force: bool = False,
-                       src_lang: str | None = None, tgt_lang: str | None = None,
+                       src_lang: str | None = None, tgt_lang: str | None = None, prompt: str | None = None,
                        log: Callable[[str], None] = print) -> Path:
     """Import the model ``source`` into the run directory ``out`` (written whole, atomically;
     an existing one is replaced only with ``force``). ``src_lang``/``tgt_lang``: the languages
-    a multilingual model translates between by default (its codes)."""
+    a multilingual model translates between by default (its codes); for a language model, the
+    names its prompt gives them. ``prompt``: a language model's prompt template (default
+    ``DEFAULT_PROMPT``)."""
     out = Path(out)
     if out.exists() and not force:
         raise MtkitError(f"{out}: already exists; pass --force to replace it")
@@ -181,10 +196,16 @@ def import_huggingface(source: str, out: Path, *, revision: str | None = None, f
                          f"(mtkit imports {', '.join(FAMILIES)})")
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     layout = LAYOUTS[family.layout]
+    causal = family.layout == "llama"
+    if prompt is not None and not causal:
+        raise MtkitError(f"--prompt: {hf_config.model_type} is a translation model, which takes no prompt")
+    if causal:
+        prompt = _prompt(prompt, src_lang, tgt_lang)
     # What mtkit cannot compute is refused here, naming the config field, before the weights load.
     architecture = {**layout.model(hf_config, tokenizer), **family.model(hf_config)}
-    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(directory, dtype=torch.float32).eval()
-    rows = special_rows(hf_config, tokenizer)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSeq2SeqLM
+    model = auto.from_pretrained(directory, dtype=torch.float32).eval()
+    rows = causal_rows(hf_config, tokenizer) if causal else special_rows(hf_config, tokenizer)
     languages = family.languages(tokenizer)
     config = _config(hf_config, architecture, model, tokenizer, languages, out, src_lang, tgt_lang)
     state = layout.weights(model.state_dict(), config.model, rows, family.position_offset)
@@ -192,7 +213,7 @@ def import_huggingface(source: str, out: Path, *, revision: str | None = None, f
     from mtkit.models import build_model
 
     with atomic_dir(out) as tmp:
-        tokenizers = _write_tokenizer(family, directory, tokenizer, rows, languages, tmp / "tokenizer")
+        tokenizers = _write_tokenizer(family, directory, tokenizer, rows, languages, tmp / "tokenizer", prompt)
         ours = build_model(config.model, tokenizers.src.vocab_size, tokenizers.tgt.vocab_size, tokenizers.shared_vocab)
         try:
             ours.load_state_dict(state, strict=True)
@@ -235,6 +256,26 @@ def special_rows(hf_config: Any, tokenizer: Any) -> list[int]:
             raise MtkitError(f"config.json: {name} is {value!r}, not an id of the {vocab_size}-token vocabulary")
     taken = set(specials)
     return specials + [i for i in range(vocab_size) if i not in taken]
+
+
+def causal_rows(hf_config: Any, tokenizer: Any) -> list[int]:
+    """``special_rows`` of a language model: EOS is the model's (the first where it names
+    several); BOS, UNK and PAD are its tokenizer's where it has them and they are not taken, else
+    rows added after the model's (``vocab_size`` on: zero embeddings, masked output columns).
+    mtkit's BOS is never fed to a language model (its prompt's last token stands there)."""
+    vocab_size = hf_config.vocab_size
+    eos = hf_config.eos_token_id if hf_config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None or not 0 <= eos < vocab_size:
+        raise MtkitError(f"config.json: eos_token_id is {eos!r}, not an id of the {vocab_size}-token vocabulary")
+    taken, added = {EOS_ID: eos}, vocab_size
+    for mtkit_id, value in ((BOS_ID, tokenizer.bos_token_id), (UNK_ID, tokenizer.unk_token_id),
+                            (PAD_ID, tokenizer.pad_token_id)):
+        if value is None or value in taken.values() or not 0 <= value < vocab_size:
+            value, added = added, added + 1
+        taken[mtkit_id] = value
+    specials = [taken[i] for i in (PAD_ID, UNK_ID, BOS_ID, EOS_ID)]
+    return specials + [i for i in range(vocab_size) if i not in set(specials)]
 
 
 def masked_columns(rows: list[int]) -> list[int]:
@@ -341,8 +382,18 @@ def _tables(weights: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 
 def _config(hf: Any, architecture: dict[str, Any], model: Any, tokenizer: Any, languages: Languages | None,
             out: Path, src_lang: str | None, tgt_lang: str | None) -> Config:
+    weights = model.state_dict()
+    if architecture.get("arch") == "decoder_only":
+        # One table; the output projection is tied where it is the same tensor. The languages
+        # are the names the prompt gives them.
+        tied = torch.equal(weights["model.embed_tokens.weight"], weights.get("lm_head.weight",
+                                                                           weights["model.embed_tokens.weight"]))
+        model_cfg = {"output_bias": True, "share_embeddings": True, "tie_output": tied, **architecture}
+        return validate_config({"experiment": {"dir": str(out)}, "model": model_cfg,
+                                "data": {"src_lang": src_lang or "src", "tgt_lang": tgt_lang or "tgt"},
+                                "decode": _generation(model)})
     # Whether tables are one is read off the weights: configs of the BART family do not all say.
-    encoder, decoder, output = _tables(model.state_dict())
+    encoder, decoder, output = _tables(weights)
     model_cfg = {
         "arch": "encoder_decoder",
         "output_bias": True,
@@ -350,11 +401,7 @@ def _config(hf: Any, architecture: dict[str, Any], model: Any, tokenizer: Any, l
         "tie_output": torch.equal(decoder, output),
         **architecture,
     }
-    generation = getattr(model, "generation_config", None)
-    decode: dict[str, Any] = {"length_penalty_form": "length", "allow_unk": True}
-    if generation is not None:
-        decode["beam"] = max(1, int(generation.num_beams or 1))
-        decode["lenpen"] = max(0.0, float(generation.length_penalty if generation.length_penalty is not None else 1.0))
+    decode = _generation(model)
     data = {"src_lang": src_lang or getattr(tokenizer, "src_lang", None) or getattr(tokenizer, "source_lang", None),
             "tgt_lang": tgt_lang or getattr(tokenizer, "tgt_lang", None) or getattr(tokenizer, "target_lang", None)}
     given = {"src_lang": src_lang, "tgt_lang": tgt_lang}
@@ -371,6 +418,32 @@ def _config(hf: Any, architecture: dict[str, Any], model: Any, tokenizer: Any, l
     return config
 
 
+def _generation(model: Any) -> dict[str, Any]:
+    """The ``decode`` settings of a model's generation config (beam size, length penalty)."""
+    generation = getattr(model, "generation_config", None)
+    decode: dict[str, Any] = {"length_penalty_form": "length", "allow_unk": True}
+    if generation is not None:
+        decode["beam"] = max(1, int(generation.num_beams or 1))
+        decode["lenpen"] = max(0.0, float(generation.length_penalty if generation.length_penalty is not None else 1.0))
+    return decode
+
+
+def _prompt(template: str | None, src_lang: str | None, tgt_lang: str | None) -> str:
+    """A language model's prompt template with its language names filled in (``DEFAULT_PROMPT``
+    when none is given)."""
+    template = DEFAULT_PROMPT if template is None else template
+    for field, name, option in (("{src_lang}", src_lang, "--source-lang"), ("{tgt_lang}", tgt_lang, "--target-lang")):
+        if field in template:
+            if not name:
+                raise MtkitError(f"{option}: a language model's prompt names the languages; give {option} "
+                                 f"(e.g. English, German) or a --prompt without {field}")
+            template = template.replace(field, name)
+    try:
+        return check_prompt(template, "--prompt")
+    except ValueError as err:
+        raise MtkitError(str(err)) from None
+
+
 def _code(languages: Languages | None, code: str, what: str) -> str:
     """A language as the config keeps it: its code (``de``), checked against the model's."""
     assert languages is not None
@@ -378,22 +451,23 @@ def _code(languages: Languages | None, code: str, what: str) -> str:
     return next(c for c, t in languages.tokens.items() if t == token)
 
 
-def _copy_segmenter(source: Path, target: Path) -> None:
-    """Copy a segmentation model; a ``tokenizer.json`` loses the padding and truncation it may
-    carry (transformers saves those of the tokenizer's last call), which would pad or cut each
-    sentence mtkit segments."""
+def _copy_segmenter(source: Path, target: Path, text: str | None = None) -> None:
+    """Copy a segmentation model (``text``: a ``tokenizer.json``'s text to write instead); a
+    ``tokenizer.json`` loses the padding and truncation it may carry (transformers saves those of
+    the tokenizer's last call), which would pad or cut each sentence mtkit segments."""
     if source.suffix != ".json":
         shutil.copyfile(source, target)
         return
-    spec = json.loads(source.read_text(encoding="utf-8"))
+    spec = json.loads(text if text is not None else source.read_text(encoding="utf-8"))
     spec.update(padding=None, truncation=None)
     atomic_write_text(target, json.dumps(spec, ensure_ascii=False) + "\n")
 
 
 def _write_tokenizer(family: Family, directory: Path, tokenizer: Any, rows: list[int],
-                     languages: Languages | None, out: Path) -> Tokenizers:
+                     languages: Languages | None, out: Path, prompt: str | None = None) -> Tokenizers:
     """mtkit's tokenizer directory: the segmentation model(s), the vocabulary in mtkit's id
-    order, and meta.json (with the language tokens)."""
+    order, and meta.json (with the language tokens; a language model's prompt template, and
+    whether its tokenizer starts a text with BOS)."""
     out.mkdir(parents=True)
     # An mtkit export (of any class) carries a MarianTokenizer's files.
     exported = (directory / "source.spm").is_file()
@@ -405,7 +479,13 @@ def _write_tokenizer(family: Family, directory: Path, tokenizer: Any, rows: list
     joint = src_file == tgt_file
     if joint:
         names = {"src": "spm" + src_file.suffix, "tgt": "spm" + src_file.suffix}
-    _copy_segmenter(src_file, out / names["src"])
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if family.layout == "llama" and backend is not None:
+        # What transformers segments with: a tokenizer class may put its own pre-tokenizer over
+        # the file's (Qwen2's digits one by one).
+        _copy_segmenter(src_file, out / names["src"], backend.to_str())
+    else:
+        _copy_segmenter(src_file, out / names["src"])
     if not joint:
         _copy_segmenter(tgt_file, out / names["tgt"])
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
@@ -430,8 +510,13 @@ def _write_tokenizer(family: Family, directory: Path, tokenizer: Any, rows: list
     }
     if languages is not None:
         meta["languages"] = languages.to_meta()
+    source_bos = False
+    if prompt is not None:
+        bos = tokenizer.bos_token_id
+        source_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+        meta.update(prompt=prompt, source_bos=source_bos)
     files = [out / names["src"]] if joint else [out / names["src"], out / names["tgt"]]
-    meta["fingerprint"] = files_fingerprint([*files, out / VOCAB_FILE])
+    meta["fingerprint"] = files_fingerprint([*files, out / VOCAB_FILE], prompt, source_bos)
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return Tokenizers.load(out)
 
@@ -533,6 +618,95 @@ def t5_state_dict(hf: dict[str, Tensor], cfg: ModelConfig, rows: list[int], posi
     return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
 
 
+def _llama_model(hf: Any, tokenizer: Any) -> dict[str, Any]:
+    """The ``model`` config keys of a Llama-layout language model (``LlamaConfig``,
+    ``MistralConfig``, ``Qwen2Config``): a decoder-only stack of pre-norm RMSNorm blocks, rotary
+    positions (half-split), SwiGLU, ``num_key_value_heads`` key/value heads, unscaled
+    embeddings, causal attention over the prompt, which the target continues (``separator:
+    none``). A sliding window (Mistral) bounds the sequence to the window, within which
+    attention is full."""
+    if str(hf.hidden_act) not in ("silu", "swish"):
+        raise MtkitError(f"config.json: hidden_act {hf.hidden_act!r} is not supported (silu)")
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise MtkitError(f"config.json: rope scaling {kind!r} is not supported (plain rotary positions only)")
+    if float(getattr(hf, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise MtkitError("config.json: partial_rotary_factor below 1 is not supported")
+    heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    max_positions = int(hf.max_position_embeddings)
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
+    if window:
+        max_positions = min(max_positions, int(window))
+    return {
+        "arch": "decoder_only",
+        "d_model": hf.hidden_size,
+        "encoder_layers": 0,
+        "decoder_layers": hf.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": getattr(hf, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "ffn_dim": hf.intermediate_size,
+        "dropout": 0.0,
+        "attention_dropout": float(getattr(hf, "attention_dropout", 0.0) or 0.0),
+        "activation_dropout": 0.0,
+        "activation": "swiglu",
+        "norm": "pre",
+        "norm_type": "rms",
+        "norm_eps": hf.rms_norm_eps,
+        "bias": bool(getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False)),
+        "positions": "rope",
+        "rope_base": float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+        "max_positions": max_positions,
+        "scale_embeddings": False,
+        "scale_attention": True,
+        "source_attention": "causal",
+        "target_positions": "continue",
+        "separator": "none",
+    }
+
+
+def llama_state_dict(hf: dict[str, Tensor], cfg: ModelConfig, rows: list[int], position_offset: int = 0
+                     ) -> dict[str, Tensor]:
+    """mtkit's weights from a Llama-layout ``state_dict`` (``model.layers.0.self_attn.q_proj...``):
+    embedding rows and output columns permuted by ``rows`` (``causal_rows``; rows past the
+    model's are zero, their output columns masked), query, key and value fused, ``gate_proj``
+    (activated) as ``gate``, ``up_proj`` as ``fc1``, ``down_proj`` as ``fc2``. A bias the model
+    lacks where ``model.bias`` gives mtkit one (Qwen2's output and feed-forward projections) is
+    zero. ``position_offset`` is unused."""
+    embed = hf["model.embed_tokens.weight"]
+    vocab = embed.shape[0]
+    index = torch.tensor(rows)
+
+    def table(weight: Tensor) -> Tensor:
+        return torch.cat([weight, weight.new_zeros(len(rows) - vocab, weight.shape[1])])[index]
+
+    out: dict[str, Tensor] = {"src_embed.weight": table(embed), "tgt_embed.weight": table(embed),
+                              "output_proj.weight": table(hf.get("lm_head.weight", embed)),
+                              "layer_norm.weight": hf["model.norm.weight"]}
+    bias = torch.zeros(len(rows))
+    bias[[i for i, row in enumerate(rows) if row >= vocab]] = MASKED_LOGIT
+    out["output_proj.bias"] = bias
+
+    def linear(mine: str, theirs: list[str]) -> None:
+        out[f"{mine}.weight"] = torch.cat([hf[f"{name}.weight"] for name in theirs])
+        if cfg.bias:
+            out[f"{mine}.bias"] = torch.cat([hf.get(f"{name}.bias", hf[f"{name}.weight"].new_zeros(
+                hf[f"{name}.weight"].shape[0])) for name in theirs])
+
+    for i in range(cfg.decoder_layers):
+        theirs, mine = f"model.layers.{i}.", f"layers.{i}."
+        linear(f"{mine}self_attn.qkv_proj", [f"{theirs}self_attn.{p}_proj" for p in "qkv"])
+        linear(f"{mine}self_attn.out_proj", [f"{theirs}self_attn.o_proj"])
+        linear(f"{mine}ffn.gate", [f"{theirs}mlp.gate_proj"])
+        linear(f"{mine}ffn.fc1", [f"{theirs}mlp.up_proj"])
+        linear(f"{mine}ffn.fc2", [f"{theirs}mlp.down_proj"])
+        out[f"{mine}self_attn_layer_norm.weight"] = hf[f"{theirs}input_layernorm.weight"]
+        out[f"{mine}final_layer_norm.weight"] = hf[f"{theirs}post_attention_layernorm.weight"]
+    return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a lineage's config and weights read (``Family.layout``)."""
@@ -548,4 +722,5 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {
     "bart": Layout(_bart_model, mtkit_state_dict),
     "t5": Layout(_t5_model, t5_state_dict),
+    "llama": Layout(_llama_model, llama_state_dict),
 }

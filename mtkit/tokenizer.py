@@ -33,6 +33,16 @@ from mtkit.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID
 Side = Literal["src", "tgt"]
 META_FILE = "meta.json"
 META_FORMAT = 1
+PROMPT_FIELD = "{source}"
+"""Where the source text goes in a prompt template (``Tokenizers.prompt``)."""
+
+
+def check_prompt(template: str, what: str) -> str:
+    """``template`` if it holds ``PROMPT_FIELD`` exactly once; else ValueError naming ``what``."""
+    if template.count(PROMPT_FIELD) != 1:
+        raise ValueError(f"{what}: a prompt template holds {PROMPT_FIELD} exactly once "
+                         f"(where the source text goes), got {template!r}")
+    return template
 
 
 def tokenizer_dir(config: Config) -> Path:
@@ -149,6 +159,11 @@ class Tokenizers:
     """An imported multilingual model's language tokens (None: the model has none)."""
     vocab_files: tuple[Path, ...] = ()
     """The vocabulary files mapping pieces to mtkit ids (an imported model's), src then tgt."""
+    prompt: str | None = None
+    """A language model's prompt template (``PROMPT_FIELD`` marks where the source goes): the
+    text every source is put in before it is encoded, for training as for translation."""
+    source_bos: bool = False
+    """Every source starts with BOS, as a language model's own tokenizer starts each text."""
 
     @classmethod
     def load(cls, directory: Path, num_threads: int = 1) -> Tokenizers:
@@ -166,12 +181,26 @@ class Tokenizers:
             expected = meta["fingerprint"]
             vocab_files = tuple(dict.fromkeys(_model_file(directory, vocab[side]) for side in ("src", "tgt")
                                               if side in vocab))
+            prompt = meta.get("prompt")
+            if prompt is not None:
+                check_prompt(str(prompt), f"{directory / META_FILE}: prompt")
         except (KeyError, TypeError, ValueError, AttributeError):
             raise MtkitError(f"{directory / META_FILE}: malformed tokenizer meta; retrain the tokenizer") from None
-        tokenizers = cls(src=src, tgt=tgt, joint=bool(meta["joint"]), languages=languages, vocab_files=vocab_files)
+        tokenizers = cls(src=src, tgt=tgt, joint=bool(meta["joint"]), languages=languages, vocab_files=vocab_files,
+                         prompt=prompt, source_bos=bool(meta.get("source_bos", False)))
         if tokenizers.fingerprint() != expected:
             raise MtkitError(f"{directory}: tokenizer model files changed since training (fingerprint mismatch)")
         return tokenizers
+
+    def encode_source(self, texts: list[str]) -> list[list[int]]:
+        """Subword ids of each source text as the model reads it: put in the prompt template where
+        there is one, and after BOS where the model's tokenizer starts texts with one (language
+        tokens and EOS are the translator's and the batcher's)."""
+        if self.prompt is not None:
+            before, _, after = self.prompt.partition(PROMPT_FIELD)
+            texts = [before + text + after for text in texts]
+        ids = self.src.encode(texts)
+        return [[BOS_ID, *seq] for seq in ids] if self.source_bos else ids
 
     @property
     def shared_vocab(self) -> bool:
@@ -186,7 +215,7 @@ class Tokenizers:
         """sha256 of the model file bytes (src then tgt when separate), then of the vocabulary
         files where there are any: prepared data and checkpoints record it, so a retrained
         tokenizer cannot silently mismatch them."""
-        return files_fingerprint([*self.model_files(), *self.vocab_files])
+        return files_fingerprint([*self.model_files(), *self.vocab_files], self.prompt, self.source_bos)
 
     def copy_to(self, directory: Path) -> None:
         """Copy the model files, vocabularies and meta so that ``Tokenizers.load(directory)`` works."""
@@ -201,11 +230,14 @@ class Tokenizers:
         shutil.copyfile(source / META_FILE, directory / META_FILE)
 
 
-def files_fingerprint(paths: list[Path]) -> str:
-    """sha256 of the files' bytes, in order: a tokenizer's fingerprint."""
+def files_fingerprint(paths: list[Path], prompt: str | None = None, source_bos: bool = False) -> str:
+    """sha256 of the files' bytes, in order, then of the prompt template and the BOS rule where
+    there are any: a tokenizer's fingerprint."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(Path(path).read_bytes())
+    if prompt is not None or source_bos:
+        digest.update(json.dumps({"prompt": prompt, "source_bos": source_bos}, sort_keys=True).encode("utf-8"))
     return digest.hexdigest()
 
 

@@ -134,6 +134,9 @@ class Translator:
         self.warn = warn or log.warning
         self.source_prefix, self.target_prefix = language_prefixes(tokenizers, src_lang, tgt_lang)
         self.max_source = model.max_source_length() - len(self.source_prefix)
+        # What a prompt template and BOS add to every source (about: a template's text next to
+        # the source's may encode a subword more or less), kept free when a long line is cut.
+        self.framing = len(tokenizers.encode_source([""])[0]) if tokenizers.prompt or tokenizers.source_bos else 0
         self.split_lines = 0  # lines too long for the model, translated in pieces (decode.long_lines: split)
         self.backend: SearchBackend = backend or TorchBackend(
             model, self.device, generator=torch.Generator(device=self.device).manual_seed(seed))
@@ -158,7 +161,7 @@ class Translator:
         numbers = range(first_line, first_line + len(lines) * line_step, line_step)
         # All-whitespace lines (str.isspace: also NEL, U+2028, U+3000...) normalise to empty.
         normalized = normalize(lines)
-        src_ids = self.tokenizers.src.encode(normalized)
+        src_ids = self.tokenizers.encode_source(normalized)
         too_long = [row for row, ids in enumerate(src_ids) if len(ids) > self.max_source]
         if too_long and decode.long_lines == "split":
             return self._split_long(normalized, prefixes, numbers, too_long, decode, src_ids)
@@ -170,7 +173,7 @@ class Translator:
         if self.target_prefix:
             prefix_ids = [self.target_prefix + ids for ids in (prefix_ids or [[] for _ in lines])]
         results = [Translation("") for _ in lines]
-        todo = [i for i, ids in enumerate(src_ids) if ids]
+        todo = [i for i, ids in enumerate(src_ids) if ids and normalized[i]]  # a prompt frames empty text too
         if self.source_prefix:
             src_ids = [self.source_prefix + ids for ids in src_ids]
         lengths = np.array([len(src_ids[i]) + 1 for i in todo], dtype=np.int64)
@@ -266,7 +269,8 @@ class Translator:
         translated with the other lines in one call; a line's translation joins its pieces' (a
         forced prefix starts its first), its score is their mean, its n-best that one entry."""
         src = self.tokenizers.src
-        layouts = {row: fit_pieces(texts[row], src.encode, src.decode, self.max_source) for row in too_long}
+        limit = max(1, self.max_source - self.framing)
+        layouts = {row: fit_pieces(texts[row], src.encode, src.decode, limit) for row in too_long}
         rows, pieces, piece_prefixes = [], [], []
         for row, text in enumerate(texts):
             parts = layouts[row].sentences if row in layouts else [text]

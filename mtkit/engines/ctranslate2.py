@@ -400,9 +400,9 @@ class CT2Translator:
 
     def translate(self, lines: list[str], batch_size: int = 32) -> list[str]:
         """The best translation of each line, in input order (empty lines stay empty)."""
-        ids = self.tokenizers.src.encode(lines)
+        ids = self.tokenizers.encode_source(lines)
         out: list[list[int]] = [[] for _ in ids]
-        todo = [i for i, x in enumerate(ids) if x]
+        todo = [i for i, x in enumerate(ids) if x and lines[i].strip()]
         for start in range(0, len(todo), batch_size):
             rows = todo[start : start + batch_size]
             for row, hyp in zip(rows, self.translate_ids([ids[r] for r in rows]), strict=True):

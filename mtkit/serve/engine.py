@@ -144,7 +144,7 @@ class Engine:
             return []
         translator = self._translator(languages)
         extra = len(translator.source_prefix) + 1  # the language token, the EOS
-        lengths = [len(ids) + extra for ids in translator.tokenizers.src.encode(segments)]
+        lengths = [len(ids) + extra for ids in translator.tokenizers.encode_source(segments)]
         loop = asyncio.get_running_loop()
         job = _Job(segments, lengths, nbest, languages, loop, loop.create_future(), time.monotonic(),
                    results=[None] * len(segments))

@@ -362,3 +362,107 @@ def padded_logits(model: Any, loaded: Any, batch: dict[str, Any], decoder: Any,
         tgt[:, 0] = BOS_ID
         assert bool((src == PAD_ID).any())  # the batch is padded
         return loaded.model(src, tgt), theirs
+
+
+LLAMA_PROMPT = "Translate English to German:\n{source}\n"
+"""The prompt the language models here are trained with: mtkit's default with these names."""
+
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2")
+"""Llama 3's layout (a byte-level BPE whose texts start with ``<|begin_of_text|>``, no UNK or
+PAD, grouped-query attention), Mistral's (a SentencePiece-style BPE with ``<unk>``, ``<s>``,
+``</s>``, a sliding window), Qwen2's (byte-level, no BOS, ``<|endoftext|>`` both EOS and PAD,
+biases on the query, key and value projections)."""
+
+
+def _llama_tokenizer(family: str, texts: list[str]) -> Any:
+    """A ``PreTrainedTokenizerFast`` of ``family``'s kind, trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if family == "mistral":
+        specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet: list[str] = []
+    else:
+        specials = ({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"} if family == "llama"
+                    else {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokens = list(dict.fromkeys(specials.values()))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=tokens, initial_alphabet=alphabet,
+                                                       show_progress=False))
+    if "bos_token" in specials:
+        bos = specials["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+
+
+def llama_ids(tokenizer: Any, source: str) -> list[int]:
+    """The prompt of ``source`` as the model reads it (its tokenizer's own ids, BOS where it has one)."""
+    return tokenizer(LLAMA_PROMPT.replace("{source}", source))["input_ids"]
+
+
+def make_llama(directory: Path, *, family: str = "llama", steps: int = 300) -> Path:
+    """A Llama-layout causal language model (``LLAMA_FAMILIES``) trained ``steps`` steps to translate
+    the synthetic pairs by continuing ``LLAMA_PROMPT`` (the loss on the target and its EOS only, the
+    target's ids after the prompt's, as mtkit feeds them), saved with ``save_pretrained``. Built once
+    per test session for the same arguments, then copied to ``directory``."""
+    key = ("llama", family, steps)
+    if key not in _BUILT:
+        built = Path(tempfile.mkdtemp(prefix=f"{family}-"))
+        atexit.register(shutil.rmtree, built, ignore_errors=True)
+        _BUILT[key] = _build_llama(built, family, steps)
+    shutil.copytree(_BUILT[key], directory, dirs_exist_ok=True)
+    return directory
+
+
+def _build_llama(directory: Path, family: str, steps: int) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _llama_tokenizer(family, [LLAMA_PROMPT] + [s for s, _ in PAIRS] + [t for _, t in PAIRS])
+    shape = dict(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=family != "llama")
+    if family == "mistral":
+        shape.update(sliding_window=192, head_dim=16)  # heads * head_dim apart from hidden_size
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer) + 3, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _fit_causal(model, tokenizer, steps)
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _fit_causal(model: Any, tokenizer: Any, steps: int, batch: int = 32, lr: float = 3e-3) -> None:
+    torch.manual_seed(0)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    examples = []
+    for src, tgt in PAIRS:
+        prompt = llama_ids(tokenizer, src)
+        target = tokenizer(tgt, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append((prompt + target, [-100] * len(prompt) + target))
+    for step in range(steps):
+        start = (step * batch) % len(examples)
+        chunk = (examples + examples)[start : start + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in chunk])
+        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in chunk])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()

@@ -19,8 +19,8 @@ from mtkit.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-WORK_ORDER = ["tokenizer", "prepare", "train", "translate", "score", "compare", "pipeline", "average", "export",
-              "serve", "config"]
+WORK_ORDER = ["tokenizer", "prepare", "train", "translate", "backtranslate", "score", "compare", "pipeline", "average",
+              "export", "serve", "config"]
 SECTIONS = ("Arguments:", "Options:", "Commands:")
 
 

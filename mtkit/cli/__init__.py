@@ -60,7 +60,8 @@ class _Group(TyperGroup):
 
 
 _COMMAND_ORDER = (
-    "tokenizer", "prepare", "train", "translate", "score", "compare", "pipeline", "average", "export", "serve", "config"
+    "tokenizer", "prepare", "train", "translate", "backtranslate", "score", "compare", "pipeline", "average", "export",
+    "serve", "config",
 )
 
 
@@ -97,6 +98,7 @@ app = typer.Typer(
 def _register() -> None:
     from mtkit.cli import (
         average_cmd,
+        backtranslate_cmd,
         compare_cmd,
         config_cmd,
         export_cmd,
@@ -115,6 +117,7 @@ def _register() -> None:
     app.command("prepare")(prepare_cmd.prepare)
     app.command("train")(train_cmd.train)
     app.command("translate")(translate_cmd.translate)
+    app.command("backtranslate")(backtranslate_cmd.backtranslate)
     app.command("score")(score_cmd.score)
     app.command("pipeline")(pipeline_cmd.pipeline)
     app.command("average")(average_cmd.average)

@@ -47,6 +47,9 @@ from mtkit.vocab import PAD_ID
 
 PRESETS = {"small": ["t5_small", "llama_small"], "base": ["t5_base", "llama_base"]}
 """``--presets``: the family presets parameter-matched to each ``--size``."""
+TODAY = {"small": dict(norm_type="rms", positions="rope", activation="swiglu", ffn_dim=680, bias=False)}
+"""``--presets``: the ``--size`` encoder-decoder with Llama's blocks, as parameter-matched in
+``scripts/experiments/compare_architectures.py`` (arm ``encdec_today``): key ``{size}_today_tok_s_vs_{size}``."""
 
 Step = Callable[[Batch], float]
 """One training update on a batch; returns its loss per target token."""
@@ -159,8 +162,9 @@ def main() -> None:
     parser.add_argument("--peer-same-allocator", action="store_true",
                         help="also time the peer with mtkit's allocator policy (mtkit.malloc)")
     parser.add_argument("--presets", action="store_true",
-                        help="also time mtkit's default (pre-norm) model of --size and the family presets of that "
-                             "size (t5_*, llama_*), keys {preset}_tok_s_vs_{size}")
+                        help="also time mtkit's default (pre-norm) model of --size, the family presets of that "
+                             "size (t5_*, llama_*) and it with Llama's blocks ({size}_today), keys "
+                             "{preset}_tok_s_vs_{size}; with --bf16 in bf16")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
@@ -185,9 +189,13 @@ def main() -> None:
     if args.bf16:
         runners["mtkit_bf16"] = mtkit_step(model_cfg, vocab, train_cfg, bf16=True)
     presets = PRESETS.get(args.size, []) if args.presets else []
-    if args.presets:  # mtkit's own default model of the size, and the families at that size, in fp32
-        for name in [args.size, *presets]:
-            runners[f"preset_{name}"] = mtkit_step(ModelConfig(size=name, dropout=0.1), vocab, train_cfg)
+    if args.presets:  # mtkit's own default model of the size and the families at that size (--bf16: in bf16)
+        configs = {name: ModelConfig(size=name, dropout=0.1) for name in [args.size, *presets]}
+        if args.size in TODAY:
+            presets = [*presets, f"{args.size}_today"]
+            configs[f"{args.size}_today"] = ModelConfig(size=args.size, dropout=0.1, **TODAY[args.size])
+        for name, cfg in configs.items():
+            runners[f"preset_{name}"] = mtkit_step(cfg, vocab, train_cfg, bf16=args.bf16)
     # Each runs with its allocator policy: mtkit's commands keep freed memory (mtkit.malloc),
     # the peer runs with glibc's defaults as its users get it (and, on request, like mtkit).
     heap = {name: name != "marian" for name in runners}

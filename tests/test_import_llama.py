@@ -19,9 +19,9 @@ from helpers.hf_models import LLAMA_FAMILIES, LLAMA_PROMPT, SOURCES, llama_ids, 
 transformers = pytest.importorskip("transformers")
 
 MAX_NEW = 60  # generate's max_new_tokens and mtkit's --max-len-b
-STEPS = {"llama": 250, "mistral": 0, "qwen2": 0}
+STEPS = {"llama": 250, "mistral": 60, "qwen2": 60}
 """Training steps of each test model: Llama's writes sentences that end (for beam search and
-fine-tuning); the others' parity needs their shapes, not their skill."""
+fine-tuning); the others' parity needs their shapes and word-like output, not their skill."""
 
 
 @pytest.fixture(scope="module", params=LLAMA_FAMILIES)
@@ -50,17 +50,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _to_model(loaded, tokenizer) -> dict[int, int]:
-    """mtkit id -> the model's id, for every id both have (BOS where the model has one)."""
-    from mtkit.vocab import BOS_ID, EOS_ID
+def _to_model(reference) -> dict[int, int]:
+    """mtkit id -> the model's id, for every row the model has (not the rows mtkit adds)."""
+    from mtkit.huggingface import causal_rows
 
-    vocab = tokenizer.get_vocab()
-    pieces = loaded.tokenizers.src.pieces
-    mapping = {i: vocab[piece] for i, piece in enumerate(pieces) if i > EOS_ID and piece in vocab}
-    mapping[EOS_ID] = tokenizer.eos_token_id
-    if tokenizer.bos_token_id is not None:
-        mapping[BOS_ID] = tokenizer.bos_token_id
-    return mapping
+    tokenizer, model = reference
+    rows = causal_rows(model.config, tokenizer)
+    return {i: row for i, row in enumerate(rows) if row < model.config.vocab_size}
 
 
 def test_the_run_is_a_decoder_only_model_with_the_prompt(llama, reference):
@@ -87,12 +83,13 @@ def test_prompt_ids_equal_the_models_tokenizer(llama, reference):
 
     tokenizer, _ = reference
     loaded = load_for_inference(llama[2])
-    to_model = _to_model(loaded, tokenizer)
+    to_model = _to_model(reference)
     texts = SOURCES + ["Zwei Hunde, 3 Katzen: 1.5 Mäuse!", "digits 2026 and  spaces"]
     ours = [[to_model[i] for i in ids] for ids in loaded.tokenizers.encode_source(texts)]
     assert ours == [llama_ids(tokenizer, text) for text in texts]
-    # Output ids map back to the model's text.
-    targets = ["akaken ouqihsen 12", "Zwei Hunde, 3 Katzen!"]
+    # Output ids map back to the model's text (Mistral's tokenizer, without byte fallback, knows
+    # only the characters it was trained on).
+    targets = ["akaken ouqihsen 12"] + (["Zwei Hunde, 3 Katzen!"] if llama[0] != "mistral" else [])
     assert loaded.tokenizers.tgt.decode(loaded.tokenizers.tgt.encode(targets)) == targets
 
 
@@ -105,7 +102,7 @@ def test_logits_equal_transformers_in_a_padded_batch(llama, reference):
 
     tokenizer, model = reference
     loaded = load_for_inference(llama[2])
-    to_model = _to_model(loaded, tokenizer)
+    to_model = _to_model(reference)
     generator = torch.Generator().manual_seed(0)
     ids = list(to_model)
     sources = loaded.tokenizers.encode_source(SOURCES[:6])
@@ -158,22 +155,27 @@ def _translate(run: Path, tmp_path: Path, lines: list[str], *options: str):
 
 @pytest.mark.parametrize("beam", [1, 4])
 def test_translations_equal_generate(llama, reference, tmp_path, one_thread, beam):
-    """Every greedy translation (the untrained models' too); in a beam, every sentence that ends (at
-    the maximum length mtkit forces the EOS, transformers stops without it)."""
+    """Every translation that ends; greedy, the others up to the length limit (mtkit counts the EOS
+    it forces there, transformers stops without it)."""
     family, _, run = llama
-    if beam > 1 and not STEPS[family]:
+    if beam > 1 and family != "llama":
         pytest.skip("beam search is compared on the trained model, whose sentences end")
     theirs, ended = _generate(reference, beam)
     result = _translate(run, tmp_path, SOURCES, "--beam", str(beam), "--backend", "auto")
     assert result.exit_code == 0, result.output
     # CTranslate2 runs no decoder-only search: auto says so in one line and takes PyTorch.
     assert sum("backend: torch" in line for line in result.stderr.splitlines()) == 1, result.stderr
-    ours = result.stdout.splitlines()
-    compared = [i for i in range(len(SOURCES)) if beam == 1 or ended[i]]
-    assert len(compared) >= 40
+    ours = [line.strip() for line in result.stdout.splitlines()]
+    compared = [i for i in range(len(SOURCES)) if ended[i]]
+    assert len(compared) >= (50 if family == "llama" else 0)  # the barely trained ones end none
     assert [ours[i] for i in compared] == [theirs[i] for i in compared]
-    if STEPS[family]:
-        assert sum(ended) >= 50  # the trained model writes sentences that end
+    if beam == 1:
+        # The others are cut at the limit, which mtkit's EOS takes a token of. The barely trained
+        # models repeat themselves, where two tokens can tie to 1e-5 (seen once in 60 sentences):
+        # float rounding decides those.
+        cut = [i for i in range(len(SOURCES)) if not ended[i]]
+        parted = sum(not theirs[i].startswith(ours[i]) for i in cut)
+        assert parted <= (0 if family == "llama" else 2), [(ours[i], theirs[i]) for i in cut]
 
 
 def test_translate_writes_one_line_per_input_line(llama, tmp_path, one_thread):
@@ -201,7 +203,7 @@ def test_fine_tuning_learns_a_new_task_on_the_prompt(llama, tmp_path, one_thread
     from mtkit.checkpoint import load_for_inference
 
     family, _, run = llama
-    if not STEPS[family]:
+    if family != "llama":
         pytest.skip("fine-tuning is shown on the trained model")
     files = {}
     for split, count, seed in (("train", 400, 21), ("valid", 30, 22)):

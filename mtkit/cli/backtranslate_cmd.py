@@ -11,12 +11,29 @@ from __future__ import annotations
 import dataclasses
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from mtkit.cli.options import OptionalConfigOption, SetOption
-from mtkit.cli.translate_cmd import Backend, LengthPenaltyForm, LongLines
+from mtkit.cli.options import (
+    BackendOption,
+    BatchSentencesOption,
+    BatchTokensOption,
+    BeamOption,
+    ComputeTypeOption,
+    LengthPenaltyFormOption,
+    LenpenOption,
+    LongLinesOption,
+    MaxLenAOption,
+    MaxLenBOption,
+    MinLenOption,
+    OptionalConfigOption,
+    SetOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+)
+from mtkit.cli.options import flag as _flag
 from mtkit.errors import MtkitError
 
 
@@ -24,11 +41,6 @@ class Method(str, Enum):
     beam = "beam"
     sampling = "sampling"
     noised_beam = "noised-beam"
-
-
-def _flag(*names: str, help: str) -> Any:
-    """An option without a shown default (None: keep the configured value)."""
-    return typer.Option(*names, help=help, show_default=False)
 
 
 def backtranslate(
@@ -43,29 +55,20 @@ def backtranslate(
         "noised-beam: beam search, then words of the output deleted, replaced and shuffled.")] = Method.beam,
     config: OptionalConfigOption = None,
     overrides: SetOption = None,
-    beam: Annotated[int | None, _flag("--beam", help="Beam size (1: greedy).")] = None,
-    lenpen: Annotated[float | None, _flag("--lenpen", help="Length-penalty alpha.")] = None,
-    length_penalty_form: Annotated[
-        LengthPenaltyForm | None,
-        _flag("--length-penalty-form", help="length: divide by length ** alpha; gnmt: by ((5 + length) / 6) ** alpha."),
-    ] = None,
-    max_len_a: Annotated[float | None, _flag("--max-len-a", help="Max output length = a * source length + b.")] = None,
-    max_len_b: Annotated[int | None, _flag("--max-len-b", help="See --max-len-a.")] = None,
-    min_len: Annotated[int | None, _flag("--min-len", help="Minimum output length in subwords.")] = None,
-    batch_tokens: Annotated[int | None, _flag("--batch-tokens", help="Source tokens per batch.")] = None,
-    batch_sentences: Annotated[int | None, _flag("--batch-sentences", help="Most sentences per batch.")] = None,
-    temperature: Annotated[float | None, _flag("--temperature", help="Sampling temperature.")] = None,
-    top_k: Annotated[int | None, _flag("--top-k", help="Sample from the k most likely tokens (0: all).")] = None,
-    top_p: Annotated[float | None, _flag("--top-p", help="Nucleus sampling threshold.")] = None,
-    backend: Annotated[
-        Backend | None, _flag("--backend", help="auto: CTranslate2 when it can honour every setting, else torch.")
-    ] = None,
-    compute_type: Annotated[str | None, _flag(
-        "--compute-type", help="Precision (decode.compute_type): auto, float32, bfloat16, float16; CTranslate2 also "
-        "int8, int8_float32, int16, ...")] = None,
-    long_lines: Annotated[LongLines | None, _flag(
-        "--long-lines", help="A line longer than the model accepts: split it at sentence boundaries and join the "
-        "translations (default), or truncate it.")] = None,
+    beam: BeamOption = None,
+    lenpen: LenpenOption = None,
+    length_penalty_form: LengthPenaltyFormOption = None,
+    max_len_a: MaxLenAOption = None,
+    max_len_b: MaxLenBOption = None,
+    min_len: MinLenOption = None,
+    batch_tokens: BatchTokensOption = None,
+    batch_sentences: BatchSentencesOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    backend: BackendOption = None,
+    compute_type: ComputeTypeOption = None,
+    long_lines: LongLinesOption = None,
     seed: Annotated[int | None, _flag(
         "--seed", help="Seeds sampling and noise, chunk by chunk (default: the run's experiment.seed).")] = None,
     delete_prob: Annotated[float, typer.Option(

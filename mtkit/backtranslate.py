@@ -240,6 +240,7 @@ def backtranslate(
     an output that holds something else, or an unfinished run of other options or input.
     """
     from mtkit.checkpoint import Loaded, load_for_inference
+    from mtkit.tokenizer import language_prefixes, run_languages
 
     settings = settings or Settings()
     settings.check()
@@ -251,8 +252,9 @@ def backtranslate(
     refuse_overlap(output, [input], "the input")
     refuse_overlap(output, [loaded.path], "the model")
     decode = method_decode(settings.method, decode or loaded.config.decode)
-    data = loaded.config.data
-    src_code, tgt_code = tgt_lang or data.tgt_lang, src_lang or data.src_lang
+    src_lang, tgt_lang = run_languages(loaded.config.data, loaded.tokenizers, src_lang, tgt_lang)
+    language_prefixes(loaded.tokenizers, src_lang, tgt_lang)  # names both where the model needs them
+    src_code, tgt_code = str(tgt_lang), str(src_lang)
     for code in (src_code, tgt_code):
         if not re.fullmatch(r"[\w.+-]+", code):
             raise MtkitError(f"language code {code!r}: not usable in a file name")

@@ -169,17 +169,52 @@ def pack(
     return batches
 
 
-def epoch_batches(corpus: TokenizedCorpus, max_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
+def epoch_batches(corpus: TokenizedCorpus, max_tokens: int, seed: int, epoch: int,
+                  rows: np.ndarray | None = None) -> list[np.ndarray]:
     """The batches of ``epoch`` (arrays of pair indices) in their shuffled order.
 
     Pairs are sorted by padded size, then source length, then target length, with random ties,
-    so equal-length pairs are batched together but not always the same ones.
+    so equal-length pairs are batched together but not always the same ones. ``rows``: the
+    pairs of this epoch, repeats allowed (``epoch_rows``; default: each pair once).
     """
     rng = np.random.default_rng([seed, epoch])
-    ties = rng.permutation(len(corpus))
-    order = np.lexsort((ties, corpus.tgt_lens, corpus.src_lens, corpus.sizes))
+    if rows is None:
+        ties = rng.permutation(len(corpus))
+        order = np.lexsort((ties, corpus.tgt_lens, corpus.src_lens, corpus.sizes))
+    else:
+        ties = rng.permutation(len(rows))
+        order = rows[np.lexsort((ties, corpus.tgt_lens[rows], corpus.src_lens[rows], corpus.sizes[rows]))]
     batches = pack(corpus.sizes, order, max_tokens)
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def epoch_rows(groups: list[tuple[str, int, int, float]], temperature: float, seed: int,
+               epoch: int) -> np.ndarray | None:
+    """The pairs of one epoch, drawn over corpora and directions. ``groups`` are the corpora
+    as ``(direction, start, end, weight)``: rows ``[start, end)``, counted ``weight`` times
+    (2: each pair twice; 0.5: half of them, drawn anew each epoch). Directions then share the
+    epoch by temperature (fairseq's ``p_i ∝ (n_i / N) ** (1 / T)`` over the weighted sizes),
+    each direction's share split among its corpora by weighted size. The epoch has as many
+    pairs as the weighted corpus; within a corpus every pair comes once before any comes twice
+    (whole copies, then a draw without replacement). A pure function of ``(seed, epoch)``.
+    None (each pair once) when every weight is 1 and there is one direction or ``T`` is 1."""
+    groups = [group for group in groups if group[2] > group[1]]
+    directions = list(dict.fromkeys(direction for direction, *_ in groups))
+    if all(weight == 1.0 for *_, weight in groups) and (len(directions) < 2 or temperature == 1.0):
+        return None
+    sizes = np.array([(end - start) * weight for _, start, end, weight in groups], dtype=np.float64)
+    of = np.array([directions.index(direction) for direction, *_ in groups])
+    direction_sizes = np.bincount(of, weights=sizes, minlength=len(directions))
+    shares = (direction_sizes / direction_sizes.sum()) ** (1.0 / temperature)
+    direction_counts = shares / shares.sum() * sizes.sum()
+    counts = np.rint(direction_counts[of] * sizes / direction_sizes[of]).astype(np.int64)
+    rng = np.random.default_rng([seed, epoch, 1])  # a stream of its own: epoch_batches draws [seed, epoch]
+    drawn = []
+    for (_, start, end, _), count in zip(groups, counts, strict=True):
+        full, rest = divmod(int(count), end - start)
+        drawn += [np.tile(np.arange(start, end, dtype=np.int64), full),
+                  start + rng.choice(end - start, rest, replace=False)]
+    return np.concatenate(drawn)
 
 
 def sorted_batches(corpus: TokenizedCorpus, max_tokens: int) -> list[np.ndarray]:

@@ -60,6 +60,10 @@ class TestSet:
     references: list[str]
     source: str
     reference: str
+    src_lang: str | None = None
+    """The direction of one part of a multilingual run's test split (None: the runs' own, or
+    ``--source-lang``/``--target-lang``)."""
+    tgt_lang: str | None = None
 
 
 @dataclass
@@ -156,16 +160,17 @@ def hypothesis_file(system: System, test: TestSet, tests: int) -> Path:
     return Path(system.name)
 
 
-def run_test_set(systems: Sequence[System]) -> TestSet:
+def run_test_sets(systems: Sequence[System]) -> list[TestSet]:
     """The test split that every run was prepared with (``mtkit pipeline`` translates and
-    scores it), when they share it; MtkitError otherwise."""
+    scores it), when they share it; MtkitError otherwise. A multilingual test split is one test
+    set per direction, each translated and scored in its languages."""
     from mtkit.checkpoint import read_checkpoint_config
-    from mtkit.data import data_dir, load_split, split_file
+    from mtkit.data import data_dir, load_split, split_file, split_groups
 
     runs = [s for s in systems if s.is_run]
     if not runs:
         raise MtkitError("no --test SRC REF given, and no run directory to take a test set from")
-    found: list[TestSet] = []
+    found: list[list[TestSet]] = []
     for run in runs:
         assert run.checkpoint is not None
         if run.run_root is None:
@@ -174,13 +179,23 @@ def run_test_set(systems: Sequence[System]) -> TestSet:
         if config.data.test is None:
             raise MtkitError(f"{run.name}: no test set configured (data.test); pass --test SRC REF")
         split = load_split(run.run_root, "test")
-        corpus = config.data.test
-        name = test_name(corpus.src) if corpus.src is not None else "test"
+        corpora = config.data.eval_sets("test")
+        names = [test_name(corpus.src) if corpus.src is not None else "test" for corpus in corpora]
         where = str(split_file(data_dir(run.run_root), "test"))
-        found.append(TestSet(name, list(split["src"]), list(split["tgt"]), where, where))
+        sources, references = list(split["src"]), list(split["tgt"])
+        groups = split_groups(run.run_root, "test")
+        if len(groups) == 1:
+            found.append([TestSet(names[0], sources, references, where, where)])
+            continue
+        names = names if len(names) == len(groups) else [names[0]] * len(groups)
+        found.append([TestSet(f"{name} {g.direction}", sources[g.start : g.end], references[g.start : g.end],
+                              where, where, g.src_lang, g.tgt_lang) for name, g in zip(names, groups, strict=True)])
+    def content(tests: list[TestSet]) -> list[tuple]:
+        return [(t.sources, t.references, t.src_lang, t.tgt_lang) for t in tests]
+
     first = found[0]
-    for run, test in zip(runs[1:], found[1:], strict=True):
-        if (test.sources, test.references) != (first.sources, first.references):
+    for run, tests in zip(runs[1:], found[1:], strict=True):
+        if content(tests) != content(first):
             raise MtkitError(f"{run.name} and {runs[0].name} were prepared with different test sets; "
                              "pass --test SRC REF")
     return first
@@ -265,7 +280,7 @@ def compare(given: Sequence[str], tests: Sequence[tuple[Path, Path]], options: O
         raise MtkitError("no systems to compare")
     buckets = length_buckets(options.buckets)
     systems = [find_system(name) for name in given]
-    test_sets = read_test_sets(tests) if tests else [run_test_set(systems)]
+    test_sets = read_test_sets(tests) if tests else run_test_sets(systems)
     hypotheses: dict[int, list[list[str]]] = {}
     for index, system in enumerate(systems):
         if not system.is_run:
@@ -287,7 +302,7 @@ def compare(given: Sequence[str], tests: Sequence[tuple[Path, Path]], options: O
         log(f"compare: scoring {test.name}")
         outputs = [hypotheses[i][t] for i in range(len(systems))]
         scores = [scored[i][t] if i in scored else None for i in range(len(systems))]
-        signatures.append(_score_test_set(test, reports, outputs, scores, buckets, lang, options))
+        signatures.append(_score_test_set(test, reports, outputs, scores, buckets, test.tgt_lang or lang, options))
     bootstrap = None
     if len(systems) > 1:  # sacrebleu seeds its resampling from SACREBLEU_SEED
         bootstrap = {"samples": options.samples, "seed": os.environ.get("SACREBLEU_SEED", "12345")}
@@ -332,24 +347,34 @@ def _run_system(system: System, test_sets: list[TestSet], options: Options, lang
     # The model as trained, whatever engine the run would translate with: the PyTorch engine at
     # float32, in this process (``measure_decoding`` times it the same way).
     decode = config.decode.model_copy(update={"backend": "torch", "compute_type": "float32"})
-    try:
-        translator = open_translator(loaded, decode, options.device, say=log, src_lang=options.src_lang,
-                                     tgt_lang=options.tgt_lang)
-    except MtkitError as err:  # a multilingual run without its languages: say which run
-        raise MtkitError(f"{system.name}: {err}") from None
+    translators: dict[tuple[str | None, str | None], Translator] = {}
+
+    def translator_for(test: TestSet) -> Translator:
+        """The run's translator for ``test``'s direction (``--source-lang``/``--target-lang`` first)."""
+        languages = (options.src_lang or test.src_lang, options.tgt_lang or test.tgt_lang)
+        if languages not in translators:
+            try:
+                translators[languages] = open_translator(loaded, decode, options.device, say=log,
+                                                         src_lang=languages[0], tgt_lang=languages[1])
+            except MtkitError as err:  # a multilingual run without its languages: say which run
+                raise MtkitError(f"{system.name}: {err}") from None
+        return translators[languages]
+
+    for test in test_sets:  # every direction checked before the first is translated
+        translator_for(test)
     outputs, scores = [], []
     for test in test_sets:
         log(f"compare: {system.name}: translating {test.name} ({len(test.sources):,} sentences, "
             f"beam {config.decode.beam})")
-        found = translate_and_score(translator, test.sources, test.references, metrics=METRICS, tgt_lang=lang,
-                                    tokenize=options.tokenize)
+        found = translate_and_score(translator_for(test), test.sources, test.references, metrics=METRICS,
+                                    tgt_lang=test.tgt_lang or lang, tokenize=options.tokenize)
         outputs.append(found.hypotheses)
         scores.append(found.scores)
     report = SystemReport(system.name, "run", str(loaded.path), params=count_parameters(loaded))
     report.updates, report.train_seconds, report.train_tgt_tok_per_s = training_record(loaded.path)
     if options.speed_sentences > 0:
         log(f"compare: {system.name}: timing beam {options.speed_beam} at batch {SPEED_BATCH} and 1")
-        report.decode_sent_per_s, report.kv_cache_bytes = measure_decoding(loaded, test_sets[0].sources, options)
+        report.decode_sent_per_s, report.kv_cache_bytes = measure_decoding(loaded, test_sets[0], options)
     return report, outputs, scores
 
 
@@ -466,10 +491,10 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def measure_decoding(loaded: Loaded, sources: list[str],
+def measure_decoding(loaded: Loaded, test: TestSet,
                      options: Options) -> tuple[dict[str, float] | None, float | None]:
     """Sentences per second at batch 32 and batch 1 (beam ``options.speed_beam``, text in,
-    text out) on a sample of ``sources``, and the mean key/value-cache bytes per sentence."""
+    text out) on a sample of ``test``'s sources, and the mean key/value-cache bytes per sentence."""
     from mtkit.config import DecodeConfig
     from mtkit.engines import open_translator
 
@@ -478,8 +503,8 @@ def measure_decoding(loaded: Loaded, sources: list[str],
                                           "batch_sentences": _ONE_BATCH, "backend": "torch",
                                           "compute_type": "float32"})
     translator = open_translator(loaded, decode, options.device, warn=lambda message: None,
-                                 src_lang=options.src_lang, tgt_lang=options.tgt_lang)
-    sample, singles = speed_samples(sources, options.speed_sentences)
+                                 src_lang=options.src_lang or test.src_lang, tgt_lang=options.tgt_lang or test.tgt_lang)
+    sample, singles = speed_samples(test.sources, options.speed_sentences)
     if not sample:
         return None, None
     # Batches of similar lengths, as a translator that sorts its input by length makes them.

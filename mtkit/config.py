@@ -81,6 +81,14 @@ class CorpusConfig(Section):
     config never evaluates on training data by default."""
     limit: int | None = Field(default=None, ge=1)
     """Read at most this many pairs (for quick runs and tests)."""
+    src_lang: str | None = None
+    """The language of the source side (default ``data.src_lang``). Corpora of several
+    directions make a multilingual experiment (docs/multilingual.md)."""
+    tgt_lang: str | None = None
+    """The language of the target side (default ``data.tgt_lang``)."""
+    weight: float = Field(default=1.0, gt=0)
+    """Training: how many times an epoch counts this corpus's pairs (2: each twice, as upsampling
+    real data beside back-translations; 0.5: half of them, drawn anew each epoch)."""
 
     # Non-hub corpora hold "train" too, as they always have: the pipeline's stage hashes include it.
     @field_validator("split", mode="before")
@@ -135,10 +143,20 @@ class DataConfig(Section):
     """Target language code."""
     train: list[CorpusConfig] = Field(default_factory=list)
     """Training corpora, concatenated in order. A single mapping is accepted too."""
-    valid: EvalCorpusConfig | None = None
-    """Validation corpus (loss, BLEU and checkpoint selection during training)."""
-    test: EvalCorpusConfig | None = None
-    """Test corpus (translated and scored by the pipeline)."""
+    valid: EvalCorpusConfig | list[EvalCorpusConfig] | None = None
+    """Validation corpus (loss, BLEU and checkpoint selection during training); a multilingual
+    experiment lists one per direction (BLEU per direction, selection on their mean)."""
+    test: EvalCorpusConfig | list[EvalCorpusConfig] | None = None
+    """Test corpus (translated and scored by the pipeline); a multilingual experiment may list
+    one per direction."""
+    language_token: Literal["source", "target"] = "source"
+    """How a multilingual model (corpora of several directions) is told the language to
+    translate into: ``source``, a ``<2xx>`` token starting the source (Sockeye, opus-mt), or
+    ``target``, the same token forced as the first output token (NLLB). Never in the output."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling over directions: each epoch draws direction i's pairs in proportion to
+    ``(n_i / N) ** (1 / temperature)`` (fairseq's temperature sampling; 1: as they come, larger:
+    closer to uniform, the small directions repeated). Only with several directions."""
     max_len: int = Field(default=250, ge=1)
     """Drop training pairs with more subword tokens than this on either side."""
     min_len: int = Field(default=1, ge=1)
@@ -162,6 +180,42 @@ class DataConfig(Section):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, dict) else value
+
+    @field_validator("valid", "test", mode="before")
+    @classmethod
+    def _one_or_list(cls, value: Any) -> Any:
+        return value[0] if isinstance(value, list) and len(value) == 1 else value or None
+
+    @model_validator(mode="after")
+    def _eval_directions(self) -> DataConfig:
+        for split in ("valid", "test"):
+            sets = self.eval_sets(split)
+            directions = [self.direction(corpus) for corpus in sets]
+            if any(corpus.weight != 1.0 for corpus in sets):
+                raise ValueError(f"{split}: weight is for training corpora (an evaluation set is read once)")
+            for i, direction in enumerate(directions):
+                if direction in directions[:i]:
+                    raise ValueError(f"{split}: two corpora of direction {'-'.join(direction)} "
+                                     "(one per direction; set src_lang/tgt_lang on each)")
+        return self
+
+    def direction(self, corpus: CorpusConfig) -> tuple[str, str]:
+        """The (source, target) languages of ``corpus``: its own, else the section's."""
+        return corpus.src_lang or self.src_lang, corpus.tgt_lang or self.tgt_lang
+
+    def directions(self) -> list[tuple[str, str]]:
+        """The training directions, in the order their corpora first appear."""
+        return list(dict.fromkeys(self.direction(corpus) for corpus in self.train))
+
+    @property
+    def multilingual(self) -> bool:
+        """More than one training direction: a language token tells the model its target."""
+        return len(self.directions()) > 1
+
+    def eval_sets(self, split: Literal["valid", "test"]) -> list[EvalCorpusConfig]:
+        """The corpora of ``data.valid`` or ``data.test`` as a list (empty when unset)."""
+        value = getattr(self, split)
+        return [] if value is None else value if isinstance(value, list) else [value]
 
 
 class TokenizerConfig(Section):
@@ -694,7 +748,20 @@ def validate_config(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError([_describe(e) for e in err.errors()]) from None
+        raise ConfigError([_describe(e) for e in _chosen_branch(err.errors())]) from None
+
+
+def _chosen_branch(errors: list[Any]) -> list[Any]:
+    """The errors of a ``corpus | list of corpora`` key (``data.valid``) less the branch the
+    input is not: a mapping is not reported as "expected a list", nor a list as "expected a
+    mapping" (unless nothing else is wrong)."""
+    def other_branch(error: Mapping[str, Any]) -> bool:
+        last = str(error["loc"][-1]) if error["loc"] else ""
+        return (error["type"] == "list_type" and last.startswith("list[")) or (
+            error["type"] in ("model_type", "model_attributes_type", "dict_type") and last.startswith("function-"))
+
+    kept = [error for error in errors if not other_branch(error)]
+    return kept or errors
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -789,7 +856,7 @@ def _describe(error: Mapping[str, Any]) -> str:
     """One line for one pydantic error: ``train.lr: expected a number, got "fast"``."""
     # Keys come from user files: show odd ones quoted, so a message stays on one line.
     loc = [str(p) if str(p).isprintable() else json.dumps(str(p)) for p in error["loc"]]
-    loc = [p for p in loc if not p.startswith("function-")]
+    loc = [p for p in loc if not p.startswith(("function-", "list["))]
     kind = error["type"]
     key = ".".join(loc) or "config"
     value = error.get("input")

@@ -48,7 +48,9 @@ def input_problems(data: DataConfig) -> list[str]:
     corpora are not opened (that needs the network)."""
     problems = [] if data.train else ["data.train: no training corpora: tokenizer training and prepare need one"]
     named = [(f"data.train.{i}", corpus) for i, corpus in enumerate(data.train)]
-    named += [(f"data.{split}", corpus) for split, corpus in (("valid", data.valid), ("test", data.test)) if corpus]
+    for split in ("valid", "test"):
+        sets = data.eval_sets(split)
+        named += [(f"data.{split}" + (f".{i}" if len(sets) > 1 else ""), corpus) for i, corpus in enumerate(sets)]
     for key, corpus in named:
         for field in ("src", "tgt", "path"):
             path = getattr(corpus, field)

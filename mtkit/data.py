@@ -50,7 +50,7 @@ from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_dir, fsync_path
 from mtkit.integrity import file_checksum, verify_file, warn_unverified
 from mtkit.rundir import ExperimentDir
-from mtkit.tokenizer import Tokenizers, tokenizer_dir, train_tokenizers
+from mtkit.tokenizer import Languages, Tokenizers, language_prefixes, tokenizer_dir, train_tokenizers
 
 SPLITS = ("train", "valid", "test")
 DROP_REASONS = ("invalid_utf8", "empty", "duplicate", "eval_overlap", "too_short", "too_long", "ratio")
@@ -91,24 +91,34 @@ def train_tokenizer(config: Config) -> Tokenizers:
     if pretrained is not None:
         tokenizers = copy_pretrained_tokenizer(pretrained, tokenizer_dir(config))
     else:
+        languages = trained_languages(config.data)
+        settings = config.tokenizer
+        if languages is not None:  # the language tokens: never split, right after the special ids
+            symbols = dict.fromkeys([*languages.tokens.values(), *settings.user_symbols])
+            settings = settings.model_copy(update={"user_symbols": list(symbols)})
         tokenizers = train_tokenizers(
-            config.tokenizer,
+            settings,
             tokenizer_dir(config),
             lambda sides: training_text(config.data, sides),
             seed=config.experiment.seed,
+            languages=languages,
         )
     save_config(config, config.experiment.dir / "config.yaml")
     return tokenizers
 
 
+def trained_languages(data: DataConfig) -> Languages | None:
+    """The language tokens of a model trained on ``data``'s directions: ``<2xx>`` for each
+    target language (``data.language_token`` says where); None for one direction."""
+    return Languages.tags(data.directions(), data.language_token) if data.multilingual else None
+
+
 def copy_pretrained_tokenizer(checkpoint: Path, directory: Path) -> Tokenizers:
-    """The tokenizer of ``checkpoint``, copied to ``directory`` (replaced atomically)."""
+    """The tokenizer of ``checkpoint``, copied to ``directory`` (replaced atomically). A
+    multilingual model's language tokens go with it: prepare frames each pair with them."""
     from mtkit.checkpoint import TOKENIZER
 
     tokenizers = Tokenizers.load(checkpoint / TOKENIZER)
-    if tokenizers.languages is not None:
-        # Its training pairs would need the language tokens that translation adds.
-        raise MtkitError(f"{checkpoint}: a multilingual model (language tokens) cannot be fine-tuned yet")
     with atomic_dir(directory) as tmp:
         tokenizers.copy_to(tmp)
     return Tokenizers.load(directory)
@@ -126,6 +136,23 @@ class SplitReport:
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     src_tokens: int = 0
     tgt_tokens: int = 0
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    """The kept pairs of each corpus, in row order (``src_lang``, ``tgt_lang``, ``pairs``): a
+    corpus's pairs are consecutive rows of the split file."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """The rows ``[start, end)`` of a prepared split: pairs of one corpus, in one direction."""
+
+    src_lang: str
+    tgt_lang: str
+    start: int
+    end: int
+
+    @property
+    def direction(self) -> str:
+        return f"{self.src_lang}-{self.tgt_lang}"
 
 
 @dataclass
@@ -156,6 +183,8 @@ class PrepareReport:
         rows: list[list[object]] = [list(header)]
         for name, s in self.splits.items():
             rows.append([name, s.read, s.kept, *(s.dropped[r] for r in DROP_REASONS), s.src_tokens, s.tgt_tokens])
+        directions = {name: _direction_counts(s.groups) for name, s in self.splits.items()}
+        several = any(len(counts) > 1 for counts in directions.values())
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
         lines = [
             "  ".join(
@@ -163,12 +192,23 @@ class PrepareReport:
             )
             for row in rows
         ]
+        if several:  # a multilingual experiment: the kept pairs of each direction
+            for name, counts in directions.items():
+                lines.append(f"{name} pairs by direction: " + ", ".join(f"{d} {n}" for d, n in counts.items()))
         lines.append(f"tokenizer_fingerprint {self.tokenizer_fingerprint}")
         lines.append(f"seconds {self.seconds:.1f} (cpu {self.cpu_seconds:.1f})")
         return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- prepare
+
+
+def _direction_counts(groups: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for group in groups:
+        direction = f"{group['src_lang']}-{group['tgt_lang']}"
+        counts[direction] = counts.get(direction, 0) + int(group["pairs"])
+    return counts
 
 
 def prepare(config: Config) -> PrepareReport:
@@ -179,6 +219,7 @@ def prepare(config: Config) -> PrepareReport:
     if not data.train:
         raise MtkitError("data.train: no training corpora configured")
     tokenizers = Tokenizers.load(tokenizer_dir(config))
+    _check_languages(config, tokenizers)
     exp_dir = config.experiment.dir
     out = data_dir(exp_dir)
     for stale in exp_dir.glob(f".{out.name}.tmp-*"):  # left by a killed run
@@ -187,8 +228,8 @@ def prepare(config: Config) -> PrepareReport:
     with atomic_dir(out) as tmp:
         # Valid and test first: training pairs whose source they contain may be removed.
         eval_sources: set[int] = set()
-        splits: dict[str, list[CorpusConfig]] = {"valid": [data.valid] if data.valid else [],
-                                                 "test": [data.test] if data.test else []}
+        splits: dict[str, list[CorpusConfig]] = {"valid": list(data.eval_sets("valid")),
+                                                 "test": list(data.eval_sets("test"))}
         splits["train"] = data.train
         for split, corpora in splits.items():
             if not corpora:
@@ -208,6 +249,24 @@ def prepare(config: Config) -> PrepareReport:
         (tmp / "report.txt").write_text(report.to_text(), encoding="utf-8")
     save_config(config, exp_dir / "config.yaml")
     return report
+
+
+def _check_languages(config: Config, tokenizers: Tokenizers) -> None:
+    """A tokenizer mtkit trained must have the language tokens of the config's directions (a
+    pretrained model's, copied when fine-tuning, are its own)."""
+    from mtkit.checkpoint import pretrained_checkpoint
+
+    if pretrained_checkpoint(config) is not None:
+        return
+    wanted, found = trained_languages(config.data), tokenizers.languages
+    if wanted != found:
+        def say(languages: Languages | None) -> str:
+            if languages is None:
+                return "one direction"
+            return f"{languages.names()}, language_token {'source' if languages.source else 'target'}"
+
+        raise MtkitError(f"{tokenizer_dir(config)}: the tokenizer was trained for {say(found)}, the config "
+                         f"has {say(wanted)}; run `mtkit tokenizer train -c CONFIG` again")
 
 
 def _cpu_seconds() -> float:
@@ -231,12 +290,17 @@ def _prepare_split(
 ) -> SplitReport:
     stats = SplitReport()
     limits = _Limits(data.min_len, data.max_len, data.max_ratio) if split == "train" else None
-    chunks = _clean_chunks(split, corpora, data, stats, eval_sources)
+    directions = [data.direction(corpus) for corpus in corpora]
+    stats.groups = [{"src_lang": s, "tgt_lang": t, "pairs": 0} for s, t in directions]
+    # The language tokens each corpus's pairs start with (none for a model without them).
+    prefixes = [language_prefixes(tokenizers, s, t) for s, t in directions]
+    chunks = _clean_chunks(split, corpora, data, stats, eval_sources, multilingual=len(set(directions)) > 1)
     # One record batch per chunk, so memory stays bounded by the chunk; the IPC file format
     # (not the stream format) ends in a footer that lets readers map the batches in place.
     with pa.OSFile(str(split_file(out, split)), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-        for encoded in _encode_all(chunks, tokenizers, limits, data.num_proc):
+        for corpus, encoded in _encode_all(chunks, prefixes, tokenizers, limits, data.num_proc):
             writer.write_batch(encoded.batch)
+            stats.groups[corpus]["pairs"] += encoded.batch.num_rows
             stats.kept += encoded.batch.num_rows
             stats.src_tokens += encoded.src_tokens
             stats.tgt_tokens += encoded.tgt_tokens
@@ -246,31 +310,35 @@ def _prepare_split(
 
 
 def _clean_chunks(
-    split: str, corpora: list[CorpusConfig], data: DataConfig, stats: SplitReport, eval_sources: set[int]
-) -> Iterator[tuple[list[str], list[str]]]:
-    """Normalised pairs, chunk by chunk; for training, without empty, duplicate and (if asked)
-    valid/test pairs. Counts what it reads and drops in ``stats``; for valid/test, adds the
-    hashes of the sources to ``eval_sources``."""
+    split: str, corpora: list[CorpusConfig], data: DataConfig, stats: SplitReport, eval_sources: set[int],
+    multilingual: bool = False,
+) -> Iterator[tuple[int, list[str], list[str]]]:
+    """Normalised pairs, chunk by chunk, each with the number of its corpus; for training,
+    without empty, duplicate and (if asked) valid/test pairs. Counts what it reads and drops in
+    ``stats``; for valid/test, adds the hashes of the sources to ``eval_sources``. With several
+    directions, a pair is a duplicate only within its direction."""
     train = split == "train"
     # 64-bit hashes of the kept pairs, not the pairs: ~60 bytes a pair in a Python set.
     # Python's str hash is SipHash, randomised per process but fixed within this run.
     seen: set[int] = set()
-    for corpus in corpora:
+    for number, corpus in enumerate(corpora):
+        direction = data.direction(corpus) if multilingual else None
         for raw_src, raw_tgt in read_corpus(corpus, data.invalid_utf8, data.chunk_size):
             stats.read += len(raw_src)
             valid_src, valid_tgt = utf8_pairs(raw_src, raw_tgt)
             stats.dropped["invalid_utf8"] += len(raw_src) - len(valid_src)
             src, tgt = normalize(valid_src), normalize(valid_tgt)
             if train:
-                src, tgt = _clean(src, tgt, data, stats, seen, eval_sources)
+                src, tgt = _clean(src, tgt, data, stats, seen, eval_sources, direction)
             else:
                 eval_sources.update(map(hash, src))
             if src:
-                yield src, tgt
+                yield number, src, tgt
 
 
 def _clean(
-    src: list[str], tgt: list[str], data: DataConfig, stats: SplitReport, seen: set[int], eval_sources: set[int]
+    src: list[str], tgt: list[str], data: DataConfig, stats: SplitReport, seen: set[int], eval_sources: set[int],
+    direction: tuple[str, str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Training pairs that are non-empty, not seen before and not in valid/test."""
     kept_src, kept_tgt = [], []
@@ -281,7 +349,7 @@ def _clean(
             empty += 1
             continue
         if dedup:
-            key = hash((s, t))
+            key = hash((s, t)) if direction is None else hash((s, t, direction))
             if key in seen:
                 duplicate += 1
                 continue
@@ -315,10 +383,19 @@ class _Encoded(NamedTuple):
     tgt_tokens: int
 
 
-def _encode(src: list[str], tgt: list[str], tokenizers: Tokenizers, limits: _Limits | None) -> _Encoded:
-    """Encode a chunk and, given ``limits`` (training), drop pairs by token length."""
+Prefixes = tuple[list[int], list[int]]
+"""The ids a corpus's sources and targets start with: its language tokens."""
+
+
+def _encode(src: list[str], tgt: list[str], tokenizers: Tokenizers, limits: _Limits | None,
+            prefixes: Prefixes = ([], [])) -> _Encoded:
+    """Encode a chunk (each side after its ``prefixes``) and, given ``limits`` (training), drop
+    pairs by token length."""
     src_ids = tokenizers.encode_source(src)
     tgt_ids = tokenizers.tgt.encode(tgt)
+    for ids, prefix in ((src_ids, prefixes[0]), (tgt_ids, prefixes[1])):
+        if prefix:
+            ids[:] = [prefix + seq for seq in ids]
     src_len = np.fromiter(map(len, src_ids), dtype=np.int32, count=len(src_ids))
     tgt_len = np.fromiter(map(len, tgt_ids), dtype=np.int32, count=len(tgt_ids))
     too_short = too_long = ratio = 0
@@ -349,27 +426,31 @@ def _encode(src: list[str], tgt: list[str], tokenizers: Tokenizers, limits: _Lim
 
 
 def _encode_all(
-    chunks: Iterator[tuple[list[str], list[str]]], tokenizers: Tokenizers, limits: _Limits | None, num_proc: int
-) -> Iterator[_Encoded]:
-    """Encode chunks, in order: here, or with ``num_proc`` > 1 in that many worker processes
-    while this one reads and cleans the next chunks. (SentencePiece's own ``num_threads`` was
-    measured to gain nothing: building the Python id lists holds the GIL.) At most two chunks
-    per worker are in flight, so memory stays bounded."""
+    chunks: Iterator[tuple[int, list[str], list[str]]], prefixes: list[Prefixes], tokenizers: Tokenizers,
+    limits: _Limits | None, num_proc: int,
+) -> Iterator[tuple[int, _Encoded]]:
+    """Encode chunks (each with its corpus's number, which picks its ``prefixes``), in order:
+    here, or with ``num_proc`` > 1 in that many worker processes while this one reads and
+    cleans the next chunks. (SentencePiece's own ``num_threads`` was measured to gain nothing:
+    building the Python id lists holds the GIL.) At most two chunks per worker are in flight,
+    so memory stays bounded."""
     head = list(islice(chunks, 2))
     if num_proc == 1 or len(head) < 2:  # a one-chunk split is not worth starting workers for
-        for src, tgt in chain(head, chunks):
-            yield _encode(src, tgt, tokenizers, limits)
+        for corpus, src, tgt in chain(head, chunks):
+            yield corpus, _encode(src, tgt, tokenizers, limits, prefixes[corpus])
         return
     context = multiprocessing.get_context("spawn")  # no fork: pyarrow's threads may hold locks
     directory = tokenizers.src.path.parent
     with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_start_worker, initargs=(directory,)) as pool:
-        pending: deque[Future[_Encoded]] = deque()
-        for src, tgt in chain(head, chunks):
-            pending.append(pool.submit(_encode_in_worker, src, tgt, limits))
+        pending: deque[tuple[int, Future[_Encoded]]] = deque()
+        for corpus, src, tgt in chain(head, chunks):
+            pending.append((corpus, pool.submit(_encode_in_worker, src, tgt, limits, prefixes[corpus])))
             if len(pending) >= 2 * num_proc:
-                yield pending.popleft().result()
+                corpus, future = pending.popleft()
+                yield corpus, future.result()
         while pending:
-            yield pending.popleft().result()
+            corpus, future = pending.popleft()
+            yield corpus, future.result()
 
 
 _worker_tokenizers: Tokenizers | None = None
@@ -381,9 +462,9 @@ def _start_worker(directory: Path) -> None:
     _worker_tokenizers = Tokenizers.load(directory)
 
 
-def _encode_in_worker(src: list[str], tgt: list[str], limits: _Limits | None) -> _Encoded:
+def _encode_in_worker(src: list[str], tgt: list[str], limits: _Limits | None, prefixes: Prefixes) -> _Encoded:
     assert _worker_tokenizers is not None
-    return _encode(src, tgt, _worker_tokenizers, limits)
+    return _encode(src, tgt, _worker_tokenizers, limits, prefixes)
 
 
 # Arrow arrays are assembled from numpy buffers rather than with pa.array, which is slower
@@ -537,6 +618,26 @@ def _vocab_sizes(exp_dir: Path, report: dict[str, Any]) -> tuple[int, int] | Non
     except (MtkitError, KeyError, TypeError, ValueError):
         pass
     return None
+
+
+def split_groups(exp_dir: Path, split: str) -> list[Group]:
+    """The row ranges of ``split``'s corpora, with their directions; one group of the whole split
+    for data prepared before prepare recorded them."""
+    report = _read_report(data_dir(exp_dir))
+    stats = report.get("splits", {}).get(split) or {}
+    groups, start = [], 0
+    try:
+        for group in stats.get("groups") or []:
+            end = start + int(group["pairs"])
+            groups.append(Group(str(group["src_lang"]), str(group["tgt_lang"]), start, end))
+            start = end
+    except (KeyError, TypeError, ValueError):
+        raise MtkitError(f"{data_dir(exp_dir) / 'report.json'}: malformed groups of the {split} split; "
+                         f"{PREPARE_AGAIN}") from None
+    if groups and start != int(stats.get("kept", -1)):
+        raise MtkitError(f"{data_dir(exp_dir) / 'report.json'}: the {split} split's groups hold {start} pairs, "
+                         f"it has {stats.get('kept')}; {PREPARE_AGAIN}")
+    return groups or [Group("src", "tgt", 0, int(stats.get("kept", 0)))]
 
 
 def prepared_fingerprint(exp_dir: Path) -> str:

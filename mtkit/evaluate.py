@@ -77,49 +77,68 @@ def validation_loss(model: Model, corpus: TokenizedCorpus, max_tokens: int, runt
 
 def validation_bleu(config: Config, exp: Experiment, model: Model, runtime: Runtime) -> dict[str, Any]:
     """BLEU and chrF of the validation set (its first ``train.valid_max_sentences``) decoded
-    exactly as ``mtkit translate`` would with the PyTorch engine."""
+    exactly as ``mtkit translate`` would with the PyTorch engine. A multilingual experiment's
+    set is scored per direction (``directions``: each one's BLEU, chrF and sentences, its first
+    ``valid_max_sentences``); ``bleu`` and ``chrf`` are then their means, what selection uses."""
     from mtkit.translate import Translator
 
     if exp.valid_text is None:
         raise ValueError("validation_bleu needs an experiment with validation data")
     sources, references = exp.valid_text
-    limit = config.train.valid_max_sentences or len(sources)
+    groups = exp.valid_groups or [None]
+    named = exp.tokenizers.languages is not None  # the model is told its languages
     model.eval()
+    found = {}
     with torch.no_grad():
-        translator = Translator(model, exp.tokenizers, config.decode, runtime.device, seed=config.experiment.seed)
-        found = translate_and_score(translator, sources[:limit], references[:limit], tgt_lang=config.data.tgt_lang)
+        for group in groups:
+            start, end = (0, len(sources)) if group is None else (group.start, group.end)
+            end = min(end, start + (config.train.valid_max_sentences or end))
+            src_lang, tgt_lang = (group.src_lang, group.tgt_lang) if group is not None and named else (None, None)
+            translator = Translator(model, exp.tokenizers, config.decode, runtime.device, seed=config.experiment.seed,
+                                    src_lang=src_lang, tgt_lang=tgt_lang)
+            lang = group.tgt_lang if group is not None and len(groups) > 1 else config.data.tgt_lang
+            found[group.direction if group is not None else ""] = (
+                end - start, translate_and_score(translator, sources[start:end], references[start:end], tgt_lang=lang))
     model.train()
-    metrics: dict[str, Any] = {"sentences": limit}
-    for key, metric in zip(("bleu", "chrf"), found.scores, strict=True):
-        metrics[key] = metric.score
-        metrics[f"{key}_signature"] = metric.signature
+    metrics: dict[str, Any] = {"sentences": sum(n for n, _ in found.values())}
+    for number, key in enumerate(("bleu", "chrf")):
+        metrics[key] = sum(result.scores[number].score for _, result in found.values()) / len(found)
+        signatures = dict.fromkeys(result.scores[number].signature for _, result in found.values())
+        metrics[f"{key}_signature"] = " / ".join(signatures)
+    if len(found) > 1:
+        metrics["directions"] = {direction: {"bleu": result.scores[0].score, "chrf": result.scores[1].score,
+                                             "sentences": n} for direction, (n, result) in found.items()}
     return metrics
 
 
 def validation_set(
     loaded: Loaded, limit: int, valid: CorpusConfig | None = None
-) -> tuple[list[str], list[str], str] | None:
-    """Up to ``limit`` (source, reference) lines of a validation set, and where they came from:
-    the prepared split of the run that holds the checkpoint (as training validated on it), else
+) -> tuple[list[str], list[str], str, tuple[str | None, str | None]] | None:
+    """Up to ``limit`` (source, reference) lines of a validation set, where they came from and
+    their direction (for a model told its languages; else None, None): the prepared split of the
+    run that holds the checkpoint (as training validated on it; its first direction), else
     ``valid`` (a corpus the user named); None when there is neither. Never a path from the
     checkpoint's own config: a checkpoint is data, and its ``data.valid`` may name any file on
     this machine."""
     from mtkit.checkpoint import refuse_links_out
     from mtkit.corpus import read_corpus
-    from mtkit.data import load_split
+    from mtkit.data import load_split, split_groups
     from mtkit.rundir import ExperimentDir
 
+    languages = loaded.tokenizers.languages
     checkpoint = Path(loaded.path).resolve()
     if checkpoint.parent.name == "checkpoints":
         run = checkpoint.parent.parent
         try:
             refuse_links_out(ExperimentDir(run).data, within=run)
-            rows = load_split(run, "valid")[:limit]
+            first = split_groups(run, "valid")[0]
+            rows = load_split(run, "valid")[first.start : min(first.end, first.start + limit)]
             if rows["src"]:
-                return list(rows["src"]), list(rows["tgt"]), f"{run}/data (valid)"
+                direction = (first.src_lang, first.tgt_lang) if languages is not None else (None, None)
+                return list(rows["src"]), list(rows["tgt"]), f"{run}/data (valid)", direction
         except MtkitError:
             pass
-    if valid is None:
+    if valid is None or languages is not None and languages.directions and not (valid.src_lang and valid.tgt_lang):
         return None
     try:
         sources, references = next(iter(read_corpus(valid, "skip", limit)), ([], []))
@@ -127,4 +146,5 @@ def validation_set(
         return None
     if not sources:
         return None
-    return list(sources[:limit]), list(references[:limit]), "data.valid"
+    direction = (valid.src_lang, valid.tgt_lang) if languages is not None else (None, None)
+    return list(sources[:limit]), list(references[:limit]), "data.valid", direction

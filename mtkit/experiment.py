@@ -5,7 +5,7 @@ both as token ids (for the loss) and as text (for BLEU, ``mtkit.evaluate``)."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,12 +25,16 @@ class Experiment:
     valid: TokenizedCorpus | None
     valid_text: tuple[list[str], list[str]] | None  # source lines, references
     sampling: SubwordSampling | None = None  # train.subword_alpha > 0
+    train_groups: list[Any] = field(default_factory=list)
+    """The training split's corpora as row ranges with their directions (``mtkit.data.Group``)."""
+    valid_groups: list[Any] = field(default_factory=list)
+    """The same for the validation split: validation BLEU is per direction."""
 
 
 def load_experiment(config: Config) -> Experiment:
     """Tokenizer and prepared data; refuses data prepared with another tokenizer and a
     ``max_tokens`` too small for the longest training pair."""
-    from mtkit.data import load_split, prepared_fingerprint
+    from mtkit.data import load_split, prepared_fingerprint, split_groups
     from mtkit.tokenizer import Tokenizers, tokenizer_dir
 
     exp_dir = config.experiment.dir
@@ -57,8 +61,10 @@ def load_experiment(config: Config) -> Experiment:
             f"({int(positions.max())} positions); raise it or lower data.max_len and prepare again"
         )
     valid = valid_text = None
+    valid_groups = []
     if config.data.valid is not None:
         split = load_split(exp_dir, "valid")
+        valid_groups = split_groups(exp_dir, "valid")
         if len(split) == 0:
             raise MtkitError(f"{exp_dir / 'data' / 'valid.arrow'}: no validation pairs; fix data.valid or remove it")
         valid_text = (list(split["src"]), list(split["tgt"]))
@@ -71,10 +77,11 @@ def load_experiment(config: Config) -> Experiment:
                           f"{config.model.max_positions}; the validation loss leaves them out", stacklevel=1)
             split = split.select(fits)
         valid = TokenizedCorpus.from_dataset(split) if len(split) else None
+    train_groups = split_groups(exp_dir, "train")
     sampling = None
     if config.train.subword_alpha > 0:
-        sampling = SubwordSampling(config, tokenizers, train_split, train)
-    return Experiment(config, tokenizers, train, valid, valid_text, sampling)
+        sampling = SubwordSampling(config, tokenizers, train_split, train, train_groups)
+    return Experiment(config, tokenizers, train, valid, valid_text, sampling, train_groups, valid_groups)
 
 
 def positions_needed(config: Config, src_lens: np.ndarray, tgt_lens: np.ndarray) -> np.ndarray:
@@ -89,14 +96,22 @@ def positions_needed(config: Config, src_lens: np.ndarray, tgt_lens: np.ndarray)
 class SubwordSampling:
     """Subword regularisation (``train.subword_alpha``): each epoch's training corpus is the
     text prepare stored, segmented anew by SentencePiece's sampling, seeded by the experiment's
-    seed and the epoch (so a resumed run, and every rank, draws the same segmentations). A pair
+    seed and the epoch. Within a process an epoch's draw is repeatable; a resumed run (a new
+    process) or another rank draws other segmentations, because SentencePiece's sampling does
+    not follow the seed across processes (0.2.3): such a run resumes at the right data position
+    with the right weights, but is not bit-identical to an uninterrupted one. A pair
     whose drawn segmentation no longer fits the model's positions or one batch keeps its
     best segmentation (``best``, the corpus prepare encoded)."""
 
     CHUNK = 10_000  # rows of text read and encoded at a time
 
-    def __init__(self, config: Config, tokenizers: Any, split: Any, best: TokenizedCorpus):
+    def __init__(self, config: Config, tokenizers: Any, split: Any, best: TokenizedCorpus, groups: list[Any]):
+        from mtkit.tokenizer import language_prefixes
+
         self.config, self.tokenizers, self.split, self.best = config, tokenizers, split, best
+        # Each corpus's language tokens, which prepare put before its ids (none for most models).
+        self.prefixes = [(group, *language_prefixes(tokenizers, group.src_lang, group.tgt_lang))
+                         for group in groups] if tokenizers.languages is not None else []
 
     def corpus(self, epoch: int) -> TokenizedCorpus:
         cfg = self.config.train
@@ -109,6 +124,9 @@ class SubwordSampling:
                                          int(seed))
                         for tokenizer, side, seed in ((self.tokenizers.src, "src", seeds[0]),
                                                       (self.tokenizers.tgt, "tgt", seeds[1])))
+            for group, src_prefix, tgt_prefix in self.prefixes:
+                for row in range(max(group.start, start), min(group.end, start + len(src))):
+                    src[row - start], tgt[row - start] = src_prefix + src[row - start], tgt_prefix + tgt[row - start]
             src_lens, tgt_lens = _lengths(src), _lengths(tgt)
             too_big = ((positions_needed(self.config, src_lens, tgt_lens) > self.config.model.max_positions)
                        | (np.maximum(src_lens, tgt_lens) + 1 > cfg.max_tokens))

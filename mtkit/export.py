@@ -501,14 +501,15 @@ def hf_parity(loaded: Loaded, model_dir: Path, lines: list[str], src_lang: str |
     transformers = require("transformers")
     from mtkit.engines.ctranslate2 import Parity
     from mtkit.hf_generate import generate
-    from mtkit.translate import Translator, language_prefixes
+    from mtkit.tokenizer import language_prefixes, run_languages
+    from mtkit.translate import Translator
 
     transformers.utils.logging.set_verbosity_error()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
     decode = loaded.config.decode.model_copy(update={"sampling": False, "nbest": 1})
-    source, target = language_prefixes(loaded.tokenizers, src_lang or loaded.config.data.src_lang,
-                                       tgt_lang or loaded.config.data.tgt_lang)
+    source, target = language_prefixes(loaded.tokenizers,
+                                       *run_languages(loaded.config.data, loaded.tokenizers, src_lang, tgt_lang))
     # The source's language token as a user writes it (the tokenizer knows it as one token).
     prefix = "".join(f"{loaded.tokenizers.src.vocabulary()[i]} " for i in source)
     inputs = tokenizer([prefix + line for line in lines], return_tensors="pt", padding=True)

@@ -307,7 +307,16 @@ def _tokenizer_reads(config: Config) -> dict[str, Any]:
 
 def _prepare_reads(config: Config) -> dict[str, Any]:
     return {"tokenizer": _tokenizer_fingerprint(config),
-            "files": _files(corpus_files([*config.data.train, config.data.valid, config.data.test]))}
+            "files": _files(corpus_files([*config.data.train, *_eval_corpora(config)]))}
+
+
+def _eval_corpora(config: Config) -> list[CorpusConfig | None]:
+    """The valid and test corpora, as the stage hashes have always listed them (one each)."""
+    corpora: list[CorpusConfig | None] = []
+    for split in ("valid", "test"):
+        sets = config.data.eval_sets(split)
+        corpora += sets if sets else [None]
+    return corpora
 
 
 def _train_reads(config: Config) -> dict[str, Any]:
@@ -512,7 +521,8 @@ PIPELINE = [
           decide=_decide_import, applies=lambda c: c.pretrained.huggingface is not None),
     # SentencePiece's vocabulary differs a little with tokenizer.num_threads (the threads share
     # out its work), as weights do in their last bits with train.threads: neither retrains.
-    Stage("tokenizer", ("tokenizer", "data.train", "experiment.seed", *PRETRAINED_SOURCE), _run_tokenizer,
+    Stage("tokenizer", ("tokenizer", "data.train", "data.language_token", "experiment.seed", *PRETRAINED_SOURCE),
+          _run_tokenizer,
           _tokenizer_reads, _tokenizer_readable, ignores=("tokenizer.num_threads",)),
     Stage("prepare", ("data",), _run_prepare, _prepare_reads, _data_readable,
           ignores=("data.num_proc", "data.chunk_size")),
@@ -553,7 +563,12 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "pretrained.huggingface": None,
     "pretrained.revision": None,
     "pretrained.run": None,
+    "data.language_token": "source",
+    "data.temperature": 1.0,
 }
+
+CORPUS_ADDED_DEFAULTS: dict[str, Any] = {"src_lang": None, "tgt_lang": None, "weight": 1.0}
+"""The same for the keys of each corpus (``data.train.N``, ``data.valid``, ``data.test``)."""
 
 
 def _stage(name: str) -> Stage:
@@ -573,9 +588,23 @@ def stage_key(config: Config, stage: Stage, reads: dict[str, Any] | None = None)
         node = picked.get(section)
         if isinstance(node, dict) and node.get(name, default) == default:
             node.pop(name, None)
+    for corpus in _corpora(picked):
+        for name, default in CORPUS_ADDED_DEFAULTS.items():
+            if corpus.get(name, default) == default:
+                corpus.pop(name, None)
     reads = stage.reads(config) if reads is None else reads
     blob = json.dumps({"sections": picked, "reads": reads}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _corpora(picked: dict) -> list[dict]:
+    """The corpus mappings among a stage's picked config values."""
+    data = picked.get("data") or {}
+    found = [picked.get("data.train"), *(data.get(split) for split in ("train", "valid", "test"))]
+    corpora: list[dict] = []
+    for value in found:
+        corpora += [c for c in (value if isinstance(value, list) else [value]) if isinstance(c, dict)]
+    return corpora
 
 
 def _pick(data: dict, sections: tuple[str, ...], ignores: tuple[str, ...]) -> dict:
@@ -615,7 +644,7 @@ def _legacy_hash(config: Config, name: str, previous: str) -> str:
     if data["tokenizer"]["normalization"] == "identity":
         del data["tokenizer"]["normalization"]
     corpora: dict[str, list[CorpusConfig | None]] = {
-        "tokenizer": [*config.data.train], "prepare": [*config.data.train, config.data.valid, config.data.test]}
+        "tokenizer": [*config.data.train], "prepare": [*config.data.train, *_eval_corpora(config)]}
     blob = json.dumps({"sections": _pick(data, *_LEGACY[name]), "files": _files(corpus_files(corpora.get(name, []))),
                        "previous": previous}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -713,7 +742,8 @@ def select_final_model(config: Config) -> dict:
         if scorer is not None and (stale or name == "average"):
             metrics = scorer(directory)
         scores[name] = {"checkpoint": directory.name, "step": meta["step"],
-                        **{k: round(v, 4) for k, v in metrics.items() if k in ("loss", "bleu", "chrf")}}
+                        **{k: round(v, 4) for k, v in metrics.items() if k in ("loss", "bleu", "chrf")},
+                        **({"directions": metrics["directions"]} if "directions" in metrics else {})}
     chosen = next(iter(scores))
     for name, row in scores.items():
         if metric in row and metric in scores[chosen] and better(metric, row[metric], scores[chosen][metric]):
@@ -767,15 +797,21 @@ def translate_test_set(config: Config) -> Path:
     ``mtkit translate`` would use (named on stderr); write hypotheses and references."""
     import torch
 
-    from mtkit.data import load_split
+    from mtkit.data import load_split, split_groups
     from mtkit.engines import open_translator
 
     exp = ExperimentDir(config.experiment.dir)
     test = load_split(exp.root, "test")
-    with open_translator(exp.root, config.decode, _device(config), threads=config.train.threads,
-                         workers=config.train.threads or torch.get_num_threads(), seed=config.experiment.seed,
-                         say=_say, warn=lambda m: _say(f"warning: {m}")) as translator:
-        hyps = translator.translate(list(test["src"]))
+    sources = list(test["src"])
+    groups = split_groups(exp.root, "test")
+    hyps: list[str] = []
+    for group in groups:  # one for a model of one pair: it takes no languages
+        languages = (group.src_lang, group.tgt_lang) if len(groups) > 1 else (None, None)
+        with open_translator(exp.root, config.decode, _device(config), threads=config.train.threads,
+                             workers=config.train.threads or torch.get_num_threads(), seed=config.experiment.seed,
+                             say=_say, warn=lambda m: _say(f"warning: {m}"), src_lang=languages[0],
+                             tgt_lang=languages[1]) as translator:
+            hyps += translator.translate(sources[group.start : group.end])
     lang = config.data.tgt_lang
     atomic_write_text(exp.test_references(lang), "".join(line + "\n" for line in test["tgt"]))
     atomic_write_text(exp.test_hypotheses(lang), "".join(line + "\n" for line in hyps))
@@ -804,6 +840,7 @@ def write_report(config: Config) -> dict:
     refs = exp.test_references(lang).read_text().splitlines()
     bleu, chrf, ter = score(hyps, [refs], ("bleu", "chrf", "ter"), tgt_lang=lang)
     lower = score([h.lower() for h in hyps], [[r.lower() for r in refs]], ("bleu",), tgt_lang=lang)[0]
+    directions = _direction_scores(exp, hyps, refs)
     log = _read_train_log(exp.train_log)
     valids = [row for row in log if row.get("type") == "valid"]
     selection = _read_stamp(exp.selection)
@@ -845,10 +882,35 @@ def write_report(config: Config) -> dict:
         },
         "stage_seconds": stages,
     }
+    if directions:  # a multilingual model: its scores per direction, and their means
+        report["test"] = {"bleu": round(sum(d["bleu"] for d in directions.values()) / len(directions), 2),
+                          "chrf": round(sum(d["chrf"] for d in directions.values()) / len(directions), 2),
+                          "sentences": len(hyps),
+                          "signature": " / ".join(dict.fromkeys(d["signature"] for d in directions.values())),
+                          "directions": directions}
+        report["valid"] = {**report["valid"], "directions": best_valid.get("directions", {})}  # type: ignore[dict-item]
     atomic_write_text(exp.report_json, json.dumps(report, indent=2) + "\n")
     atomic_write_text(exp.report_md, _markdown(report))
     _plot(log, exp.plot)
     return report
+
+
+def _direction_scores(exp: ExperimentDir, hyps: list[str], refs: list[str]) -> dict[str, dict[str, Any]]:
+    """BLEU and chrF of each direction of a multilingual test set (rows as the prepared split's
+    groups); empty for a test set of one direction."""
+    from mtkit.data import split_groups
+    from mtkit.score import score
+
+    groups = split_groups(exp.root, "test")
+    if len(groups) < 2 or len(hyps) != groups[-1].end:
+        return {}
+    found = {}
+    for group in groups:
+        part = slice(group.start, group.end)
+        bleu, chrf = score(hyps[part], [refs[part]], ("bleu", "chrf"), tgt_lang=group.tgt_lang)
+        found[group.direction] = {"bleu": round(bleu.score, 2), "chrf": round(chrf.score, 2),
+                                  "sentences": group.end - group.start, "signature": bleu.signature}
+    return found
 
 
 def _model_label(config: Config) -> str:
@@ -904,6 +966,8 @@ def _read_train_log(path: Path) -> list[dict]:
 
 def _markdown(report: dict) -> str:
     test, valid, model = report["test"], report["valid"], report["model"]
+    if "directions" in test:
+        return _markdown_multilingual(report)
     rows = [
         ("experiment", report["experiment"]),
         *[(f"{split} pairs kept / read", f"{c.get('kept')} / {c.get('read')}") for split, c in report["data"].items()],
@@ -919,6 +983,34 @@ def _markdown(report: dict) -> str:
     lines = ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
     lines += ["", f"BLEU signature: `{test['signature']}`", "", f"chrF signature: `{test['chrf_signature']}`", ""]
     return "\n".join(lines)
+
+
+def _markdown_multilingual(report: dict) -> str:
+    """The report of a multilingual model: its rows, then a table of the directions."""
+    test, valid, model = report["test"], report["valid"], report["model"]
+    rows = [
+        ("experiment", report["experiment"]),
+        *[(f"{split} pairs kept / read", f"{c.get('kept')} / {c.get('read')}") for split, c in report["data"].items()],
+        ("model", f"{model['size']}, {model['parameters'] or 0:,} parameters, {model['updates'] or 0:,} updates"),
+        ("final model", model["selected"] or f"step {model['step']}"),
+        ("training time", f"{(report['train_seconds'] or 0) / 60:.1f} min"),
+        ("valid BLEU / chrF (mean of directions, final model)", f"{valid.get('bleu')} / {valid.get('chrf')}"),
+        ("test BLEU / chrF (mean of directions)", f"{test['bleu']} / {test['chrf']}"),
+    ]
+    lines = ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    lines += ["| direction | test sentences | test BLEU | test chrF | valid BLEU | valid chrF |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for direction, scores in test["directions"].items():
+        seen = valid.get("directions", {}).get(direction, {})
+        lines.append(f"| {direction} | {scores['sentences']} | {scores['bleu']} | {scores['chrf']} | "
+                     f"{_rounded(seen.get('bleu'))} | {_rounded(seen.get('chrf'))} |")
+    signatures = dict.fromkeys(scores["signature"] for scores in test["directions"].values())
+    lines += ["", *[f"BLEU signature: `{signature}`" for signature in signatures], ""]
+    return "\n".join(lines)
+
+
+def _rounded(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def _plot(log: list[dict], path: Path) -> None:

@@ -206,6 +206,11 @@ class Reporter:
                 else f"no gain for {state.bad_validations}")
         parts.append(f"{metrics['valid_time_s']:.1f}s | {gain}")
         self.say(" | ".join(parts))
+        for direction, scores in metrics.get("directions", {}).items():
+            self.say(f"  {direction}: BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} "
+                     f"({scores['sentences']} sentences)")
+            self._scalars("valid", {f"bleu_{direction}": scores["bleu"], f"chrf_{direction}": scores["chrf"]},
+                          (f"bleu_{direction}", f"chrf_{direction}"), state.step)
         if "bleu_signature" in metrics:
             self.say(f"  BLEU signature: {metrics['bleu_signature']}")
         self._write({"type": "valid", "step": state.step, "epoch": state.epoch, **metrics,

@@ -95,8 +95,10 @@ class Tokenizer:
     def sample(self, texts: list[str], alpha: float, nbest: int, seed: int) -> list[list[int]]:
         """Subword regularisation: ids of one segmentation of each text drawn at random
         (unigram: among the ``nbest`` best, -1 for all, smoothed by ``alpha``; BPE: BPE-dropout
-        at rate ``alpha``). The same ``seed`` draws the same segmentations: SentencePiece keeps a
-        generator per thread, so this encodes on the calling thread, seeded first."""
+        at rate ``alpha``). Within one process the same ``seed`` draws the same segmentations:
+        SentencePiece keeps a generator per thread, so this encodes on the calling thread, seeded
+        first. Another process draws others (SentencePiece 0.2.3, measured): its generator does
+        not follow the seed alone."""
         if self._sp is None:
             raise MtkitError(f"{self.path}: subword regularisation (train.subword_alpha) needs a SentencePiece model")
         spm.set_random_generator_seed(seed)
@@ -131,6 +133,10 @@ class Tokenizer:
             return list(self.pieces)
         assert self._sp is not None
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
+    def hide(self, pieces: Iterable[str]) -> None:
+        """Drop ``pieces`` (language tokens) from every decoded text from now on."""
+        self._dropped = self._dropped | {i for i in map(self.piece_to_id, pieces) if i != UNK_ID}
 
     def piece_to_id(self, piece: str) -> int:
         """The id of a piece (UNK_ID when the vocabulary lacks it)."""
@@ -174,10 +180,12 @@ class Tokenizers:
             languages = Languages.from_meta(meta["languages"]) if meta.get("languages") else None
             pieces = {side: _read_pieces(_model_file(directory, vocab[side])) if side in vocab else None
                       for side in ("src", "tgt")}
-            hidden = languages.ids(pieces["tgt"] or []) if languages else set()
-            src = Tokenizer(_model_file(directory, files["src"]), num_threads, pieces["src"], hidden)
+            src = Tokenizer(_model_file(directory, files["src"]), num_threads, pieces["src"])
             tgt = src if meta["joint"] else Tokenizer(_model_file(directory, files["tgt"]), num_threads,
-                                                      pieces["tgt"], hidden)
+                                                      pieces["tgt"])
+            if languages is not None:
+                for tokenizer in {id(src): src, id(tgt): tgt}.values():
+                    tokenizer.hide(languages.tokens.values())
             expected = meta["fingerprint"]
             vocab_files = tuple(dict.fromkeys(_model_file(directory, vocab[side]) for side in ("src", "tgt")
                                               if side in vocab))
@@ -215,7 +223,8 @@ class Tokenizers:
         """sha256 of the model file bytes (src then tgt when separate), then of the vocabulary
         files where there are any: prepared data and checkpoints record it, so a retrained
         tokenizer cannot silently mismatch them."""
-        return files_fingerprint([*self.model_files(), *self.vocab_files], self.prompt, self.source_bos)
+        return files_fingerprint([*self.model_files(), *self.vocab_files], self.prompt, self.source_bos,
+                                 self.languages)
 
     def copy_to(self, directory: Path) -> None:
         """Copy the model files, vocabularies and meta so that ``Tokenizers.load(directory)`` works."""
@@ -230,14 +239,18 @@ class Tokenizers:
         shutil.copyfile(source / META_FILE, directory / META_FILE)
 
 
-def files_fingerprint(paths: list[Path], prompt: str | None = None, source_bos: bool = False) -> str:
+def files_fingerprint(paths: list[Path], prompt: str | None = None, source_bos: bool = False,
+                      languages: Languages | None = None) -> str:
     """sha256 of the files' bytes, in order, then of the prompt template and the BOS rule where
-    there are any: a tokenizer's fingerprint."""
+    there are any, and of the language tokens of a model mtkit trained on several directions
+    (which say what prepare put in the data): a tokenizer's fingerprint."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(Path(path).read_bytes())
     if prompt is not None or source_bos:
         digest.update(json.dumps({"prompt": prompt, "source_bos": source_bos}, sort_keys=True).encode("utf-8"))
+    if languages is not None and languages.directions:
+        digest.update(json.dumps(languages.to_meta(), sort_keys=True).encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -255,18 +268,38 @@ class Languages:
     tokens: dict[str, str]
     source: Literal["src", "tgt"] | None
     target: Literal["tgt"] | None
+    directions: tuple[tuple[str, str], ...] = ()
+    """The directions a model trained by mtkit learned (``("en", "de")``, ...); empty for an
+    imported model, which may translate between any of its languages."""
 
     @classmethod
     def from_meta(cls, meta: dict) -> Languages:
-        return cls(tokens=dict(meta["tokens"]), source=meta.get("source"), target=meta.get("target"))
+        directions = tuple((str(s), str(t)) for s, t in meta.get("directions") or ())
+        return cls(tokens=dict(meta["tokens"]), source=meta.get("source"), target=meta.get("target"),
+                   directions=directions)
+
+    @classmethod
+    def tags(cls, directions: list[tuple[str, str]], convention: Literal["source", "target"]) -> Languages:
+        """The languages of a multilingual model mtkit trains: a ``<2xx>`` token per target
+        language, at the start of the source (``source``) or forced as the first output token
+        (``target``)."""
+        tokens = {tgt: f"<2{tgt}>" for tgt in dict.fromkeys(tgt for _, tgt in directions)}
+        if convention == "source":
+            return cls(tokens, source="tgt", target=None, directions=tuple(directions))
+        return cls(tokens, source=None, target="tgt", directions=tuple(directions))
 
     def to_meta(self) -> dict:
-        return {"tokens": self.tokens, "source": self.source, "target": self.target}
+        meta: dict[str, Any] = {"tokens": self.tokens, "source": self.source, "target": self.target}
+        if self.directions:
+            meta["directions"] = [list(direction) for direction in self.directions]
+        return meta
 
-    def ids(self, pieces: list[str]) -> set[int]:
-        """The ids of the language tokens in the vocabulary ``pieces``."""
-        wanted = set(self.tokens.values())
-        return {i for i, piece in enumerate(pieces) if piece in wanted}
+    def names(self) -> str:
+        """What a message lists: the directions (``en-de, en-fr``), else the language codes."""
+        if self.directions:
+            return ", ".join(f"{s}-{t}" for s, t in self.directions)
+        known = sorted(self.tokens)
+        return ", ".join(known[:12]) + (f", ... ({len(known)} in all)" if len(known) > 12 else "")
 
     def token(self, code: str, what: str) -> str:
         """The token of language ``code`` (a code, or the token itself); a one-line error naming
@@ -279,8 +312,48 @@ class Languages:
         close = [c for c in known if c.lower().startswith(code.lower() + "_")][:3]  # de -> de_DE
         close = close or difflib.get_close_matches(code, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        shown = ", ".join(known[:12]) + (f", ... ({len(known)} in all)" if len(known) > 12 else "")
-        raise MtkitError(f"{what} {code!r}: the model has no such language{hint}; it knows {shown}")
+        raise MtkitError(f"{what} {code!r}: the model has no such language{hint}; it knows {self.names()}")
+
+
+def run_languages(data: Any, tokenizers: Tokenizers, src_lang: str | None,
+                  tgt_lang: str | None) -> tuple[str | None, str | None]:
+    """The languages to translate between: those asked for, else the run's ``data.src_lang``
+    and ``data.tgt_lang`` (``data``: a ``DataConfig``). A model mtkit trained on several
+    directions has no default: its languages must be named (``language_prefixes`` says so)."""
+    if tokenizers.languages is not None and tokenizers.languages.directions:
+        return src_lang, tgt_lang
+    return src_lang or data.src_lang, tgt_lang or data.tgt_lang
+
+
+def language_prefixes(tokenizers: Tokenizers, src_lang: str | None,
+                      tgt_lang: str | None) -> tuple[list[int], list[int]]:
+    """What tells a multilingual model its languages (``Tokenizers.languages``): the ids its
+    source starts with, and those its output is forced to start with; for training pairs
+    (``mtkit.data.prepare``) as for translation. A model without language tokens takes none. A
+    language the model lacks, or none named (a model mtkit trained must be told both), is a
+    one-line error naming the option and listing what the model knows."""
+    languages = tokenizers.languages
+    if languages is None:
+        return [], []
+
+    def token_id(code: str | None, option: str) -> int:
+        if code is None or code in ("src", "tgt") and code not in languages.tokens:  # mtkit's placeholders
+            raise MtkitError(f"{option}: this model translates between several languages; name one "
+                             f"(it knows {languages.names()})")
+        return tokenizers.tgt.piece_to_id(languages.token(code, option))
+
+    if languages.directions:
+        sources = {s for s, _ in languages.directions} | {t for _, t in languages.directions}
+        if src_lang is None or src_lang not in sources:
+            what = "name one" if src_lang is None else f"{src_lang!r} is not one of its languages"
+            raise MtkitError(f"--source-lang: this model translates between several languages; {what} "
+                             f"(it knows {languages.names()})")
+    source = []
+    if languages.source is not None:
+        source = [token_id(src_lang, "--source-lang") if languages.source == "src" else token_id(tgt_lang,
+                                                                                                  "--target-lang")]
+    target = [token_id(tgt_lang, "--target-lang")] if languages.target else []
+    return source, target
 
 
 def _read_pieces(path: Path) -> list[str]:
@@ -328,6 +401,7 @@ def train_tokenizers(
     directory: Path,
     texts: Callable[[tuple[Side, ...]], Iterable[str]],
     seed: int = 1,
+    languages: Languages | None = None,
 ) -> Tokenizers:
     """Train SentencePiece into ``directory`` (replaced atomically) and return the result.
 
@@ -335,6 +409,8 @@ def train_tokenizers(
     is called once for a joint model (``("src", "tgt")``) or once per side. The sentences are
     streamed into SentencePiece, which keeps a uniform sample of ``cfg.input_sentence_size``
     of them (reservoir sampling), so memory stays bounded however large the corpus is.
+    ``languages``: a multilingual model's language tokens (already in ``cfg.user_symbols``),
+    recorded in the meta.
     """
     directory = Path(directory)
     groups: dict[str, tuple[Side, ...]] = {"spm": ("src", "tgt")} if cfg.joint else {"src": ("src",), "tgt": ("tgt",)}
@@ -343,7 +419,7 @@ def train_tokenizers(
         for name, sides in groups.items():
             counts[name] = _train_one(cfg, tmp / name, texts(sides), seed)
         files = {"src": "spm.model", "tgt": "spm.model"} if cfg.joint else {"src": "src.model", "tgt": "tgt.model"}
-        fingerprint = files_fingerprint([tmp / name for name in dict.fromkeys(files.values())])
+        fingerprint = files_fingerprint([tmp / name for name in dict.fromkeys(files.values())], languages=languages)
         sizes = {
             side: spm.SentencePieceProcessor(model_file=str(tmp / f)).get_piece_size() for side, f in files.items()
         }
@@ -363,6 +439,8 @@ def train_tokenizers(
             # 0.2.3 differ by 4-6% in subwords a sentence): say which one made this one.
             "sentencepiece": spm.__version__,
         }
+        if languages is not None:
+            meta["languages"] = languages.to_meta()
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return Tokenizers.load(directory)
 

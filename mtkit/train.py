@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtkit.batching import Batch, TokenizedCorpus, epoch_batches, padding_ratio
+from mtkit.batching import Batch, TokenizedCorpus, epoch_batches, epoch_rows, padding_ratio
 from mtkit.checkpoint import (
     TrainState,
     checkpoints_dir,
@@ -311,7 +311,9 @@ def _start(config: Config, resume: bool) -> Run:
 def _loop(run: Run, signals: _StopSignals) -> TrainResult:
     """batch -> loss -> backward -> clip -> step -> log -> maybe validate/checkpoint."""
     cfg, state, runtime, reporter = run.cfg, run.state, run.runtime, run.reporter
-    plan = EpochPlan(run.exp.train, cfg, run.config.experiment.seed, runtime, run.exp.sampling)
+    groups = corpus_groups(run.config, run.exp.train_groups)
+    plan = EpochPlan(run.exp.train, cfg, run.config.experiment.seed, runtime, run.exp.sampling,
+                     lambda epoch: epoch_rows(groups, run.config.data.temperature, run.config.experiment.seed, epoch))
     reporter.say(f"{len(plan.batches_of(state.epoch)):,} batches per epoch, {plan.padding(state.epoch):.1%} padding")
     started = time.monotonic() - state.elapsed_s
     while True:
@@ -425,15 +427,30 @@ def _stop_reason(cfg: TrainConfig, state: TrainState, position: tuple[int, int],
     return None
 
 
+def corpus_groups(config: Config, groups: list[Any]) -> list[tuple[str, int, int, float]]:
+    """The training corpora as ``epoch_rows`` draws them: prepared row ranges (``mtkit.data.Group``),
+    directions and ``data.train.N.weight``."""
+    weights = [corpus.weight for corpus in config.data.train]
+    if len(groups) != len(weights):
+        if any(weight != 1.0 for weight in weights):
+            raise MtkitError("data.train: corpus weights need data prepared by this version of mtkit; "
+                             "run `mtkit prepare -c CONFIG` again")
+        weights = [1.0] * len(groups)
+    return [(group.direction, group.start, group.end, weight) for group, weight in zip(groups, weights, strict=True)]
+
+
 class EpochPlan:
     """The seeded batch order of each epoch and each rank's share of an update's batches:
     update k of an epoch uses batches ``[k*g, (k+1)*g)`` with ``g = world * update_freq``;
     rank r takes every world-th of them from r. A last incomplete group is dropped. With
-    ``sampling``, each epoch has its own segmentation of the corpus, and so its own batches."""
+    ``sampling``, each epoch has its own segmentation of the corpus, and so its own batches;
+    ``rows(epoch)`` gives an epoch's pairs when they are drawn (``epoch_rows``)."""
 
     def __init__(self, corpus: TokenizedCorpus, cfg: TrainConfig, seed: int, runtime: Runtime,
-                 sampling: SubwordSampling | None = None):
+                 sampling: SubwordSampling | None = None,
+                 rows: Callable[[int], np.ndarray | None] = lambda epoch: None):
         self.corpus, self.cfg, self.seed, self.runtime, self.sampling = corpus, cfg, seed, runtime, sampling
+        self.rows = rows
         self.group = runtime.world * cfg.update_freq
         self.epoch, self.batches = -1, list[np.ndarray]()
 
@@ -441,7 +458,8 @@ class EpochPlan:
         if epoch != self.epoch:
             if self.sampling is not None:
                 self.corpus = self.sampling.corpus(epoch)
-            self.epoch, self.batches = epoch, epoch_batches(self.corpus, self.cfg.max_tokens, self.seed, epoch)
+            self.epoch, self.batches = epoch, epoch_batches(self.corpus, self.cfg.max_tokens, self.seed, epoch,
+                                                            self.rows(epoch))
             if len(self.batches) < self.group:
                 raise MtkitError(
                     f"an epoch has {len(self.batches)} batches, fewer than one update needs "

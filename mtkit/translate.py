@@ -39,6 +39,7 @@ from mtkit.models import Model
 from mtkit.runtime import Shard
 from mtkit.search import Hypothesis
 from mtkit.sentences import fit_pieces
+from mtkit.tokenizer import language_prefixes
 
 if TYPE_CHECKING:
     from mtkit.tokenizer import Tokenizers
@@ -308,30 +309,6 @@ class Translator:
                 self.warn(f"prefix line {number}: longer than the model accepts; truncated to {limit}")
                 del ids[limit:]
         return encoded
-
-
-def language_prefixes(tokenizers: Tokenizers, src_lang: str | None,
-                      tgt_lang: str | None) -> tuple[list[int], list[int]]:
-    """What tells a multilingual model its languages (``Tokenizers.languages``): the ids its
-    source starts with, and those its output is forced to start with. A model without language
-    tokens takes none; a language the model lacks is a one-line error naming the option."""
-    languages = tokenizers.languages
-    if languages is None:
-        return [], []
-
-    def token_id(code: str | None, option: str) -> int:
-        if code is None or code in ("src", "tgt") and code not in languages.tokens:  # mtkit's placeholders
-            known = ", ".join(sorted(languages.tokens)[:12])
-            raise MtkitError(f"{option}: this model translates between several languages; name one "
-                             f"(it knows {known}{', ...' if len(languages.tokens) > 12 else ''})")
-        return tokenizers.tgt.piece_to_id(languages.token(code, option))
-
-    source = []
-    if languages.source is not None:
-        source = [token_id(src_lang, "--source-lang") if languages.source == "src" else token_id(tgt_lang,
-                                                                                                  "--target-lang")]
-    target = [token_id(tgt_lang, "--target-lang")] if languages.target else []
-    return source, target
 
 
 def _chunks(lines: Iterator[str], size: int, ready: Callable[[], bool] | None) -> Iterator[list[str]]:

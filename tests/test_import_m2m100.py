@@ -92,7 +92,7 @@ def _assert_source_ids_equal(imported: Imported, run: Path) -> None:
     its forced target token the model's language token."""
     from mtkit.checkpoint import load_for_inference
     from mtkit.huggingface import special_rows
-    from mtkit.translate import language_prefixes
+    from mtkit.tokenizer import language_prefixes
     from mtkit.vocab import EOS_ID
 
     tokenizers = load_for_inference(run).tokenizers

@@ -118,7 +118,7 @@ def test_the_run_is_an_mbart_model(mbart, runs):
 def test_source_ids_equal_the_mbart50_tokenizer(runs, reference, tokenizer_file):
     from mtkit.checkpoint import load_for_inference
     from mtkit.huggingface import special_rows
-    from mtkit.translate import language_prefixes
+    from mtkit.tokenizer import language_prefixes
     from mtkit.vocab import EOS_ID
 
     tokenizer, model = reference

@@ -33,9 +33,21 @@ CUT_DOWN = [
 ]
 
 
+def cut_down(config: str) -> list[str]:
+    """``CUT_DOWN`` for ``config``: a multilingual one limits each of its corpora."""
+    from mtkit.config import load_config
+
+    data = load_config(ROOT / config).data
+    if not data.multilingual:
+        return CUT_DOWN
+    limits = [f"data.train.{i}.limit=300" for i in range(len(data.train))]
+    limits += [f"data.{split}.{i}.limit=12" for split in ("valid", "test") for i in range(len(data.eval_sets(split)))]
+    return limits + [item for item in CUT_DOWN if not item.startswith(("data.train", "data.valid", "data.test"))]
+
+
 def run_pipeline(config: str, exp: Path, *extra: str):
     args = ["pipeline", "-c", config, "--set", f"experiment.dir={exp}"]
-    for item in (*CUT_DOWN, *extra):
+    for item in (*cut_down(config), *extra):
         args += ["--set", item]
     return runner.invoke(app, args)
 
@@ -81,7 +93,7 @@ def test_every_recipe_runs_cut_down(recipe, tmp_path, in_repo, monkeypatch):
     result = run_pipeline(f"configs/{recipe}", tmp_path / "exp", *extra)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "exp" / "report.json").read_text())
-    assert report["test"]["sentences"] == 12
+    assert report["test"]["sentences"] == 12 * len(report["test"].get("directions") or [0])
     assert report["test"]["signature"].startswith("nrefs:1|case:mixed")
     for key in ("bleu", "chrf"):
         assert 0 <= report["test"][key] <= 100

@@ -142,11 +142,14 @@ def served_pairs(run: Loaded) -> list[tuple[str, str, str | None, str | None]]:
     """The language pairs ``run`` serves, each as ``(source, target, src_lang, tgt_lang)``: the
     codes clients use, and the model's codes its ``Translator`` takes (None for a model of one
     pair, named by ``data.src_lang`` -> ``data.tgt_lang``). A multilingual model serves every
-    pair of its language tokens (``Tokenizers.languages``): a multi-target Marian model, from
+    pair of its language tokens (``Tokenizers.languages``): one mtkit trained, each direction it
+    was trained on; a multi-target Marian model, from
     ``data.src_lang`` into each; M2M100, NLLB, mBART-50, from each into each other."""
     data, languages = run.config.data, run.tokenizers.languages
     if languages is None:
         return [(data.src_lang, data.tgt_lang, None, None)]
+    if languages.directions:  # trained by mtkit on these directions
+        return [(s, t, s, t) for s, t in languages.directions]
     codes = sorted(languages.tokens)
     if languages.source == "src":
         return [(s, t, s, t) for s in codes for t in codes if s != t]

@@ -146,7 +146,8 @@ def translate(
     loaded = load_for_inference(model, device=device)
     decode = resolve_decode(loaded.config.decode, config, overrides, flags)
     # The compute-type check reads validation text the user names, never the checkpoint's data.valid.
-    valid = load_config(config).data.valid if config is not None else None
+    valid_sets = load_config(config).data.eval_sets("valid") if config is not None else []
+    valid = valid_sets[0] if valid_sets else None
     seed = loaded.config.experiment.seed if seed is None else seed
     # On a CPU, threads go to concurrent batches: CTranslate2's inter_threads, or PyTorch worker
     # processes of one thread each (one process per rank under torchrun).

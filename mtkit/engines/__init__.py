@@ -76,13 +76,13 @@ def open_translator(
     ``data.src_lang``/``data.tgt_lang``). ``Translator.close()`` (or ``with``) stops what the
     engine started."""
     from mtkit.checkpoint import Loaded, load_for_inference
-    from mtkit.translate import Translator, language_prefixes
+    from mtkit.tokenizer import language_prefixes, run_languages
+    from mtkit.translate import Translator
 
     loaded = source if isinstance(source, Loaded) else load_for_inference(Path(source), device=str(device))
     decode = decode if decode is not None else loaded.config.decode
     seed = loaded.config.experiment.seed if seed is None else seed
-    data = loaded.config.data
-    src_lang, tgt_lang = src_lang or data.src_lang, tgt_lang or data.tgt_lang
+    src_lang, tgt_lang = run_languages(loaded.config.data, loaded.tokenizers, src_lang, tgt_lang)
     language_prefixes(loaded.tokenizers, src_lang, tgt_lang)  # a language the model lacks: before any engine starts
     engine = open_engine(loaded, decode, device, threads=threads, workers=workers, seed=seed, valid=valid, say=say,
                          warn=warn)

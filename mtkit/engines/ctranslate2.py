@@ -481,11 +481,12 @@ def ct2_parity(loaded: Loaded, model_dir: Path, lines: list[str], compute_type: 
     so that both sides read the same source ids, language tokens included (``src_lang``,
     ``tgt_lang``: a multilingual model's languages, default the run's ``data.src_lang`` and
     ``data.tgt_lang``); a decoder-only model runs as a ``CT2Generator``."""
+    from mtkit.tokenizer import run_languages
     from mtkit.translate import Translator
 
     decode = loaded.config.decode.model_copy(update={"sampling": False, "nbest": 1})
     greedy = decode.model_copy(update={"beam": 1})
-    src_lang, tgt_lang = src_lang or loaded.config.data.src_lang, tgt_lang or loaded.config.data.tgt_lang
+    src_lang, tgt_lang = run_languages(loaded.config.data, loaded.tokenizers, src_lang, tgt_lang)
     shares, outputs = {}, {}
     for name, settings in (("greedy", greedy), ("beam", decode)):
         ours = Translator(loaded.model, loaded.tokenizers, settings, src_lang=src_lang, tgt_lang=tgt_lang

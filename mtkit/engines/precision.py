@@ -65,10 +65,10 @@ def choose_compute_type(
         found = validation_set(loaded, CHECK_SENTENCES, valid)
         if found is None:
             return "float32", f"no validation set to check {fast} against"
-        sources, references, where = found
+        sources, references, where, direction = found
         say(f"compute type: checking {fast} against float32 on {len(sources)} sentences of {where} "
             f"(once; stored in {path})")
-        record = measure_compute_type(loaded, decode, build, fast, sources, references)
+        record = measure_compute_type(loaded, decode, build, fast, sources, references, direction)
         record["validation_set"] = where
         records[key] = record
         when = f"measured now in {sum(record['seconds'].values()):.0f} s"
@@ -90,20 +90,25 @@ def measure_compute_type(
     fast: str,
     sources: list[str],
     references: list[str],
+    direction: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, Any]:
-    """Translate ``sources`` with float32 and with ``fast``; the record ``choose_compute_type``
-    stores: BLEU of each, seconds of each, the choice and the settings it was measured with."""
+    """Translate ``sources`` (in ``direction``, for a model told its languages) with float32 and
+    with ``fast``; the record ``choose_compute_type`` stores: BLEU of each, seconds of each, the
+    choice and the settings it was measured with."""
     from mtkit.evaluate import translate_and_score
+    from mtkit.tokenizer import run_languages
     from mtkit.translate import Translator
 
+    src_lang, tgt_lang = run_languages(loaded.config.data, loaded.tokenizers, *direction)
     settings = decode.model_copy(update={"sampling": False, "nbest": 1})
     bleu, seconds = {}, {}
     for compute_type in ("float32", fast):
         # A Translator as the user's, quiet: this check is not a translation the user asked for.
-        translator = Translator(loaded.model, loaded.tokenizers, settings, warn=_quiet, backend=build(compute_type))
+        translator = Translator(loaded.model, loaded.tokenizers, settings, warn=_quiet, backend=build(compute_type),
+                                src_lang=src_lang, tgt_lang=tgt_lang)
         translator.translate(sources[:WARM_UP_SENTENCES])
         found = translate_and_score(translator, sources, references, metrics=("bleu",),
-                                    tgt_lang=loaded.config.data.tgt_lang)
+                                    tgt_lang=tgt_lang or loaded.config.data.tgt_lang)
         seconds[compute_type] = round(found.seconds, 2)
         bleu[compute_type] = round(found.scores[0].score, 2)
         signature = found.scores[0].signature

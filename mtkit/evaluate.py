@@ -134,7 +134,8 @@ def validation_set(
             first = split_groups(run, "valid")[0]
             rows = load_split(run, "valid")[first.start : min(first.end, first.start + limit)]
             if rows["src"]:
-                direction = (first.src_lang, first.tgt_lang) if languages is not None else (None, None)
+                direction: tuple[str | None, str | None] = (
+                    (first.src_lang, first.tgt_lang) if languages is not None else (None, None))
                 return list(rows["src"]), list(rows["tgt"]), f"{run}/data (valid)", direction
         except MtkitError:
             pass

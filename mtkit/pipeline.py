@@ -964,16 +964,24 @@ def _read_train_log(path: Path) -> list[dict]:
     return rows
 
 
-def _markdown(report: dict) -> str:
-    test, valid, model = report["test"], report["valid"], report["model"]
-    if "directions" in test:
-        return _markdown_multilingual(report)
-    rows = [
+def _run_rows(report: dict) -> list[tuple[str, Any]]:
+    """The report's rows on the experiment, its data, model and training."""
+    model = report["model"]
+    return [
         ("experiment", report["experiment"]),
         *[(f"{split} pairs kept / read", f"{c.get('kept')} / {c.get('read')}") for split, c in report["data"].items()],
         ("model", f"{model['size']}, {model['parameters'] or 0:,} parameters, {model['updates'] or 0:,} updates"),
         ("final model", model["selected"] or f"step {model['step']}"),
         ("training time", f"{(report['train_seconds'] or 0) / 60:.1f} min"),
+    ]
+
+
+def _markdown(report: dict) -> str:
+    test, valid = report["test"], report["valid"]
+    if "directions" in test:
+        return _markdown_multilingual(report)
+    rows = [
+        *_run_rows(report),
         ("valid BLEU / chrF (final model)", f"{valid.get('bleu')} / {valid.get('chrf')}"),
         ("test BLEU", f"{test['bleu']}"),
         ("test BLEU, lowercased", f"{test['bleu_lowercase']}"),
@@ -987,13 +995,9 @@ def _markdown(report: dict) -> str:
 
 def _markdown_multilingual(report: dict) -> str:
     """The report of a multilingual model: its rows, then a table of the directions."""
-    test, valid, model = report["test"], report["valid"], report["model"]
+    test, valid = report["test"], report["valid"]
     rows = [
-        ("experiment", report["experiment"]),
-        *[(f"{split} pairs kept / read", f"{c.get('kept')} / {c.get('read')}") for split, c in report["data"].items()],
-        ("model", f"{model['size']}, {model['parameters'] or 0:,} parameters, {model['updates'] or 0:,} updates"),
-        ("final model", model["selected"] or f"step {model['step']}"),
-        ("training time", f"{(report['train_seconds'] or 0) / 60:.1f} min"),
+        *_run_rows(report),
         ("valid BLEU / chrF (mean of directions, final model)", f"{valid.get('bleu')} / {valid.get('chrf')}"),
         ("test BLEU / chrF (mean of directions)", f"{test['bleu']} / {test['chrf']}"),
     ]

@@ -656,6 +656,41 @@ class PretrainedConfig(Section):
         return self.huggingface is not None or self.run is not None
 
 
+class BacktranslationConfig(Section):
+    model: Path | None = None
+    """A reverse run (target -> source language: a de->en run for an en->de experiment) whose
+    translations of ``monolingual`` become synthetic training pairs: the pipeline's
+    ``backtranslate`` stage (``mtkit backtranslate``; docs/backtranslation.md). None: no stage."""
+    monolingual: Path | None = None
+    """Target-language text, one sentence a line (plain or .gz)."""
+    method: Literal["beam", "sampling", "noised-beam"] = "beam"
+    """beam: the reverse run's beam search; sampling: one sample a line (Edunov et al. 2018),
+    with ``top_k``/``top_p``/``temperature``; noised-beam: beam output with deleted, blanked and
+    swapped words."""
+    top_k: int | None = Field(default=None, ge=0)
+    """sampling: draw from the k most likely tokens (0: all; None: the reverse run's decode.top_k)."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """sampling: draw from the smallest set of tokens with this much probability (None: the run's)."""
+    temperature: float | None = Field(default=None, gt=0)
+    """sampling: divide the logits by this (None: the reverse run's decode.temperature)."""
+    tag: str | None = None
+    """A token put before every synthetic source (``<BT>``: Caswell et al. 2019's tagged
+    back-translation); it is added to ``tokenizer.user_symbols``."""
+    max_ratio: float = Field(default=3.0, gt=0)
+    """Drop a synthetic pair whose longer side has more than this many times the words of the other."""
+    weight: float = Field(default=1.0, gt=0)
+    """How many times an epoch counts the synthetic pairs (as ``data.train.N.weight``): 0.5 takes
+    half of them each epoch, 2 each twice."""
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> BacktranslationConfig:
+        if (self.model is None) != (self.monolingual is None):
+            raise ValueError("model and monolingual go together (the reverse run and the text it translates)")
+        if self.tag is not None and (len(self.tag.split()) != 1 or self.tag != self.tag.strip()):
+            raise ValueError(f"tag must be one word without spaces (got {self.tag!r})")
+        return self
+
+
 class Config(Section):
     """A whole experiment."""
 
@@ -675,6 +710,9 @@ class Config(Section):
     """Fine-tuning: start from a released or earlier model instead of training from scratch. Its
     tokenizer replaces tokenizer training, and its model description replaces ``model`` (where
     ``model`` may still set the dropouts)."""
+    backtranslation: BacktranslationConfig = Field(default_factory=BacktranslationConfig)
+    """The pipeline's back-translation stage: synthetic pairs from target-language text, added
+    to ``data.train``."""
 
     @model_validator(mode="after")
     def _source_loss_fits(self) -> Config:

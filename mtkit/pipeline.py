@@ -3,6 +3,9 @@
 Fine-tuning a Hugging Face model (``pretrained.huggingface``) adds a first stage, ``import``,
 into ``{dir}/pretrained``; then the tokenizer stage copies its tokenizer, and training starts
 from its model and weights (``pretrained.run`` does the same for an mtkit run, without import).
+A ``backtranslation`` section adds a ``backtranslate`` stage before the tokenizer: a reverse run
+translates target-language text into ``{dir}/backtranslation``, and the stages after it see
+those synthetic pairs as the last corpus of ``data.train`` (``with_backtranslation``).
 
 ``select`` chooses the final model: the best of the ``best`` and ``last`` checkpoints and the
 average of the newest ``train.average_last`` step checkpoints, by ``train.best_metric`` on the
@@ -44,7 +47,7 @@ from mtkit.errors import MtkitError
 from mtkit.fileio import atomic_write_bytes, atomic_write_text
 from mtkit.rundir import ExperimentDir
 
-STAGES = ("import", "tokenizer", "prepare", "train", "select", "translate", "score")
+STAGES = ("import", "backtranslate", "tokenizer", "prepare", "train", "select", "translate", "score")
 
 
 @dataclass
@@ -134,6 +137,60 @@ def _import_reads(config: Config) -> dict[str, Any]:
     """A local model directory's files (size and mtime); a hub model is its id and revision."""
     source = Path(config.pretrained.huggingface or "")
     return {"files": _files(sorted(source.iterdir()))} if source.is_dir() else {}
+
+
+def with_backtranslation(config: Config) -> Config:
+    """``config`` as the stages after ``backtranslate`` see it: the synthetic corpus listed last
+    in ``data.train`` (with ``backtranslation.weight``), and the tag among the tokenizer's
+    symbols. The config itself when it back-translates nothing."""
+    bt = config.backtranslation
+    if bt.model is None:
+        return config
+    data = config.data
+    out = ExperimentDir(config.experiment.dir).backtranslation
+    synthetic = CorpusConfig(format="text", src=out / f"synthetic.{data.src_lang}",
+                             tgt=out / f"synthetic.{data.tgt_lang}", weight=bt.weight)
+    tokenizer = config.tokenizer
+    if bt.tag is not None and bt.tag not in tokenizer.user_symbols:
+        tokenizer = tokenizer.model_copy(update={"user_symbols": [*tokenizer.user_symbols, bt.tag]})
+    return config.model_copy(update={"data": data.model_copy(update={"train": [*data.train, synthetic]}),
+                                     "tokenizer": tokenizer})
+
+
+def _run_backtranslate(config: Config, attempt: Attempt) -> None:
+    from mtkit.backtranslate import Filters, Settings, backtranslate
+    from mtkit.checkpoint import load_for_inference
+
+    bt = config.backtranslation
+    assert bt.model is not None and bt.monolingual is not None
+    loaded = load_for_inference(bt.model, device=_device(config))
+    sampling = {key: getattr(bt, key) for key in ("top_k", "top_p", "temperature") if getattr(bt, key) is not None}
+    decode = loaded.config.decode.model_copy(update=sampling)
+    settings = Settings(method=bt.method, filters=Filters(max_ratio=bt.max_ratio), tag=bt.tag,
+                        seed=config.experiment.seed)
+    # An attempt of these settings that was cut short continues; the outputs of others are ours
+    # to replace (the stage made them).
+    restart = attempt.previous != attempt.key
+    backtranslate(loaded, bt.monolingual, ExperimentDir(config.experiment.dir).backtranslation, settings, decode,
+                  device=_device(config), threads=config.train.threads, restart=restart,
+                  src_lang=config.data.tgt_lang, tgt_lang=config.data.src_lang, say=attempt.say,
+                  warn=lambda message: attempt.say(f"warning: {message}"))
+
+
+def _backtranslate_reads(config: Config) -> dict[str, Any]:
+    """The reverse model's checkpoint (its meta.json's hash) and the monolingual text."""
+    from mtkit.checkpoint import META, resolve
+
+    bt = config.backtranslation
+    try:
+        model = _file_digest(resolve(Path(bt.model or "")) / META)
+    except MtkitError:
+        model = None
+    return {"model": model, "files": _files([Path(bt.monolingual or "")])}
+
+
+def _backtranslate_readable(config: Config) -> bool:
+    return (ExperimentDir(config.experiment.dir).backtranslation / "report.json").is_file()
 
 
 def _run_tokenizer(config: Config, attempt: Attempt) -> None:
@@ -322,7 +379,17 @@ def _eval_corpora(config: Config) -> list[CorpusConfig | None]:
 def _train_reads(config: Config) -> dict[str, Any]:
     pretrained = _pretrained_reads(config)
     return {"tokenizer": _tokenizer_fingerprint(config), "train": _split_digest(config, "train"),
-            "valid": _split_digest(config, "valid"), **({"pretrained": pretrained["pretrained"]} if pretrained else {})}
+            "valid": _split_digest(config, "valid"), **({"pretrained": pretrained["pretrained"]} if pretrained else {}),
+            **_mix(config)}
+
+
+def _mix(config: Config) -> dict[str, Any]:
+    """How training draws its corpora (``data.train.N.weight``, ``data.temperature``), where
+    that is not each pair once (nothing then, as before these keys existed)."""
+    weights, temperature = [corpus.weight for corpus in config.data.train], config.data.temperature
+    if all(weight == 1.0 for weight in weights) and temperature == 1.0:
+        return {}
+    return {"mix": {"weights": weights, "temperature": temperature}}
 
 
 def _select_reads(config: Config) -> dict[str, Any]:
@@ -519,13 +586,17 @@ PRETRAINED_SOURCE = ("pretrained.huggingface", "pretrained.revision", "pretraine
 PIPELINE = [
     Stage("import", ("pretrained.huggingface", "pretrained.revision"), _run_import, _import_reads, _import_readable,
           decide=_decide_import, applies=lambda c: c.pretrained.huggingface is not None),
+    # The weight mixes the synthetic pairs into training; it does not change them.
+    Stage("backtranslate", ("backtranslation", "experiment.seed"), _run_backtranslate, _backtranslate_reads,
+          _backtranslate_readable, ignores=("backtranslation.weight",),
+          applies=lambda c: c.backtranslation.model is not None),
     # SentencePiece's vocabulary differs a little with tokenizer.num_threads (the threads share
     # out its work), as weights do in their last bits with train.threads: neither retrains.
     Stage("tokenizer", ("tokenizer", "data.train", "data.language_token", "experiment.seed", *PRETRAINED_SOURCE),
           _run_tokenizer,
           _tokenizer_reads, _tokenizer_readable, ignores=("tokenizer.num_threads",)),
     Stage("prepare", ("data",), _run_prepare, _prepare_reads, _data_readable,
-          ignores=("data.num_proc", "data.chunk_size")),
+          ignores=("data.num_proc", "data.chunk_size", "data.temperature")),
     # Validation decodes with the decode section, but a new beam size should not mean retraining.
     Stage("train", ("model", "train", "experiment.seed", "pretrained"), _run_train, _train_reads,
           lambda c: ExperimentDir(c.experiment.dir).checkpoint_link("last").exists(),
@@ -590,7 +661,7 @@ def stage_key(config: Config, stage: Stage, reads: dict[str, Any] | None = None)
             node.pop(name, None)
     for corpus in _corpora(picked):
         for name, default in CORPUS_ADDED_DEFAULTS.items():
-            if corpus.get(name, default) == default:
+            if corpus.get(name, default) == default or name == "weight":  # weights are training's (_mix)
                 corpus.pop(name, None)
     reads = stage.reads(config) if reads is None else reads
     blob = json.dumps({"sections": picked, "reads": reads}, sort_keys=True, default=str)
@@ -673,6 +744,7 @@ def run_pipeline(config: Config, start: str | None = None, log: Callable[[str], 
         raise MtkitError("--from import: the config imports nothing (pretrained.huggingface is not set)")
     exp = ExperimentDir(config.experiment.dir)
     save_config(config, exp.config)
+    config = with_backtranslation(config)  # saved as written: the synthetic corpus is the pipeline's
     legacy, forced = "", False
     for stage in PIPELINE:
         if not stage.applies(config):

@@ -68,6 +68,11 @@ class ExperimentDir:
         return self.root / "pretrained"
 
     @property
+    def backtranslation(self) -> Path:
+        """``mtkit pipeline``: the synthetic pairs of its ``backtranslate`` stage."""
+        return self.root / "backtranslation"
+
+    @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
 

@@ -263,3 +263,46 @@ def test_bad_input_gives_one_line_errors(reverse_run, mono, tmp_path):
     one_line_error(run("-m", str(reverse_run), "-i", str(mono), "-o", str(reverse_run / "checkpoints")),
                    "would replace the model")
     one_line_error(run("-m", str(reverse_run), "-i", "-", "-o", str(tmp_path / "o")), "--input", "stdin")
+
+
+# --------------------------------------------------------------------------- the pipeline's stage
+
+
+def test_pipeline_backtranslates_then_trains_on_the_mix(reverse_run, mono, tmp_path):
+    """``backtranslation`` in a config: the pipeline's backtranslate stage writes the synthetic
+    pairs into the experiment, the tokenizer gets the tag, prepare puts them after the real
+    pairs, and training draws them by their weight. A rerun skips every stage; another weight
+    re-runs training (not the back-translation, nor the data); another method re-runs all."""
+    import copy
+
+    from helpers.data import TRAINKIT_SECTIONS, tokdata_experiment
+
+    from mtkit.data import split_groups
+    from mtkit.tokenizer import read_meta
+
+    sections = copy.deepcopy(TRAINKIT_SECTIONS)
+    config = tokdata_experiment(tmp_path, 200, data={"src_lang": "en", "tgt_lang": "de"},
+                                backtranslation={"model": str(reverse_run), "monolingual": str(mono),
+                                                 "method": "sampling", "top_k": 10, "tag": "<BT>", "weight": 0.5},
+                                **sections)
+    run = tmp_path / "run"
+
+    def pipeline(*overrides: str):
+        result = invoke("pipeline", "-c", str(config), *[arg for item in overrides for arg in ("--set", item)])
+        assert result.exit_code == 0, result.output
+        return {stage: ("skipped" if "up to date" in line else "ran")
+                for line in result.output.splitlines() if line.startswith("pipeline: ")
+                for stage in [line.split(":")[1].strip()] if "up to date" in line or "done in" in line}
+
+    assert pipeline() == dict.fromkeys(["backtranslate", "tokenizer", "prepare", "train", "select", "translate",
+                                        "score"], "ran")
+    report = json.loads((run / "backtranslation" / "report.json").read_text())
+    synthetic = lines_of(run / "backtranslation" / SRC)
+    assert report["kept"] == len(synthetic) > 20 and all(line.startswith("<BT> ") for line in synthetic)
+    assert "<BT>" in read_meta(run / "tokenizer")["user_symbols"]
+    groups = split_groups(run, "train")
+    assert len(groups) == 2 and groups[1].end - groups[1].start == report["kept"]  # real, then synthetic
+    assert set(pipeline().values()) == {"skipped"}
+    again = pipeline("backtranslation.weight=2")
+    assert again["backtranslate"] == again["tokenizer"] == again["prepare"] == "skipped" and again["train"] == "ran"
+    assert pipeline("backtranslation.weight=2", "backtranslation.method=beam")["backtranslate"] == "ran"

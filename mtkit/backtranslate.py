@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mtkit.config import tag_problem
 from mtkit.corpus import normalize
 from mtkit.errors import MtkitError
 from mtkit.fileio import STDIN, atomic_dir, atomic_write_text, fsync_path, open_binary, read_lines, refuse_overlap
@@ -124,8 +125,9 @@ class Settings:
             problems.append(f"--max-ratio must be above 0 (got {self.filters.max_ratio})")
         if self.filters.max_words is not None and self.filters.max_words < 1:
             problems.append(f"--max-words must be 1 or more (got {self.filters.max_words})")
-        if self.tag is not None and (len(self.tag.split()) != 1 or self.tag != self.tag.strip()):
-            problems.append(f"--tag must be one word without spaces (got {self.tag!r})")
+        tag = tag_problem(self.tag)
+        if tag:
+            problems.append(f"--tag {tag}")
         if self.chunk_lines < 1:
             problems.append(f"--chunk-lines must be 1 or more (got {self.chunk_lines})")
         if problems:

@@ -656,6 +656,13 @@ class PretrainedConfig(Section):
         return self.huggingface is not None or self.run is not None
 
 
+def tag_problem(tag: str | None) -> str | None:
+    """What is wrong with a back-translation tag (it must be one word), or None."""
+    if tag is not None and (len(tag.split()) != 1 or tag != tag.strip()):
+        return f"must be one word without spaces (got {tag!r})"
+    return None
+
+
 class BacktranslationConfig(Section):
     model: Path | None = None
     """A reverse run (target -> source language: a de->en run for an en->de experiment) whose
@@ -686,8 +693,9 @@ class BacktranslationConfig(Section):
     def _both_or_neither(self) -> BacktranslationConfig:
         if (self.model is None) != (self.monolingual is None):
             raise ValueError("model and monolingual go together (the reverse run and the text it translates)")
-        if self.tag is not None and (len(self.tag.split()) != 1 or self.tag != self.tag.strip()):
-            raise ValueError(f"tag must be one word without spaces (got {self.tag!r})")
+        problem = tag_problem(self.tag)
+        if problem:
+            raise ValueError(f"tag {problem}")
         return self
 
 

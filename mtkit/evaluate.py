@@ -80,24 +80,24 @@ def validation_bleu(config: Config, exp: Experiment, model: Model, runtime: Runt
     exactly as ``mtkit translate`` would with the PyTorch engine. A multilingual experiment's
     set is scored per direction (``directions``: each one's BLEU, chrF and sentences, its first
     ``valid_max_sentences``); ``bleu`` and ``chrf`` are then their means, what selection uses."""
+    from mtkit.data import Group
     from mtkit.translate import Translator
 
     if exp.valid_text is None:
         raise ValueError("validation_bleu needs an experiment with validation data")
     sources, references = exp.valid_text
-    groups = exp.valid_groups or [None]
+    groups = exp.valid_groups or [Group(config.data.src_lang, config.data.tgt_lang, 0, len(sources))]
     named = exp.tokenizers.languages is not None  # the model is told its languages
     model.eval()
     found = {}
     with torch.no_grad():
         for group in groups:
-            start, end = (0, len(sources)) if group is None else (group.start, group.end)
-            end = min(end, start + (config.train.valid_max_sentences or end))
-            src_lang, tgt_lang = (group.src_lang, group.tgt_lang) if group is not None and named else (None, None)
+            start, end = group.start, min(group.end, group.start + (config.train.valid_max_sentences or group.end))
+            languages = (group.src_lang, group.tgt_lang) if named else (None, None)
             translator = Translator(model, exp.tokenizers, config.decode, runtime.device, seed=config.experiment.seed,
-                                    src_lang=src_lang, tgt_lang=tgt_lang)
-            lang = group.tgt_lang if group is not None and len(groups) > 1 else config.data.tgt_lang
-            found[group.direction if group is not None else ""] = (
+                                    src_lang=languages[0], tgt_lang=languages[1])
+            lang = group.tgt_lang if len(groups) > 1 else config.data.tgt_lang  # one group: the run's, as before
+            found[group.direction] = (
                 end - start, translate_and_score(translator, sources[start:end], references[start:end], tgt_lang=lang))
     model.train()
     metrics: dict[str, Any] = {"sentences": sum(n for n, _ in found.values())}

@@ -68,6 +68,8 @@ def arm_config(name: str, run: Path, seed: int, steps: int, limit: int | None) -
     data["valid"] = [corpus("val", s, t, limit) for s, t in directions]
     data["test"] = [corpus("test_2016_flickr", s, t, limit) for s, t in tests]
     config["train"]["max_steps"] = steps
+    # Four validations a run whatever its budget, so checkpoint averaging and selection work alike.
+    config["train"]["valid_every"] = max(50, steps // 4)
     return config
 
 

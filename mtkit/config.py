@@ -171,8 +171,8 @@ class DataConfig(Section):
     """What to do with a line that is not UTF-8: stop with an error naming file and line, or
     skip the pair and count it in the report."""
     num_proc: int = Field(default=1, ge=1)
-    """Processes for encoding with SentencePiece: with more than 1, that many worker processes
-    encode while the main one reads and cleans."""
+    """Threads encoding with SentencePiece while the main thread reads, cleans and writes (the
+    encoding lets go of the GIL, so reading overlaps it: 1 already keeps two cores busy)."""
     chunk_size: int = Field(default=10_000, ge=1)
     """Pairs read, cleaned and encoded at a time (bounds memory on large corpora)."""
 

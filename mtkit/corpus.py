@@ -21,9 +21,11 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
+
 from mtkit.config import CorpusConfig, DataConfig, is_column_index
 from mtkit.errors import MtkitError
-from mtkit.fileio import open_binary, read_lines
+from mtkit.fileio import open_binary, read_line_chunks, read_lines
 
 if TYPE_CHECKING:  # the tokenizer module imports sentencepiece, which reading text does not need
     from mtkit.tokenizer import Side
@@ -78,16 +80,47 @@ def _header_problems(key: str, corpus: CorpusConfig, path: Path) -> list[str]:
 
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ufeff]")
 """Control characters that str.split() does not already treat as whitespace."""
+_WIDE_SPACES = np.array([0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000, 0xFEFF], np.uint32)
+"""Code points above U+00FF that normalisation removes or turns into a space."""
 
 
 def normalize(texts: list[str]) -> list[str]:
     """Remove control characters, collapse whitespace runs to one space, strip (see module doc)."""
-    # One regex scan of the joined chunk is far cheaper than one per line, and control
-    # characters are rare, so the per-line substitution almost never runs. (Finding the few
-    # lines that need whitespace work the same way was measured slower than split/join.)
-    if _CONTROL.search("".join(texts)):
-        texts = [_CONTROL.sub("", text) for text in texts]
-    return [" ".join(text.split()) for text in texts]
+    # Most lines need nothing: find the few that do in one scan of the joined chunk, then
+    # rework those only (far cheaper than splitting and joining every line).
+    joined = "\n".join(texts)
+    lines = _lines_to_normalize(texts, joined) if joined.count("\n") == len(texts) - 1 else range(len(texts))
+    if not lines:
+        return texts
+    out = list(texts)
+    for i in lines:
+        text = _CONTROL.sub("", texts[i]) if _CONTROL.search(texts[i]) else texts[i]
+        out[i] = " ".join(text.split())
+    return out
+
+
+def _lines_to_normalize(texts: list[str], joined: str) -> Iterable[int]:
+    """Numbers of the ``texts`` (no newline inside, joined by newlines in ``joined``) that
+    normalisation changes, found by array operations on the code points (a regex holds the
+    GIL through its scan, and ran several times slower); all of them when many change."""
+    codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32)
+    newline, space = codes == 10, codes == 32
+    # Control characters and whitespace other than the space: below U+0020 (but the newline),
+    # U+007F-U+00A0 (DEL, C1, NEL, no-break space), and the few wider ones.
+    odd = ((codes < 32) & ~newline) | ((codes >= 0x7F) & (codes <= 0xA0))
+    wide = np.flatnonzero(codes > 0xFF)
+    odd[wide[np.isin(codes[wide], _WIDE_SPACES)]] = True
+    # A space next to a space, a newline or an end of the chunk.
+    edge = space | newline
+    odd[1:] |= space[1:] & edge[:-1]
+    odd[:-1] |= space[:-1] & edge[1:]
+    if len(codes):
+        odd[0] |= space[0]
+        odd[-1] |= space[-1]
+    at = np.flatnonzero(odd)
+    if len(at) > len(texts) // 8:
+        return range(len(texts))
+    return np.unique(np.searchsorted(np.flatnonzero(newline), at)).tolist()  # newlines before each
 
 
 def utf8_pairs(src: list[str | None], tgt: list[str | None]) -> tuple[list[str], list[str]]:
@@ -132,15 +165,14 @@ def read_corpus(corpus: CorpusConfig, invalid_utf8: str = "error", chunk_size: i
 
 def _read_text(corpus: CorpusConfig, invalid_utf8: str, chunk_size: int) -> Iterator[Chunk]:
     assert corpus.src is not None and corpus.tgt is not None
-    src_lines = read_lines(corpus.src, invalid_utf8)
-    tgt_lines = read_lines(corpus.tgt, invalid_utf8)
+    src_chunks = read_line_chunks(corpus.src, chunk_size, invalid_utf8)
+    tgt_chunks = read_line_chunks(corpus.tgt, chunk_size, invalid_utf8)
     done = 0
     while True:
-        src = list(islice(src_lines, chunk_size))
-        tgt = list(islice(tgt_lines, chunk_size))
+        src, tgt = next(src_chunks, []), next(tgt_chunks, [])
         if len(src) != len(tgt):
-            src_total = done + len(src) + sum(1 for _ in src_lines)
-            tgt_total = done + len(tgt) + sum(1 for _ in tgt_lines)
+            src_total = done + len(src) + sum(map(len, src_chunks))
+            tgt_total = done + len(tgt) + sum(map(len, tgt_chunks))
             raise MtkitError(
                 f"{corpus.src} has {src_total} lines but {corpus.tgt} has {tgt_total}; "
                 "a parallel corpus needs the same number of lines on both sides"

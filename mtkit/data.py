@@ -29,15 +29,14 @@ an empty line stays, so references stay aligned), except a pair that is not UTF-
 from __future__ import annotations
 
 import json
-import multiprocessing
 import resource
 import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from itertools import chain, islice
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, NamedTuple, overload
 
@@ -254,9 +253,7 @@ def prepare(config: Config) -> PrepareReport:
 def _check_languages(config: Config, tokenizers: Tokenizers) -> None:
     """A tokenizer mtkit trained must have the language tokens of the config's directions (a
     pretrained model's, copied when fine-tuning, are its own)."""
-    from mtkit.checkpoint import pretrained_checkpoint
-
-    if pretrained_checkpoint(config) is not None:
+    if config.pretrained.given:  # (a test that needs no torch: prepare never imports it)
         return
     wanted, found = trained_languages(config.data), tokenizers.languages
     if wanted != found:
@@ -325,8 +322,11 @@ def _clean_chunks(
         direction = data.direction(corpus) if multilingual else None
         for raw_src, raw_tgt in read_corpus(corpus, data.invalid_utf8, data.chunk_size):
             stats.read += len(raw_src)
-            valid_src, valid_tgt = utf8_pairs(raw_src, raw_tgt)
-            stats.dropped["invalid_utf8"] += len(raw_src) - len(valid_src)
+            if data.invalid_utf8 == "skip":  # (only this policy leaves None for a line)
+                valid_src, valid_tgt = utf8_pairs(raw_src, raw_tgt)
+                stats.dropped["invalid_utf8"] += len(raw_src) - len(valid_src)
+            else:
+                valid_src, valid_tgt = raw_src, raw_tgt
             src, tgt = normalize(valid_src), normalize(valid_tgt)
             if train:
                 src, tgt = _clean(src, tgt, data, stats, seen, eval_sources, direction)
@@ -341,28 +341,33 @@ def _clean(
     direction: tuple[str, str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Training pairs that are non-empty, not seen before and not in valid/test."""
-    kept_src, kept_tgt = [], []
-    empty = duplicate = overlap = 0
     dedup, check_overlap = data.dedup, data.remove_eval_overlap and bool(eval_sources)
-    for s, t in zip(src, tgt, strict=True):
+    pairs = zip(src, tgt, strict=True) if direction is None else zip(src, tgt, repeat(direction))
+    keys = list(map(hash, pairs)) if dedup else []
+    # Most chunks drop nothing: tell that with set operations, before any loop over the pairs.
+    if (all(src) and all(tgt) and (not dedup or (len(set(keys)) == len(keys) and seen.isdisjoint(keys)))
+            and not (check_overlap and not eval_sources.isdisjoint(map(hash, src)))):
+        seen.update(keys)
+        return src, tgt
+    rows: list[int] = []
+    empty = duplicate = overlap = 0
+    for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
         if not s or not t:
             empty += 1
             continue
         if dedup:
-            key = hash((s, t)) if direction is None else hash((s, t, direction))
-            if key in seen:
+            if keys[i] in seen:
                 duplicate += 1
                 continue
-            seen.add(key)
+            seen.add(keys[i])
         if check_overlap and hash(s) in eval_sources:
             overlap += 1
             continue
-        kept_src.append(s)
-        kept_tgt.append(t)
+        rows.append(i)
     stats.dropped["empty"] += empty
     stats.dropped["duplicate"] += duplicate
     stats.dropped["eval_overlap"] += overlap
-    return kept_src, kept_tgt
+    return [src[i] for i in rows], [tgt[i] for i in rows]
 
 
 @dataclass(frozen=True)
@@ -429,42 +434,21 @@ def _encode_all(
     chunks: Iterator[tuple[int, list[str], list[str]]], prefixes: list[Prefixes], tokenizers: Tokenizers,
     limits: _Limits | None, num_proc: int,
 ) -> Iterator[tuple[int, _Encoded]]:
-    """Encode chunks (each with its corpus's number, which picks its ``prefixes``), in order:
-    here, or with ``num_proc`` > 1 in that many worker processes while this one reads and
-    cleans the next chunks. (SentencePiece's own ``num_threads`` was measured to gain nothing:
-    building the Python id lists holds the GIL.) At most two chunks per worker are in flight,
-    so memory stays bounded."""
-    head = list(islice(chunks, 2))
-    if num_proc == 1 or len(head) < 2:  # a one-chunk split is not worth starting workers for
-        for corpus, src, tgt in chain(head, chunks):
-            yield corpus, _encode(src, tgt, tokenizers, limits, prefixes[corpus])
-        return
-    context = multiprocessing.get_context("spawn")  # no fork: pyarrow's threads may hold locks
-    directory = tokenizers.src.path.parent
-    with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_start_worker, initargs=(directory,)) as pool:
+    """Encode chunks (each with its corpus's number, which picks its ``prefixes``), in order, in
+    ``num_proc`` threads while this one reads and cleans the next chunks and writes the
+    encoded ones. SentencePiece lets go of the GIL while it encodes, so the threads and the
+    reading overlap (measured faster than worker processes, which pay for pickling both ways).
+    At most two chunks per thread are in flight, so memory stays bounded."""
+    with ThreadPoolExecutor(num_proc, thread_name_prefix="mtkit-encode") as pool:
         pending: deque[tuple[int, Future[_Encoded]]] = deque()
-        for corpus, src, tgt in chain(head, chunks):
-            pending.append((corpus, pool.submit(_encode_in_worker, src, tgt, limits, prefixes[corpus])))
+        for corpus, src, tgt in chunks:
+            pending.append((corpus, pool.submit(_encode, src, tgt, tokenizers, limits, prefixes[corpus])))
             if len(pending) >= 2 * num_proc:
                 corpus, future = pending.popleft()
                 yield corpus, future.result()
         while pending:
             corpus, future = pending.popleft()
             yield corpus, future.result()
-
-
-_worker_tokenizers: Tokenizers | None = None
-"""The tokenizers of an encoding worker process, loaded once by ``_start_worker``."""
-
-
-def _start_worker(directory: Path) -> None:
-    global _worker_tokenizers
-    _worker_tokenizers = Tokenizers.load(directory)
-
-
-def _encode_in_worker(src: list[str], tgt: list[str], limits: _Limits | None, prefixes: Prefixes) -> _Encoded:
-    assert _worker_tokenizers is not None
-    return _encode(src, tgt, _worker_tokenizers, limits, prefixes)
 
 
 # Arrow arrays are assembled from numpy buffers rather than with pa.array, which is slower

@@ -30,8 +30,9 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
-from typing import IO, Literal, Protocol, TypeVar, overload
+from typing import IO, Literal, Protocol, TypeVar, cast, overload
 
 from mtkit.errors import MtkitError
 
@@ -403,6 +404,66 @@ def read_lines(
     return LineReader(_decode(handle, str(source), invalid_utf8, what, hint, warn, closing=handle))
 
 
+def read_line_chunks(
+    source: Path | str,
+    size: int,
+    invalid_utf8: str = "error",
+    *,
+    what: str = "",
+    hint: str = SKIP_HINT,
+    warn: Callable[[str], None] | None = None,
+) -> Iterator[list[str | None]]:
+    """The lines ``read_lines`` gives, in lists of ``size`` (the last one shorter), with its
+    errors and policies. A file's chunk of valid UTF-8 is decoded in one call rather than a
+    line at a time (several times faster: what `mtkit prepare` reads)."""
+    if invalid_utf8 not in INVALID_UTF8_POLICIES:
+        raise ValueError(f"invalid_utf8={invalid_utf8!r}; choose from {', '.join(INVALID_UTF8_POLICIES)}")
+    warn = warn or log.warning
+    if source != STDIN:
+        handle = open_binary(Path(source))
+        if not (isinstance(getattr(handle, "raw", None), io.FileIO) and _pipe_or_terminal(handle)):
+            return _decode_chunks(handle, str(source), size, invalid_utf8, what, hint, warn)
+        handle.close()
+    lines = read_lines(source, invalid_utf8, what=what, hint=hint, warn=warn)
+    return iter(lambda: list(islice(lines, size)), [])
+
+
+def _decode_chunks(
+    handle: IO[bytes], label: str, size: int, invalid_utf8: str, what: str, hint: str, warn: Callable[[str], None]
+) -> Iterator[list[str | None]]:
+    done = 0  # lines in the chunks already yielded
+    try:
+        while raw := list(islice(handle, size)):
+            yield _decode_chunk(raw, label, done, invalid_utf8, hint, warn)
+            done += len(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:  # somewhere in the next chunk
+        raise _unreadable(label, what, done, err) from None
+    finally:
+        handle.close()
+
+
+def _decode_chunk(
+    raw: list[bytes], label: str, done: int, invalid_utf8: str, hint: str, warn: Callable[[str], None]
+) -> list[str | None]:
+    """Lines ``done + 1``... of a file, each with its ``\n`` (but perhaps the last)."""
+    try:
+        text = b"".join(raw).decode("utf-8")
+    except UnicodeDecodeError:  # find the line, and apply the policy to it, line by line
+        return list(_decode(raw, label, invalid_utf8, "", hint, warn, first=done + 1))
+    lines: list[str | None] = list(text.split("\n"))
+    if raw[-1].endswith(b"\n"):
+        lines.pop()  # the empty string after the last \n
+    if "\r" in text:
+        lines = [line.rstrip("\r") for line in cast(list[str], lines)]
+    return lines
+
+
+def _unreadable(label: str, what: str, number: int, err: BaseException) -> MtkitError:
+    reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    stream = f"{what} " if what else ""
+    return MtkitError(f"{label}: unreadable {stream}after line {number}: {reason}")
+
+
 def _decode(
     raw_lines: Iterable[bytes],
     label: str,
@@ -411,12 +472,13 @@ def _decode(
     hint: str,
     warn: Callable[[str], None],
     closing: IO[bytes] | None = None,
+    first: int = 1,
 ) -> Iterator[str | None]:
-    """Decode ``raw_lines`` (with or without their line endings) under ``invalid_utf8``;
-    ``closing`` is closed when the lines end."""
-    number = 0
+    """Decode ``raw_lines`` (with or without their line endings, the first being line
+    ``first``) under ``invalid_utf8``; ``closing`` is closed when the lines end."""
+    number = first - 1
     try:
-        for number, raw in enumerate(raw_lines, start=1):  # noqa: B007 - read after the loop
+        for number, raw in enumerate(raw_lines, start=first):  # noqa: B007 - read after the loop
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -430,9 +492,7 @@ def _decode(
                 line = raw.decode("utf-8", errors="replace")
             yield line.rstrip("\r\n")
     except (OSError, EOFError, gzip.BadGzipFile) as err:
-        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        stream = f"{what} " if what else ""
-        raise MtkitError(f"{label}: unreadable {stream}after line {number}: {reason}") from None
+        raise _unreadable(label, what, number, err) from None
     finally:
         if closing is not None:
             closing.close()

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mtkit.errors import MtkitError
-from mtkit.fileio import atomic_write_bytes, atomic_writer, open_output, read_lines
+from mtkit.fileio import atomic_write_bytes, atomic_writer, open_output, read_line_chunks, read_lines
 
 RAW = b"a\r\nb\n\xff c\nd\re\nlast\r"
 
@@ -26,6 +26,29 @@ def test_line_endings_and_invalid_utf8_policies(tmp_path):
     assert warned == [f"{path}:3: invalid UTF-8 (byte 0) replaced with U+FFFD"]
     with pytest.raises(ValueError, match="invalid_utf8"):
         read_lines(path, "ignore")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 100])
+def test_line_chunks_are_read_lines_in_lists(tmp_path, monkeypatch, size):
+    # What prepare reads: the same lines, policies and errors, a chunk decoded at a time.
+    path, packed = tmp_path / "a.txt", tmp_path / "a.gz"
+    path.write_bytes(RAW + b"\nx\n")
+    packed.write_bytes(gzip.compress(RAW))
+    for source in (path, packed):
+        for policy in ("skip", "replace"):
+            chunks = list(read_line_chunks(source, size, policy, warn=lambda line: None))
+            assert all(len(chunk) == size for chunk in chunks[:-1]) and 0 < len(chunks[-1]) <= size
+            assert sum(chunks, []) == list(read_lines(source, policy, warn=lambda line: None))
+        with pytest.raises(MtkitError, match=r"a.(txt|gz):3: not valid UTF-8 \(byte 0\); set data.invalid_utf8"):
+            list(read_line_chunks(source, size))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x\r\ny\nz")))
+    assert sum(read_line_chunks("-", size), []) == ["x", "y", "z"]
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(gzip.compress(b"kato rimu\n" * 5000)[:-40])
+    with pytest.raises(MtkitError, match="cut.gz: unreadable input after line"):
+        list(read_line_chunks(cut, size, what="input"))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert list(read_line_chunks(tmp_path / "empty.txt", size)) == []
 
 
 def test_gzip_stdin_and_unreadable_files(tmp_path, monkeypatch):

@@ -68,6 +68,17 @@ def test_normalize():
     assert normalize(["a\nb", "\x85c\u2028"]) == ["a b", "c"]
 
 
+_SPACY = st.text(alphabet=st.sampled_from(list("ab  é\t\n\r\x00\x1f\x7f\x85\xa0\u2009\u2028\u3000\ufeff\U0001f600")), max_size=10)
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.lists(st.one_of(_SPACY, st.text(alphabet="abc d", max_size=10)), max_size=40))
+def test_normalize_equals_the_line_by_line_definition(texts):
+    # normalize reworks only the lines its scan of the whole chunk flags: never one too few.
+    control = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ufeff]")
+    assert normalize(texts) == [" ".join(control.sub("", text).split()) for text in texts]
+
+
 @settings(deadline=None, max_examples=80)
 @given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=12), max_size=8))
 def test_arrow_columns_match_pyarrow(texts):
@@ -384,7 +395,7 @@ def test_killed_prepare_leaves_no_data_and_rerun_works(trained, monkeypatch):
 
     monkeypatch.setattr(mtkit.data, "_encode", dying_encode)
     result = _invoke("prepare", "-c", str(trained), "--set", "data.chunk_size=50")
-    assert result.exit_code == 130 and len(calls) == 3
+    assert result.exit_code == 130 and len(calls) >= 3  # (encoding threads may have started the next)
     assert not (run / "data").exists() and not list(run.glob(".data.tmp-*"))
 
     # A hard kill leaves a hidden temporary directory behind; the next run removes it.

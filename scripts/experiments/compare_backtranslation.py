@@ -138,8 +138,8 @@ def main() -> None:
             runs.append(run)
     runs.sort(key=lambda run: (run.name.rsplit("_s", 1)[0] != "none", run.name))  # the baseline first
     test = (DATA / "test_2016_flickr.en.gz", DATA / "test_2016_flickr.de.gz")
-    report = compare([str(run) for run in runs], [test], Options(src_lang="en", tgt_lang="de", lang="de", speed_sentences=0),
-                     log=lambda line: print(line, file=sys.stderr))
+    options = Options(src_lang="en", tgt_lang="de", lang="de", speed_sentences=0)
+    report = compare([str(run) for run in runs], [test], options, log=lambda line: print(line, file=sys.stderr))
     atomic_write_text(out / "compare.md", report.markdown())
     atomic_write_text(out / "compare.json", json.dumps(report.to_json(), indent=1) + "\n")
     print(report.markdown(), file=sys.stderr)

@@ -392,12 +392,15 @@ Prefixes = tuple[list[int], list[int]]
 """The ids a corpus's sources and targets start with: its language tokens."""
 
 
-def _encode(src: list[str], tgt: list[str], tokenizers: Tokenizers, limits: _Limits | None,
-            prefixes: Prefixes = ([], [])) -> _Encoded:
-    """Encode a chunk (each side after its ``prefixes``) and, given ``limits`` (training), drop
-    pairs by token length."""
-    src_ids = tokenizers.encode_source(src)
-    tgt_ids = tokenizers.tgt.encode(tgt)
+def _encode(src: list[str], tgt: list[str], tokenizers: Tokenizers) -> tuple[list[list[int]], list[list[int]]]:
+    """The subword ids of a chunk's sources and targets (what the encoding threads do)."""
+    return tokenizers.encode_source(src), tokenizers.tgt.encode(tgt)
+
+
+def _batch(src: list[str], tgt: list[str], src_ids: list[list[int]], tgt_ids: list[list[int]],
+           limits: _Limits | None, prefixes: Prefixes = ([], [])) -> _Encoded:
+    """An encoded chunk as a record batch, each side after its ``prefixes``; given ``limits``
+    (training), without the pairs they drop by token length."""
     for ids, prefix in ((src_ids, prefixes[0]), (tgt_ids, prefixes[1])):
         if prefix:
             ids[:] = [prefix + seq for seq in ids]
@@ -435,20 +438,21 @@ def _encode_all(
     limits: _Limits | None, num_proc: int,
 ) -> Iterator[tuple[int, _Encoded]]:
     """Encode chunks (each with its corpus's number, which picks its ``prefixes``), in order, in
-    ``num_proc`` threads while this one reads and cleans the next chunks and writes the
-    encoded ones. SentencePiece lets go of the GIL while it encodes, so the threads and the
-    reading overlap (measured faster than worker processes, which pay for pickling both ways).
-    At most two chunks per thread are in flight, so memory stays bounded."""
+    ``num_proc`` threads, while this one reads and cleans the next chunks and turns the encoded
+    ones into record batches. SentencePiece lets go of the GIL while it encodes, so the two
+    overlap; the threads do nothing else, as they are the bottleneck. (Measured faster than
+    worker processes, which pay for pickling both ways.) At most two chunks per thread are in
+    flight, so memory stays bounded."""
     with ThreadPoolExecutor(num_proc, thread_name_prefix="mtkit-encode") as pool:
-        pending: deque[tuple[int, Future[_Encoded]]] = deque()
+        pending: deque[tuple[int, list[str], list[str], Future[tuple[list[list[int]], list[list[int]]]]]] = deque()
         for corpus, src, tgt in chunks:
-            pending.append((corpus, pool.submit(_encode, src, tgt, tokenizers, limits, prefixes[corpus])))
+            pending.append((corpus, src, tgt, pool.submit(_encode, src, tgt, tokenizers)))
             if len(pending) >= 2 * num_proc:
-                corpus, future = pending.popleft()
-                yield corpus, future.result()
+                corpus, src, tgt, future = pending.popleft()
+                yield corpus, _batch(src, tgt, *future.result(), limits, prefixes[corpus])
         while pending:
-            corpus, future = pending.popleft()
-            yield corpus, future.result()
+            corpus, src, tgt, future = pending.popleft()
+            yield corpus, _batch(src, tgt, *future.result(), limits, prefixes[corpus])
 
 
 # Arrow arrays are assembled from numpy buffers rather than with pa.array, which is slower

@@ -267,3 +267,21 @@ def test_compare_scores_each_direction_in_its_languages(trained):
     # A file test set names its direction; without one a multilingual run is refused in one line.
     refused = invoke("compare", run, "--test", str(trained / "test.en-fr.src"), str(trained / "test.en-fr.tgt"))
     one_line_error(refused, "--source-lang", "en-de, en-fr, de-en")
+
+
+@pytest.mark.parametrize("language_token", ["source", "target"])
+def test_a_decoder_only_model_translates_into_each_language(tmp_path, language_token):
+    # One stack over `<2xx> source </s> <s> target` (source tags) or `source </s> <s> <xx> target`
+    # (target tags, forced as the first target token): both follow --target-lang.
+    config = multilingual_config(tmp_path, language_token)
+    arch = ["--set", "model.arch=decoder_only", "--set", "model.size=tiny_decoder_only"]
+    result = invoke("pipeline", "-c", str(config), *arch)
+    assert result.exit_code == 0, result.output
+    sources = "".join(" ".join(words) + "\n" for words in sentences(20, 98))
+    for target in ("de", "fr"):
+        result = invoke("translate", "-m", str(tmp_path / "run"), "--source-lang", "en", "--target-lang", target,
+                        input=sources)
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert len(lines) == 20 and "<2" not in result.stdout
+        assert sum(language_of(line) == target for line in lines) >= 16

@@ -48,6 +48,7 @@ from mtkit.config import tag_problem
 from mtkit.corpus import normalize
 from mtkit.errors import MtkitError
 from mtkit.fileio import STDIN, atomic_dir, atomic_write_text, fsync_path, open_binary, read_lines, refuse_overlap
+from mtkit.rundir import ExperimentDir, exclusive
 
 if TYPE_CHECKING:
     from mtkit.checkpoint import Loaded
@@ -269,6 +270,18 @@ def backtranslate(
                "filters": asdict(settings.filters), "tag": settings.tag, "seed": settings.seed,
                "chunk_lines": settings.chunk_lines, "files": names}
 
+    with exclusive(output):  # a second back-translation into it stops at once, naming this one
+        return _backtranslate(loaded, input, output, names, decode, settings, options, identity, restart=restart,
+                              device=device, threads=threads, src_lang=src_lang, tgt_lang=tgt_lang, say=say,
+                              warn=warn, on_chunk=on_chunk)
+
+
+def _backtranslate(
+    loaded: Loaded, input: Path, output: Path, names: dict[str, str], decode: DecodeConfig, settings: Settings,
+    options: dict[str, Any], identity: dict[str, Any], *, restart: bool, device: str, threads: int | None,
+    src_lang: str | None, tgt_lang: str | None, say: Callable[[str], None], warn: Callable[[str], None],
+    on_chunk: Callable[[int], None] | None,
+) -> dict[str, Any]:
     finished = _finished(output, options, identity, restart)
     if finished is not None:
         say(f"{output}: already complete ({finished['kept']} of {finished['lines_read']} lines kept); "
@@ -454,7 +467,7 @@ def _finished(output: Path, options: dict[str, Any], identity: dict[str, Any], r
         return None
     if not (output / REPORT).exists():
         with contextlib.suppress(StopIteration):
-            next(output.iterdir())
+            next(path for path in output.iterdir() if path != ExperimentDir(output).lock_file)
             raise MtkitError(f"{output}: exists and holds other files (no {REPORT}); "
                              "choose another output directory")
         return None

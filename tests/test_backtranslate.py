@@ -195,7 +195,7 @@ def test_a_killed_run_resumes_to_the_files_of_an_uninterrupted_one(reverse_run, 
     out = tmp_path / "resumed"
     with pytest.raises(Killed):
         backtranslate(loaded, mono, out, settings, decode, threads=1, on_chunk=kill_after_first_chunk)
-    assert [p.name for p in out.iterdir()] == [PARTIAL]  # nothing that looks complete
+    assert [p.name for p in out.iterdir() if p.name != ".lock"] == [PARTIAL]  # nothing that looks complete
     state = json.loads((out / PARTIAL / "state.json").read_text(encoding="utf-8"))
     assert state["lines_done"] == 16
     # A kill while the next chunk was being written: bytes after what the state vouches for.
@@ -306,3 +306,24 @@ def test_pipeline_backtranslates_then_trains_on_the_mix(reverse_run, mono, tmp_p
     again = pipeline("backtranslation.weight=2")
     assert again["backtranslate"] == again["tokenizer"] == again["prepare"] == "skipped" and again["train"] == "ran"
     assert pipeline("backtranslation.weight=2", "backtranslation.method=beam")["backtranslate"] == "ran"
+
+
+def test_a_second_backtranslation_into_the_same_output_stops_naming_the_first(reverse_run, mono, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bt"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mtkit.rundir import exclusive\n"
+         f"with exclusive(Path({str(out)!r}), 'mtkit backtranslate -o first'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        result = invoke("backtranslate", "-m", str(reverse_run), "-i", str(mono), "-o", str(out))
+        one_line_error(result, f"{out}: in use by pid {holder.pid} (mtkit backtranslate -o first)")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_cli(reverse_run, mono, out)["lines_read"] == 40  # a lock left by a killed process never blocks
+    assert sorted(p.name for p in out.iterdir()) == sorted(["report.json", SRC, TGT])

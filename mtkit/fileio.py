@@ -445,7 +445,7 @@ def _decode_chunks(
 def _decode_chunk(
     raw: list[bytes], label: str, done: int, invalid_utf8: str, hint: str, warn: Callable[[str], None]
 ) -> list[str | None]:
-    """Lines ``done + 1``... of a file, each with its ``\n`` (but perhaps the last)."""
+    """Lines ``done + 1``... of a file, each with its newline (but perhaps the last)."""
     try:
         text = b"".join(raw).decode("utf-8")
     except UnicodeDecodeError:  # find the line, and apply the policy to it, line by line

@@ -1,7 +1,7 @@
 """One model or one per pair? Bilingual runs against multilingual runs on Multi30k, compared per
 direction with `mtkit compare`.
 
-    python scripts/experiments/compare_multilingual.py [--steps 1510] [--seeds 2] [--budgets direction,total]
+    python scripts/experiments/compare_multilingual.py [--steps 600] [--seeds 2] [--budgets direction,total]
 
 Arms, each the main recipe (`configs/multi30k_en_de.yaml`: the `small` model, an 8,000-piece
 joint vocabulary, so every arm has as many parameters) with other corpora, run by
@@ -86,7 +86,7 @@ def run_arm(name: str, seed: int, steps: int, run: Path, limit: int | None, over
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1510, help="Updates of a bilingual arm (and see --budgets).")
+    parser.add_argument("--steps", type=int, default=600, help="Updates of a bilingual arm (and see --budgets).")
     parser.add_argument("--seeds", type=int, default=2, help="Seeds of every arm.")
     parser.add_argument("--budgets", default="direction,total", help="Comma-separated: direction, total.")
     parser.add_argument("--arms", default=",".join(ARMS), help="Comma-separated subset of: " + ", ".join(ARMS))
